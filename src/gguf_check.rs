@@ -1,0 +1,23 @@
+//! Cheap checks on a model path before llama.cpp sees it, so that the common mistakes get a
+//! precise message instead of llama.cpp's generic failure.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+pub fn check_model_file(path: &Path) -> Result<()> {
+    let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::ModelMissing {
+            path: path.to_path_buf(),
+        },
+        _ => Error::io(format!("cannot open {}", path.display()), e),
+    })?;
+    let mut magic = [0u8; 4];
+    if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        return Err(Error::NotGguf {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! qfilters: keep the KV cache of a GGUF model inside a fixed budget with Q-Filters.
+//!
+//! The pieces: [`ffi`] (llama.cpp behind safe handles, the only `unsafe`), [`policy`] (one
+//! scorer per eviction policy), [`cache`] (the shared mechanism that applies scores),
+//! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text).
+
+pub mod cache;
+pub mod engine;
+pub mod error;
+pub mod ffi;
+pub mod generate;
+pub mod gguf_check;
+pub mod math;
+pub mod policy;
+
+pub use error::{Error, Result};
