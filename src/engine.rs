@@ -43,6 +43,9 @@ pub struct EngineConfig {
     pub threads: i32,
     pub key_source: KeySource,
     pub flash_attn: Option<bool>,
+    /// Install the graph hook; only a benchmark's "hook off" baseline turns it off (then
+    /// nothing can be evicted by score).
+    pub hook: bool,
 }
 
 /// Counters every command reports.
@@ -122,6 +125,9 @@ pub struct Engine {
 impl Engine {
     pub fn new(model: &Arc<Model>, scorer: Box<dyn Scorer>, cfg: EngineConfig) -> Result<Engine> {
         let evicting = cfg.eviction.is_some() && scorer.evicts();
+        if evicting && !cfg.hook {
+            return Err(Error::invalid("eviction needs the graph hook"));
+        }
         if let Some(ev) = &cfg.eviction {
             ev.validate()?;
         }
@@ -145,7 +151,7 @@ impl Engine {
             } else {
                 cfg.flash_attn
             },
-            track_kv: true,
+            hook: cfg.hook,
         };
         let mut ctx = Context::new(model, &params)?;
         let mut graph_keys = None;

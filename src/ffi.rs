@@ -593,9 +593,9 @@ pub struct ContextParams {
     pub threads: i32,
     /// `Some(true)` forces flash attention on, `Some(false)` off, `None` lets llama.cpp choose.
     pub flash_attn: Option<bool>,
-    /// Record the KV cache tensors while decoding (needed to read keys from the cache and to
-    /// move head slices between cells).
-    pub track_kv: bool,
+    /// Install the graph hook (eval callback). Without it nothing can be observed or evicted
+    /// by score; benchmarks compare against this.
+    pub hook: bool,
 }
 
 impl Default for ContextParams {
@@ -608,7 +608,7 @@ impl Default for ContextParams {
             n_batch: 512,
             threads,
             flash_attn: None,
-            track_kv: true,
+            hook: true,
         }
     }
 }
@@ -656,8 +656,10 @@ impl Context {
             Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
             None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
         };
-        cp.cb_eval = Some(eval_callback);
-        cp.cb_eval_user_data = &mut *hook as *mut HookState as *mut c_void;
+        if params.hook {
+            cp.cb_eval = Some(eval_callback);
+            cp.cb_eval_user_data = &mut *hook as *mut HookState as *mut c_void;
+        }
         // SAFETY: the model outlives the context (we keep an Arc); the callback's user pointer
         // is the boxed hook, which the context owns and drops after llama_free.
         let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cp) };

@@ -19,12 +19,27 @@ struct Cli {
 enum Command {
     /// Complete one prompt with the KV cache kept within --budget.
     Run(cli::run::RunArgs),
+    /// Chat in the terminal; the conversation lives in a KV cache bounded by --budget.
+    Chat(cli::chat::ChatArgs),
+    /// Compute Q-Filters for a GGUF model from text (no PyTorch).
+    Calibrate(cli::calibrate::CalibrateArgs),
+    /// Check how well filters predict attention (`filters check`).
+    Filters(cli::filters::FiltersArgs),
+    /// Measure quality under compression: streaming perplexity, passkey retrieval.
+    Eval(cli::eval::EvalArgs),
+    /// Measure speed: prefill and decode tok/s, hook overhead.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
+        Command::Chat(args) => cli::chat::run(args),
+        Command::Calibrate(args) => cli::calibrate::run(args),
+        Command::Filters(args) => cli::filters::run(args),
+        Command::Eval(args) => cli::eval::run(args),
+        Command::Bench(args) => cli::bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("qfilters: {e}");

@@ -1,5 +1,10 @@
 //! Pieces every subcommand shares: loading the model, resolving filters, building the engine.
 
+pub mod bench;
+pub mod calibrate;
+pub mod chat;
+pub mod eval;
+pub mod filters;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -162,6 +167,7 @@ impl PolicyArgs {
                 threads: margs.threads(),
                 key_source: self.key_source,
                 flash_attn: None,
+                hook: true,
             },
         )
     }

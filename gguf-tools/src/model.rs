@@ -1,0 +1,116 @@
+//! The hyper-parameters of a GGUF model, read the way llama.cpp reads them.
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::gguf::{Array, GgufFile, Value};
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("the model has no general.architecture key; it is not a llama.cpp model file, pass a converted .gguf model")]
+    NoArchitecture,
+    #[error("the model has no {0} key, which Q-Filters need; re-convert the model with a current llama.cpp")]
+    MissingKey(String),
+    #[error(
+        "{key} is a {found}, not an integer; the file is corrupt or from an unsupported converter"
+    )]
+    NotInteger { key: String, found: String },
+    #[error("{key} differs between layers ({values}); Q-Filters need the same value in every layer, so this model is not supported")]
+    NotUniform { key: String, values: String },
+}
+
+/// Attention shape and context parameters of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub block_count: Option<u64>,
+    pub embedding_length: Option<u64>,
+    pub head_count: Option<u64>,
+    /// Defaults to `head_count` as in llama.cpp.
+    pub head_count_kv: Option<u64>,
+    /// `attention.key_length`, else `embedding_length / head_count`.
+    pub head_dim: Option<u64>,
+    pub context_length: Option<u64>,
+    pub sliding_window: Option<u64>,
+}
+
+impl ModelInfo {
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let arch = file
+            .architecture()
+            .ok_or(ModelError::NoArchitecture)?
+            .to_string();
+        let get = |suffix: &str| uniform_int(file, &format!("{arch}.{suffix}"));
+        let embedding_length = get("embedding_length")?;
+        let head_count = get("attention.head_count")?;
+        let head_count_kv = get("attention.head_count_kv")?.or(head_count);
+        let head_dim = match get("attention.key_length")? {
+            Some(d) => Some(d),
+            None => match (embedding_length, head_count) {
+                (Some(e), Some(h)) if h > 0 => Some(e / h),
+                _ => None,
+            },
+        };
+        Ok(ModelInfo {
+            block_count: get("block_count")?,
+            embedding_length,
+            head_count,
+            head_count_kv,
+            head_dim,
+            context_length: get("context_length")?,
+            sliding_window: get("attention.sliding_window")?,
+            architecture: arch,
+        })
+    }
+
+    /// `[layers, kv heads, head dim]` that Q-Filters for this model must have.
+    pub fn filter_shape(&self) -> Result<[usize; 3], ModelError> {
+        let need = |v: Option<u64>, key: &str| -> Result<usize, ModelError> {
+            v.and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| ModelError::MissingKey(format!("{}.{key}", self.architecture)))
+        };
+        Ok([
+            need(self.block_count, "block_count")?,
+            need(self.head_count_kv, "attention.head_count_kv")?,
+            need(self.head_dim, "attention.key_length")?,
+        ])
+    }
+}
+
+/// An integer key, accepting any integer width and per-layer arrays whose entries agree
+/// (some converters write head counts per layer).
+fn uniform_int(file: &GgufFile, key: &str) -> Result<Option<u64>, ModelError> {
+    let Some(value) = file.get(key) else {
+        return Ok(None);
+    };
+    if let Some(v) = value.as_u64() {
+        return Ok(Some(v));
+    }
+    let not_int = || ModelError::NotInteger {
+        key: key.to_string(),
+        found: value.type_name(),
+    };
+    let Value::Array(array) = value else {
+        return Err(not_int());
+    };
+    let values: Vec<u64> = match array {
+        Array::U8(v) => v.iter().map(|&x| u64::from(x)).collect(),
+        Array::U16(v) => v.iter().map(|&x| u64::from(x)).collect(),
+        Array::U32(v) => v.iter().map(|&x| u64::from(x)).collect(),
+        Array::U64(v) => v.clone(),
+        Array::I32(v) => v.iter().filter_map(|&x| u64::try_from(x).ok()).collect(),
+        Array::I64(v) => v.iter().filter_map(|&x| u64::try_from(x).ok()).collect(),
+        _ => return Err(not_int()),
+    };
+    if values.len() != array.len() {
+        return Err(not_int());
+    }
+    match values.split_first() {
+        None => Ok(None),
+        Some((first, rest)) if rest.iter().all(|v| v == first) => Ok(Some(*first)),
+        Some(_) => Err(ModelError::NotUniform {
+            key: key.to_string(),
+            values: array.preview(8).join(", "),
+        }),
+    }
+}
