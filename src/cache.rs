@@ -487,17 +487,23 @@ mod tests {
     }
 
     #[test]
-    fn mean_z_balances_layers_of_different_scale() {
-        // Two heads: head 0 has huge scores, head 1 small ones. Standardising means both count.
+    fn mean_z_balances_heads_of_different_scale() {
+        // Head 0 scores in the hundreds, head 1 near one. A raw mean would let head 0 decide
+        // alone and evict token 1 (head 1's favourite); standardising gives both a vote, and
+        // token 2, middling on head 0 and last on head 1, is the one to go.
         let mut b = CacheBook::new(1, 2, 8);
-        // scores[l][t][h]: token 0: (1000, -1), token 1: (0, 1), token 2: (500, 0), token 3 newest
-        let scores = [1000.0, -1.0, 0.0, 1.0, 500.0, 0.0, 0.0, 0.0];
+        // scores[l][t][h]: t0 (1000, 0), t1 (0, 1), t2 (600, 0.2), t3 newest
+        let scores = [1000.0, 0.0, 0.0, 1.0, 600.0, 0.2, 0.0, 0.0];
         b.insert(&[0, 1, 2, 3], &[0, 1, 2, 3], &scores).unwrap();
         let combined = b.combine(&[0, 1, 2], Combiner::MeanZ);
-        // Token 2 is middling on both heads; tokens 0 and 1 are each top on one head.
-        assert!(combined[2] < combined[0].max(combined[1]));
+        let lowest = (0..3)
+            .min_by(|&i, &j| combined[i].total_cmp(&combined[j]))
+            .unwrap();
+        assert_eq!(lowest, 2, "combined {combined:?}");
         let sum: f32 = combined.iter().sum();
         assert!(sum.abs() < 1e-5, "z-scores average to zero: {sum}");
+        let plan = b.plan(&cfg(3, 1, 0, Granularity::Position));
+        assert_eq!(plan.remove, vec![2]);
     }
 
     #[test]

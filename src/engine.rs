@@ -137,6 +137,8 @@ impl Engine {
             (Some(ev), true) => ev.budget + n_batch + 16,
             _ => cfg.capacity.max(1) + 1,
         };
+        // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.
+        let n_batch = n_batch.min(n_ctx);
         let head_mode = cfg
             .eviction
             .as_ref()
@@ -154,6 +156,7 @@ impl Engine {
             hook: cfg.hook,
         };
         let mut ctx = Context::new(model, &params)?;
+        ctx.set_read_cells(evicting);
         let mut graph_keys = None;
         if evicting && cfg.key_source == KeySource::Graph && scorer.needs_keys() {
             let tap = KeyTap::default();

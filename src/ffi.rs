@@ -53,16 +53,10 @@ fn init_backend() {
 }
 
 /// How llama.cpp places the model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ModelParams {
     /// Layers offloaded to the GPU (`-ngl`); 0 keeps everything on the CPU.
     pub gpu_layers: i32,
-}
-
-impl Default for ModelParams {
-    fn default() -> Self {
-        Self { gpu_layers: 0 }
-    }
 }
 
 /// A loaded GGUF model. Shared read-only between contexts through `Arc`.
@@ -442,6 +436,11 @@ impl Default for LayerKv {
 struct HookState {
     observer: Option<Box<dyn GraphObserver>>,
     layers: Vec<LayerKv>,
+    /// Read the cell indices of each K write (needed to know where new tokens went).
+    read_cells: bool,
+    /// Cell indices of this decode's K writes, keyed by the index tensor. Read while the graph
+    /// runs: after llama_decode returns, the allocator may have reused that input's memory.
+    batch_cells: Vec<(*mut sys::ggml_tensor, Vec<i64>)>,
     scratch: Vec<u8>,
     floats: Vec<f32>,
     failed: Option<String>,
@@ -524,6 +523,61 @@ fn convert_to_f32(ty: sys::ggml_type, raw: &[u8], out: &mut [f32]) -> bool {
     true
 }
 
+/// Handles a K/V cache write node; returns the answer to give the scheduler for it.
+///
+/// SAFETY (caller): `t` is a live SET_ROWS graph node; with `ask == false` it has been computed.
+unsafe fn on_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor, ask: bool) -> bool {
+    // SET_ROWS: src[0] the new rows, src[1] the I64 cell indices, src[2] the persistent cache
+    // tensor (alive as long as the context).
+    let dest = (*t).src[2];
+    let idx = (*t).src[1];
+    if dest.is_null() || idx.is_null() {
+        return !ask;
+    }
+    let dest_name = tensor_name(dest);
+    let is_k = dest_name.strip_prefix("cache_k_l");
+    let is_v = dest_name.strip_prefix("cache_v_l");
+    let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) else {
+        return !ask;
+    };
+    if is_k.is_none() {
+        if ask {
+            if state.layers.len() <= layer {
+                state.layers.resize(layer + 1, LayerKv::default());
+            }
+            state.layers[layer].v = dest;
+        }
+        return !ask;
+    }
+    if ask {
+        if state.layers.len() <= layer {
+            state.layers.resize(layer + 1, LayerKv::default());
+        }
+        state.layers[layer].k = dest;
+        state.layers[layer].k_idx = idx;
+        // Split at the first write through each index tensor, to read the indices there.
+        if state.read_cells && !state.batch_cells.iter().any(|(p, _)| *p == idx) {
+            state.batch_cells.push((idx, Vec::new()));
+            return true;
+        }
+        return false;
+    }
+    if let Some((_, cells)) = state
+        .batch_cells
+        .iter_mut()
+        .find(|(p, c)| *p == idx && c.is_empty())
+    {
+        if (*idx).type_ == sys::GGML_TYPE_I64 && sys::ggml_is_contiguous(idx) {
+            let n = (*idx).ne[0].max(0) as usize;
+            cells.resize(n, 0);
+            sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr() as *mut c_void, 0, n * 8);
+        } else if state.failed.is_none() {
+            state.failed = Some("unexpected K index tensor type".into());
+        }
+    }
+    true
+}
+
 extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: `user` is the Box<HookState> owned by the Context that registered this
@@ -531,35 +585,17 @@ extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_vo
         // box) is alive and exclusively borrowed by that decode call.
         let state = unsafe { &mut *(user as *mut HookState) };
         // SAFETY: the scheduler passes a live graph node.
-        let (op, name, ne) = unsafe { ((*t).op, tensor_name(t), (*t).ne) };
-        let op = node_op(op);
-        if ask && op == NodeOp::SetRows {
-            // SAFETY: SET_ROWS nodes have src[0] (rows), src[1] (indices), src[2] (destination);
-            // the destination is the persistent cache tensor, alive as long as the context.
-            unsafe {
-                let dest = (*t).src[2];
-                let idx = (*t).src[1];
-                if !dest.is_null() {
-                    let dest_name = tensor_name(dest);
-                    let is_k = dest_name.strip_prefix("cache_k_l");
-                    let is_v = dest_name.strip_prefix("cache_v_l");
-                    if let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) {
-                        if state.layers.len() <= layer {
-                            state.layers.resize(layer + 1, LayerKv::default());
-                        }
-                        if is_k.is_some() {
-                            state.layers[layer].k = dest;
-                            state.layers[layer].k_idx = idx;
-                        } else {
-                            state.layers[layer].v = dest;
-                        }
-                    }
-                }
-            }
+        let op = node_op(unsafe { (*t).op });
+        if op == NodeOp::SetRows {
+            // SAFETY: a live SET_ROWS node, computed when `ask` is false.
+            return unsafe { on_cache_write(state, t, ask) };
         }
+        // The scheduler asks about every node of every decode: keep this path short.
         let Some(observer) = state.observer.as_mut() else {
-            return !ask || false;
+            return !ask;
         };
+        // SAFETY: the scheduler passes a live graph node.
+        let (name, ne) = unsafe { (tensor_name(t), (*t).ne) };
         let (base, layer) = split_layer(name);
         let info = NodeInfo {
             base,
@@ -638,6 +674,8 @@ impl Context {
         let mut hook = Box::new(HookState {
             observer: None,
             layers: Vec::new(),
+            read_cells: false,
+            batch_cells: Vec::new(),
             scratch: Vec::new(),
             floats: Vec::new(),
             failed: None,
@@ -688,6 +726,12 @@ impl Context {
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) as usize }
     }
 
+    /// Whether each decode records the cells its tokens went to (see `last_cells`); costs one
+    /// graph split per decode, so only an evicting engine turns it on.
+    pub fn set_read_cells(&mut self, on: bool) {
+        self.hook.read_cells = on;
+    }
+
     pub fn set_observer(
         &mut self,
         observer: Option<Box<dyn GraphObserver>>,
@@ -703,6 +747,7 @@ impl Context {
         if batch.is_empty() {
             return Ok(());
         }
+        self.hook.batch_cells.clear();
         // SAFETY: the batch arrays are valid for n_tokens entries; the context is exclusively
         // borrowed, so the callback's access to the hook does not alias any Rust reference.
         let code = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
@@ -788,23 +833,14 @@ impl Context {
     /// Cell indices written by the last decode for `layer`'s K cache.
     pub fn last_cells(&self, layer: usize) -> Result<Vec<i64>> {
         let l = self.layer_kv(layer)?;
-        if l.k_idx.is_null() {
-            return Err(Error::KvCache(format!(
-                "layer {layer} wrote no K rows in the last decode"
-            )));
-        }
-        // SAFETY: k_idx is the input tensor of the last graph, still allocated until the next
-        // decode (checked on CPU: the scheduler keeps graph inputs until the graph is rebuilt).
-        unsafe {
-            let t = l.k_idx;
-            if (*t).type_ != sys::GGML_TYPE_I64 || !sys::ggml_is_contiguous(t) {
-                return Err(Error::KvCache("unexpected K index tensor type".into()));
-            }
-            let n = (*t).ne[0].max(0) as usize;
-            let mut out = vec![0i64; n];
-            sys::ggml_backend_tensor_get(t, out.as_mut_ptr() as *mut c_void, 0, n * 8);
-            Ok(out)
-        }
+        self.hook
+            .batch_cells
+            .iter()
+            .find(|(p, c)| *p == l.k_idx && !c.is_empty())
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| {
+                Error::KvCache(format!("layer {layer} wrote no K rows in the last decode"))
+            })
     }
 
     fn layer_kv(&self, layer: usize) -> Result<LayerKv> {

@@ -41,13 +41,15 @@ pub fn generate(
             return Ok((out, Stop::EndOfGeneration));
         }
         out.push(token);
-        if !on_token(token) {
+        let keep_going = on_token(token);
+        // Every emitted token enters the cache, so a conversation can continue from it.
+        engine.step(token)?;
+        if !keep_going {
             return Ok((out, Stop::Interrupted));
         }
         if out.len() >= max_tokens {
             return Ok((out, Stop::Limit));
         }
-        engine.step(token)?;
         index = 0;
     }
 }

@@ -157,9 +157,8 @@ fn rewrite(
         metadata,
         ..file.clone()
     };
-    let header = edited.header_bytes()?;
     let tmp = tmp_path(out);
-    let result = write_tmp(src_path, file, &header, &tmp, progress, label).and_then(|bytes| {
+    let result = write_tmp(src_path, file, &edited, &tmp, progress, label).and_then(|bytes| {
         fs::rename(&tmp, out).map_err(|source| EditError::Write {
             path: out.to_path_buf(),
             source,
@@ -182,7 +181,7 @@ fn rewrite(
 fn write_tmp(
     src_path: &Path,
     file: &GgufFile,
-    header: &[u8],
+    edited: &GgufFile,
     tmp: &Path,
     progress: bool,
     label: &str,
@@ -200,7 +199,10 @@ fn write_tmp(
         .map_err(read_err)?;
     let out = File::create(tmp).map_err(write_err)?;
     let mut w = BufWriter::with_capacity(COPY_CHUNK, out);
-    w.write_all(header).map_err(write_err)?;
+    let header_len = edited.write_header(&mut w).map_err(|e| match e {
+        GgufError::Io(source) => write_err(source),
+        other => EditError::Gguf(other),
+    })?;
 
     let total = file.data_len();
     let bar = bytes_bar(progress, total, label);
@@ -224,5 +226,5 @@ fn write_tmp(
     let out = w.into_inner().map_err(|e| write_err(e.into_error()))?;
     // Data must be on disk before the rename makes the file visible under its final name.
     out.sync_all().map_err(write_err)?;
-    Ok(header.len() as u64 + total)
+    Ok(header_len + total)
 }

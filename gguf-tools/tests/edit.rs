@@ -79,8 +79,14 @@ fn embed_then_strip_gives_back_the_original_bytes() {
         assert_eq!(emb.get("qfilters.head_count_kv"), Some(&Value::U32(2)));
         assert_eq!(emb.get("qfilters.head_dim"), Some(&Value::U32(16)));
         assert_eq!(emb.get_str("qfilters.source"), Some("calibrated"));
-        assert_eq!(emb.get("qfilters.calibration.tokens"), Some(&Value::U32(123_456)));
-        assert_eq!(emb.get("qfilters.calibration.samples"), Some(&Value::U32(64)));
+        assert_eq!(
+            emb.get("qfilters.calibration.tokens"),
+            Some(&Value::U32(123_456))
+        );
+        assert_eq!(
+            emb.get("qfilters.calibration.samples"),
+            Some(&Value::U32(64))
+        );
         assert!(!dir.path().join("embedded.gguf.tmp").exists());
 
         let stripped = dir.path().join("stripped.gguf");
@@ -107,7 +113,10 @@ fn extract_after_embed_is_bit_exact() {
     assert_eq!(bits(&back), bits(&f));
     assert_eq!(back.shape(), f.shape());
     assert_eq!(back.source, "calibrated");
-    assert_eq!(back.metadata.get("tokens").map(String::as_str), Some("123456"));
+    assert_eq!(
+        back.metadata.get("tokens").map(String::as_str),
+        Some("123456")
+    );
 
     // And the extracted file embeds to the same header again.
     let again = dir.path().join("again.gguf");
@@ -142,7 +151,10 @@ fn uncalibrated_source_is_the_file_name() {
     let embedded = dir.path().join("e.gguf");
     edit::embed(&model, &file, &embedded, false, false).unwrap();
     let emb = gguf::read(&embedded).unwrap();
-    assert_eq!(emb.get_str("qfilters.source"), Some("published.safetensors"));
+    assert_eq!(
+        emb.get_str("qfilters.source"),
+        Some("published.safetensors")
+    );
     assert!(emb.get("qfilters.calibration.tokens").is_none());
 }
 
@@ -153,9 +165,15 @@ fn embed_refuses_a_wrong_shape_naming_both() {
     let folder = save(dir.path(), "filters", &filters([30, 3, 64]));
     let out = dir.path().join("o.gguf");
     let err = edit::embed(&model, &folder, &out, false, false).unwrap_err();
-    assert!(matches!(err, EditError::Filters(FiltersError::ShapeMismatch { .. })));
+    assert!(matches!(
+        err,
+        EditError::Filters(FiltersError::ShapeMismatch { .. })
+    ));
     let msg = err.to_string();
-    assert!(msg.contains("[30, 3, 64]") && msg.contains("[2, 2, 16]"), "{msg}");
+    assert!(
+        msg.contains("[30, 3, 64]") && msg.contains("[2, 2, 16]"),
+        "{msg}"
+    );
     assert!(!out.exists());
 }
 
@@ -168,10 +186,25 @@ fn embed_refuses_nan_filters() {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = TensorView::new(Dtype::F32, SHAPE.to_vec(), &bytes).unwrap();
     let file = dir.path().join("nan.safetensors");
-    safetensors::serialize_to_file([("q_filters", view)], &None::<HashMap<String, String>>, &file)
-        .unwrap();
+    safetensors::serialize_to_file(
+        [("q_filters", view)],
+        &None::<HashMap<String, String>>,
+        &file,
+    )
+    .unwrap();
     let err = edit::embed(&model, &file, &dir.path().join("o.gguf"), false, false).unwrap_err();
-    assert!(matches!(err, EditError::Filters(FiltersError::NonFinite { layer: 0, head: 1, dim: 1, .. })), "{err}");
+    assert!(
+        matches!(
+            err,
+            EditError::Filters(FiltersError::NonFinite {
+                layer: 0,
+                head: 1,
+                dim: 1,
+                ..
+            })
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -217,7 +250,11 @@ fn existing_keys_need_force_which_replaces_them() {
 
     edit::embed(&embedded, &second, &out, true, false).unwrap();
     let file = gguf::read(&out).unwrap();
-    let count = file.metadata.iter().filter(|(k, _)| k.starts_with("qfilters.")).count();
+    let count = file
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("qfilters."))
+        .count();
     assert_eq!(count, 8);
     assert_eq!(QFilters::from_gguf(&out).unwrap().unwrap().data, other.data);
     let stripped = dir.path().join("s.gguf");
@@ -230,7 +267,10 @@ fn strip_and_extract_without_filters_fail() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), WeightType::F16);
     let out = dir.path().join("o.gguf");
-    assert!(matches!(edit::strip(&model, &out, false), Err(EditError::NoFilters(_))));
+    assert!(matches!(
+        edit::strip(&model, &out, false),
+        Err(EditError::NoFilters(_))
+    ));
     assert!(matches!(
         edit::extract(&model, &dir.path().join("f.safetensors")),
         Err(EditError::NoFilters(_))
@@ -242,7 +282,11 @@ fn load_checks_config_json_against_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let folder = save(dir.path(), "f", &filters(SHAPE));
     let cfg = folder.join("config.json");
-    fs::write(&cfg, r#"{"num_layers": 3, "num_kv_heads": 2, "kv_head_dim": 16}"#).unwrap();
+    fs::write(
+        &cfg,
+        r#"{"num_layers": 3, "num_kv_heads": 2, "kv_head_dim": 16}"#,
+    )
+    .unwrap();
     let err = QFilters::load(&folder).unwrap_err();
     assert!(matches!(err, FiltersError::ConfigMismatch { .. }), "{err}");
     // A model's own config.json beside the file is not ours and is ignored.
@@ -255,8 +299,14 @@ fn load_checks_config_json_against_the_tensor() {
 
 #[test]
 fn new_and_check_shape_validate() {
-    assert!(matches!(QFilters::new(2, 2, 2, vec![0.0; 7]), Err(FiltersError::LengthMismatch { .. })));
-    assert!(matches!(QFilters::new(0, 2, 2, vec![]), Err(FiltersError::BadShape { .. })));
+    assert!(matches!(
+        QFilters::new(2, 2, 2, vec![0.0; 7]),
+        Err(FiltersError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        QFilters::new(0, 2, 2, vec![]),
+        Err(FiltersError::BadShape { .. })
+    ));
     assert!(matches!(
         QFilters::new(1, 1, 2, vec![0.0, f32::INFINITY]),
         Err(FiltersError::NonFinite { dim: 1, .. })

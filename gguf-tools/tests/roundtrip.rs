@@ -21,7 +21,10 @@ fn every_type() -> Vec<(String, Value)> {
         kv("t.string", Value::from("plain")),
         kv("t.string.empty", Value::from("")),
         kv("t.string.unicode", Value::from("héllo ✓ 日本語 🦙")),
-        kv("t.string.raw", Value::String(GgufString(vec![0xff, 0x00, 0xc3]))),
+        kv(
+            "t.string.raw",
+            Value::String(GgufString(vec![0xff, 0x00, 0xc3])),
+        ),
         kv("t.u64", Value::U64(u64::MAX)),
         kv("t.i64", Value::I64(i64::MIN)),
         kv("t.f64", Value::F64(std::f64::consts::PI)),
@@ -31,8 +34,14 @@ fn every_type() -> Vec<(String, Value)> {
         kv("t.arr.i16", Value::Array(Array::I16(vec![-3]))),
         kv("t.arr.u32", Value::Array(Array::U32(vec![7; 5]))),
         kv("t.arr.i32", Value::Array(Array::I32(vec![-7, 7]))),
-        kv("t.arr.f32", Value::Array(Array::F32(vec![0.1, f32::MAX, f32::MIN_POSITIVE]))),
-        kv("t.arr.bool", Value::Array(Array::Bool(vec![true, false, true]))),
+        kv(
+            "t.arr.f32",
+            Value::Array(Array::F32(vec![0.1, f32::MAX, f32::MIN_POSITIVE])),
+        ),
+        kv(
+            "t.arr.bool",
+            Value::Array(Array::Bool(vec![true, false, true])),
+        ),
         kv(
             "t.arr.string",
             Value::Array(Array::String(vec!["a".into(), "".into(), "ü🦙".into()])),
@@ -124,7 +133,12 @@ fn tensors_and_alignment_round_trip() {
         let tensors = vec![
             first,
             t("b", vec![5], GgmlType::F32, second_off),
-            t("c.ü", vec![256, 1, 2, 1], GgmlType::Q4K, gguf::align_up(second_off + 20, a).unwrap()),
+            t(
+                "c.ü",
+                vec![256, 1, 2, 1],
+                GgmlType::Q4K,
+                gguf::align_up(second_off + 20, a).unwrap(),
+            ),
         ];
         let bytes = with_data(meta, tensors.clone());
         let back = parse(&bytes);

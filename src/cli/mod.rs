@@ -49,11 +49,18 @@ impl ModelArgs {
     }
 
     pub fn threads(&self) -> i32 {
-        self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get() as i32)
-                .unwrap_or(4)
-        })
+        // QFILTERS_THREADS sets the default for scripts and tests that run several processes.
+        self.threads
+            .or_else(|| {
+                std::env::var("QFILTERS_THREADS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get() as i32)
+                    .unwrap_or(4)
+            })
     }
 }
 

@@ -1,6 +1,6 @@
 //! GGUF header writer. Tensor data is not held in memory: callers stream it after the header.
 
-use std::io::Write;
+use std::io::{Read, Write};
 
 use super::value::{Array, GgufString, Value};
 use super::{alignment_of, GgufError, GgufFile, TensorInfo, MAX_DIMS};
@@ -9,7 +9,25 @@ impl GgufFile {
     /// Encodes magic, counts, metadata and tensor infos, zero-padded to the alignment, in
     /// exactly the byte layout llama.cpp writes. The result's length is the data offset.
     pub fn header_bytes(&self) -> Result<Vec<u8>, GgufError> {
+        let mut out = Vec::new();
+        self.write_header(&mut out)?;
+        Ok(out)
+    }
+
+    /// Writes the header to `w` and returns its length (the data offset). The padding is
+    /// streamed rather than materialised: a file may legally ask for a 2 GiB alignment.
+    pub fn write_header<W: Write>(&self, w: &mut W) -> Result<u64, GgufError> {
         let alignment = alignment_of(&self.metadata)?;
+        let body = self.unpadded_header()?;
+        w.write_all(&body)?;
+        let len = body.len() as u64;
+        let padded = super::align_up(len, alignment)
+            .ok_or_else(|| GgufError::TooLarge("the header".to_string()))?;
+        std::io::copy(&mut std::io::repeat(0).take(padded - len), w)?;
+        Ok(padded)
+    }
+
+    fn unpadded_header(&self) -> Result<Vec<u8>, GgufError> {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&self.version.to_le_bytes());
@@ -23,20 +41,7 @@ impl GgufFile {
         for t in &self.tensors {
             put_tensor_info(&mut out, t)?;
         }
-        let len = out.len() as u64;
-        let padded = super::align_up(len, alignment)
-            .ok_or_else(|| GgufError::TooLarge("the header".to_string()))?;
-        let padded =
-            usize::try_from(padded).map_err(|_| GgufError::TooLarge("the header".to_string()))?;
-        out.resize(padded, 0);
         Ok(out)
-    }
-
-    /// Writes [`GgufFile::header_bytes`] to `w` and returns how many bytes that was.
-    pub fn write_header<W: Write>(&self, w: &mut W) -> Result<u64, GgufError> {
-        let bytes = self.header_bytes()?;
-        w.write_all(&bytes)?;
-        Ok(bytes.len() as u64)
     }
 }
 

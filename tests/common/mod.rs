@@ -1,0 +1,94 @@
+//! Shared helpers for the integration tests: the default model, data files, the binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use gguf_tools::filters::QFilters;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The test model; the suite needs it (`scripts/test.sh` fetches it first).
+pub fn model_path() -> PathBuf {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-model.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+pub fn data_file(name: &str) -> PathBuf {
+    let p = root().join("../shared/data").join(name);
+    assert!(
+        p.is_file(),
+        "{} missing: the tests read ../shared/data/ beside the repository",
+        p.display()
+    );
+    p
+}
+
+/// The first `chars` characters of a data file, cut at a character boundary.
+pub fn data_text(name: &str, chars: usize) -> String {
+    let text = std::fs::read_to_string(data_file(name)).expect("data file is UTF-8");
+    text.chars().take(chars).collect()
+}
+
+/// The CLI. Tests run side by side on few cores, and llama.cpp's worker threads spin while
+/// they wait, so each process gets one thread (set `-t` again to override).
+pub fn qfilters() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qfilters"));
+    cmd.env("QFILTERS_THREADS", "1");
+    cmd
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn qfilters");
+    assert!(
+        out.status.success(),
+        "command failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Asserts the CLI failed with exactly one line on stderr mentioning `needle`.
+pub fn assert_one_line_error(out: &Output, needle: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {stderr}");
+    assert!(lines[0].starts_with("qfilters: "), "prefix: {}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "'{}' should mention '{needle}'",
+        lines[0]
+    );
+    assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+}
+
+/// Deterministic unit-norm filters of SmolLM2's shape, saved in the published layout.
+pub fn random_filters(dir: &Path, seed: u64, layers: usize, heads: usize, dim: usize) -> PathBuf {
+    let mut state = seed;
+    let mut data = Vec::with_capacity(layers * heads * dim);
+    for _ in 0..layers * heads {
+        let v: Vec<f32> = (0..dim)
+            .map(|_| (qfilters::math::splitmix64(&mut state) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+        data.extend(v.iter().map(|x| x / norm));
+    }
+    let f = QFilters::new(layers, heads, dim, data).expect("valid filters");
+    let path = dir.join("filters.safetensors");
+    f.save(&path).expect("save filters");
+    path
+}
