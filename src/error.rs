@@ -21,6 +21,8 @@ pub enum Error {
     Tokenize(String),
     #[error("{0}")]
     Filters(#[from] gguf_tools::filters::FiltersError),
+    #[error("{0}")]
+    Edit(#[from] gguf_tools::edit::EditError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("KV cache: {0}")]

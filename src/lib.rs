@@ -5,6 +5,8 @@
 //! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text).
 
 pub mod cache;
+pub mod calibrate;
+pub mod check;
 pub mod engine;
 pub mod error;
 pub mod ffi;

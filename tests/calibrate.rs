@@ -1,0 +1,212 @@
+//! `qfilters calibrate` and `qfilters filters check` on the real model.
+//!
+//! One calibration (2048 tokens, to keep the suite short on 2 cores) is shared by the tests;
+//! the determinism test runs a second one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use gguf_tools::filters::QFilters;
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const CAL_ARGS: [&str; 8] = [
+    "--tokens",
+    "2048",
+    "--seq-len",
+    "1024",
+    "--samples",
+    "1000",
+    "--seed",
+    "7",
+];
+
+fn data(name: &str) -> PathBuf {
+    let dir = std::env::var("QFILTERS_DATA_DIR").unwrap_or_else(|_| "../shared/data".into());
+    Path::new(&dir).join(name)
+}
+
+fn qfilters(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qfilters"))
+        .args(args)
+        .args(["-t", "2"])
+        .output()
+        .expect("run qfilters")
+}
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qfilters-calib-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn calibrate_into(dir: &Path) -> PathBuf {
+    let out = dir.join("filters.safetensors");
+    let shakespeare = data("tinyshakespeare.txt");
+    let mut args = vec![
+        "calibrate",
+        "-m",
+        MODEL,
+        "--text",
+        shakespeare.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(CAL_ARGS);
+    let o = qfilters(&args);
+    assert!(
+        o.status.success(),
+        "calibrate failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// The shared calibration.
+fn filters_file() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| calibrate_into(&tmp_dir("shared")))
+}
+
+#[test]
+fn calibration_is_deterministic_for_a_seed() {
+    // Compared after loading: the safetensors header's metadata order is not fixed (gguf-tools
+    // serialises a HashMap), the values and the tensor bytes are.
+    let a = QFilters::load(filters_file()).unwrap();
+    let b = QFilters::load(&calibrate_into(&tmp_dir("again"))).unwrap();
+    let bits = |f: &QFilters| f.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&a) == bits(&b),
+        "two calibrations with the same seed differ"
+    );
+    assert_eq!(a.metadata, b.metadata);
+}
+
+#[test]
+fn output_has_the_published_layout_and_provenance() {
+    let path = filters_file();
+    let f = QFilters::load(path).unwrap();
+    assert_eq!(f.shape(), [30, 3, 64]);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path.parent().unwrap().join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["num_layers"], 30);
+    assert_eq!(config["num_kv_heads"], 3);
+    assert_eq!(config["kv_head_dim"], 64);
+    // Raw safetensors header: one F32 tensor q_filters [30, 3, 64].
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["q_filters"]["dtype"], "F32");
+    assert_eq!(header["q_filters"]["shape"], serde_json::json!([30, 3, 64]));
+    let meta = &header["__metadata__"];
+    assert_eq!(meta["source"], "calibrated");
+    assert_eq!(meta["tokens"], "2048");
+    assert_eq!(meta["samples"], "1000");
+    assert_eq!(meta["seed"], "7");
+    assert!(meta["text_sha256"].as_str().unwrap().len() == 64);
+    assert!(meta["tool"].as_str().unwrap().starts_with("qfilters "));
+}
+
+#[test]
+fn filters_are_averages_of_unit_vectors() {
+    // Each f is the mean of 3 unit vectors: norm ≤ 1, and well above 0 because the query
+    // heads of one group point roughly the same way.
+    let f = QFilters::load(filters_file()).unwrap();
+    let mut min = f64::MAX;
+    for l in 0..30 {
+        for h in 0..3 {
+            let n = f
+                .filter(l, h)
+                .iter()
+                .map(|&x| (x as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(n <= 1.0 + 1e-5, "layer {l} head {h}: norm {n}");
+            min = min.min(n);
+        }
+    }
+    assert!(min > 0.5, "smallest filter norm {min}");
+}
+
+#[test]
+fn check_shows_filters_predict_attention_better_than_key_norm() {
+    let wikitext = data("wikitext2-valid.txt");
+    let o = qfilters(&[
+        "filters",
+        "check",
+        "-m",
+        MODEL,
+        "--filters",
+        filters_file().to_str().unwrap(),
+        "--text",
+        wikitext.to_str().unwrap(),
+        "--tokens",
+        "1024",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f = v["mean_spearman_filters"].as_f64().unwrap();
+    let k = v["mean_spearman_knorm"].as_f64().unwrap();
+    assert_eq!(v["spearman_filters"].as_array().unwrap().len(), 30);
+    assert!(f >= k + 0.2, "filters {f} vs knorm {k}");
+    let m = &v["mass_kept"]["0.125"];
+    let (mf, mo, mr) = (
+        m["filters"].as_f64().unwrap(),
+        m["oracle"].as_f64().unwrap(),
+        m["recency"].as_f64().unwrap(),
+    );
+    assert!(mf <= mo + 1e-9 && mf > mr, "kept mass {m}");
+}
+
+#[test]
+fn qfilters_policy_runs_with_calibrated_filters_within_budget() {
+    let text = std::fs::read_to_string(data("tinyshakespeare.txt")).unwrap();
+    let dir = tmp_dir("run");
+    let prompt = dir.join("prompt.txt");
+    std::fs::write(&prompt, &text[..12_000]).unwrap();
+    let stats = dir.join("stats.json");
+    let o = qfilters(&[
+        "run",
+        "-m",
+        MODEL,
+        "--policy",
+        "qfilters",
+        "--filters",
+        filters_file().to_str().unwrap(),
+        "--budget",
+        "256",
+        "-f",
+        prompt.to_str().unwrap(),
+        "-n",
+        "4",
+        "--json-stats",
+        stats.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert!(s["prompt_tokens"].as_u64().unwrap() >= 3000);
+    let peak = s["peak_cells"].as_u64().unwrap();
+    let batch = s["n_batch"].as_u64().unwrap();
+    assert!(peak <= 256 + batch, "peak cells {peak}");
+}
+
+#[test]
+fn calibrate_on_a_missing_text_is_one_line_and_exit_1() {
+    let o = qfilters(&[
+        "calibrate",
+        "-m",
+        MODEL,
+        "--text",
+        "/nonexistent/text.txt",
+        "-o",
+        "/tmp/never.safetensors",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("qfilters: ") && err.contains("/nonexistent/text.txt"));
+}
