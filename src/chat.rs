@@ -241,7 +241,8 @@ impl Chat {
 
     /// Sends `user` and samples the reply, at most `max_tokens` tokens. `progress(done, total)`
     /// follows the decoding of the message; `on_text` gets the reply in pieces of whole UTF-8
-    /// characters, one call per token (possibly empty), and stops the reply by returning false.
+    /// characters, one call per token (possibly empty); returning false refuses that piece and
+    /// ends the reply before it.
     pub fn turn(
         &mut self,
         user: &str,
@@ -271,9 +272,9 @@ impl Chat {
         self.cached_text.push_str(&text);
         self.messages.push(("user".to_string(), user.to_string()));
         self.messages.push(("assistant".to_string(), text.clone()));
-        // The last accepted token was sampled but not decoded (decoding it only pays off if
-        // the conversation goes on).
-        if stop != Stop::EndOfGeneration {
+        // At the limit the last token was sampled but not decoded (decoding it only pays off
+        // if the conversation goes on).
+        if stop == Stop::Limit {
             if let Some(&t) = reply_tokens.last() {
                 self.pending.push(t);
             }
@@ -319,11 +320,13 @@ impl Chat {
                 Err(e) => e.valid_up_to(),
             };
             let piece = std::str::from_utf8(&bytes[emitted..emitted + valid]).unwrap_or("");
-            let go_on = on_text(piece);
-            emitted += valid;
-            if !go_on {
+            if !on_text(piece) {
+                // Refused: the reply ends before this token, which is never decoded.
+                out.pop();
+                bytes.truncate(emitted);
                 break Stop::Interrupted;
             }
+            emitted += valid;
             if out.len() >= max_tokens {
                 break Stop::Limit;
             }

@@ -188,15 +188,65 @@ fn piped_two_turns_print_two_replies_and_log_each_turn() {
     // only its own tokens (a reply cut by -n leaves its last token for the next turn).
     let p1 = num(&records[0], "positions");
     let p2 = num(&records[1], "positions");
-    let cut = if records[1]["stop"] == "eog" {
-        0.0
-    } else {
+    let cut = if records[1]["stop"] == "limit" {
         1.0
+    } else {
+        0.0
     };
     assert_eq!(
         p2 - p1,
         num(&records[1], "prompt_tokens") + num(&records[1], "reply_tokens") - cut
     );
+}
+
+#[test]
+fn piped_commands_save_reset_and_stats() {
+    let _g = lock();
+    let log = tmp("commands.json");
+    let md = tmp("transcript.md");
+    let input = format!(
+        "Hi, I am Ada.\n/save {}\n/nonsense\n/reset\n//slash first\n/stats\n/quit\nnever sent\n",
+        md.display()
+    );
+    let out = chat(
+        &[
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "--system",
+            "Be brief.",
+            "--json-log",
+            log.to_str().expect("path"),
+        ],
+        input.as_bytes(),
+    );
+    let (stdout, stderr) = check_success(&out);
+    assert!(stderr.contains("unknown command /nonsense"), "{stderr}");
+    let records = read_log(&log);
+    assert_eq!(records.len(), 2, "/quit ends the script: {records:?}");
+    assert_eq!(records[1]["user"], "/slash first");
+    // After /reset the conversation starts again at position 0 (with the system message).
+    let cut = if records[1]["stop"] == "limit" {
+        1.0
+    } else {
+        0.0
+    };
+    assert_eq!(
+        num(&records[1], "positions"),
+        num(&records[1], "prompt_tokens") + num(&records[1], "reply_tokens") - cut
+    );
+    let saved = std::fs::read_to_string(&md).expect("transcript saved");
+    assert!(saved.contains("**System:** Be brief."), "{saved}");
+    assert!(saved.contains("**User:** Hi, I am Ada."), "{saved}");
+    let first = records[0]["reply"].as_str().expect("reply");
+    assert!(saved.contains(&format!("**Assistant:** {}", first.trim_end())));
+    let stats = stdout
+        .lines()
+        .find(|l| l.starts_with("[stats]"))
+        .expect("stats line");
+    assert!(stats.contains("/512"), "default budget: {stats}");
+    assert!(stdout.contains("[conversation reset]"));
 }
 
 #[test]

@@ -177,9 +177,12 @@ impl Session {
                 if let Some(b) = bar.borrow_mut().take() {
                     b.finish();
                 }
+                if flag.load(Ordering::SeqCst) {
+                    return false;
+                }
                 let _ = out.write_all(piece.as_bytes());
                 let _ = out.flush();
-                !flag.load(Ordering::SeqCst)
+                true
             },
         );
         if let Some(b) = bar.borrow_mut().take() {
@@ -195,7 +198,7 @@ impl Session {
         })?;
         if tty {
             if reply.stop == Stop::Interrupted {
-                let _ = writeln!(out, " [interrupted]");
+                let _ = writeln!(out, "\n[interrupted]");
             } else {
                 let _ = writeln!(out);
             }
@@ -311,12 +314,14 @@ fn piped(session: &mut Session) -> Result<()> {
         };
         match classify(&line) {
             Line::Empty => {}
-            Line::Command(cmd) => {
-                if let Flow::Quit = session.command(&cmd, &mut out)? {
-                    return Ok(());
+            // A command that fails (unknown, unwritable file) is reported and the script goes on.
+            Line::Command(cmd) => match session.command(&cmd, &mut out) {
+                Ok(Flow::Quit) => return Ok(()),
+                Ok(Flow::Continue) => {
+                    let _ = writeln!(out);
                 }
-                let _ = writeln!(out);
-            }
+                Err(e) => eprintln!("qfilters: line {line_no}: {e}"),
+            },
             Line::Message(m) => {
                 session.send(&m, &mut out, false)?;
             }
