@@ -217,6 +217,11 @@ impl Engine {
         self.cfg.eviction.is_some() && self.scorer.evicts()
     }
 
+    /// Starts a new peak measurement from the cells in use now (per-turn peaks in chat).
+    pub fn reset_peak(&mut self) {
+        self.stats.peak_cells = self.stats.live_cells;
+    }
+
     /// Forgets the conversation: empty cache, positions from 0, counters kept.
     pub fn reset(&mut self) {
         self.ctx.clear_memory();

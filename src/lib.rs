@@ -2,11 +2,13 @@
 //!
 //! The pieces: [`ffi`] (llama.cpp behind safe handles, the only `unsafe`), [`policy`] (one
 //! scorer per eviction policy), [`cache`] (the shared mechanism that applies scores),
-//! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text).
+//! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text),
+//! [`chat`] (a conversation that lives in the bounded cache).
 
 pub mod cache;
 pub mod calibrate;
 pub mod check;
+pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod ffi;

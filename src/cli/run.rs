@@ -34,6 +34,10 @@ pub struct RunArgs {
     pub top_k: i32,
     #[arg(long = "top-p", default_value_t = 0.95)]
     pub top_p: f32,
+    /// Parse special-token text in the prompt (`<|im_start|>`...) as the special tokens, as a
+    /// chat template's output needs.
+    #[arg(long)]
+    pub special: bool,
     /// Write the run's statistics as JSON.
     #[arg(long = "json-stats")]
     pub json_stats: Option<PathBuf>,
@@ -46,7 +50,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         (None, None) => return Err(Error::invalid("give a prompt with -p TEXT or -f FILE")),
     };
     let model = args.model.load()?;
-    let tokens = model.tokenize(&text, true, false)?;
+    let tokens = model.tokenize(&text, true, args.special)?;
     if tokens.is_empty() {
         return Err(Error::invalid("the prompt is empty"));
     }
