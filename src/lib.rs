@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod ffi;
 pub mod generate;
 pub mod gguf_check;
