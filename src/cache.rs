@@ -63,6 +63,9 @@ pub struct EvictionConfig {
     pub sinks: usize,
     pub granularity: Granularity,
     pub combiner: Combiner,
+    /// Cells allowed above `budget` before a round runs; a round always evicts down to
+    /// `budget`. 0 evicts after every decode.
+    pub slack: usize,
 }
 
 impl EvictionConfig {
@@ -209,9 +212,10 @@ impl CacheBook {
             || (pos as i64) > self.newest as i64 - cfg.window as i64
     }
 
-    /// What to evict so that at most `cfg.budget` cells stay in use. Empty when within budget.
+    /// What to evict so that at most `cfg.budget` cells stay in use. Empty when within
+    /// budget plus slack.
     pub fn plan(&self, cfg: &EvictionConfig) -> EvictionPlan {
-        if self.live <= cfg.budget {
+        if self.live <= cfg.budget + cfg.slack {
             return EvictionPlan::default();
         }
         let candidates: Vec<usize> = (0..self.n_cells)
@@ -422,6 +426,7 @@ mod tests {
             sinks,
             granularity,
             combiner: Combiner::MeanZ,
+            slack: 0,
         }
     }
 

@@ -134,7 +134,7 @@ impl Engine {
         let n_batch = cfg.n_batch.max(1);
         // The budget plus one batch of new tokens, plus a margin for llama.cpp's slot search.
         let n_ctx = match (&cfg.eviction, evicting) {
-            (Some(ev), true) => ev.budget + n_batch + 16,
+            (Some(ev), true) => ev.budget + ev.slack + n_batch + 16,
             _ => cfg.capacity.max(1) + 1,
         };
         // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.

@@ -11,6 +11,7 @@ pub mod check;
 pub mod chat;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod ffi;
 pub mod generate;
 pub mod gguf_check;

@@ -21,6 +21,12 @@ use qfilters::{Error, Result};
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+// Eviction defaults, chosen by `qfilters eval` measurements (docs/RESULTS.md).
+pub const DEFAULT_WINDOW: usize = 64;
+pub const DEFAULT_SINKS: usize = 4;
+pub const DEFAULT_GRANULARITY: &str = "head";
+pub const DEFAULT_COMBINER: &str = "mean-z";
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// GGUF model file.
@@ -77,17 +83,21 @@ pub struct PolicyArgs {
     #[arg(long)]
     pub filters: Option<PathBuf>,
     /// Most recent tokens never evicted.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_WINDOW)]
     pub window: usize,
     /// First tokens (attention sinks) never evicted.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = DEFAULT_SINKS)]
     pub sinks: usize,
     /// `head`: each KV head of each layer keeps its own tokens; `position`: whole positions leave.
-    #[arg(long, default_value = "head")]
+    #[arg(long, default_value = DEFAULT_GRANULARITY)]
     pub granularity: Granularity,
     /// How per-head scores become one per position (position granularity): mean-z, mean-rank, max-z.
-    #[arg(long, default_value = "mean-z")]
+    #[arg(long, default_value = DEFAULT_COMBINER)]
     pub combiner: Combiner,
+    /// Cells allowed above the budget before an eviction round (which evicts down to the
+    /// budget): 0 evicts after every decode.
+    #[arg(long, default_value_t = 0)]
+    pub slack: usize,
     /// Where keys are read: `cache` (after each decode, cheap) or `graph` (Kcur nodes, one split per layer).
     #[arg(long = "key-source", default_value = "cache")]
     pub key_source: KeySource,
@@ -159,6 +169,7 @@ impl PolicyArgs {
                 sinks: self.sinks,
                 granularity: self.granularity,
                 combiner: self.combiner,
+                slack: self.slack,
             })
         };
         if self.n_batch == 0 {

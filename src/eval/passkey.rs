@@ -1,0 +1,171 @@
+//! Passkey retrieval: a 5-digit key hidden at a given depth of filler text, asked for at the
+//! end. The whole document (question included) goes through the engine under the policy; the
+//! answer is then read greedily and scored under teacher forcing, still under the policy.
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::ffi::{Model, Token};
+use crate::math::{log_prob, splitmix64};
+
+const INTRO: &str = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it, I will ask you about it.\n\n";
+const QUESTION: &str = "\n\nWhat is the pass key? The pass key is";
+
+fn key_sentence(key: u32) -> String {
+    format!("The pass key is {key}. Remember it. {key} is the pass key.\n")
+}
+
+/// One synthetic document and the answer it asks for.
+#[derive(Debug, Clone)]
+pub struct PasskeyDoc {
+    pub tokens: Vec<Token>,
+    /// The key's tokens as the model would continue after the question (" 48213").
+    pub answer: Vec<Token>,
+    pub key: u32,
+    /// Index of the first token of the key sentence in `tokens`.
+    pub key_at: usize,
+}
+
+/// Builds a document of exactly `length` tokens: intro, filler from a seeded random line of
+/// `filler`, the key sentence at `depth` (0 = start of the filler, 1 = end), more filler, the
+/// question.
+pub fn build_document(
+    model: &Model,
+    filler: &str,
+    length: usize,
+    depth: f64,
+    rng: &mut u64,
+) -> Result<PasskeyDoc> {
+    if !(0.0..=1.0).contains(&depth) {
+        return Err(Error::invalid(format!(
+            "depth {depth} is not within [0, 1]"
+        )));
+    }
+    let key = 10_000 + (splitmix64(rng) % 90_000) as u32;
+    let intro = model.tokenize(INTRO, true, false)?;
+    let sentence = model.tokenize(&key_sentence(key), false, false)?;
+    let question = model.tokenize(QUESTION, false, false)?;
+    let answer = model.tokenize(&format!(" {key}"), false, false)?;
+    let fixed = intro.len() + sentence.len() + question.len();
+    let n_filler = length
+        .checked_sub(fixed)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "length {length} leaves no room for filler (the fixed text takes {fixed} tokens)"
+            ))
+        })?;
+    if filler.trim().is_empty() {
+        return Err(Error::invalid("the filler text is empty"));
+    }
+    // Enough characters for n_filler tokens (English averages ~4 characters a token), taken
+    // from a random line start, wrapping around a short filler.
+    let want_chars = n_filler * 8 + 64;
+    let start = (splitmix64(rng) % filler.len() as u64) as usize;
+    let start = filler[..]
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= start)
+        .unwrap_or(0);
+    let start = filler[start..]
+        .find('\n')
+        .map(|i| start + i + 1)
+        .filter(|&i| i < filler.len())
+        .unwrap_or(0);
+    let mut text = String::with_capacity(want_chars + filler.len());
+    text.push_str(&filler[start..]);
+    while text.len() < want_chars {
+        text.push_str(filler);
+    }
+    let mut body = model.tokenize(&text, false, false)?;
+    if body.len() < n_filler {
+        return Err(Error::invalid(
+            "the filler text tokenizes to too few tokens",
+        ));
+    }
+    body.truncate(n_filler);
+    // Put the key after a line break near the requested depth so it reads as its own line.
+    let target = ((depth * n_filler as f64).round() as usize).min(n_filler);
+    let split = (target..n_filler.min(target + 64))
+        .find(|&i| i > 0 && model.token_bytes(body[i - 1], false).ends_with(b"\n"))
+        .unwrap_or(target);
+    let mut tokens = Vec::with_capacity(length);
+    tokens.extend_from_slice(&intro);
+    tokens.extend_from_slice(&body[..split]);
+    let key_at = tokens.len();
+    tokens.extend_from_slice(&sentence);
+    tokens.extend_from_slice(&body[split..]);
+    tokens.extend_from_slice(&question);
+    Ok(PasskeyDoc {
+        tokens,
+        answer,
+        key,
+        key_at,
+    })
+}
+
+/// What the model answered for one document.
+#[derive(Debug, Clone)]
+pub struct TrialOutcome {
+    /// Greedy decoding reproduces the key's tokens exactly.
+    pub exact: bool,
+    /// Mean NLL per answer token under teacher forcing.
+    pub answer_nll: f64,
+    /// Greedy text up to and including the first wrong token.
+    pub greedy: String,
+    pub peak_cells: usize,
+}
+
+fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Runs one document through `engine` from an empty cache, then teacher-forces the answer.
+///
+/// Greedy decoding follows the teacher-forced path for as long as the argmax equals the true
+/// token, so "greedy reproduces the key" is read from the same pass: exact match means the
+/// argmax was right at every answer token.
+pub fn run_trial(engine: &mut Engine, doc: &PasskeyDoc) -> Result<TrialOutcome> {
+    if doc.answer.is_empty() || doc.tokens.is_empty() {
+        return Err(Error::invalid("empty passkey document"));
+    }
+    engine.reset();
+    let last = doc.tokens.len() - 1;
+    let mut logits: Vec<f32> = Vec::new();
+    engine.ingest(&doc.tokens, &mut |i| i == last, &mut |ctx, offset, len| {
+        if offset + len == doc.tokens.len() {
+            logits = ctx.logits(len - 1)?.to_vec();
+        }
+        Ok(())
+    })?;
+    let model = std::sync::Arc::clone(engine.model());
+    let mut nll = 0.0;
+    let mut exact = true;
+    let mut greedy: Vec<Token> = Vec::new();
+    for (t, &want) in doc.answer.iter().enumerate() {
+        nll -= log_prob(&logits, want as usize);
+        let got = argmax(&logits) as Token;
+        if exact {
+            greedy.push(got);
+            if got != want {
+                exact = false;
+            }
+        }
+        if t + 1 < doc.answer.len() {
+            engine.step(want)?;
+            logits.clear();
+            logits.extend_from_slice(engine.context().logits(0)?);
+        }
+    }
+    Ok(TrialOutcome {
+        exact,
+        answer_nll: nll / doc.answer.len() as f64,
+        greedy: model.detokenize(&greedy, false),
+        peak_cells: engine.stats().peak_cells,
+    })
+}

@@ -1,0 +1,107 @@
+//! The evaluation harness on the real model: the streaming full-cache reference agrees with a
+//! plain full-context computation, and passkey documents are what they claim to be.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::eval::passkey::{build_document, run_trial};
+use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
+use qfilters::ffi::{Model, ModelParams};
+use qfilters::policy::{self, PolicyInputs};
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn data(name: &str) -> PathBuf {
+    let dir = std::env::var("QFILTERS_DATA_DIR").unwrap_or_else(|_| "../shared/data".into());
+    Path::new(&dir).join(name)
+}
+
+fn model() -> Arc<Model> {
+    assert!(
+        Path::new(MODEL).exists(),
+        "test model missing: run scripts/fetch-model.sh"
+    );
+    Model::load(Path::new(MODEL), &ModelParams { gpu_layers: 0 }).expect("model loads")
+}
+
+fn full_engine(model: &Arc<Model>, capacity: usize, n_batch: usize) -> Engine {
+    let scorer = policy::build(
+        "none",
+        &PolicyInputs {
+            filters: None,
+            seed: 0,
+        },
+    )
+    .expect("none");
+    Engine::new(
+        model,
+        scorer,
+        EngineConfig {
+            eviction: None,
+            capacity,
+            n_batch,
+            threads: 1,
+            key_source: KeySource::Cache,
+            flash_attn: None,
+            hook: true,
+        },
+    )
+    .expect("engine")
+}
+
+#[test]
+fn streaming_full_cache_matches_one_batch_full_context() {
+    let model = model();
+    let text = std::fs::read_to_string(data("wikitext2-valid.txt")).expect("wikitext2-valid.txt");
+    let mut tokens = model.tokenize(&text, true, false).expect("tokenize");
+    tokens.truncate(768);
+    let mut engine = full_engine(&model, tokens.len(), 16);
+    let streamed = streaming_nll(&mut engine, &tokens).expect("streaming");
+    let reference = full_context_nll(&model, &tokens, tokens.len(), 1).expect("full context");
+    assert_eq!(streamed.nll.len(), tokens.len() - 1);
+    assert_eq!(reference.len(), tokens.len() - 1);
+    let (a, a2) = perplexities(&streamed.nll);
+    let (b, b2) = perplexities(&reference);
+    // Chunked and one-batch decoding round differently in the quantized matmuls; PPL must
+    // agree closely all the same (a shifted or misaligned NLL would be off by far more).
+    assert!(
+        (a - b).abs() / b < 0.01,
+        "streamed ppl {a} vs full-context {b}"
+    );
+    assert!((a2 - b2).abs() / b2 < 0.01, "second half {a2} vs {b2}");
+    assert!(a > 3.0 && a < 100.0, "implausible ppl {a}");
+    assert_eq!(streamed.peak_cells, tokens.len());
+}
+
+#[test]
+fn passkey_documents_have_the_length_and_key_asked_for_and_the_full_cache_finds_it() {
+    let model = model();
+    let filler = std::fs::read_to_string(data("tinyshakespeare.txt")).expect("tinyshakespeare");
+    let mut rng = 7u64;
+    let doc = build_document(&model, &filler, 1024, 0.5, &mut rng).expect("doc");
+    assert_eq!(doc.tokens.len(), 1024);
+    let text = model.detokenize(&doc.tokens, false);
+    let key = doc.key.to_string();
+    assert_eq!(key.len(), 5);
+    assert_eq!(
+        text.matches(&key).count(),
+        2,
+        "the key sentence names the key twice"
+    );
+    assert!(text.trim_end().ends_with("The pass key is"));
+    let at = doc.key_at as f64 / doc.tokens.len() as f64;
+    assert!((0.4..0.65).contains(&at), "key placed at {at}");
+    assert_eq!(model.detokenize(&doc.answer, false).trim(), key);
+    let mut engine = full_engine(&model, doc.tokens.len() + 16, 64);
+    let out = run_trial(&mut engine, &doc).expect("trial");
+    // Measured: with this plain-text prompt SmolLM2-135M's full cache gives the key a low NLL
+    // (0.43 per token) but greedily answers " the" before the digits, so exact match is not
+    // asserted here (see docs/RESULTS.md).
+    assert!(out.answer_nll < 1.0, "answer NLL {}", out.answer_nll);
+    assert!(!out.greedy.is_empty());
+    // Same seed, same document; different seed, different key or text.
+    let again = build_document(&model, &filler, 1024, 0.5, &mut 7u64).expect("doc");
+    assert_eq!(again.tokens, doc.tokens);
+    assert!(build_document(&model, &filler, 10, 0.5, &mut rng).is_err());
+}
