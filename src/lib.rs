@@ -7,8 +7,8 @@
 
 pub mod cache;
 pub mod calibrate;
-pub mod check;
 pub mod chat;
+pub mod check;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -119,28 +119,28 @@ impl PolicyArgs {
     ) -> Result<Option<Arc<QFilters>>> {
         let info = policy::lookup(&self.policy)?;
         let filters = match &self.filters {
-            Some(path) => {
-                let f = QFilters::load(path)?;
+            Some(path) => Some((
+                QFilters::load(path)?,
+                format!("filters from {}", path.display()),
+            )),
+            None if info.needs_filters => QFilters::from_gguf(model_path)?.map(|f| {
+                (
+                    f,
+                    format!("the Q-Filters embedded in {}", model_path.display()),
+                )
+            }),
+            None => None,
+        };
+        let filters = match filters {
+            Some((f, origin)) => {
+                f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
                 if !quiet {
-                    eprintln!("qfilters: using filters from {}", path.display());
+                    eprintln!("qfilters: using {origin}");
                 }
                 Some(f)
             }
-            None if info.needs_filters => {
-                let f = QFilters::from_gguf(model_path)?;
-                if f.is_some() && !quiet {
-                    eprintln!(
-                        "qfilters: using the Q-Filters embedded in {}",
-                        model_path.display()
-                    );
-                }
-                f
-            }
             None => None,
         };
-        if let Some(f) = &filters {
-            f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
-        }
         Ok(filters.map(Arc::new))
     }
 
