@@ -1,11 +1,10 @@
 //! Q-Filters: one unit vector per (layer, KV head), in the published safetensors layout or
 //! inside a GGUF under `qfilters.*` keys.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -284,25 +283,8 @@ impl QFilters {
             return Err(FiltersError::ForeignConfig(config_path));
         }
 
-        let bytes: Vec<u8> = self.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let view = TensorView::new(Dtype::F32, self.shape().to_vec(), &bytes).map_err(|e| {
-            FiltersError::Safetensors {
-                path: file.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        let mut meta: HashMap<String, String> = self
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        meta.insert(META_SOURCE.to_string(), self.source.clone());
-        safetensors::serialize_to_file([(TENSOR_NAME, view)], &Some(meta), &file).map_err(|e| {
-            FiltersError::Safetensors {
-                path: file.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        let bytes = safetensors_bytes(self.shape(), &self.data, &self.metadata, &self.source);
+        fs::write(&file, bytes).map_err(write_err(&file))?;
 
         let config = Config {
             num_layers: self.num_layers,
@@ -535,4 +517,35 @@ fn check_config(file: &Path, tensor_shape: [usize; 3]) -> Result<(), FiltersErro
         });
     }
     Ok(())
+}
+
+/// One F32 tensor in the safetensors format, written by hand so that the bytes depend only on
+/// the content: the `safetensors` crate stores `__metadata__` from a HashMap, whose order varies
+/// from run to run, and calibration promises identical files for identical inputs.
+fn safetensors_bytes(
+    shape: [usize; 3],
+    data: &[f32],
+    metadata: &BTreeMap<String, String>,
+    source: &str,
+) -> Vec<u8> {
+    let mut meta = metadata.clone();
+    meta.insert(META_SOURCE.to_string(), source.to_string());
+    let n_bytes = data.len() * 4;
+    // serde_json maps are sorted by key: "__metadata__" comes first, then the tensor.
+    let header = serde_json::json!({
+        "__metadata__": meta,
+        TENSOR_NAME: { "dtype": "F32", "shape": shape, "data_offsets": [0, n_bytes] },
+    });
+    let mut header = header.to_string().into_bytes();
+    // The data section starts 8-byte aligned; the format pads the header with spaces.
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + n_bytes);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
 }
