@@ -120,7 +120,18 @@ pub struct Engine {
     scores: Vec<f32>,
     n_head_kv: usize,
     head_dim: usize,
+    /// Cache key source: tokens decoded but not scored yet (cells, positions). Their keys stay
+    /// in the cache until an eviction round needs the scores, which then reads them in one
+    /// batch per layer instead of one small copy per layer after every decode.
+    pending_cells: Vec<i64>,
+    pending_pos: Vec<i32>,
+    /// An eviction round goes this many cells below the budget, so that a round (plan and
+    /// removal) happens once per `slack + 1` decoded tokens instead of after every token.
+    slack: usize,
 }
+
+/// Most tokens scored in one go when pending keys are flushed (bounds the key buffer).
+const FLUSH_CHUNK: usize = 2048;
 
 impl Engine {
     pub fn new(model: &Arc<Model>, scorer: Box<dyn Scorer>, cfg: EngineConfig) -> Result<Engine> {
@@ -179,6 +190,9 @@ impl Engine {
             scores: Vec::new(),
             n_head_kv: model.n_head_kv(),
             head_dim: model.head_dim(),
+            pending_cells: Vec::new(),
+            pending_pos: Vec::new(),
+            slack: 0,
         })
     }
 
@@ -206,8 +220,36 @@ impl Engine {
         self.cfg.eviction.as_ref().map(|e| e.budget)
     }
 
+    /// Layers the book tracks (its layer index `i` is the `i`-th layer with a full-size cache).
+    pub fn tracked_layers(&self) -> usize {
+        self.tracked.len()
+    }
+
     pub fn book(&self) -> Option<&CacheBook> {
         self.book.as_ref()
+    }
+
+    /// Lets each eviction round go `slack` cells below the budget (never above it), so rounds
+    /// happen once per `slack + 1` generated tokens. 0 (the default) evicts after every token.
+    /// The slack shrinks when the budget leaves no room for it beyond window and sinks.
+    pub fn set_eviction_slack(&mut self, slack: usize) {
+        self.slack = slack;
+    }
+
+    /// Scores every token decoded so far whose score is still pending (the cache key source
+    /// scores lazily, when an eviction round needs it). Call before reading `book()` scores.
+    pub fn flush_scores(&mut self) -> Result<()> {
+        let mut done = 0;
+        while done < self.pending_cells.len() {
+            let end = (done + FLUSH_CHUNK).min(self.pending_cells.len());
+            let cells = self.pending_cells[done..end].to_vec();
+            let positions = self.pending_pos[done..end].to_vec();
+            self.score_and_insert(&cells, &positions, None)?;
+            done = end;
+        }
+        self.pending_cells.clear();
+        self.pending_pos.clear();
+        Ok(())
     }
 
     fn evicting(&self) -> bool {
@@ -220,6 +262,8 @@ impl Engine {
         if let Some(b) = self.book.as_mut() {
             b.clear();
         }
+        self.pending_cells.clear();
+        self.pending_pos.clear();
         self.next_pos = 0;
         self.stats.live_cells = 0;
     }
@@ -318,18 +362,37 @@ impl Engine {
         Ok(())
     }
 
-    /// Scores the tokens of the last batch and records which cells they went to.
+    /// Records which cells the tokens of the last batch went to, and scores them: at once when
+    /// the keys came from the graph (they are only valid now), later for the cache key source.
     fn record_new_keys(&mut self) -> Result<()> {
         self.ensure_book()?;
         let n = self.batch.len();
         let positions: Vec<i32> = (0..n).filter_map(|i| self.batch.pos(i)).collect();
-        let cells_raw = self.ctx.last_cells(self.tracked[0])?;
-        if cells_raw.len() != n {
+        let cells = self.ctx.last_cells(self.tracked[0])?;
+        if cells.len() != n || positions.len() != n {
             return Err(Error::KvCache(format!(
                 "the decode wrote {} cells for {n} tokens",
-                cells_raw.len()
+                cells.len()
             )));
         }
+        if self.graph_keys.is_some() {
+            let tap = self.graph_keys.clone();
+            return self.score_and_insert(&cells, &positions, tap.as_deref());
+        }
+        self.pending_cells.extend_from_slice(&cells);
+        self.pending_pos.extend_from_slice(&positions);
+        Ok(())
+    }
+
+    /// Scores tokens at `cells` (keys from the graph tap when given, else read from the cache
+    /// rows) and records them in the book.
+    fn score_and_insert(
+        &mut self,
+        cells_raw: &[i64],
+        positions: &[i32],
+        tap: Option<&Mutex<Vec<Vec<f32>>>>,
+    ) -> Result<()> {
+        let n = cells_raw.len();
         let cells: Vec<usize> = cells_raw.iter().map(|&c| c.max(0) as usize).collect();
         let (h, d) = (self.n_head_kv, self.head_dim);
         self.scores.clear();
@@ -338,7 +401,7 @@ impl Engine {
         let needs_keys = self.scorer.needs_keys();
         for (li, &layer) in self.tracked.iter().enumerate() {
             if needs_keys {
-                match &self.graph_keys {
+                match tap {
                     Some(tap) => {
                         let layers = tap
                             .lock()
@@ -352,7 +415,7 @@ impl Engine {
                         self.keys.clear();
                         self.keys.extend_from_slice(data);
                     }
-                    None => self.ctx.read_k_rows(layer, &cells_raw, &mut self.keys)?,
+                    None => self.ctx.read_k_rows(layer, cells_raw, &mut self.keys)?,
                 }
                 if self.keys.len() != n * h * d {
                     return Err(Error::KvCache(format!(
@@ -364,7 +427,7 @@ impl Engine {
             let new = NewKeys {
                 layer,
                 keys: &self.keys,
-                positions: &positions,
+                positions,
                 n_head_kv: h,
                 head_dim: d,
             };
@@ -375,17 +438,23 @@ impl Engine {
             .book
             .as_mut()
             .ok_or_else(|| Error::KvCache("no cache book".into()))?;
-        book.insert(&cells, &positions, &self.scores)
+        book.insert(&cells, positions, &self.scores)
     }
 
     /// Brings the cache back within its budget.
     pub fn evict(&mut self) -> Result<()> {
-        let Some(ev) = self.cfg.eviction.clone() else {
+        let Some(mut ev) = self.cfg.eviction.clone() else {
             return Ok(());
         };
-        if !self.scorer.evicts() {
+        if !self.scorer.evicts() || self.stats.live_cells <= ev.budget {
             return Ok(());
         }
+        self.flush_scores()?;
+        let floor = ev.window + ev.sinks + 1;
+        ev.budget = ev
+            .budget
+            .saturating_sub(self.slack)
+            .max(floor.min(ev.budget));
         let Some(book) = self.book.as_mut() else {
             return Ok(());
         };

@@ -53,16 +53,10 @@ fn init_backend() {
 }
 
 /// How llama.cpp places the model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ModelParams {
     /// Layers offloaded to the GPU (`-ngl`); 0 keeps everything on the CPU.
     pub gpu_layers: i32,
-}
-
-impl Default for ModelParams {
-    fn default() -> Self {
-        Self { gpu_layers: 0 }
-    }
 }
 
 /// A loaded GGUF model. Shared read-only between contexts through `Arc`.
@@ -445,6 +439,10 @@ struct HookState {
     scratch: Vec<u8>,
     floats: Vec<f32>,
     failed: Option<String>,
+    /// Cell indices of the current decode's K writes, copied in the ask phase (see `last_cells`).
+    cells: Vec<i64>,
+    /// Whether `cells` was filled during the current decode.
+    cells_fresh: bool,
 }
 
 fn split_layer(name: &str) -> (&str, Option<usize>) {
@@ -531,35 +529,18 @@ extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_vo
         // box) is alive and exclusively borrowed by that decode call.
         let state = unsafe { &mut *(user as *mut HookState) };
         // SAFETY: the scheduler passes a live graph node.
-        let (op, name, ne) = unsafe { ((*t).op, tensor_name(t), (*t).ne) };
-        let op = node_op(op);
+        let op = node_op(unsafe { (*t).op });
+        // The scheduler asks about every node of every graph: the common case (not a cache
+        // write, no observer) must stay a couple of loads and compares.
         if ask && op == NodeOp::SetRows {
-            // SAFETY: SET_ROWS nodes have src[0] (rows), src[1] (indices), src[2] (destination);
-            // the destination is the persistent cache tensor, alive as long as the context.
-            unsafe {
-                let dest = (*t).src[2];
-                let idx = (*t).src[1];
-                if !dest.is_null() {
-                    let dest_name = tensor_name(dest);
-                    let is_k = dest_name.strip_prefix("cache_k_l");
-                    let is_v = dest_name.strip_prefix("cache_v_l");
-                    if let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) {
-                        if state.layers.len() <= layer {
-                            state.layers.resize(layer + 1, LayerKv::default());
-                        }
-                        if is_k.is_some() {
-                            state.layers[layer].k = dest;
-                            state.layers[layer].k_idx = idx;
-                        } else {
-                            state.layers[layer].v = dest;
-                        }
-                    }
-                }
-            }
+            // SAFETY: a live SET_ROWS node (see `note_cache_write`).
+            unsafe { note_cache_write(state, t) };
         }
         let Some(observer) = state.observer.as_mut() else {
-            return !ask || false;
+            return !ask;
         };
+        // SAFETY: the scheduler passes a live graph node.
+        let (name, ne) = unsafe { (tensor_name(t), (*t).ne) };
         let (base, layer) = split_layer(name);
         let info = NodeInfo {
             base,
@@ -581,6 +562,53 @@ extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_vo
     }));
     // A panic must not unwind into C; stop the computation instead (decode then reports it).
     result.unwrap_or(false)
+}
+
+/// Records the cache tensors behind a SET_ROWS node and, for the first K write of a decode,
+/// copies its cell indices.
+///
+/// The indices are read here, in the ask phase, because the scheduler has just set (on the CPU)
+/// or synchronously uploaded (to a GPU split) that input and nothing of the split has run yet;
+/// after `llama_decode` the graph allocator may have given the index memory to later nodes.
+/// Every attention layer of a unified cache writes the same cells, so one read per decode does.
+///
+/// SAFETY (caller): `t` is a live SET_ROWS node of the graph being computed.
+unsafe fn note_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor) {
+    // SET_ROWS nodes have src[0] (rows), src[1] (indices), src[2] (destination); the
+    // destination of a KV write is the persistent cache tensor, alive as long as the context.
+    let dest = (*t).src[2];
+    let idx = (*t).src[1];
+    if dest.is_null() {
+        return;
+    }
+    let dest_name = tensor_name(dest);
+    let is_k = dest_name.strip_prefix("cache_k_l");
+    let is_v = dest_name.strip_prefix("cache_v_l");
+    let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) else {
+        return;
+    };
+    if state.layers.len() <= layer {
+        state.layers.resize(layer + 1, LayerKv::default());
+    }
+    if is_k.is_none() {
+        state.layers[layer].v = dest;
+        return;
+    }
+    state.layers[layer].k = dest;
+    state.layers[layer].k_idx = idx;
+    if state.cells_fresh || idx.is_null() {
+        return;
+    }
+    if (*idx).type_ != sys::GGML_TYPE_I64 || !sys::ggml_is_contiguous(idx) || (*idx).data.is_null()
+    {
+        return;
+    }
+    let n = (*idx).ne[0].max(0) as usize;
+    state.cells.resize(n, 0);
+    // Reads n*8 bytes of a computed input through its backend (a memcpy on the CPU, one small
+    // device-to-host copy on a GPU).
+    sys::ggml_backend_tensor_get(idx, state.cells.as_mut_ptr() as *mut c_void, 0, n * 8);
+    state.cells_fresh = true;
 }
 
 /// Knobs of a llama.cpp context, with the defaults qfilters uses.
@@ -641,6 +669,8 @@ impl Context {
             scratch: Vec::new(),
             floats: Vec::new(),
             failed: None,
+            cells: Vec::new(),
+            cells_fresh: false,
         });
         // SAFETY: default params are plain data.
         let mut cp = unsafe { sys::llama_context_default_params() };
@@ -703,6 +733,7 @@ impl Context {
         if batch.is_empty() {
             return Ok(());
         }
+        self.hook.cells_fresh = false;
         // SAFETY: the batch arrays are valid for n_tokens entries; the context is exclusively
         // borrowed, so the callback's access to the hook does not alias any Rust reference.
         let code = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
@@ -785,16 +816,34 @@ impl Context {
         total
     }
 
-    /// Cell indices written by the last decode for `layer`'s K cache.
+    /// Cell indices written by the last decode (one per token of the batch, in batch order).
+    ///
+    /// Copied while the decode ran (see `note_cache_write`), so it does not depend on the graph
+    /// allocator keeping the index input alive afterwards (it may not, on a GPU).
+    /// `layer` must be one whose K cache the hook has seen (all layers of a unified cache share
+    /// the cells).
     pub fn last_cells(&self, layer: usize) -> Result<Vec<i64>> {
+        self.layer_kv(layer)?;
+        if !self.hook.cells_fresh {
+            return Err(Error::KvCache(
+                "the last decode wrote no K cache rows (is the hook installed?)".into(),
+            ));
+        }
+        Ok(self.hook.cells.clone())
+    }
+
+    /// The same indices read back after the decode from the index input of `layer`'s K write:
+    /// the way that was checked on a CPU, kept to compare against on other backends.
+    pub fn last_cells_after_decode(&self, layer: usize) -> Result<Vec<i64>> {
         let l = self.layer_kv(layer)?;
         if l.k_idx.is_null() {
             return Err(Error::KvCache(format!(
                 "layer {layer} wrote no K rows in the last decode"
             )));
         }
-        // SAFETY: k_idx is the input tensor of the last graph, still allocated until the next
-        // decode (checked on CPU: the scheduler keeps graph inputs until the graph is rebuilt).
+        // SAFETY: k_idx is an input tensor of the last graph; its buffer stays allocated until
+        // the next graph is allocated (its contents may have been reused, which is what callers
+        // of this check look for).
         unsafe {
             let t = l.k_idx;
             if (*t).type_ != sys::GGML_TYPE_I64 || !sys::ggml_is_contiguous(t) {

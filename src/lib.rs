@@ -4,6 +4,7 @@
 //! scorer per eviction policy), [`cache`] (the shared mechanism that applies scores),
 //! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text).
 
+pub mod bench;
 pub mod cache;
 pub mod engine;
 pub mod error;

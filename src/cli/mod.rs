@@ -26,8 +26,13 @@ pub struct ModelArgs {
     /// GGUF model file.
     #[arg(short = 'm', long = "model", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Layers to offload to the GPU (needs a CUDA build).
-    #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = 0)]
+    /// Layers to offload to the GPU (needs a CUDA build). llama.cpp's `-ngl N` works too.
+    #[arg(
+        short = 'g',
+        long = "gpu-layers",
+        visible_alias = "ngl",
+        default_value_t = 0
+    )]
     pub gpu_layers: i32,
     /// Threads for llama.cpp (default: all cores).
     #[arg(short = 't', long = "threads")]
