@@ -63,8 +63,9 @@ pub struct EvictionConfig {
     pub sinks: usize,
     pub granularity: Granularity,
     pub combiner: Combiner,
-    /// Cells allowed above `budget` before a round runs; a round always evicts down to
-    /// `budget`. 0 evicts after every decode.
+    /// How far below `budget` each round evicts, so that during generation rounds run once per
+    /// `slack + 1` tokens instead of after every token. The cache never exceeds `budget` after a
+    /// round either way. 0 evicts just enough.
     pub slack: usize,
 }
 
@@ -212,16 +213,18 @@ impl CacheBook {
             || (pos as i64) > self.newest as i64 - cfg.window as i64
     }
 
-    /// What to evict so that at most `cfg.budget` cells stay in use. Empty when within
-    /// budget plus slack.
+    /// What to evict so that at most `cfg.budget - cfg.slack` cells stay in use (never fewer
+    /// than the protected tokens). Empty when within budget.
     pub fn plan(&self, cfg: &EvictionConfig) -> EvictionPlan {
-        if self.live <= cfg.budget + cfg.slack {
+        if self.live <= cfg.budget {
             return EvictionPlan::default();
         }
+        let floor = (cfg.window + cfg.sinks + 1).min(cfg.budget);
+        let target = cfg.budget.saturating_sub(cfg.slack).max(floor);
         let candidates: Vec<usize> = (0..self.n_cells)
             .filter(|&c| self.cell_pos[c] != FREE && !self.protected(self.cell_pos[c], cfg))
             .collect();
-        let n_remove = (self.live - cfg.budget).min(candidates.len());
+        let n_remove = (self.live - target).min(candidates.len());
         if n_remove == 0 {
             return EvictionPlan::default();
         }

@@ -120,7 +120,15 @@ pub struct Engine {
     scores: Vec<f32>,
     n_head_kv: usize,
     head_dim: usize,
+    /// Cache key source: tokens decoded but not scored yet (cells, positions). Their keys stay
+    /// in the cache until an eviction round needs the scores, which then reads them in one
+    /// batch per layer instead of one small copy per layer after every decode.
+    pending_cells: Vec<i64>,
+    pending_pos: Vec<i32>,
 }
+
+/// Most tokens scored in one go when pending keys are flushed (bounds the key buffer).
+const FLUSH_CHUNK: usize = 2048;
 
 impl Engine {
     pub fn new(model: &Arc<Model>, scorer: Box<dyn Scorer>, cfg: EngineConfig) -> Result<Engine> {
@@ -134,7 +142,7 @@ impl Engine {
         let n_batch = cfg.n_batch.max(1);
         // The budget plus one batch of new tokens, plus a margin for llama.cpp's slot search.
         let n_ctx = match (&cfg.eviction, evicting) {
-            (Some(ev), true) => ev.budget + ev.slack + n_batch + 16,
+            (Some(ev), true) => ev.budget + n_batch + 16,
             _ => cfg.capacity.max(1) + 1,
         };
         // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.
@@ -156,7 +164,6 @@ impl Engine {
             hook: cfg.hook,
         };
         let mut ctx = Context::new(model, &params)?;
-        ctx.set_read_cells(evicting);
         let mut graph_keys = None;
         if evicting && cfg.key_source == KeySource::Graph && scorer.needs_keys() {
             let tap = KeyTap::default();
@@ -182,6 +189,8 @@ impl Engine {
             scores: Vec::new(),
             n_head_kv: model.n_head_kv(),
             head_dim: model.head_dim(),
+            pending_cells: Vec::new(),
+            pending_pos: Vec::new(),
         })
     }
 
@@ -209,8 +218,29 @@ impl Engine {
         self.cfg.eviction.as_ref().map(|e| e.budget)
     }
 
+    /// Layers the book tracks (its layer index `i` is the `i`-th layer with a full-size cache).
+    pub fn tracked_layers(&self) -> usize {
+        self.tracked.len()
+    }
+
     pub fn book(&self) -> Option<&CacheBook> {
         self.book.as_ref()
+    }
+
+    /// Scores every token decoded so far whose score is still pending (the cache key source
+    /// scores lazily, when an eviction round needs it). Call before reading `book()` scores.
+    pub fn flush_scores(&mut self) -> Result<()> {
+        let mut done = 0;
+        while done < self.pending_cells.len() {
+            let end = (done + FLUSH_CHUNK).min(self.pending_cells.len());
+            let cells = self.pending_cells[done..end].to_vec();
+            let positions = self.pending_pos[done..end].to_vec();
+            self.score_and_insert(&cells, &positions, None)?;
+            done = end;
+        }
+        self.pending_cells.clear();
+        self.pending_pos.clear();
+        Ok(())
     }
 
     fn evicting(&self) -> bool {
@@ -228,6 +258,8 @@ impl Engine {
         if let Some(b) = self.book.as_mut() {
             b.clear();
         }
+        self.pending_cells.clear();
+        self.pending_pos.clear();
         self.next_pos = 0;
         self.stats.live_cells = 0;
     }
@@ -326,18 +358,37 @@ impl Engine {
         Ok(())
     }
 
-    /// Scores the tokens of the last batch and records which cells they went to.
+    /// Records which cells the tokens of the last batch went to, and scores them: at once when
+    /// the keys came from the graph (they are only valid now), later for the cache key source.
     fn record_new_keys(&mut self) -> Result<()> {
         self.ensure_book()?;
         let n = self.batch.len();
         let positions: Vec<i32> = (0..n).filter_map(|i| self.batch.pos(i)).collect();
-        let cells_raw = self.ctx.last_cells(self.tracked[0])?;
-        if cells_raw.len() != n {
+        let cells = self.ctx.last_cells(self.tracked[0])?;
+        if cells.len() != n || positions.len() != n {
             return Err(Error::KvCache(format!(
                 "the decode wrote {} cells for {n} tokens",
-                cells_raw.len()
+                cells.len()
             )));
         }
+        if self.graph_keys.is_some() {
+            let tap = self.graph_keys.clone();
+            return self.score_and_insert(&cells, &positions, tap.as_deref());
+        }
+        self.pending_cells.extend_from_slice(&cells);
+        self.pending_pos.extend_from_slice(&positions);
+        Ok(())
+    }
+
+    /// Scores tokens at `cells` (keys from the graph tap when given, else read from the cache
+    /// rows) and records them in the book.
+    fn score_and_insert(
+        &mut self,
+        cells_raw: &[i64],
+        positions: &[i32],
+        tap: Option<&Mutex<Vec<Vec<f32>>>>,
+    ) -> Result<()> {
+        let n = cells_raw.len();
         let cells: Vec<usize> = cells_raw.iter().map(|&c| c.max(0) as usize).collect();
         let (h, d) = (self.n_head_kv, self.head_dim);
         self.scores.clear();
@@ -346,7 +397,7 @@ impl Engine {
         let needs_keys = self.scorer.needs_keys();
         for (li, &layer) in self.tracked.iter().enumerate() {
             if needs_keys {
-                match &self.graph_keys {
+                match tap {
                     Some(tap) => {
                         let layers = tap
                             .lock()
@@ -360,7 +411,7 @@ impl Engine {
                         self.keys.clear();
                         self.keys.extend_from_slice(data);
                     }
-                    None => self.ctx.read_k_rows(layer, &cells_raw, &mut self.keys)?,
+                    None => self.ctx.read_k_rows(layer, cells_raw, &mut self.keys)?,
                 }
                 if self.keys.len() != n * h * d {
                     return Err(Error::KvCache(format!(
@@ -372,7 +423,7 @@ impl Engine {
             let new = NewKeys {
                 layer,
                 keys: &self.keys,
-                positions: &positions,
+                positions,
                 n_head_kv: h,
                 head_dim: d,
             };
@@ -383,7 +434,7 @@ impl Engine {
             .book
             .as_mut()
             .ok_or_else(|| Error::KvCache("no cache book".into()))?;
-        book.insert(&cells, &positions, &self.scores)
+        book.insert(&cells, positions, &self.scores)
     }
 
     /// Brings the cache back within its budget.
@@ -391,9 +442,10 @@ impl Engine {
         let Some(ev) = self.cfg.eviction.clone() else {
             return Ok(());
         };
-        if !self.scorer.evicts() {
+        if !self.scorer.evicts() || self.stats.live_cells <= ev.budget {
             return Ok(());
         }
+        self.flush_scores()?;
         let Some(book) = self.book.as_mut() else {
             return Ok(());
         };

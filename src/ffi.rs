@@ -436,14 +436,12 @@ impl Default for LayerKv {
 struct HookState {
     observer: Option<Box<dyn GraphObserver>>,
     layers: Vec<LayerKv>,
-    /// Read the cell indices of each K write (needed to know where new tokens went).
-    read_cells: bool,
-    /// Cell indices of this decode's K writes, keyed by the index tensor. Read while the graph
-    /// runs: after llama_decode returns, the allocator may have reused that input's memory.
-    batch_cells: Vec<(*mut sys::ggml_tensor, Vec<i64>)>,
     scratch: Vec<u8>,
     floats: Vec<f32>,
     failed: Option<String>,
+    /// Cell indices of the current decode's K writes, one entry per index tensor (a model with
+    /// sliding-window layers has two caches, each with its own cells), copied in the ask phase.
+    batch_cells: Vec<(*mut sys::ggml_tensor, Vec<i64>)>,
 }
 
 fn split_layer(name: &str) -> (&str, Option<usize>) {
@@ -523,61 +521,6 @@ fn convert_to_f32(ty: sys::ggml_type, raw: &[u8], out: &mut [f32]) -> bool {
     true
 }
 
-/// Handles a K/V cache write node; returns the answer to give the scheduler for it.
-///
-/// SAFETY (caller): `t` is a live SET_ROWS graph node; with `ask == false` it has been computed.
-unsafe fn on_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor, ask: bool) -> bool {
-    // SET_ROWS: src[0] the new rows, src[1] the I64 cell indices, src[2] the persistent cache
-    // tensor (alive as long as the context).
-    let dest = (*t).src[2];
-    let idx = (*t).src[1];
-    if dest.is_null() || idx.is_null() {
-        return !ask;
-    }
-    let dest_name = tensor_name(dest);
-    let is_k = dest_name.strip_prefix("cache_k_l");
-    let is_v = dest_name.strip_prefix("cache_v_l");
-    let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) else {
-        return !ask;
-    };
-    if is_k.is_none() {
-        if ask {
-            if state.layers.len() <= layer {
-                state.layers.resize(layer + 1, LayerKv::default());
-            }
-            state.layers[layer].v = dest;
-        }
-        return !ask;
-    }
-    if ask {
-        if state.layers.len() <= layer {
-            state.layers.resize(layer + 1, LayerKv::default());
-        }
-        state.layers[layer].k = dest;
-        state.layers[layer].k_idx = idx;
-        // Split at the first write through each index tensor, to read the indices there.
-        if state.read_cells && !state.batch_cells.iter().any(|(p, _)| *p == idx) {
-            state.batch_cells.push((idx, Vec::new()));
-            return true;
-        }
-        return false;
-    }
-    if let Some((_, cells)) = state
-        .batch_cells
-        .iter_mut()
-        .find(|(p, c)| *p == idx && c.is_empty())
-    {
-        if (*idx).type_ == sys::GGML_TYPE_I64 && sys::ggml_is_contiguous(idx) {
-            let n = (*idx).ne[0].max(0) as usize;
-            cells.resize(n, 0);
-            sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr() as *mut c_void, 0, n * 8);
-        } else if state.failed.is_none() {
-            state.failed = Some("unexpected K index tensor type".into());
-        }
-    }
-    true
-}
-
 extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: `user` is the Box<HookState> owned by the Context that registered this
@@ -586,11 +529,12 @@ extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_vo
         let state = unsafe { &mut *(user as *mut HookState) };
         // SAFETY: the scheduler passes a live graph node.
         let op = node_op(unsafe { (*t).op });
-        if op == NodeOp::SetRows {
-            // SAFETY: a live SET_ROWS node, computed when `ask` is false.
-            return unsafe { on_cache_write(state, t, ask) };
+        // The scheduler asks about every node of every graph: the common case (not a cache
+        // write, no observer) must stay a couple of loads and compares.
+        if ask && op == NodeOp::SetRows {
+            // SAFETY: a live SET_ROWS node (see `note_cache_write`).
+            unsafe { note_cache_write(state, t) };
         }
-        // The scheduler asks about every node of every decode: keep this path short.
         let Some(observer) = state.observer.as_mut() else {
             return !ask;
         };
@@ -617,6 +561,53 @@ extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_vo
     }));
     // A panic must not unwind into C; stop the computation instead (decode then reports it).
     result.unwrap_or(false)
+}
+
+/// Records the cache tensors behind a SET_ROWS node and, for the first K write of a decode,
+/// copies its cell indices.
+///
+/// The indices are read here, in the ask phase, because the scheduler has just set (on the CPU)
+/// or synchronously uploaded (to a GPU split) that input and nothing of the split has run yet;
+/// after `llama_decode` the graph allocator may have given the index memory to later nodes.
+/// Every layer writing through the same index tensor shares its cells: one read per index tensor.
+///
+/// SAFETY (caller): `t` is a live SET_ROWS node of the graph being computed.
+unsafe fn note_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor) {
+    // SET_ROWS nodes have src[0] (rows), src[1] (indices), src[2] (destination); the
+    // destination of a KV write is the persistent cache tensor, alive as long as the context.
+    let dest = (*t).src[2];
+    let idx = (*t).src[1];
+    if dest.is_null() {
+        return;
+    }
+    let dest_name = tensor_name(dest);
+    let is_k = dest_name.strip_prefix("cache_k_l");
+    let is_v = dest_name.strip_prefix("cache_v_l");
+    let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) else {
+        return;
+    };
+    if state.layers.len() <= layer {
+        state.layers.resize(layer + 1, LayerKv::default());
+    }
+    if is_k.is_none() {
+        state.layers[layer].v = dest;
+        return;
+    }
+    state.layers[layer].k = dest;
+    state.layers[layer].k_idx = idx;
+    if idx.is_null() || state.batch_cells.iter().any(|(p, _)| *p == idx) {
+        return;
+    }
+    if (*idx).type_ != sys::GGML_TYPE_I64 || !sys::ggml_is_contiguous(idx) || (*idx).data.is_null()
+    {
+        return;
+    }
+    let n = (*idx).ne[0].max(0) as usize;
+    let mut cells = vec![0i64; n];
+    // Reads n*8 bytes of a computed input through its backend (a memcpy on the CPU, one small
+    // device-to-host copy on a GPU).
+    sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr() as *mut c_void, 0, n * 8);
+    state.batch_cells.push((idx, cells));
 }
 
 /// Knobs of a llama.cpp context, with the defaults qfilters uses.
@@ -674,11 +665,10 @@ impl Context {
         let mut hook = Box::new(HookState {
             observer: None,
             layers: Vec::new(),
-            read_cells: false,
-            batch_cells: Vec::new(),
             scratch: Vec::new(),
             floats: Vec::new(),
             failed: None,
+            batch_cells: Vec::new(),
         });
         // SAFETY: default params are plain data.
         let mut cp = unsafe { sys::llama_context_default_params() };
@@ -724,12 +714,6 @@ impl Context {
     pub fn n_ctx(&self) -> usize {
         // SAFETY: valid context pointer.
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) as usize }
-    }
-
-    /// Whether each decode records the cells its tokens went to (see `last_cells`); costs one
-    /// graph split per decode, so only an evicting engine turns it on.
-    pub fn set_read_cells(&mut self, on: bool) {
-        self.hook.read_cells = on;
     }
 
     pub fn set_observer(
@@ -830,17 +814,48 @@ impl Context {
         total
     }
 
-    /// Cell indices written by the last decode for `layer`'s K cache.
+    /// Cell indices written by the last decode (one per token of the batch, in batch order).
+    ///
+    /// Copied while the decode ran (see `note_cache_write`), so it does not depend on the graph
+    /// allocator keeping the index input alive afterwards (it may not, on a GPU).
+    /// `layer` must be one whose K cache the hook has seen (all layers of a unified cache share
+    /// the cells).
     pub fn last_cells(&self, layer: usize) -> Result<Vec<i64>> {
         let l = self.layer_kv(layer)?;
         self.hook
             .batch_cells
             .iter()
-            .find(|(p, c)| *p == l.k_idx && !c.is_empty())
+            .find(|(p, _)| *p == l.k_idx)
             .map(|(_, c)| c.clone())
             .ok_or_else(|| {
-                Error::KvCache(format!("layer {layer} wrote no K rows in the last decode"))
+                Error::KvCache(
+                    "the last decode wrote no K cache rows (is the hook installed?)".into(),
+                )
             })
+    }
+
+    /// The same indices read back after the decode from the index input of `layer`'s K write:
+    /// the way that was checked on a CPU, kept to compare against on other backends.
+    pub fn last_cells_after_decode(&self, layer: usize) -> Result<Vec<i64>> {
+        let l = self.layer_kv(layer)?;
+        if l.k_idx.is_null() {
+            return Err(Error::KvCache(format!(
+                "layer {layer} wrote no K rows in the last decode"
+            )));
+        }
+        // SAFETY: k_idx is an input tensor of the last graph; its buffer stays allocated until
+        // the next graph is allocated (its contents may have been reused, which is what callers
+        // of this check look for).
+        unsafe {
+            let t = l.k_idx;
+            if (*t).type_ != sys::GGML_TYPE_I64 || !sys::ggml_is_contiguous(t) {
+                return Err(Error::KvCache("unexpected K index tensor type".into()));
+            }
+            let n = (*t).ne[0].max(0) as usize;
+            let mut out = vec![0i64; n];
+            sys::ggml_backend_tensor_get(t, out.as_mut_ptr() as *mut c_void, 0, n * 8);
+            Ok(out)
+        }
     }
 
     fn layer_kv(&self, layer: usize) -> Result<LayerKv> {

@@ -5,6 +5,7 @@
 //! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text),
 //! [`chat`] (a conversation that lives in the bounded cache).
 
+pub mod bench;
 pub mod cache;
 pub mod calibrate;
 pub mod chat;

@@ -32,7 +32,9 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // llama.cpp users type `-ngl 99`; clap reads a one-dash word as a cluster of short flags.
+    let cli =
+        Cli::parse_from(std::env::args_os().map(|a| if a == "-ngl" { "--ngl".into() } else { a }));
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
         Command::Chat(args) => cli::chat::run(args),

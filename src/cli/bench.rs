@@ -1,15 +1,385 @@
-//! `qfilters bench` (stub: being built).
+//! `qfilters bench`: prefill and decode speed on a synthetic workload; `--compare` runs the hook
+//! off and on alternately in one process and reports the ratios.
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
+use serde_json::json;
 
+use qfilters::bench::{self, Comparison, RunMeasure};
+use qfilters::cache::{Combiner, EvictionConfig, Granularity};
+use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::ffi::Model;
+use qfilters::policy::{self, PolicyInputs};
 use qfilters::{Error, Result};
+
+use super::{write_json, ModelArgs, PolicyArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
-    pub model: super::ModelArgs,
+    pub model: ModelArgs,
+    /// Prompt tokens (random token ids from the vocabulary, seeded).
+    #[arg(long, default_value_t = 4096)]
+    pub prompt: usize,
+    /// Greedy decode steps after the prompt.
+    #[arg(long, default_value_t = 256)]
+    pub gen: usize,
+    /// KV cells kept with the hook on. Default: prompt + gen, so nothing is evicted and the
+    /// comparison measures the hook alone at the same number of live cells.
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// Eviction policy with the hook on: qfilters, knorm, streaming, random.
+    #[arg(long, default_value = "qfilters")]
+    pub policy: String,
+    /// Q-Filters file; default: embedded in the GGUF, else random unit filters (same cost).
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    #[arg(long, default_value_t = 4)]
+    pub sinks: usize,
+    #[arg(long, default_value = "position")]
+    pub granularity: Granularity,
+    #[arg(long, default_value = "mean-z")]
+    pub combiner: Combiner,
+    /// `cache` (read from the K cache after the decode) or `graph` (one split per layer).
+    #[arg(long = "key-source", default_value = "cache")]
+    pub key_source: KeySource,
+    /// Tokens per llama_decode call for the prompt.
+    #[arg(long = "batch", default_value_t = 512)]
+    pub n_batch: usize,
+    /// Each eviction round goes this many cells below the budget (rounds every slack+1 tokens).
+    #[arg(long, default_value_t = 0)]
+    pub slack: usize,
+    /// Run hook off and hook on alternately and report on/off ratios.
+    #[arg(long)]
+    pub compare: bool,
+    /// Repetitions (each runs the whole workload on every arm).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Decode steps at the end of the stream timed on their own.
+    #[arg(long, default_value_t = 64)]
+    pub tail: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Compare the scores of the cache and graph key paths on this workload and exit.
+    #[arg(long = "check-keys", hide = true)]
+    pub check_keys: bool,
 }
 
-pub fn run(_args: BenchArgs) -> Result<()> {
-    Err(Error::invalid("qfilters bench is not implemented yet"))
+impl BenchArgs {
+    fn eviction(&self, budget: usize) -> EvictionConfig {
+        EvictionConfig {
+            budget,
+            window: self.window,
+            sinks: self.sinks,
+            granularity: self.granularity,
+            combiner: self.combiner,
+            slack: self.slack,
+        }
+    }
+
+    fn filters(&self, model: &Model) -> Result<Arc<gguf_tools::filters::QFilters>> {
+        let pargs = PolicyArgs {
+            policy: "qfilters".into(),
+            budget: 0,
+            filters: self.filters.clone(),
+            window: self.window,
+            sinks: self.sinks,
+            granularity: self.granularity,
+            combiner: self.combiner,
+            key_source: self.key_source,
+            n_batch: self.n_batch,
+            seed: self.seed,
+            slack: self.slack,
+        };
+        match pargs.resolve_filters(&self.model.model, model, false)? {
+            Some(f) => Ok(f),
+            None => {
+                eprintln!(
+                    "qfilters: no Q-Filters for this model: using random unit filters (same cost)"
+                );
+                Ok(Arc::new(bench::random_filters(model, self.seed)?))
+            }
+        }
+    }
+
+    /// The hook-on engine: the policy with eviction at `budget`.
+    fn engine_on(
+        &self,
+        model: &Arc<Model>,
+        budget: usize,
+        key_source: KeySource,
+    ) -> Result<Engine> {
+        let info = policy::lookup(&self.policy)?;
+        let filters = if info.needs_filters {
+            Some(self.filters(model)?)
+        } else {
+            None
+        };
+        let scorer = policy::build(
+            &self.policy,
+            &PolicyInputs {
+                filters,
+                seed: self.seed,
+            },
+        )?;
+        let engine = Engine::new(
+            model,
+            scorer,
+            EngineConfig {
+                eviction: Some(self.eviction(budget)),
+                capacity: budget,
+                n_batch: self.n_batch,
+                threads: self.model.threads(),
+                key_source,
+                flash_attn: None,
+                hook: true,
+            },
+        )?;
+        Ok(engine)
+    }
+
+    /// The hook-off engine: full cache of `capacity` cells, no callback at all.
+    fn engine_off(&self, model: &Arc<Model>, capacity: usize) -> Result<Engine> {
+        let scorer = policy::build(
+            "none",
+            &PolicyInputs {
+                filters: None,
+                seed: self.seed,
+            },
+        )?;
+        Engine::new(
+            model,
+            scorer,
+            EngineConfig {
+                eviction: None,
+                capacity,
+                n_batch: self.n_batch,
+                threads: self.model.threads(),
+                key_source: KeySource::Cache,
+                // The hook-on engine forces flash attention for head granularity; match it.
+                flash_attn: (self.granularity == Granularity::Head).then_some(true),
+                hook: false,
+            },
+        )
+    }
+}
+
+fn line(label: &str, m: &RunMeasure) -> String {
+    format!(
+        "{label:>4}: prefill {:>9.1} tok/s | decode {:>8.2} tok/s | last {} steps {:>8.2} tok/s | peak cells {} | cells allocated {}",
+        m.prefill_tok_s,
+        m.decode_tok_s,
+        m.tail_tokens,
+        m.tail_decode_tok_s,
+        m.peak_cells,
+        m.n_ctx
+    )
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.prompt == 0 {
+        return Err(Error::invalid("--prompt must be at least 1"));
+    }
+    if args.n_batch == 0 {
+        return Err(Error::invalid("--batch must be at least 1"));
+    }
+    if args.policy == "none" {
+        return Err(Error::invalid(
+            "bench measures an eviction policy against the hook-off full cache: pick --policy qfilters, knorm, streaming or random",
+        ));
+    }
+    let model = args.model.load()?;
+    let prompt = bench::synthetic_prompt(&model, args.prompt, args.seed)?;
+    let input = prompt.len() + args.gen;
+    let budget = args.budget.unwrap_or(input);
+    eprintln!(
+        "qfilters bench: {} | {} layers, {} KV heads, head dim {} | prompt {} tok, gen {}, budget {budget}, policy {}, key source {:?}, -ngl {}",
+        args.model.model.display(),
+        model.n_layer(),
+        model.n_head_kv(),
+        model.head_dim(),
+        prompt.len(),
+        args.gen,
+        args.policy,
+        args.key_source,
+        args.model.gpu_layers
+    );
+
+    if args.check_keys {
+        return check_keys(&args, &model, &prompt);
+    }
+
+    let mut on = args.engine_on(&model, budget, args.key_source)?;
+    if !args.compare {
+        let mut runs = Vec::new();
+        for rep in 0..args.reps.max(1) {
+            let m = bench::run_workload(&mut on, &prompt, args.gen, args.tail)?;
+            println!("rep {rep} {}", line("on", &m));
+            runs.push(m);
+        }
+        let med = |f: fn(&RunMeasure) -> f64| Comparison::median_of(&runs, f);
+        println!(
+            "median: prefill {:.1} tok/s | decode {:.2} tok/s | last {} steps {:.2} tok/s",
+            med(|m| m.prefill_tok_s),
+            med(|m| m.decode_tok_s),
+            args.tail.min(args.gen),
+            med(|m| m.tail_decode_tok_s)
+        );
+        if let Some(path) = &args.json {
+            write_json(
+                path,
+                &json!({"model": args.model.model, "policy": args.policy, "budget": budget,
+                        "prompt": prompt.len(), "gen": args.gen, "runs": runs}),
+            )?;
+        }
+        return Ok(());
+    }
+
+    // Same context size on both arms when nothing is evicted, so the hook is all that differs;
+    // with a budget below the input, the hook-off arm is the full cache the budget replaces.
+    let capacity = if budget >= input {
+        on.context().n_ctx().saturating_sub(1).max(input)
+    } else {
+        input
+    };
+    let mut off = args.engine_off(&model, capacity)?;
+    let cmp = bench::compare(
+        &mut off,
+        &mut on,
+        &prompt,
+        args.gen,
+        args.tail,
+        args.reps,
+        &mut |rep, a, b| {
+            println!("rep {rep} {}", line("off", a));
+            println!("rep {rep} {}", line("on", b));
+        },
+    )?;
+    let prefill = cmp.ratios(|m| m.prefill_tok_s);
+    let decode = cmp.ratios(|m| m.decode_tok_s);
+    let tail = cmp.ratios(|m| m.tail_decode_tok_s);
+    let med = bench::median;
+    let mut off_last = cmp.a.last().cloned().unwrap_or_default();
+    let on_last = cmp.b.last().cloned().unwrap_or_default();
+    // Without the hook the cache tensors are never seen; same layers and types as the hook-on
+    // context, so its KV bytes scale with the cells allocated.
+    if off_last.kv_bytes == 0 && on_last.n_ctx > 0 {
+        off_last.kv_bytes =
+            (on_last.kv_bytes as f64 * off_last.n_ctx as f64 / on_last.n_ctx as f64) as usize;
+    }
+    let kv_ratio = if on_last.kv_bytes > 0 {
+        off_last.kv_bytes as f64 / on_last.kv_bytes as f64
+    } else {
+        0.0
+    };
+    let evicting = budget < input;
+    println!(
+        "on/off speed ratio (median of {} reps): prefill {:.4} | decode {:.4} | last {} steps {:.4}",
+        prefill.len(),
+        med(&prefill),
+        med(&decode),
+        args.tail.min(args.gen),
+        med(&tail)
+    );
+    if evicting {
+        println!(
+            "long context: budget {budget} vs full cache {input}: KV bytes {:.1} → {:.1} MiB (÷{:.2}), end-of-stream decode ×{:.2}",
+            off_last.kv_bytes as f64 / 1048576.0,
+            on_last.kv_bytes as f64 / 1048576.0,
+            kv_ratio,
+            med(&tail)
+        );
+    } else {
+        println!(
+            "hook overhead at equal live cells: prefill {:+.2}% | decode {:+.2}% (negative = hook-on faster, noise)",
+            (1.0 / med(&prefill).max(1e-12) - 1.0) * 100.0,
+            (1.0 / med(&decode).max(1e-12) - 1.0) * 100.0
+        );
+    }
+    if let Some(path) = &args.json {
+        let col = |runs: &[RunMeasure], f: fn(&RunMeasure) -> f64| -> Vec<f64> {
+            runs.iter().map(f).collect()
+        };
+        let value = json!({
+            "model": args.model.model,
+            "gpu_layers": args.model.gpu_layers,
+            "policy": args.policy,
+            "key_source": format!("{:?}", args.key_source).to_lowercase(),
+            "granularity": format!("{:?}", args.granularity).to_lowercase(),
+            "prompt": prompt.len(),
+            "gen": args.gen,
+            "tail": args.tail.min(args.gen),
+            "budget": budget,
+            "slack": args.slack,
+            "n_batch": args.n_batch,
+            "reps": prefill.len(),
+            "evicting": evicting,
+            "prefill_tok_s_off": Comparison::median_of(&cmp.a, |m| m.prefill_tok_s),
+            "prefill_tok_s_on": Comparison::median_of(&cmp.b, |m| m.prefill_tok_s),
+            "decode_tok_s_off": Comparison::median_of(&cmp.a, |m| m.decode_tok_s),
+            "decode_tok_s_on": Comparison::median_of(&cmp.b, |m| m.decode_tok_s),
+            "tail_decode_tok_s_off": Comparison::median_of(&cmp.a, |m| m.tail_decode_tok_s),
+            "tail_decode_tok_s_on": Comparison::median_of(&cmp.b, |m| m.tail_decode_tok_s),
+            "prefill_ratio": med(&prefill),
+            "decode_ratio": med(&decode),
+            "tail_decode_ratio": med(&tail),
+            "prefill_overhead": 1.0 / med(&prefill).max(1e-12) - 1.0,
+            "decode_overhead": 1.0 / med(&decode).max(1e-12) - 1.0,
+            "kv_bytes_off": off_last.kv_bytes,
+            "kv_bytes_on": on_last.kv_bytes,
+            "kv_bytes_ratio": kv_ratio,
+            "n_ctx_off": off_last.n_ctx,
+            "n_ctx_on": on_last.n_ctx,
+            "peak_cells_off": off_last.peak_cells,
+            "peak_cells": on_last.peak_cells,
+            "evicted_on": on_last.evicted,
+        });
+        let per_rep = json!({
+                "prefill_ratio": prefill,
+                "decode_ratio": decode,
+                "tail_decode_ratio": tail,
+                "prefill_tok_s_off": col(&cmp.a, |m| m.prefill_tok_s),
+                "prefill_tok_s_on": col(&cmp.b, |m| m.prefill_tok_s),
+                "decode_tok_s_off": col(&cmp.a, |m| m.decode_tok_s),
+                "decode_tok_s_on": col(&cmp.b, |m| m.decode_tok_s),
+                "tail_decode_tok_s_off": col(&cmp.a, |m| m.tail_decode_tok_s),
+                "tail_decode_tok_s_on": col(&cmp.b, |m| m.tail_decode_tok_s),
+        });
+        let mut value = value;
+        value["per_rep"] = per_rep;
+        write_json(path, &value)?;
+    }
+    Ok(())
+}
+
+/// Scores of the cache key path against the graph key path on this workload (no eviction).
+fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()> {
+    let input = prompt.len() + args.gen;
+    let mut graph = args.engine_on(model, input, KeySource::Graph)?;
+    let mut cache = args.engine_on(model, input, KeySource::Cache)?;
+    let r = bench::compare_key_paths(&mut graph, &mut cache, prompt, args.gen)?;
+    println!(
+        "check-keys: policy {} | {} slots compared | max |Δscore| {:.5} | max rel {:.5} | K-index input reused after llama_decode in {}/{} decodes",
+        args.policy, r.compared, r.max_abs_diff, r.max_rel_diff, r.cells_reused_after_decode, r.decodes
+    );
+    if let Some(path) = &args.json {
+        write_json(
+            path,
+            &serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?,
+        )?;
+    }
+    if r.compared == 0 || r.max_rel_diff > 0.02 {
+        return Err(Error::KvCache(format!(
+            "the cache key path disagrees with the graph key path (max rel {:.4}, {} slots)",
+            r.max_rel_diff, r.compared
+        )));
+    }
+    Ok(())
 }

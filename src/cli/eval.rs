@@ -54,8 +54,8 @@ pub struct SweepArgs {
     /// mean-z, mean-rank, max-z (position granularity only).
     #[arg(long, value_delimiter = ',', default_value = super::DEFAULT_COMBINER)]
     pub combiner: Vec<Combiner>,
-    /// Extra cells allowed above the budget before an eviction round (which then evicts down
-    /// to the budget): fewer, larger rounds.
+    /// Each eviction round goes this many cells below the budget, so rounds run once per
+    /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub slack: Vec<usize>,
     /// Tokens per decode call while feeding the input; eviction runs after each chunk.

@@ -32,8 +32,13 @@ pub struct ModelArgs {
     /// GGUF model file.
     #[arg(short = 'm', long = "model", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Layers to offload to the GPU (needs a CUDA build).
-    #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = 0)]
+    /// Layers to offload to the GPU (needs a CUDA build). llama.cpp's `-ngl N` works too.
+    #[arg(
+        short = 'g',
+        long = "gpu-layers",
+        visible_alias = "ngl",
+        default_value_t = 0
+    )]
     pub gpu_layers: i32,
     /// Threads for llama.cpp (default: all cores).
     #[arg(short = 't', long = "threads")]
@@ -94,8 +99,8 @@ pub struct PolicyArgs {
     /// How per-head scores become one per position (position granularity): mean-z, mean-rank, max-z.
     #[arg(long, default_value = DEFAULT_COMBINER)]
     pub combiner: Combiner,
-    /// Cells allowed above the budget before an eviction round (which evicts down to the
-    /// budget): 0 evicts after every decode.
+    /// Each eviction round goes this many cells below the budget, so rounds run once per
+    /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
     #[arg(long, default_value_t = 0)]
     pub slack: usize,
     /// Where keys are read: `cache` (after each decode, cheap) or `graph` (Kcur nodes, one split per layer).

@@ -1,0 +1,320 @@
+//! Speed measurements: a synthetic workload (random prompt token ids, greedy decode) through an
+//! [`Engine`], timed for prefill, decode and the last decode steps (the end of the stream).
+//!
+//! The prompt is made of token ids, not text, so models without a tokenizer (`gguf-tools synth`)
+//! work too.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::ffi::{Model, Token};
+use crate::math::splitmix64;
+
+/// `n` token ids drawn uniformly (seeded) from the vocabulary, end-of-generation tokens
+/// excluded; the model's BOS first when it adds one.
+pub fn synthetic_prompt(model: &Model, n: usize, seed: u64) -> Result<Vec<Token>> {
+    let n_vocab = model.n_vocab();
+    if n_vocab < 2 {
+        return Err(Error::invalid("the model's vocabulary is empty"));
+    }
+    let mut state = seed ^ 0x005E_ED0F_BE4C;
+    let mut out = Vec::with_capacity(n);
+    if n > 0 && model.add_bos() {
+        if let Some(bos) = model.bos() {
+            out.push(bos);
+        }
+    }
+    let mut tries = 0usize;
+    while out.len() < n {
+        let t = (splitmix64(&mut state) % n_vocab as u64) as Token;
+        tries += 1;
+        if model.is_eog(t) && tries < 100 * n + 100 {
+            continue;
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
+fn argmax(logits: &[f32]) -> Token {
+    let mut best = 0usize;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as Token
+}
+
+/// What one pass of the workload measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunMeasure {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// The last `tail_tokens` decode steps (the end of the stream).
+    pub tail_tokens: usize,
+    pub tail_seconds: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub tail_decode_tok_s: f64,
+    /// Live cells after the run, and the most ever live (engine counters).
+    pub live_cells: usize,
+    pub peak_cells: usize,
+    pub evicted: u64,
+    pub kv_bytes: usize,
+    pub n_ctx: usize,
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Runs `prompt` then `gen` greedy steps on a fresh cache (the engine is reset first), timing
+/// the last `tail` steps separately.
+pub fn run_workload(
+    engine: &mut Engine,
+    prompt: &[Token],
+    gen: usize,
+    tail: usize,
+) -> Result<RunMeasure> {
+    if prompt.is_empty() {
+        return Err(Error::invalid("the benchmark prompt is empty"));
+    }
+    engine.reset();
+    let evicted_before = engine.stats().evicted;
+    let last = prompt.len() - 1;
+    let mut last_index = 0;
+    let started = Instant::now();
+    engine.ingest(prompt, &mut |i| i == last, &mut |_, _, len| {
+        last_index = len.saturating_sub(1);
+        Ok(())
+    })?;
+    let mut token = argmax(engine.context().logits(last_index)?);
+    let prefill_seconds = started.elapsed().as_secs_f64();
+    let tail = tail.min(gen);
+    let mut tail_seconds = 0.0;
+    let started = Instant::now();
+    for i in 0..gen {
+        let step_start = Instant::now();
+        engine.step(token)?;
+        token = argmax(engine.context().logits(0)?);
+        if i + tail >= gen {
+            tail_seconds += step_start.elapsed().as_secs_f64();
+        }
+    }
+    let decode_seconds = started.elapsed().as_secs_f64();
+    let s = engine.stats();
+    Ok(RunMeasure {
+        prompt_tokens: prompt.len(),
+        generated_tokens: gen,
+        prefill_seconds,
+        decode_seconds,
+        tail_tokens: tail,
+        tail_seconds,
+        prefill_tok_s: rate(prompt.len(), prefill_seconds),
+        decode_tok_s: rate(gen, decode_seconds),
+        tail_decode_tok_s: rate(tail, tail_seconds),
+        live_cells: s.live_cells,
+        peak_cells: s.peak_cells,
+        evicted: s.evicted - evicted_before,
+        kv_bytes: s.kv_bytes,
+        n_ctx: s.n_ctx,
+    })
+}
+
+/// Median of a non-empty list (mean of the middle two for an even count); 0 when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Per-rep measures of two arms run alternately (A, B, A, B…) and their ratios.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Comparison {
+    pub a: Vec<RunMeasure>,
+    pub b: Vec<RunMeasure>,
+}
+
+impl Comparison {
+    /// Per rep, `f(b) / f(a)`.
+    pub fn ratios(&self, f: impl Fn(&RunMeasure) -> f64) -> Vec<f64> {
+        self.a
+            .iter()
+            .zip(&self.b)
+            .map(|(a, b)| if f(a) > 0.0 { f(b) / f(a) } else { 0.0 })
+            .collect()
+    }
+
+    pub fn median_of(runs: &[RunMeasure], f: impl Fn(&RunMeasure) -> f64) -> f64 {
+        median(&runs.iter().map(f).collect::<Vec<_>>())
+    }
+}
+
+/// Runs the workload on `a` then `b`, `reps` times, alternating, so slow drifts of the machine
+/// (other load, clocks) hit both arms alike. One untimed warm-up of each arm first.
+pub fn compare(
+    a: &mut Engine,
+    b: &mut Engine,
+    prompt: &[Token],
+    gen: usize,
+    tail: usize,
+    reps: usize,
+    on_rep: &mut dyn FnMut(usize, &RunMeasure, &RunMeasure),
+) -> Result<Comparison> {
+    let short = &prompt[..prompt.len().min(64)];
+    run_workload(a, short, gen.min(8), 0)?;
+    run_workload(b, short, gen.min(8), 0)?;
+    let mut out = Comparison::default();
+    for rep in 0..reps.max(1) {
+        let ma = run_workload(a, prompt, gen, tail)?;
+        let mb = run_workload(b, prompt, gen, tail)?;
+        on_rep(rep, &ma, &mb);
+        out.a.push(ma);
+        out.b.push(mb);
+    }
+    Ok(out)
+}
+
+/// Unit-norm random filters (seeded) of the model's shape: for speed measurements and checks
+/// where no calibrated filters exist; scoring costs the same as with real ones.
+pub fn random_filters(model: &Model, seed: u64) -> Result<gguf_tools::filters::QFilters> {
+    let (l, h, d) = (model.n_layer(), model.n_head_kv(), model.head_dim());
+    let mut state = seed ^ 0xF1_17E5;
+    let mut data = Vec::with_capacity(l * h * d);
+    for _ in 0..l * h {
+        let v: Vec<f32> = (0..d)
+            .map(|_| (splitmix64(&mut state) >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0)
+            .collect();
+        let norm = crate::math::dot(&v, &v).sqrt().max(1e-6);
+        data.extend(v.iter().map(|x| x / norm));
+    }
+    gguf_tools::filters::QFilters::new(l, h, d, data).map_err(|e| Error::invalid(e.to_string()))
+}
+
+/// How the scores of the two key sources compare (see [`compare_key_paths`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KeyPathReport {
+    /// (layer, head, cell) slots compared.
+    pub compared: usize,
+    pub max_abs_diff: f32,
+    /// max |Δ| / max(1, |s|).
+    pub max_rel_diff: f32,
+    /// Decodes after which the K-index input, read back after `llama_decode`, no longer held
+    /// the cells the decode wrote (the graph allocator reused its memory).
+    pub cells_reused_after_decode: usize,
+    pub decodes: usize,
+}
+
+/// Runs `prompt` then `gen` greedy steps through `graph` (keys from the `Kcur` nodes) and
+/// `cache` (keys read back from the K cache) and compares the scores the two books hold for
+/// every live slot. Both engines must be built with a budget that evicts nothing.
+pub fn compare_key_paths(
+    graph: &mut Engine,
+    cache: &mut Engine,
+    prompt: &[Token],
+    gen: usize,
+) -> Result<KeyPathReport> {
+    let mut report = KeyPathReport::default();
+    let mut tokens = Vec::new();
+    for engine in [&mut *graph, &mut *cache] {
+        engine.reset();
+        let last = prompt.len().saturating_sub(1);
+        let mut last_index = 0;
+        let mut reused = 0;
+        let mut decodes = 0;
+        let check = |ctx: &crate::ffi::Context, reused: &mut usize| -> Result<()> {
+            let layer = (0..ctx.kv_layers()).find(|&l| ctx.kv_layer_present(l));
+            if let Some(layer) = layer {
+                if ctx.last_cells(layer)? != ctx.last_cells_after_decode(layer)? {
+                    *reused += 1;
+                }
+            }
+            Ok(())
+        };
+        engine.ingest(prompt, &mut |i| i == last, &mut |ctx, _, len| {
+            last_index = len.saturating_sub(1);
+            decodes += 1;
+            check(ctx, &mut reused)
+        })?;
+        let mut token = argmax(engine.context().logits(last_index)?);
+        let record = tokens.is_empty();
+        for i in 0..gen {
+            // Same tokens through both engines, so their caches hold the same keys.
+            if !record {
+                token = tokens[i];
+            } else {
+                tokens.push(token);
+            }
+            engine.step(token)?;
+            decodes += 1;
+            check(engine.context(), &mut reused)?;
+            token = argmax(engine.context().logits(0)?);
+        }
+        engine.flush_scores()?;
+        report.cells_reused_after_decode += reused;
+        report.decodes += decodes;
+    }
+    let (Some(a), Some(b)) = (graph.book(), cache.book()) else {
+        return Err(Error::KvCache("no cache book (nothing was scored)".into()));
+    };
+    let n_layer = graph.tracked_layers();
+    let n_head = graph.model().n_head_kv();
+    for cell in 0..a.n_cells().min(b.n_cells()) {
+        if a.cell_position(cell).is_none() {
+            continue;
+        }
+        if a.cell_position(cell) != b.cell_position(cell) {
+            return Err(Error::KvCache(format!(
+                "cell {cell} holds position {:?} on one path and {:?} on the other",
+                a.cell_position(cell),
+                b.cell_position(cell)
+            )));
+        }
+        for l in 0..n_layer {
+            for h in 0..n_head {
+                let (x, y) = (a.slot_score(l, h, cell), b.slot_score(l, h, cell));
+                let d = (x - y).abs();
+                report.max_abs_diff = report.max_abs_diff.max(d);
+                report.max_rel_diff = report.max_rel_diff.max(d / x.abs().max(1.0));
+                report.compared += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_odd_even_and_nan() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn argmax_picks_first_maximum() {
+        assert_eq!(argmax(&[0.0, 2.0, 2.0, -1.0]), 1);
+    }
+}

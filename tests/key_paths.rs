@@ -1,0 +1,110 @@
+//! The cheap key path (keys read back from the K cache after `llama_decode`, scored lazily) must
+//! give the scores of the simple path (the `Kcur` ROPE nodes, scored while the graph runs),
+//! within f16 rounding of the cache, for the prompt and for generated tokens.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use qfilters::bench::{compare_key_paths, random_filters, synthetic_prompt};
+use qfilters::cache::{Combiner, EvictionConfig, Granularity};
+use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::ffi::{Model, ModelParams};
+use qfilters::policy::{self, PolicyInputs};
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn model() -> Arc<Model> {
+    assert!(
+        Path::new(MODEL).is_file(),
+        "{MODEL} is missing: run scripts/fetch-model.sh"
+    );
+    Model::load(Path::new(MODEL), &ModelParams::default()).expect("model loads")
+}
+
+fn engine(model: &Arc<Model>, policy: &str, source: KeySource, budget: usize) -> Engine {
+    engine_with_slack(model, policy, source, budget, 0)
+}
+
+fn engine_with_slack(
+    model: &Arc<Model>,
+    policy: &str,
+    source: KeySource,
+    budget: usize,
+    slack: usize,
+) -> Engine {
+    let filters = Some(Arc::new(random_filters(model, 7).expect("filters")));
+    let scorer = policy::build(policy, &PolicyInputs { filters, seed: 1 }).expect("scorer");
+    Engine::new(
+        model,
+        scorer,
+        EngineConfig {
+            eviction: Some(EvictionConfig {
+                budget,
+                window: 16,
+                sinks: 4,
+                granularity: Granularity::Position,
+                combiner: Combiner::MeanZ,
+                slack,
+            }),
+            capacity: budget,
+            // Several prompt chunks, so batches of many tokens and of one are both covered.
+            n_batch: 32,
+            threads: 1,
+            key_source: source,
+            flash_attn: None,
+            hook: true,
+        },
+    )
+    .expect("engine")
+}
+
+fn check(policy: &str) {
+    let model = model();
+    let prompt = synthetic_prompt(&model, 96, 3).expect("prompt");
+    let gen = 4;
+    // A budget above the input: nothing is evicted, every token's scores stay in the book.
+    let budget = prompt.len() + gen + 8;
+    let mut graph = engine(&model, policy, KeySource::Graph, budget);
+    let mut cache = engine(&model, policy, KeySource::Cache, budget);
+    let r = compare_key_paths(&mut graph, &mut cache, &prompt, gen).expect("both paths run");
+    let expected = (prompt.len() + gen) * graph.tracked_layers() * model.n_head_kv();
+    assert_eq!(
+        r.compared, expected,
+        "every (layer, head, token) slot compared"
+    );
+    assert!(
+        r.max_rel_diff <= 0.02,
+        "{policy}: cache-path scores differ from graph-path scores by up to {} (abs {})",
+        r.max_rel_diff,
+        r.max_abs_diff
+    );
+    // The scores are not all equal (a broken read would give zeros on one side).
+    let book = cache.book().expect("book");
+    let s0 = book.slot_score(0, 0, 0);
+    assert!((1..prompt.len()).any(|c| (book.slot_score(0, 0, c) - s0).abs() > 1e-3));
+}
+
+#[test]
+fn qfilters_scores_match_between_key_paths() {
+    check("qfilters");
+}
+
+#[test]
+fn knorm_scores_match_between_key_paths() {
+    check("knorm");
+}
+
+#[test]
+fn lazy_scores_survive_eviction_rounds() {
+    // With eviction, pending scores are flushed before each round; the engine must keep the
+    // budget and never read a cell that llama.cpp already reused.
+    let model = model();
+    let prompt = synthetic_prompt(&model, 160, 5).expect("prompt");
+    let mut e = engine_with_slack(&model, "qfilters", KeySource::Cache, 64, 8);
+    let m = qfilters::bench::run_workload(&mut e, &prompt, 24, 8).expect("runs");
+    assert!(m.evicted > 0);
+    assert!(m.live_cells <= 64, "live {} over the budget", m.live_cells);
+    e.flush_scores().expect("flush");
+    let book = e.book().expect("book");
+    assert_eq!(book.live(), m.live_cells);
+}
