@@ -236,6 +236,10 @@ fn build_llama(source: &Path, manifest_dir: &Path, cuda: bool, dynamic: bool) ->
         .define("GGML_OPENMP", "OFF")
         .define("GGML_CUDA", if cuda { "ON" } else { "OFF" })
         .define("CMAKE_INSTALL_LIBDIR", "lib");
+    if dynamic {
+        // Shared libraries find each other in their own folder.
+        cfg.define("CMAKE_INSTALL_RPATH", "$ORIGIN");
+    }
     if cuda {
         let arch = env::var("CMAKE_CUDA_ARCHITECTURES").unwrap_or_else(|_| "native".into());
         cfg.define("CMAKE_CUDA_ARCHITECTURES", arch);
@@ -265,7 +269,12 @@ fn link(lib_dir: &Path, cuda: bool, dynamic: bool) {
         println!("cargo::rustc-link-lib={kind}={lib}");
     }
     if dynamic {
-        // The binary finds the libraries next to where they were built, or through LD_LIBRARY_PATH.
+        // The binary finds the libraries where they were built, or through LD_LIBRARY_PATH.
+        // Old-style RPATH (not RUNPATH) also applies to libllama's own dependency on libggml.
+        let target = env::var("TARGET").unwrap_or_default();
+        if target.contains("linux") {
+            println!("cargo::rustc-link-arg=-Wl,--disable-new-dtags");
+        }
         println!("cargo::rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     } else {
         let target = env::var("TARGET").unwrap_or_default();

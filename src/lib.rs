@@ -5,6 +5,8 @@
 //! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text),
 //! [`chat`] (a conversation that lives in the bounded cache).
 
+#![deny(unsafe_code)]
+
 pub mod bench;
 pub mod cache;
 pub mod calibrate;
@@ -13,6 +15,7 @@ pub mod check;
 pub mod engine;
 pub mod error;
 pub mod eval;
+#[allow(unsafe_code)]
 pub mod ffi;
 pub mod generate;
 pub mod gguf_check;

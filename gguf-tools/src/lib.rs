@@ -7,6 +7,8 @@
 //! - [`synth`]: random-weight llama-architecture GGUFs for tests and benchmarks.
 //! - [`inspect`]: a human / JSON summary of a GGUF file.
 
+#![forbid(unsafe_code)]
+
 pub mod edit;
 pub mod filters;
 pub mod gguf;

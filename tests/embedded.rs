@@ -1,0 +1,77 @@
+//! Filters carried inside the GGUF: llama.cpp still loads the model unchanged, and `run` finds
+//! the filters without `--filters`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn embedded_model_loads_generates_the_same_and_provides_its_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let filters = random_filters(dir.path(), 11, 30, 3, 64);
+    let embedded = dir.path().join("with-filters.gguf");
+    gguf_tools::edit::embed(&model_path(), &filters, &embedded, false, false).expect("embed");
+
+    let prompt = data_text("tinyshakespeare.txt", 800);
+    let mut texts = Vec::new();
+    for model in [model_path(), embedded.clone()] {
+        let stats = dir.path().join("stats.json");
+        run_ok(
+            qfilters()
+                .args([
+                    "run",
+                    "-m",
+                    model.to_str().unwrap(),
+                    "-p",
+                    &prompt,
+                    "-n",
+                    "16",
+                ])
+                .args(["--policy", "none", "--json-stats", stats.to_str().unwrap()]),
+        );
+        let s: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        texts.push(s["text"].as_str().unwrap().to_string());
+    }
+    assert!(!texts[0].is_empty());
+    assert_eq!(
+        texts[0], texts[1],
+        "the extra metadata changes nothing for llama.cpp"
+    );
+
+    // No --filters: the policy finds the filters in the GGUF and says so.
+    let out = run_ok(
+        qfilters()
+            .args([
+                "run",
+                "-m",
+                embedded.to_str().unwrap(),
+                "-p",
+                &prompt,
+                "-n",
+                "4",
+            ])
+            .args(["--policy", "qfilters", "--budget", "64", "--batch", "32"]),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("embedded in"),
+        "announces embedded filters: {stderr}"
+    );
+
+    // The original model has none: the same command is a clear error.
+    let out = qfilters()
+        .args([
+            "run",
+            "-m",
+            model_path().to_str().unwrap(),
+            "-p",
+            &prompt,
+            "-n",
+            "4",
+        ])
+        .args(["--policy", "qfilters", "--budget", "64", "--batch", "32"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "needs Q-Filters");
+}
