@@ -51,7 +51,7 @@ fn embedded_model_loads_generates_the_same_and_provides_its_filters() {
                 "-n",
                 "4",
             ])
-            .args(["--policy", "qfilters", "--budget", "64", "--batch", "32"]),
+            .args(["--policy", "qfilters", "--budget", "200", "--batch", "32"]),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -70,7 +70,7 @@ fn embedded_model_loads_generates_the_same_and_provides_its_filters() {
             "-n",
             "4",
         ])
-        .args(["--policy", "qfilters", "--budget", "64", "--batch", "32"])
+        .args(["--policy", "qfilters", "--budget", "200", "--batch", "32"])
         .output()
         .unwrap();
     assert_one_line_error(&out, "needs Q-Filters");
