@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use qfilters::cache::{Combiner, Granularity};
-use qfilters::eval::passkey::{build_document, run_trial};
+use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
 use qfilters::eval::plot::{heatmaps, line_chart, Heatmap, Series};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::windowed_mean;
@@ -274,6 +274,10 @@ pub struct PasskeyArgs {
     /// Depths of the key sentence within the filler (0 start, 1 end).
     #[arg(long, value_delimiter = ',', default_value = "0.1,0.3,0.5,0.7,0.9")]
     pub depths: Vec<f64>,
+    /// Prompt layout: `chat` (the model's chat template, answer started as "The pass key is")
+    /// or `plain` (text only, for base models).
+    #[arg(long, default_value = "chat")]
+    pub format: PromptFormat,
     /// Documents per (length, depth); the same documents for every policy.
     #[arg(long, default_value_t = 2)]
     pub trials: usize,
@@ -458,7 +462,7 @@ fn run_passkey(args: PasskeyArgs) -> Result<()> {
                 docs.push((
                     len,
                     depth,
-                    build_document(&model, &filler, len, depth, &mut rng)?,
+                    build_document(&model, &filler, len, depth, args.format, &mut rng)?,
                 ));
             }
         }
