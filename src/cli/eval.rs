@@ -58,6 +58,9 @@ pub struct SweepArgs {
     /// to the budget): fewer, larger rounds.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub slack: Vec<usize>,
+    /// Recency prior (tokens of age per standard deviation of score; 0 off) for qfilters/knorm.
+    #[arg(long, value_delimiter = ',', default_values_t = [super::DEFAULT_RECENCY])]
+    pub recency: Vec<f64>,
     /// Tokens per decode call while feeding the input; eviction runs after each chunk.
     #[arg(long)]
     pub chunk: Option<usize>,
@@ -75,10 +78,11 @@ struct Variant {
     granularity: Granularity,
     combiner: Combiner,
     slack: usize,
+    recency: f64,
 }
 
 impl Variant {
-    fn label(&self, multi: &[bool; 5]) -> String {
+    fn label(&self, multi: &[bool; 6]) -> String {
         let mut s = self.policy.clone();
         if let Some(b) = self.budget {
             s += &format!(" b{b}");
@@ -101,6 +105,9 @@ impl Variant {
         if multi[4] {
             s += &format!(" slack{}", self.slack);
         }
+        if multi[5] && scores_differ(&self.policy) {
+            s += &format!(" r{}", self.recency);
+        }
         s
     }
 
@@ -113,6 +120,7 @@ impl Variant {
             "granularity": gran_name(self.granularity),
             "combiner": comb_name(self.combiner),
             "slack": self.slack,
+            "recency": self.recency,
         })
     }
 }
@@ -152,6 +160,7 @@ impl SweepArgs {
                     granularity: Granularity::Position,
                     combiner: Combiner::MeanZ,
                     slack: 0,
+                    recency: 0.0,
                 });
                 continue;
             }
@@ -161,29 +170,34 @@ impl SweepArgs {
                         for &g in &self.granularity {
                             for &c in &self.combiner {
                                 for &slack in &self.slack {
-                                    let (g, c) = if scores_differ(policy) {
-                                        (
-                                            g,
-                                            if g == Granularity::Head {
-                                                self.combiner[0]
-                                            } else {
-                                                c
-                                            },
-                                        )
-                                    } else {
-                                        (Granularity::Position, self.combiner[0])
-                                    };
-                                    let v = Variant {
-                                        policy: policy.clone(),
-                                        budget,
-                                        window,
-                                        sinks,
-                                        granularity: g,
-                                        combiner: c,
-                                        slack,
-                                    };
-                                    if !out.iter().any(|o| same(o, &v)) {
-                                        out.push(v);
+                                    for &recency in &self.recency {
+                                        let recency =
+                                            if scores_differ(policy) { recency } else { 0.0 };
+                                        let (g, c) = if scores_differ(policy) {
+                                            (
+                                                g,
+                                                if g == Granularity::Head {
+                                                    self.combiner[0]
+                                                } else {
+                                                    c
+                                                },
+                                            )
+                                        } else {
+                                            (Granularity::Position, self.combiner[0])
+                                        };
+                                        let v = Variant {
+                                            policy: policy.clone(),
+                                            budget,
+                                            window,
+                                            sinks,
+                                            granularity: g,
+                                            combiner: c,
+                                            slack,
+                                            recency,
+                                        };
+                                        if !out.iter().any(|o| same(o, &v)) {
+                                            out.push(v);
+                                        }
                                     }
                                 }
                             }
@@ -195,13 +209,14 @@ impl SweepArgs {
         out
     }
 
-    fn multi(&self) -> [bool; 5] {
+    fn multi(&self) -> [bool; 6] {
         [
             self.window.len() > 1,
             self.sinks.len() > 1,
             self.granularity.len() > 1,
             self.combiner.len() > 1,
             self.slack.len() > 1,
+            self.recency.len() > 1,
         ]
     }
 
@@ -215,6 +230,7 @@ impl SweepArgs {
             granularity: v.granularity,
             combiner: v.combiner,
             slack: v.slack,
+            recency: v.recency,
             key_source: qfilters::engine::KeySource::Cache,
             n_batch: chunk,
             seed: self.seed,
@@ -230,6 +246,7 @@ fn same(a: &Variant, b: &Variant) -> bool {
         && a.granularity == b.granularity
         && a.combiner == b.combiner
         && a.slack == b.slack
+        && a.recency == b.recency
 }
 
 #[derive(Args, Debug)]

@@ -26,6 +26,7 @@ pub const DEFAULT_WINDOW: usize = 64;
 pub const DEFAULT_SINKS: usize = 4;
 pub const DEFAULT_GRANULARITY: &str = "head";
 pub const DEFAULT_COMBINER: &str = "mean-z";
+pub const DEFAULT_RECENCY: f64 = 0.0;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -94,6 +95,10 @@ pub struct PolicyArgs {
     /// How per-head scores become one per position (position granularity): mean-z, mean-rank, max-z.
     #[arg(long, default_value = DEFAULT_COMBINER)]
     pub combiner: Combiner,
+    /// Recency prior for key-scoring policies: standardised score + position / RECENCY
+    /// (tokens of age worth one standard deviation); 0 turns it off.
+    #[arg(long, default_value_t = DEFAULT_RECENCY)]
+    pub recency: f64,
     /// Cells allowed above the budget before an eviction round (which evicts down to the
     /// budget): 0 evicts after every decode.
     #[arg(long, default_value_t = 0)]
@@ -158,6 +163,7 @@ impl PolicyArgs {
             &PolicyInputs {
                 filters,
                 seed: self.seed,
+                recency: self.recency,
             },
         )?;
         let eviction = if self.policy == "none" {

@@ -10,7 +10,10 @@ use crate::math::{log_prob, splitmix64};
 const INTRO: &str = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it, I will ask you about it.\n\n";
 const QUESTION: &str = "\n\nWhat is the pass key? The pass key is";
 /// Chat format: the question closes the user turn, the assistant's reply is started for it.
-const CHAT_QUESTION: &str = "\n\nWhat is the pass key?";
+/// Measured on SmolLM2-135M-Instruct, full cache, 1024 tokens: "What is the pass key?" alone
+/// gets " a" (as in "a 5-digit number") instead of the digits; asking for the number only
+/// gets the digits.
+const CHAT_QUESTION: &str = "\n\nWhat is the pass key? Answer with the number only.";
 const CHAT_REPLY: &str = "The pass key is";
 /// Stands for the document inside the rendered template, to split it around the document.
 const MARKER: &str = "QFILTERSDOCUMENTMARKER";
@@ -50,9 +53,7 @@ fn frame(model: &Model, format: PromptFormat) -> Result<(Vec<Token>, Vec<Token>)
             let tmpl = model.chat_template().ok_or_else(|| {
                 Error::invalid("the model has no chat template: use --format plain")
             })?;
-            let q = std::env::var("PKQ").unwrap_or(CHAT_QUESTION.into());
-            let r = std::env::var("PKR").unwrap_or(CHAT_REPLY.into());
-            let user = format!("{INTRO}{MARKER}{q}");
+            let user = format!("{INTRO}{MARKER}{CHAT_QUESTION}");
             let text = apply_chat_template(&tmpl, &[("user".into(), user)], true)?;
             let at = text
                 .find(MARKER)
@@ -60,7 +61,7 @@ fn frame(model: &Model, format: PromptFormat) -> Result<(Vec<Token>, Vec<Token>)
             let (pre, post) = (&text[..at], &text[at + MARKER.len()..]);
             Ok((
                 model.tokenize(pre, true, true)?,
-                model.tokenize(&format!("{post}{r}"), false, true)?,
+                model.tokenize(&format!("{post}{CHAT_REPLY}"), false, true)?,
             ))
         }
     }
@@ -100,13 +101,7 @@ pub fn build_document(
     let key = 10_000 + (splitmix64(rng) % 90_000) as u32;
     let (intro, question) = frame(model, format)?;
     let sentence = model.tokenize(&key_sentence(key), false, false)?;
-    // After a reply prefix the key follows a space; at the very start of a reply it does not.
-    let bare = model.detokenize(&question[question.len().saturating_sub(1)..], true);
-    let answer = if bare.ends_with(char::is_whitespace) || bare.ends_with('>') {
-        model.tokenize(&key.to_string(), false, false)?
-    } else {
-        model.tokenize(&format!(" {key}"), false, false)?
-    };
+    let answer = model.tokenize(&format!(" {key}"), false, false)?;
     let fixed = intro.len() + sentence.len() + question.len();
     let n_filler = length
         .checked_sub(fixed)
