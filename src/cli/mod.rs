@@ -22,11 +22,11 @@ use qfilters::{Error, Result};
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 // Eviction defaults, chosen by `qfilters eval` measurements (docs/RESULTS.md).
-pub const DEFAULT_WINDOW: usize = 64;
+pub const DEFAULT_WINDOW: usize = 32;
 pub const DEFAULT_SINKS: usize = 4;
 pub const DEFAULT_GRANULARITY: &str = "head";
 pub const DEFAULT_COMBINER: &str = "mean-z";
-pub const DEFAULT_RECENCY: f64 = 0.0;
+pub const DEFAULT_RECENCY: f64 = 128.0;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
