@@ -145,6 +145,23 @@ impl Engine {
             (Some(ev), true) => ev.budget + n_batch + 16,
             _ => cfg.capacity.max(1) + 1,
         };
+        // Models with sliding-window layers (Gemma 3) get a second, smaller KV cache for them,
+        // which llama.cpp prunes by itself; only the full-attention layers may be tracked. They
+        // are told apart by cache size, so the full cache must be larger than the SWA one
+        // (llama.cpp sizes that at about n_swa + n_batch, padded to 256): a budget below the
+        // window would give both the same size and the book would follow the wrong cells.
+        let n_swa = model
+            .meta(&format!(
+                "{}.attention.sliding_window",
+                model.architecture()
+            ))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        let n_ctx = if evicting && n_swa > 0 {
+            n_ctx.max(2 * (n_swa + n_batch) + 256)
+        } else {
+            n_ctx
+        };
         // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.
         let n_batch = n_batch.min(n_ctx);
         let head_mode = cfg

@@ -679,6 +679,11 @@ impl Context {
         cp.n_threads = params.threads;
         cp.n_threads_batch = params.threads;
         cp.no_perf = true;
+        // Sliding-window layers get their own cache sized to the window, not a full-size one:
+        // the engine tells full-attention layers (the ones it tracks) from SWA layers by cache
+        // size, and SWA layers prune old positions themselves, so a full-size SWA cache would
+        // be mistaken for the full one.
+        cp.swa_full = false;
         cp.flash_attn_type = match params.flash_attn {
             Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
             Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,

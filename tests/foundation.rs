@@ -206,10 +206,11 @@ fn bad_inputs_fail_with_one_clear_line() {
                 m.into(),
                 "--policy".into(),
                 "knorm".into(),
+                // Below the default window (32) + sinks (4) + 1.
                 "--budget".into(),
-                "40".into(),
+                "30".into(),
             ],
-            "--budget 40",
+            "--budget 30",
         ),
         (
             vec!["-m".into(), m.into(), "--policy".into(), "lru".into()],

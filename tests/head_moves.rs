@@ -144,6 +144,7 @@ fn per_head_eviction_moves_the_slices_the_book_says() {
             &PolicyInputs {
                 filters: None,
                 seed: 1,
+                recency: 0.0,
             },
         )
         .expect("scorer");

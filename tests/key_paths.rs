@@ -33,7 +33,15 @@ fn engine_with_slack(
     slack: usize,
 ) -> Engine {
     let filters = Some(Arc::new(random_filters(model, 7).expect("filters")));
-    let scorer = policy::build(policy, &PolicyInputs { filters, seed: 1 }).expect("scorer");
+    let scorer = policy::build(
+        policy,
+        &PolicyInputs {
+            filters,
+            seed: 1,
+            recency: 0.0,
+        },
+    )
+    .expect("scorer");
     Engine::new(
         model,
         scorer,

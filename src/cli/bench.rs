@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// Each eviction round goes this many cells below the budget (rounds every slack+1 tokens).
     #[arg(long, default_value_t = 0)]
     pub slack: usize,
+    /// Recency prior of key-scoring policies (as in `run`); 0 turns it off.
+    #[arg(long, default_value_t = super::DEFAULT_RECENCY)]
+    pub recency: f64,
     /// Run hook off and hook on alternately and report on/off ratios.
     #[arg(long)]
     pub compare: bool,
@@ -97,6 +100,7 @@ impl BenchArgs {
             n_batch: self.n_batch,
             seed: self.seed,
             slack: self.slack,
+            recency: self.recency,
         };
         match pargs.resolve_filters(&self.model.model, model, false)? {
             Some(f) => Ok(f),
@@ -127,6 +131,7 @@ impl BenchArgs {
             &PolicyInputs {
                 filters,
                 seed: self.seed,
+                recency: self.recency,
             },
         )?;
         let engine = Engine::new(
@@ -152,6 +157,7 @@ impl BenchArgs {
             &PolicyInputs {
                 filters: None,
                 seed: self.seed,
+                recency: 0.0,
             },
         )?;
         Engine::new(

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use qfilters::cache::{Combiner, Granularity};
-use qfilters::eval::passkey::{build_document, run_trial};
+use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
 use qfilters::eval::plot::{heatmaps, line_chart, Heatmap, Series};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::windowed_mean;
@@ -58,6 +58,9 @@ pub struct SweepArgs {
     /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub slack: Vec<usize>,
+    /// Recency prior (tokens of age per standard deviation of score; 0 off) for qfilters/knorm.
+    #[arg(long, value_delimiter = ',', default_values_t = [super::DEFAULT_RECENCY])]
+    pub recency: Vec<f64>,
     /// Tokens per decode call while feeding the input; eviction runs after each chunk.
     #[arg(long)]
     pub chunk: Option<usize>,
@@ -75,10 +78,11 @@ struct Variant {
     granularity: Granularity,
     combiner: Combiner,
     slack: usize,
+    recency: f64,
 }
 
 impl Variant {
-    fn label(&self, multi: &[bool; 5]) -> String {
+    fn label(&self, multi: &[bool; 6]) -> String {
         let mut s = self.policy.clone();
         if let Some(b) = self.budget {
             s += &format!(" b{b}");
@@ -101,6 +105,9 @@ impl Variant {
         if multi[4] {
             s += &format!(" slack{}", self.slack);
         }
+        if multi[5] && scores_differ(&self.policy) {
+            s += &format!(" r{}", self.recency);
+        }
         s
     }
 
@@ -113,6 +120,7 @@ impl Variant {
             "granularity": gran_name(self.granularity),
             "combiner": comb_name(self.combiner),
             "slack": self.slack,
+            "recency": self.recency,
         })
     }
 }
@@ -152,6 +160,7 @@ impl SweepArgs {
                     granularity: Granularity::Position,
                     combiner: Combiner::MeanZ,
                     slack: 0,
+                    recency: 0.0,
                 });
                 continue;
             }
@@ -161,29 +170,34 @@ impl SweepArgs {
                         for &g in &self.granularity {
                             for &c in &self.combiner {
                                 for &slack in &self.slack {
-                                    let (g, c) = if scores_differ(policy) {
-                                        (
-                                            g,
-                                            if g == Granularity::Head {
-                                                self.combiner[0]
-                                            } else {
-                                                c
-                                            },
-                                        )
-                                    } else {
-                                        (Granularity::Position, self.combiner[0])
-                                    };
-                                    let v = Variant {
-                                        policy: policy.clone(),
-                                        budget,
-                                        window,
-                                        sinks,
-                                        granularity: g,
-                                        combiner: c,
-                                        slack,
-                                    };
-                                    if !out.iter().any(|o| same(o, &v)) {
-                                        out.push(v);
+                                    for &recency in &self.recency {
+                                        let recency =
+                                            if scores_differ(policy) { recency } else { 0.0 };
+                                        let (g, c) = if scores_differ(policy) {
+                                            (
+                                                g,
+                                                if g == Granularity::Head {
+                                                    self.combiner[0]
+                                                } else {
+                                                    c
+                                                },
+                                            )
+                                        } else {
+                                            (Granularity::Position, self.combiner[0])
+                                        };
+                                        let v = Variant {
+                                            policy: policy.clone(),
+                                            budget,
+                                            window,
+                                            sinks,
+                                            granularity: g,
+                                            combiner: c,
+                                            slack,
+                                            recency,
+                                        };
+                                        if !out.iter().any(|o| same(o, &v)) {
+                                            out.push(v);
+                                        }
                                     }
                                 }
                             }
@@ -195,13 +209,14 @@ impl SweepArgs {
         out
     }
 
-    fn multi(&self) -> [bool; 5] {
+    fn multi(&self) -> [bool; 6] {
         [
             self.window.len() > 1,
             self.sinks.len() > 1,
             self.granularity.len() > 1,
             self.combiner.len() > 1,
             self.slack.len() > 1,
+            self.recency.len() > 1,
         ]
     }
 
@@ -215,6 +230,7 @@ impl SweepArgs {
             granularity: v.granularity,
             combiner: v.combiner,
             slack: v.slack,
+            recency: v.recency,
             key_source: qfilters::engine::KeySource::Cache,
             n_batch: chunk,
             seed: self.seed,
@@ -230,6 +246,7 @@ fn same(a: &Variant, b: &Variant) -> bool {
         && a.granularity == b.granularity
         && a.combiner == b.combiner
         && a.slack == b.slack
+        && a.recency == b.recency
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +291,10 @@ pub struct PasskeyArgs {
     /// Depths of the key sentence within the filler (0 start, 1 end).
     #[arg(long, value_delimiter = ',', default_value = "0.1,0.3,0.5,0.7,0.9")]
     pub depths: Vec<f64>,
+    /// Prompt layout: `chat` (the model's chat template, answer started as "The pass key is")
+    /// or `plain` (text only, for base models).
+    #[arg(long, default_value = "chat")]
+    pub format: PromptFormat,
     /// Documents per (length, depth); the same documents for every policy.
     #[arg(long, default_value_t = 2)]
     pub trials: usize,
@@ -458,7 +479,7 @@ fn run_passkey(args: PasskeyArgs) -> Result<()> {
                 docs.push((
                     len,
                     depth,
-                    build_document(&model, &filler, len, depth, &mut rng)?,
+                    build_document(&model, &filler, len, depth, args.format, &mut rng)?,
                 ));
             }
         }

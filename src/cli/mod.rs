@@ -22,10 +22,11 @@ use qfilters::{Error, Result};
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 // Eviction defaults, chosen by `qfilters eval` measurements (docs/RESULTS.md).
-pub const DEFAULT_WINDOW: usize = 64;
+pub const DEFAULT_WINDOW: usize = 32;
 pub const DEFAULT_SINKS: usize = 4;
 pub const DEFAULT_GRANULARITY: &str = "head";
 pub const DEFAULT_COMBINER: &str = "mean-z";
+pub const DEFAULT_RECENCY: f64 = 128.0;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -99,6 +100,10 @@ pub struct PolicyArgs {
     /// How per-head scores become one per position (position granularity): mean-z, mean-rank, max-z.
     #[arg(long, default_value = DEFAULT_COMBINER)]
     pub combiner: Combiner,
+    /// Recency prior for key-scoring policies: standardised score + position / RECENCY
+    /// (tokens of age worth one standard deviation); 0 turns it off.
+    #[arg(long, default_value_t = DEFAULT_RECENCY)]
+    pub recency: f64,
     /// Each eviction round goes this many cells below the budget, so rounds run once per
     /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
     #[arg(long, default_value_t = 0)]
@@ -163,6 +168,7 @@ impl PolicyArgs {
             &PolicyInputs {
                 filters,
                 seed: self.seed,
+                recency: self.recency,
             },
         )?;
         let eviction = if self.policy == "none" {

@@ -4,11 +4,68 @@
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::ffi::{Model, Token};
+use crate::ffi::{apply_chat_template, Model, Token};
 use crate::math::{log_prob, splitmix64};
 
 const INTRO: &str = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it, I will ask you about it.\n\n";
 const QUESTION: &str = "\n\nWhat is the pass key? The pass key is";
+/// Chat format: the question closes the user turn, the assistant's reply is started for it.
+/// Measured on SmolLM2-135M-Instruct, full cache, 1024 tokens: "What is the pass key?" alone
+/// gets " a" (as in "a 5-digit number") instead of the digits; asking for the number only
+/// gets the digits.
+const CHAT_QUESTION: &str = "\n\nWhat is the pass key? Answer with the number only.";
+const CHAT_REPLY: &str = "The pass key is";
+/// Stands for the document inside the rendered template, to split it around the document.
+const MARKER: &str = "QFILTERSDOCUMENTMARKER";
+
+/// How the document and question are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptFormat {
+    /// Plain text ending "What is the pass key? The pass key is". Base models.
+    Plain,
+    /// The model's chat template: document and question as the user message, the assistant
+    /// reply started with "The pass key is". Instruction-tuned models; SmolLM2-Instruct
+    /// answers the plain format with " the" instead of the digits.
+    Chat,
+}
+
+impl std::str::FromStr for PromptFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "plain" => Ok(PromptFormat::Plain),
+            "chat" => Ok(PromptFormat::Chat),
+            _ => Err(Error::invalid(format!(
+                "unknown prompt format '{s}' (known: chat, plain)"
+            ))),
+        }
+    }
+}
+
+/// Tokens before the document and after it (question and answer start included).
+fn frame(model: &Model, format: PromptFormat) -> Result<(Vec<Token>, Vec<Token>)> {
+    match format {
+        PromptFormat::Plain => Ok((
+            model.tokenize(INTRO, true, false)?,
+            model.tokenize(QUESTION, false, false)?,
+        )),
+        PromptFormat::Chat => {
+            let tmpl = model.chat_template().ok_or_else(|| {
+                Error::invalid("the model has no chat template: use --format plain")
+            })?;
+            let user = format!("{INTRO}{MARKER}{CHAT_QUESTION}");
+            let text = apply_chat_template(&tmpl, &[("user".into(), user)], true)?;
+            let at = text
+                .find(MARKER)
+                .ok_or_else(|| Error::Template("the template dropped the user message".into()))?;
+            let (pre, post) = (&text[..at], &text[at + MARKER.len()..]);
+            Ok((
+                model.tokenize(pre, true, true)?,
+                model.tokenize(&format!("{post}{CHAT_REPLY}"), false, true)?,
+            ))
+        }
+    }
+}
 
 fn key_sentence(key: u32) -> String {
     format!("The pass key is {key}. Remember it. {key} is the pass key.\n")
@@ -33,6 +90,7 @@ pub fn build_document(
     filler: &str,
     length: usize,
     depth: f64,
+    format: PromptFormat,
     rng: &mut u64,
 ) -> Result<PasskeyDoc> {
     if !(0.0..=1.0).contains(&depth) {
@@ -41,9 +99,8 @@ pub fn build_document(
         )));
     }
     let key = 10_000 + (splitmix64(rng) % 90_000) as u32;
-    let intro = model.tokenize(INTRO, true, false)?;
+    let (intro, question) = frame(model, format)?;
     let sentence = model.tokenize(&key_sentence(key), false, false)?;
-    let question = model.tokenize(QUESTION, false, false)?;
     let answer = model.tokenize(&format!(" {key}"), false, false)?;
     let fixed = intro.len() + sentence.len() + question.len();
     let n_filler = length

@@ -90,8 +90,9 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="28" text-anchor="middle" font-size="17" font-weight="bold">{}</text>"#,
-        left + pw / 2.0,
+        // Centred on the whole image, not the plot area: long titles overflowed the left edge.
+        r#"<text x="{}" y="28" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+        w / 2.0,
         esc(title)
     );
     for t in ticks(y0, y1, 6) {
@@ -262,7 +263,14 @@ pub fn heatmaps(title: &str, row_label: &str, col_label: &str, panels: &[Heatmap
             oy + p.rows.len() as f64 * cell / 2.0,
             ox - 60.0,
             oy + p.rows.len() as f64 * cell / 2.0,
-            esc(row_label)
+            // A rotated label longer than its panel runs into the panels above and below.
+            esc(
+                if (p.rows.len() as f64 * cell) < 7.0 * row_label.len() as f64 {
+                    "tokens"
+                } else {
+                    row_label
+                }
+            )
         );
     }
     let _ = writeln!(

@@ -4,10 +4,11 @@
 //!
 //! Adding a policy: one file in this folder and one line in `REGISTRY`.
 
-mod knorm;
+pub(crate) mod knorm;
 mod none;
 mod qfilters;
 mod random;
+mod recency;
 mod streaming;
 
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub trait Scorer: Send {
 pub struct PolicyInputs {
     pub filters: Option<Arc<QFilters>>,
     pub seed: u64,
+    /// When > 0, key scores are standardised and `position / recency` is added
+    /// (see `recency.rs`); policies that ignore keys are unchanged.
+    pub recency: f64,
 }
 
 pub struct PolicyInfo {
@@ -80,7 +84,14 @@ pub fn build(name: &str, inputs: &PolicyInputs) -> Result<Box<dyn Scorer>> {
             "policy '{name}' needs Q-Filters: pass --filters FILE.safetensors, embed them in the model with `gguf-tools embed`, or make them with `qfilters calibrate`"
         )));
     }
-    (info.build)(inputs)
+    if !(inputs.recency >= 0.0 && inputs.recency.is_finite()) {
+        return Err(Error::invalid("--recency must be a finite number >= 0"));
+    }
+    let scorer = (info.build)(inputs)?;
+    if inputs.recency > 0.0 && scorer.needs_keys() && scorer.evicts() {
+        return Ok(Box::new(recency::Recency::new(scorer, inputs.recency)));
+    }
+    Ok(scorer)
 }
 
 /// One key's slice of a head: `keys[(t * n_head_kv + h) * head_dim ..][..head_dim]`.
