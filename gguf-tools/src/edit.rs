@@ -152,17 +152,31 @@ fn rewrite(
     progress: bool,
     label: &str,
 ) -> Result<Throughput, EditError> {
-    let started = Instant::now();
     let edited = GgufFile {
         metadata,
         ..file.clone()
     };
-    let tmp = tmp_path(out);
-    let result = write_tmp(src_path, file, &edited, &tmp, progress, label).and_then(|bytes| {
-        fs::rename(&tmp, out).map_err(|source| EditError::Write {
+    write_via_tmp(
+        out,
+        |tmp| write_tmp(src_path, file, &edited, tmp, progress, label),
+        |source| EditError::Write {
             path: out.to_path_buf(),
             source,
-        })?;
+        },
+    )
+}
+
+/// Writes `out` through a temporary file beside it, renamed only when `write` succeeded, so a
+/// failed or interrupted run never leaves a half-written file under the final name.
+pub(crate) fn write_via_tmp<E>(
+    out: &Path,
+    write: impl FnOnce(&Path) -> Result<u64, E>,
+    rename_error: impl FnOnce(std::io::Error) -> E,
+) -> Result<Throughput, E> {
+    let started = Instant::now();
+    let tmp = tmp_path(out);
+    let result = write(&tmp).and_then(|bytes| {
+        fs::rename(&tmp, out).map_err(rename_error)?;
         Ok(bytes)
     });
     match result {

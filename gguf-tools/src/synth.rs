@@ -2,10 +2,9 @@
 //! benchmarks. Data is generated and written tensor by tensor in fixed-size chunks, so an
 //! 8B-shaped file needs no more memory than a tiny one.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use thiserror::Error;
 
@@ -263,27 +262,15 @@ fn validate(s: &Shape, w: WeightType) -> Result<(), SynthError> {
 
 /// Writes the synthetic model to `out` (via `OUT.tmp`) and returns bytes written and time.
 pub fn write(opts: &SynthOptions, out: &Path, progress: bool) -> Result<Throughput, SynthError> {
-    let started = Instant::now();
     let file = plan(opts)?;
-    let tmp = crate::edit::tmp_path(out);
-    let result = write_file(opts, &file, &tmp, progress).and_then(|bytes| {
-        fs::rename(&tmp, out).map_err(|source| SynthError::Write {
+    crate::edit::write_via_tmp(
+        out,
+        |tmp| write_file(opts, &file, tmp, progress),
+        |source| SynthError::Write {
             path: out.to_path_buf(),
             source,
-        })?;
-        Ok(bytes)
-    });
-    match result {
-        Ok(bytes) => Ok(Throughput {
-            bytes,
-            seconds: started.elapsed().as_secs_f64(),
-        }),
-        Err(e) => {
-            // Best effort: a partial model is worse than none.
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+        },
+    )
 }
 
 fn write_file(
