@@ -195,6 +195,11 @@ impl Model {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<Token>> {
+        if !self.has_tokenizer() {
+            return Err(Error::Tokenize(
+                "this model has no tokenizer (tokenizer.ggml.model is 'none'): give it token ids, as `qfilters bench` does".into(),
+            ));
+        }
         let len = i32::try_from(text.len())
             .map_err(|_| Error::Tokenize("text longer than 2 GiB".into()))?;
         let mut tokens: Vec<Token> = vec![0; text.len() + 8];
@@ -223,8 +228,18 @@ impl Model {
         }
     }
 
+    /// False for models without a vocabulary (e.g. `gguf-tools synth` models), on which
+    /// llama.cpp's tokenizer calls abort the process.
+    pub fn has_tokenizer(&self) -> bool {
+        // SAFETY: valid vocab pointer owned by the model.
+        unsafe { sys::llama_vocab_type(self.vocab()) != sys::LLAMA_VOCAB_TYPE_NONE }
+    }
+
     /// The bytes of one token (may be part of a UTF-8 character).
     pub fn token_bytes(&self, token: Token, special: bool) -> Vec<u8> {
+        if !self.has_tokenizer() {
+            return Vec::new();
+        }
         let mut buf = vec![0u8; 64];
         loop {
             // SAFETY: `buf` is writable for `buf.len()` bytes; a negative result is the size needed.

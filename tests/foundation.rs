@@ -166,7 +166,24 @@ fn bad_inputs_fail_with_one_clear_line() {
         file.extend(bytes);
         std::fs::write(&nan_filters, file).unwrap();
     }
+    // A model llama.cpp loads but that has no vocabulary: its tokenizer would abort the process.
+    let no_vocab = dir.path().join("no-vocab.gguf");
+    let opts = gguf_tools::synth::SynthOptions {
+        shape: gguf_tools::synth::shape_by_name("tiny").unwrap(),
+        weight_type: gguf_tools::synth::WeightType::F16,
+        seed: 1,
+    };
+    gguf_tools::synth::write(&opts, &no_vocab, false).unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "-m".into(),
+                no_vocab.display().to_string(),
+                "--policy".into(),
+                "none".into(),
+            ],
+            "no tokenizer",
+        ),
         (
             vec![
                 "-m".into(),
