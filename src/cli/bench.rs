@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 
 use qfilters::bench::{self, Comparison, RunMeasure};
-use qfilters::cache::{Combiner, EvictionConfig, Granularity};
+use qfilters::cache::{Combiner, Granularity};
 use qfilters::engine::{Engine, EngineConfig, KeySource};
 use qfilters::ffi::Model;
 use qfilters::policy::{self, PolicyInputs};
@@ -16,7 +16,7 @@ use qfilters::{Error, Result};
 
 use super::{write_json, ModelArgs, PolicyArgs};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -76,32 +76,30 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    fn eviction(&self, budget: usize) -> EvictionConfig {
-        EvictionConfig {
+    /// The benchmark's policy knobs as the shared policy arguments, at `budget`.
+    fn policy_args(&self, budget: usize, key_source: KeySource) -> PolicyArgs {
+        PolicyArgs {
+            policy: self.policy.clone(),
             budget,
-            window: self.window,
-            sinks: self.sinks,
-            granularity: self.granularity,
-            combiner: self.combiner,
-            slack: self.slack,
-        }
-    }
-
-    fn filters(&self, model: &Model) -> Result<Arc<gguf_tools::filters::QFilters>> {
-        let pargs = PolicyArgs {
-            policy: "qfilters".into(),
-            budget: 0,
             filters: self.filters.clone(),
             window: self.window,
             sinks: self.sinks,
             granularity: self.granularity,
             combiner: self.combiner,
-            key_source: self.key_source,
+            key_source,
             n_batch: self.n_batch,
             seed: self.seed,
             slack: self.slack,
             recency: self.recency,
-        };
+        }
+    }
+
+    /// Filters from --filters or the GGUF, else random unit filters: they cost the same.
+    fn filters(
+        &self,
+        pargs: &PolicyArgs,
+        model: &Model,
+    ) -> Result<Arc<gguf_tools::filters::QFilters>> {
         match pargs.resolve_filters(&self.model.model, model, false)? {
             Some(f) => Ok(f),
             None => {
@@ -120,34 +118,13 @@ impl BenchArgs {
         budget: usize,
         key_source: KeySource,
     ) -> Result<Engine> {
-        let info = policy::lookup(&self.policy)?;
-        let filters = if info.needs_filters {
-            Some(self.filters(model)?)
+        let pargs = self.policy_args(budget, key_source);
+        let filters = if policy::lookup(&self.policy)?.needs_filters {
+            Some(self.filters(&pargs, model)?)
         } else {
             None
         };
-        let scorer = policy::build(
-            &self.policy,
-            &PolicyInputs {
-                filters,
-                seed: self.seed,
-                recency: self.recency,
-            },
-        )?;
-        let engine = Engine::new(
-            model,
-            scorer,
-            EngineConfig {
-                eviction: Some(self.eviction(budget)),
-                capacity: budget,
-                n_batch: self.n_batch,
-                threads: self.model.threads(),
-                key_source,
-                flash_attn: None,
-                hook: true,
-            },
-        )?;
-        Ok(engine)
+        pargs.engine_with_filters(&self.model, model, budget, filters)
     }
 
     /// The hook-off engine: full cache of `capacity` cells, no callback at all.
@@ -367,6 +344,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// Scores of the cache key path against the graph key path on this workload (no eviction).
 fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()> {
+    // This checks the keys each path reads, so it compares raw key scores: the recency prior
+    // standardises with running statistics updated per scoring batch, and the two paths batch
+    // differently (per decode vs per eviction round).
+    let args = &BenchArgs {
+        recency: 0.0,
+        ..args.clone()
+    };
     let input = prompt.len() + args.gen;
     let mut graph = args.engine_on(model, input, KeySource::Graph)?;
     let mut cache = args.engine_on(model, input, KeySource::Cache)?;

@@ -163,6 +163,18 @@ impl PolicyArgs {
         quiet: bool,
     ) -> Result<Engine> {
         let filters = self.resolve_filters(&margs.model, model, quiet)?;
+        self.engine_with_filters(margs, model, capacity, filters)
+    }
+
+    /// The engine for this policy with filters the caller already has (e.g. a benchmark's
+    /// stand-in filters).
+    pub fn engine_with_filters(
+        &self,
+        margs: &ModelArgs,
+        model: &Arc<Model>,
+        capacity: usize,
+        filters: Option<Arc<QFilters>>,
+    ) -> Result<Engine> {
         let scorer = policy::build(
             &self.policy,
             &PolicyInputs {
