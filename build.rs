@@ -213,10 +213,12 @@ fn build_llama(source: &Path, manifest_dir: &Path, cuda: bool, dynamic: bool) ->
             }
         })
         .unwrap_or_else(|| manifest_dir.join("target"));
+    let cpu = CpuTarget::from_env();
     let flavour = format!(
-        "{}-{}-{}",
+        "{}-{}-{}-{}",
         if cuda { "cuda" } else { "cpu" },
         if dynamic { "shared" } else { "static" },
+        cpu.name(),
         &sha256_hex(source.to_string_lossy().as_bytes())[..8]
     );
     let out = target_dir.join("llama-cpp").join(flavour);
@@ -236,6 +238,7 @@ fn build_llama(source: &Path, manifest_dir: &Path, cuda: bool, dynamic: bool) ->
         .define("GGML_OPENMP", "OFF")
         .define("GGML_CUDA", if cuda { "ON" } else { "OFF" })
         .define("CMAKE_INSTALL_LIBDIR", "lib");
+    cpu.configure(&mut cfg);
     if dynamic {
         // Shared libraries find each other in their own folder.
         cfg.define("CMAKE_INSTALL_RPATH", "$ORIGIN");
@@ -255,6 +258,83 @@ fn build_llama(source: &Path, manifest_dir: &Path, cuda: bool, dynamic: bool) ->
     // cmake-rs builds the `install` target, which gathers the libraries in <out>/lib.
     let dst = cfg.build();
     dst.join("lib")
+}
+
+/// Which CPU instructions the ggml CPU backend may use.
+///
+/// The default is a stated baseline, never the build machine's own CPU: a binary built on a
+/// Xeon that advertises AMX inside a VM that faults on it died with SIGILL in ggml's AMX
+/// kernels (`tileloadd`), and a `-march=native` binary copied to an older machine dies the
+/// same way. The baseline is x86-64-v3 minus AVX-512: SSE4.2, AVX, AVX2, BMI2, FMA, F16C
+/// (every x86-64 CPU since Haswell / Zen 1). Other architectures get ggml's own defaults,
+/// which already target the architecture's baseline when `GGML_NATIVE` is off.
+struct CpuTarget {
+    /// `--features native`: `-march=native`, for a binary that only runs where it was built.
+    native: bool,
+    /// `--features amx`: allow AMX with `native` (off otherwise, even on CPUs that advertise it).
+    amx: bool,
+    x86: bool,
+}
+
+impl CpuTarget {
+    fn from_env() -> CpuTarget {
+        let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+        CpuTarget {
+            native: env::var_os("CARGO_FEATURE_NATIVE").is_some(),
+            amx: env::var_os("CARGO_FEATURE_AMX").is_some(),
+            x86: arch == "x86_64" || arch == "x86",
+        }
+    }
+
+    /// Part of the build folder's name, so switching features never reuses objects built for
+    /// another instruction set.
+    fn name(&self) -> &'static str {
+        match (self.native, self.amx) {
+            (false, _) => "baseline",
+            (true, false) => "native-noamx",
+            (true, true) => "native-amx",
+        }
+    }
+
+    fn configure(&self, cfg: &mut cmake::Config) {
+        cfg.define("GGML_NATIVE", if self.native { "ON" } else { "OFF" });
+        if !self.x86 {
+            return;
+        }
+        if self.native {
+            if !self.amx {
+                // GCC and Clang let an explicit -mno-* win over -march=native.
+                for flag in ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"] {
+                    cfg.cflag(flag);
+                    cfg.cxxflag(flag);
+                }
+            }
+            return;
+        }
+        // Explicit, because ggml turns these on by default only when it is not cross-compiling.
+        for on in [
+            "GGML_SSE42",
+            "GGML_AVX",
+            "GGML_AVX2",
+            "GGML_BMI2",
+            "GGML_FMA",
+            "GGML_F16C",
+        ] {
+            cfg.define(on, "ON");
+        }
+        for off in [
+            "GGML_AVX_VNNI",
+            "GGML_AVX512",
+            "GGML_AVX512_VBMI",
+            "GGML_AVX512_VNNI",
+            "GGML_AVX512_BF16",
+            "GGML_AMX_TILE",
+            "GGML_AMX_INT8",
+            "GGML_AMX_BF16",
+        ] {
+            cfg.define(off, "OFF");
+        }
+    }
 }
 
 fn link(lib_dir: &Path, cuda: bool, dynamic: bool) {

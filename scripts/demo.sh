@@ -5,6 +5,7 @@
 # Usage: scripts/demo.sh [PROMPT_FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/setup.sh
 scripts/fetch-model.sh
 cargo build --release --quiet
 data=${QFILTERS_DATA_DIR:-../shared/data}

@@ -4,6 +4,7 @@
 # Usage: scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/setup.sh
 scripts/fetch-model.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
