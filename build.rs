@@ -391,7 +391,7 @@ fn cuda_lib_dir() -> Option<PathBuf> {
 fn generate_bindings(source: &Path) {
     let include = source.join("include");
     let ggml_include = source.join("ggml/include");
-    let wrapper = "#include \"llama.h\"\n#include \"ggml.h\"\n#include \"ggml-backend.h\"\n";
+    let wrapper = "#include \"llama.h\"\n#include \"ggml.h\"\n#include \"ggml-backend.h\"\n#include \"ggml-cpu.h\"\n";
     let builder = bindgen::Builder::default()
         .header_contents("qfilters_wrapper.h", wrapper)
         .clang_arg(format!("-I{}", include.display()))

@@ -43,9 +43,7 @@ impl Default for CalibrationConfig {
             seq_len: 2048,
             samples: 3000,
             seed: 0,
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get() as i32)
-                .unwrap_or(4),
+            threads: crate::threads::default_threads(),
             n_batch: 512,
         }
     }

@@ -632,6 +632,7 @@ pub struct ContextParams {
     pub n_ctx: u32,
     /// Most tokens one `decode` call may carry.
     pub n_batch: u32,
+    /// CPU threads; with more than one, their polling level is [`crate::threads::poll`].
     pub threads: i32,
     /// `Some(true)` forces flash attention on, `Some(false)` off, `None` lets llama.cpp choose.
     pub flash_attn: Option<bool>,
@@ -642,13 +643,10 @@ pub struct ContextParams {
 
 impl Default for ContextParams {
     fn default() -> Self {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get() as i32)
-            .unwrap_or(4);
         Self {
             n_ctx: 4096,
             n_batch: 512,
-            threads,
+            threads: crate::threads::default_threads(),
             flash_attn: None,
             hook: true,
         }
@@ -658,6 +656,10 @@ impl Default for ContextParams {
 /// A llama.cpp context (one sequence) with the graph hook installed.
 pub struct Context {
     ptr: NonNull<sys::llama_context>,
+    /// Our own CPU threadpool (None with one thread: ggml then runs on the calling thread).
+    /// Declared after `ptr` so it is freed after the context that uses it; held only for that.
+    #[allow(dead_code)]
+    threadpool: Option<ThreadPool>,
     hook: Box<HookState>,
     model: Arc<Model>,
     n_batch: usize,
@@ -669,9 +671,32 @@ unsafe impl Send for Context {}
 
 impl Drop for Context {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from llama_init_from_model and is freed once; the hook box is freed
-        // after this (field drop order), so the callback never sees a dangling pointer.
+        // SAFETY: `ptr` came from llama_init_from_model and is freed once; the hook box and the
+        // threadpool are freed after this (field drop order), so neither the callback nor a
+        // worker ever sees a dangling pointer.
         unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// A ggml CPU threadpool, with the polling level qfilters chooses instead of ggml's default.
+struct ThreadPool(NonNull<sys::ggml_threadpool>);
+
+impl ThreadPool {
+    fn new(threads: i32, poll: u32) -> Option<ThreadPool> {
+        // SAFETY: plain-data parameters filled by ggml; ggml_threadpool_new copies them and
+        // returns null on failure.
+        unsafe {
+            let mut p = sys::ggml_threadpool_params_default(threads);
+            p.poll = poll.min(100);
+            NonNull::new(sys::ggml_threadpool_new(&mut p)).map(ThreadPool)
+        }
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_threadpool_new and freed once, after the context using it.
+        unsafe { sys::ggml_threadpool_free(self.0.as_ptr()) }
     }
 }
 
@@ -714,8 +739,20 @@ impl Context {
         let ptr = NonNull::new(raw).ok_or(Error::ContextCreate {
             n_ctx: params.n_ctx,
         })?;
+        // With more than one thread, attach a pool whose idle workers sleep instead of spinning
+        // (ggml's own pool polls): the one knob that keeps a busy machine usable.
+        let threadpool = if params.threads > 1 {
+            ThreadPool::new(params.threads, crate::threads::poll())
+        } else {
+            None
+        };
+        if let Some(pool) = &threadpool {
+            // SAFETY: valid context and pool; the pool outlives the context (drop order).
+            unsafe { sys::llama_attach_threadpool(ptr.as_ptr(), pool.0.as_ptr(), pool.0.as_ptr()) }
+        }
         Ok(Context {
             ptr,
+            threadpool,
             hook,
             model: Arc::clone(model),
             n_batch: params.n_batch as usize,

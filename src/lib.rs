@@ -21,5 +21,6 @@ pub mod generate;
 pub mod gguf_check;
 pub mod math;
 pub mod policy;
+pub mod threads;
 
 pub use error::{Error, Result};

@@ -41,9 +41,13 @@ pub struct ModelArgs {
         default_value_t = 0
     )]
     pub gpu_layers: i32,
-    /// Threads for llama.cpp (default: all cores).
+    /// Threads for llama.cpp (default: the physical cores that are idle at start, at least 1).
     #[arg(short = 't', long = "threads")]
     pub threads: Option<i32>,
+    /// How hard idle llama.cpp worker threads spin, 0-100 (llama.cpp's --poll; its default is
+    /// 50). 0 lets them sleep, which keeps a busy machine responsive.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub poll: u32,
     /// Show llama.cpp's own log.
     #[arg(long)]
     pub verbose: bool,
@@ -52,6 +56,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<Arc<Model>> {
         qfilters::ffi::set_verbose_log(self.verbose);
+        qfilters::threads::set_poll(self.poll);
         Model::load(
             &self.model,
             &ModelParams {
@@ -68,11 +73,7 @@ impl ModelArgs {
                     .ok()
                     .and_then(|v| v.parse().ok())
             })
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get() as i32)
-                    .unwrap_or(4)
-            })
+            .unwrap_or_else(qfilters::threads::default_threads)
     }
 }
 

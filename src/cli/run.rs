@@ -115,6 +115,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             "head_slices_moved": s.head_slices_moved,
             "budget": budget,
             "n_batch": args.policy.n_batch,
+            "threads": args.model.threads(),
             "window": args.policy.window,
             "sinks": args.policy.sinks,
             "granularity": format!("{:?}", args.policy.granularity).to_lowercase(),
