@@ -31,7 +31,10 @@ fn model_path() -> PathBuf {
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("qfilters-chat-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    let path = dir.join(name);
+    // The log is appended to: a file left by an earlier run would add its records.
+    let _ = std::fs::remove_file(&path);
+    path
 }
 
 /// Runs `qfilters chat` with `input` on stdin.

@@ -127,3 +127,27 @@ fn uniform_int(file: &GgufFile, key: &str) -> Result<Option<u64>, ModelError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_head_count_is_reported_as_such() {
+        let info = ModelInfo {
+            architecture: "llama".into(),
+            block_count: Some(2),
+            embedding_length: Some(64),
+            head_count: Some(0),
+            head_count_kv: Some(0),
+            head_dim: None,
+            context_length: None,
+            sliding_window: None,
+        };
+        let e = info.filter_shape().unwrap_err();
+        assert!(
+            e.to_string().contains("llama.attention.head_count is 0"),
+            "{e}"
+        );
+    }
+}

@@ -430,3 +430,28 @@ pub fn check_outputs(outputs: &[&Path], inputs: &[&Path], stdout_ok: bool) -> Re
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(threads: Option<i32>) -> ModelArgs {
+        ModelArgs {
+            model: PathBuf::from(DEFAULT_MODEL),
+            gpu_layers: 0,
+            threads,
+            verbose: false,
+        }
+    }
+
+    #[test]
+    fn threads_above_the_cores_are_clamped_and_zero_or_negative_refused() {
+        assert_eq!(args(Some(100_000)).threads(), available_cores());
+        assert!(args(Some(100_000)).check_threads().is_ok());
+        assert_eq!(args(Some(1)).threads(), 1);
+        for bad in [0, -1] {
+            let e = args(Some(bad)).check_threads().unwrap_err();
+            assert!(e.to_string().contains("threads"), "{e}");
+        }
+    }
+}
