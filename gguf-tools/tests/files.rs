@@ -63,47 +63,106 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn two_concurrent_embeds_to_one_output_never_corrupt_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, filters) = setup(dir.path());
-    let reference = dir.path().join("ref.gguf");
-    ok(&run(&[
-        "embed",
-        p(&model),
-        p(&filters),
-        "-o",
-        p(&reference),
-    ]));
-    let expected = fs::read(&reference).unwrap();
-    let out = dir.path().join("c.gguf");
-    for round in 0..4 {
-        let spawn = || {
-            bin()
-                .args(["embed", p(&model), p(&filters), "-o", p(&out)])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        };
-        let (a, b) = (spawn(), spawn());
-        let results = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+/// Runs `a` and, `delay` later, `b`, both writing the same output; waits for both.
+fn race(a: &[&str], b: &[&str], delay: std::time::Duration) -> [Output; 2] {
+    let spawn = |args: &[&str]| {
+        bin()
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = spawn(a);
+    std::thread::sleep(delay);
+    let second = spawn(b);
+    [
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    ]
+}
+
+/// Two writers of different content race for one output, started 0 to 80 ms apart (the old
+/// shared `OUT.tmp` mixed their bytes in most such rounds): each succeeds or fails with one
+/// line, at least one succeeds, and the output is exactly one single writer's result.
+fn check_race(dir: &Path, a: &[&str], b: &[&str], out: &Path, refs: [&[u8]; 2]) {
+    for ms in [0, 5, 10, 20, 40, 80] {
+        let results = race(a, b, std::time::Duration::from_millis(ms));
         let succeeded = results.iter().filter(|r| r.status.success()).count();
-        assert!(succeeded >= 1, "round {round}: neither writer succeeded");
+        assert!(succeeded >= 1, "{ms} ms: neither writer succeeded");
         for r in results.iter().filter(|r| !r.status.success()) {
             fails_with(r, "gguf-tools: ");
         }
+        let got = fs::read(out).unwrap();
         assert!(
-            fs::read(&out).unwrap() == expected,
-            "round {round}: the output differs from a single writer's"
+            got == refs[0] || got == refs[1],
+            "{ms} ms apart: the output is neither writer's file"
         );
-        ok(&run(&["inspect", p(&out)]));
-        assert!(
-            leftovers(dir.path()).is_empty(),
-            "{:?}",
-            leftovers(dir.path())
-        );
+        ok(&run(&["inspect", p(out)]));
+        assert!(leftovers(dir).is_empty(), "{:?}", leftovers(dir));
     }
+}
+
+#[test]
+fn two_concurrent_writers_to_one_output_never_corrupt_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, filters) = setup(dir.path());
+    let other = dir.path().join("m2.gguf");
+    ok(&run(&[
+        "synth",
+        "--shape",
+        "tiny",
+        "--vocab",
+        "65536",
+        "--seed",
+        "2",
+        "-o",
+        p(&other),
+    ]));
+    let refs: Vec<Vec<u8>> = [&model, &other]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let r = dir.path().join(format!("ref{i}.gguf"));
+            ok(&run(&["embed", p(m), p(&filters), "-o", p(&r)]));
+            fs::read(&r).unwrap()
+        })
+        .collect();
+    let out = dir.path().join("c.gguf");
+    check_race(
+        dir.path(),
+        &["embed", p(&model), p(&filters), "-o", p(&out)],
+        &["embed", p(&other), p(&filters), "-o", p(&out)],
+        &out,
+        [&refs[0], &refs[1]],
+    );
+    // synth writes while it generates, so the writers overlap longer.
+    let [s0, s1] = [fs::read(&model).unwrap(), fs::read(&other).unwrap()];
+    check_race(
+        dir.path(),
+        &[
+            "synth",
+            "--shape",
+            "tiny",
+            "--vocab",
+            "65536",
+            "-o",
+            p(&out),
+        ],
+        &[
+            "synth",
+            "--shape",
+            "tiny",
+            "--vocab",
+            "65536",
+            "--seed",
+            "2",
+            "-o",
+            p(&out),
+        ],
+        &out,
+        [&s0, &s1],
+    );
 }
 
 #[test]

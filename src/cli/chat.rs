@@ -66,6 +66,12 @@ const HELP: &str = "commands:
 Ctrl-C stops a reply.";
 
 pub fn run(args: ChatArgs) -> Result<()> {
+    let tty = std::io::stdin().is_terminal();
+    if tty {
+        // Ctrl-C stops a reply there; the temporary-file cleanup (installed by the first
+        // output check) must not make it end the program.
+        safe_io::leave_sigint_to_caller();
+    }
     check_sampling(args.temp, args.top_k, args.top_p)?;
     args.policy.check()?;
     let filters = args.policy.input_paths();
@@ -75,11 +81,6 @@ pub fn run(args: ChatArgs) -> Result<()> {
         // stdout carries the conversation, so the log needs a file of its own.
         let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
         check_outputs(&[log], &refs, false)?;
-    }
-    let tty = std::io::stdin().is_terminal();
-    if tty {
-        // Ctrl-C stops a reply there; it must not end the program from the write cleanup.
-        safe_io::leave_sigint_to_caller();
     }
     let model = args.model.load()?;
     let (template, notice) = ChatTemplate::resolve(&model, args.template.as_deref());
