@@ -186,7 +186,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         super::check_cells("--budget", b)?;
     }
     if let Some(out) = &args.json {
-        let filters: Vec<PathBuf> = args.filters.iter().cloned().collect();
+        let filters: Vec<PathBuf> = args
+            .filters
+            .iter()
+            .map(|f| gguf_tools::filters::resolve_file(f).unwrap_or_else(|_| f.clone()))
+            .collect();
         let mut inputs: Vec<&std::path::Path> = vec![&args.model.model];
         inputs.extend(filters.iter().map(PathBuf::as_path));
         super::check_outputs(&[out], &inputs, true)?;

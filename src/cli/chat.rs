@@ -217,11 +217,11 @@ impl Session {
                 true
             },
         );
-        if let Some(e) = closed {
-            return Err(Error::io("cannot write the reply to stdout", e));
-        }
         if let Some(b) = bar.borrow_mut().take() {
             b.finish();
+        }
+        if let Some(e) = closed {
+            return Err(Error::io("cannot write the reply to stdout", e));
         }
         let reply = result.map_err(|e| match e {
             Error::InvalidArgument(m) if self.chat.engine().budget().is_none() => {
