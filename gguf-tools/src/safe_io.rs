@@ -528,6 +528,12 @@ fn install_cleanup() {
         if !SIGINT_ELSEWHERE.load(Ordering::SeqCst) {
             signals.push(SIGINT);
         }
+        // A signal the process ignores (`nohup` ignores SIGHUP) must stay harmless.
+        let ignored = ignored_signals();
+        signals.retain(|&s| s < 1 || s > 64 || ignored & (1u64 << (s - 1)) == 0);
+        if signals.is_empty() {
+            return;
+        }
         let Ok(mut iter) = signal_hook::iterator::Signals::new(&signals) else {
             return;
         };
@@ -546,6 +552,21 @@ fn install_cleanup() {
             });
         drop(spawned);
     });
+}
+
+/// The mask of ignored signals (bit n-1 for signal n), from /proc/self/status on Linux; 0
+/// where it cannot be read.
+#[cfg(unix)]
+fn ignored_signals() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(not(unix))]

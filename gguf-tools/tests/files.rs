@@ -336,3 +336,37 @@ fn sigterm_during_a_write_removes_the_temporary_file() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn an_ignored_sighup_stays_ignored_while_writing() {
+    // `nohup` ignores SIGHUP; the temporary-file cleanup must not turn it back into an exit.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("big.gguf");
+    let script = format!(
+        "trap '' HUP; exec {} synth --shape 135m -o {}",
+        env!("CARGO_BIN_EXE_gguf-tools"),
+        p(&out)
+    );
+    let mut child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while leftovers(dir.path()).is_empty() {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "no temporary file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let st = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(out.is_file());
+}
