@@ -530,7 +530,7 @@ fn install_cleanup() {
         }
         // A signal the process ignores (`nohup` ignores SIGHUP) must stay harmless.
         let ignored = ignored_signals();
-        signals.retain(|&s| s < 1 || s > 64 || ignored & (1u64 << (s - 1)) == 0);
+        signals.retain(|&s| !(1..=64).contains(&s) || ignored & (1u64 << (s - 1)) == 0);
         if signals.is_empty() {
             return;
         }
