@@ -71,7 +71,7 @@ pub struct EvictionConfig {
 
 impl EvictionConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.budget < self.window + self.sinks + 1 {
+        if self.budget < self.window.saturating_add(self.sinks).saturating_add(1) {
             return Err(Error::invalid(format!(
                 "--budget {} is smaller than --window {} + --sinks {} + 1: raise the budget or shrink the window",
                 self.budget, self.window, self.sinks

@@ -37,7 +37,9 @@ impl std::str::FromStr for KeySource {
 pub struct EngineConfig {
     /// `None`: full cache of `capacity` cells, no eviction.
     pub eviction: Option<EvictionConfig>,
-    /// Cells the context must hold without eviction (used when `eviction` is None).
+    /// Without eviction: the cells the context must hold. With eviction: the most tokens the
+    /// job will ever feed (prompt + generated), which caps the context, since a cache never
+    /// holds more cells than tokens it was given; 0 = unknown (an open-ended chat).
     pub capacity: usize,
     pub n_batch: usize,
     pub threads: i32,
@@ -140,10 +142,20 @@ impl Engine {
             ev.validate()?;
         }
         let n_batch = cfg.n_batch.max(1);
-        // The budget plus one batch of new tokens, plus a margin for llama.cpp's slot search.
+        // The budget plus one batch of new tokens, plus a margin for llama.cpp's slot search;
+        // never more than the job's tokens (`run --budget 100000` on 9 tokens needs 9 cells).
+        let too_large = || Error::invalid("the KV budget plus the batch size is too large");
         let n_ctx = match (&cfg.eviction, evicting) {
-            (Some(ev), true) => ev.budget + n_batch + 16,
-            _ => cfg.capacity.max(1) + 1,
+            (Some(ev), true) => {
+                let most = ev.budget.checked_add(n_batch).ok_or_else(too_large)?;
+                let most = if cfg.capacity > 0 {
+                    most.min(cfg.capacity)
+                } else {
+                    most
+                };
+                most.checked_add(16).ok_or_else(too_large)?
+            }
+            _ => cfg.capacity.max(1).checked_add(1).ok_or_else(too_large)?,
         };
         // Models with sliding-window layers (Gemma 3) get a second, smaller KV cache for them,
         // which llama.cpp prunes by itself; only the full-attention layers may be tracked. They
@@ -158,7 +170,12 @@ impl Engine {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or(0);
         let n_ctx = if evicting && n_swa > 0 {
-            n_ctx.max(2 * (n_swa + n_batch) + 256)
+            n_swa
+                .checked_add(n_batch)
+                .and_then(|x| x.checked_mul(2))
+                .and_then(|x| x.checked_add(256))
+                .ok_or_else(too_large)?
+                .max(n_ctx)
         } else {
             n_ctx
         };

@@ -11,9 +11,7 @@ pub enum Error {
     NotGguf { path: PathBuf },
     #[error("llama.cpp could not load {path}: the file is truncated, corrupt or of an unsupported architecture (run with --verbose for llama.cpp's log)")]
     ModelLoad { path: PathBuf },
-    #[error(
-        "llama.cpp could not create a context of {n_ctx} cells: lower --budget or free memory"
-    )]
+    #[error("llama.cpp could not create a context of {n_ctx} cells: free memory or ask for a shorter context")]
     ContextCreate { n_ctx: u32 },
     #[error("llama_decode failed with code {code}: {hint}")]
     Decode { code: i32, hint: &'static str },
@@ -23,6 +21,8 @@ pub enum Error {
     Filters(#[from] gguf_tools::filters::FiltersError),
     #[error("{0}")]
     Edit(#[from] gguf_tools::edit::EditError),
+    #[error("{0}")]
+    File(#[from] gguf_tools::safe_io::FileError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("KV cache: {0}")]
@@ -49,6 +49,12 @@ impl Error {
 
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::InvalidArgument(message.into())
+    }
+
+    /// Whether this is a write to a closed pipe (`qfilters run … | head`): the reader has seen
+    /// enough, so the program stops quietly.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
     }
 }
 

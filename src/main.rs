@@ -44,6 +44,10 @@ fn main() {
         Command::Bench(args) => cli::bench::run(args),
     };
     if let Err(e) = result {
+        if e.is_broken_pipe() {
+            // The reader of stdout is gone (`| head`); that is how such a run ends.
+            std::process::exit(0);
+        }
         eprintln!("qfilters: {e}");
         std::process::exit(1);
     }

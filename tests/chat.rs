@@ -31,7 +31,10 @@ fn model_path() -> PathBuf {
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("qfilters-chat-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    let path = dir.join(name);
+    // The log is appended to: a file left by an earlier run would add its records.
+    let _ = std::fs::remove_file(&path);
+    path
 }
 
 /// Runs `qfilters chat` with `input` on stdin.
@@ -57,10 +60,13 @@ fn chat(args: &[&str], input: &[u8]) -> Output {
     out
 }
 
+/// The log is JSON Lines: one object per turn, each line complete.
 fn read_log(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).expect("json log written");
-    let value: serde_json::Value = serde_json::from_str(&text).expect("json log parses");
-    value.as_array().expect("json log is an array").clone()
+    assert!(text.ends_with('\n'), "every record ends its line");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("each log line parses"))
+        .collect()
 }
 
 fn num(record: &serde_json::Value, key: &str) -> f64 {

@@ -2,8 +2,7 @@
 //! verbatim. Tensor offsets are relative to the data section, so only the header changes;
 //! the data section (including its inner padding) is streamed byte for byte.
 
-use std::fs::{self, File};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -13,6 +12,7 @@ use crate::filters::{FiltersError, QFilters, KEY_PREFIX, SOURCE_CALIBRATED};
 use crate::gguf::{self, GgufError, GgufFile, Value};
 use crate::model::{ModelError, ModelInfo};
 use crate::progress::{bytes_bar, Throughput};
+use crate::safe_io::{self, AtomicFile, FileError};
 
 const COPY_CHUNK: usize = 1 << 20;
 
@@ -24,8 +24,8 @@ pub enum EditError {
     Filters(#[from] FiltersError),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("output {output} is the input file; choose a different -o path")]
-    SameFile { output: PathBuf },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{0} already has qfilters.* keys; pass --force to replace them, or `gguf-tools strip` them first")]
     AlreadyHasFilters(PathBuf),
     #[error("{0} has no qfilters.* keys; embed filters first with `gguf-tools embed`")]
@@ -54,7 +54,8 @@ pub fn embed(
     force: bool,
     progress: bool,
 ) -> Result<(QFilters, Throughput), EditError> {
-    refuse_same_file(model, out)?;
+    let filters_file = crate::filters::resolve_file(filters_path)?;
+    safe_io::check_output(out, &[model, &filters_file], false)?;
     let file = gguf::read(model)?;
     let filters = QFilters::load(filters_path)?;
     let [layers, heads, dim] = ModelInfo::from_gguf(&file)?.filter_shape()?;
@@ -78,7 +79,7 @@ pub fn embed(
 
 /// Removes exactly the `qfilters.*` keys, keeping everything else byte for byte.
 pub fn strip(model: &Path, out: &Path, progress: bool) -> Result<Throughput, EditError> {
-    refuse_same_file(model, out)?;
+    safe_io::check_output(out, &[model], false)?;
     let file = gguf::read(model)?;
     if !has_filters(&file) {
         return Err(EditError::NoFilters(model.to_path_buf()));
@@ -89,6 +90,7 @@ pub fn strip(model: &Path, out: &Path, progress: bool) -> Result<Throughput, Edi
 
 /// Writes the embedded filters in the published safetensors layout.
 pub fn extract(model: &Path, out: &Path) -> Result<QFilters, EditError> {
+    QFilters::check_save(out, &[model])?;
     let filters =
         QFilters::from_gguf(model)?.ok_or_else(|| EditError::NoFilters(model.to_path_buf()))?;
     filters.save(out)?;
@@ -107,40 +109,10 @@ fn without_filters(metadata: &[(String, Value)]) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// `OUT.tmp`, next to the output so the final rename stays on one file system.
-pub fn tmp_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    out.with_file_name(name)
-}
-
-/// Errors if writing `out` (or its temporary file) would clobber `input`.
+/// Errors if writing `out` would clobber `input` (same file through symlinks or hard links).
 pub fn refuse_same_file(input: &Path, out: &Path) -> Result<(), EditError> {
-    for candidate in [out.to_path_buf(), tmp_path(out)] {
-        if same_file(input, &candidate) {
-            return Err(EditError::SameFile {
-                output: out.to_path_buf(),
-            });
-        }
-    }
+    safe_io::check_output(out, &[input], false)?;
     Ok(())
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (fs::canonicalize(a), fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) if x == y => return true,
-        (Ok(_), Ok(_)) => {}
-        _ => return false,
-    }
-    // Hard links have different paths but are the same file.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let (Ok(x), Ok(y)) = (fs::metadata(a), fs::metadata(b)) {
-            return x.dev() == y.dev() && x.ino() == y.ino();
-        }
-    }
-    false
 }
 
 /// Writes `file` with new metadata to `out` via `OUT.tmp`, streaming the data section.
@@ -156,47 +128,34 @@ fn rewrite(
         metadata,
         ..file.clone()
     };
-    write_via_tmp(
-        out,
-        |tmp| write_tmp(src_path, file, &edited, tmp, progress, label),
-        |source| EditError::Write {
-            path: out.to_path_buf(),
-            source,
-        },
-    )
+    write_via_tmp(out, |tmp| {
+        write_tmp(src_path, file, &edited, tmp, out, progress, label)
+    })
 }
 
-/// Writes `out` through a temporary file beside it, renamed only when `write` succeeded, so a
-/// failed or interrupted run never leaves a half-written file under the final name.
-pub(crate) fn write_via_tmp<E>(
+/// Writes `out` through a temporary file beside it (see [`safe_io::AtomicFile`]), renamed
+/// only when `write` succeeded, so a failed or interrupted run never leaves a half-written
+/// file under the final name and keeps the previous one.
+pub(crate) fn write_via_tmp<E: From<FileError>>(
     out: &Path,
-    write: impl FnOnce(&Path) -> Result<u64, E>,
-    rename_error: impl FnOnce(std::io::Error) -> E,
+    write: impl FnOnce(&mut AtomicFile) -> Result<u64, E>,
 ) -> Result<Throughput, E> {
     let started = Instant::now();
-    let tmp = tmp_path(out);
-    let result = write(&tmp).and_then(|bytes| {
-        fs::rename(&tmp, out).map_err(rename_error)?;
-        Ok(bytes)
-    });
-    match result {
-        Ok(bytes) => Ok(Throughput {
-            bytes,
-            seconds: started.elapsed().as_secs_f64(),
-        }),
-        Err(e) => {
-            // Best effort: a half-written temporary file is useless to the user.
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    let mut tmp = AtomicFile::create(out)?;
+    let bytes = write(&mut tmp)?;
+    tmp.commit()?;
+    Ok(Throughput {
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 fn write_tmp(
     src_path: &Path,
     file: &GgufFile,
     edited: &GgufFile,
-    tmp: &Path,
+    w: &mut AtomicFile,
+    out: &Path,
     progress: bool,
     label: &str,
 ) -> Result<u64, EditError> {
@@ -205,15 +164,13 @@ fn write_tmp(
         source,
     };
     let write_err = |source| EditError::Write {
-        path: tmp.to_path_buf(),
+        path: out.to_path_buf(),
         source,
     };
-    let mut src = File::open(src_path).map_err(read_err)?;
+    let mut src = safe_io::open_input(src_path)?;
     src.seek(SeekFrom::Start(file.data_offset))
         .map_err(read_err)?;
-    let out = File::create(tmp).map_err(write_err)?;
-    let mut w = BufWriter::with_capacity(COPY_CHUNK, out);
-    let header_len = edited.write_header(&mut w).map_err(|e| match e {
+    let header_len = edited.write_header(w).map_err(|e| match e {
         GgufError::Io(source) => write_err(source),
         other => EditError::Gguf(other),
     })?;
@@ -237,8 +194,5 @@ fn write_tmp(
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    let out = w.into_inner().map_err(|e| write_err(e.into_error()))?;
-    // Data must be on disk before the rename makes the file visible under its final name.
-    out.sync_all().map_err(write_err)?;
     Ok(header_len + total)
 }

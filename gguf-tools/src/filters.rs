@@ -41,6 +41,8 @@ const MAX_FILE_BYTES: u64 = 256 << 20;
 
 #[derive(Debug, Error)]
 pub enum FiltersError {
+    #[error(transparent)]
+    File(#[from] crate::safe_io::FileError),
     #[error("cannot read {path}: {source}; check the path and permissions")]
     Read {
         path: PathBuf,
@@ -216,7 +218,8 @@ impl QFilters {
         if size > MAX_FILE_BYTES {
             return Err(FiltersError::TooLarge { path: file, size });
         }
-        let bytes = fs::read(&file).map_err(read_err)?;
+        // The length above is only a first check: special files report 0.
+        let bytes = crate::safe_io::read_input(&file, MAX_FILE_BYTES)?;
         let st_err = |e: safetensors::SafeTensorError| FiltersError::Safetensors {
             path: file.clone(),
             message: e.to_string(),
@@ -263,16 +266,7 @@ impl QFilters {
     /// `__metadata__`, and `config.json` in the same folder. `path` is the `.safetensors`
     /// file, or a folder that receives `model.safetensors`.
     pub fn save(&self, path: &Path) -> Result<(), FiltersError> {
-        let is_file = path.extension().is_some_and(|e| e == "safetensors");
-        let (dir, file) = if is_file {
-            let dir = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            (dir, path.to_path_buf())
-        } else {
-            (path.to_path_buf(), path.join(DEFAULT_FILE_NAME))
-        };
+        let (dir, file) = save_layout(path);
         let write_err = |p: &Path| {
             let p = p.to_path_buf();
             move |source| FiltersError::Write { path: p, source }
@@ -284,7 +278,7 @@ impl QFilters {
         }
 
         let bytes = safetensors_bytes(self.shape(), &self.data, &self.metadata, &self.source);
-        fs::write(&file, bytes).map_err(write_err(&file))?;
+        crate::safe_io::write_file(&file, &bytes)?;
 
         let config = Config {
             num_layers: self.num_layers,
@@ -295,7 +289,24 @@ impl QFilters {
             path: config_path.clone(),
             message: e.to_string(),
         })?;
-        fs::write(&config_path, json + "\n").map_err(write_err(&config_path))
+        crate::safe_io::write_file(&config_path, (json + "\n").as_bytes())?;
+        Ok(())
+    }
+
+    /// Everything [`save`](Self::save) to `path` can check before the work: the destinations
+    /// are regular files or absent, none is one of `inputs`, the folder can be made.
+    pub fn check_save(path: &Path, inputs: &[&Path]) -> Result<(), FiltersError> {
+        let (dir, file) = save_layout(path);
+        let config = dir.join(CONFIG_FILE_NAME);
+        crate::safe_io::check_output_in_folder(&dir, &[&file, &config], inputs)?;
+        Ok(())
+    }
+
+    /// The files [`save`](Self::save) writes for `path`: the .safetensors file and the
+    /// config.json beside it.
+    pub fn save_paths(path: &Path) -> [PathBuf; 2] {
+        let (dir, file) = save_layout(path);
+        [file, dir.join(CONFIG_FILE_NAME)]
     }
 
     /// The filters stored in a GGUF's `qfilters.*` keys, or `None` if it has none.
@@ -446,7 +457,21 @@ fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     }
 }
 
-fn resolve_file(path: &Path) -> Result<PathBuf, FiltersError> {
+/// The folder and .safetensors file that `save(path)` writes.
+fn save_layout(path: &Path) -> (PathBuf, PathBuf) {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        (dir, path.to_path_buf())
+    } else {
+        (path.to_path_buf(), path.join(DEFAULT_FILE_NAME))
+    }
+}
+
+/// The .safetensors file `path` names: itself, or the one in the folder it names.
+pub fn resolve_file(path: &Path) -> Result<PathBuf, FiltersError> {
     if !path.is_dir() {
         return Ok(path.to_path_buf());
     }
@@ -474,9 +499,11 @@ fn resolve_file(path: &Path) -> Result<PathBuf, FiltersError> {
 /// Parses a config.json; `None` if it is JSON but not a Q-Filters config (for example a
 /// model's own config.json sitting in the same folder).
 fn read_config(path: &Path) -> Result<Option<Config>, FiltersError> {
-    let text = fs::read_to_string(path).map_err(|source| FiltersError::Read {
+    // A config.json is a few lines; 1 MiB bounds a FIFO or device planted under that name.
+    let bytes = crate::safe_io::read_input(path, 1 << 20)?;
+    let text = String::from_utf8(bytes).map_err(|_| FiltersError::BadConfig {
         path: path.to_path_buf(),
-        source,
+        message: "not UTF-8".into(),
     })?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| FiltersError::BadConfig {

@@ -6,6 +6,7 @@
 //! - [`model`]: the hyper-parameters of a GGUF model that the filters must match.
 //! - [`synth`]: random-weight llama-architecture GGUFs for tests and benchmarks.
 //! - [`inspect`]: a human / JSON summary of a GGUF file.
+//! - [`safe_io`]: the one way both crates read inputs and write outputs (atomic, no links).
 
 #![forbid(unsafe_code)]
 
@@ -15,4 +16,5 @@ pub mod gguf;
 pub mod inspect;
 pub mod model;
 pub mod progress;
+pub mod safe_io;
 pub mod synth;

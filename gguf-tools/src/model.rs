@@ -11,6 +11,8 @@ pub enum ModelError {
     NoArchitecture,
     #[error("the model has no {0} key, which Q-Filters need; re-convert the model with a current llama.cpp")]
     MissingKey(String),
+    #[error("the model's {0} is 0; the file is corrupt")]
+    Zero(String),
     #[error(
         "{key} is a {found}, not an integer; the file is corrupt or from an unsupported converter"
     )]
@@ -65,6 +67,17 @@ impl ModelInfo {
 
     /// `[layers, kv heads, head dim]` that Q-Filters for this model must have.
     pub fn filter_shape(&self) -> Result<[usize; 3], ModelError> {
+        // A zero count is reported as such, not as the key derived from it being missing.
+        for (v, key) in [
+            (self.block_count, "block_count"),
+            (self.head_count, "attention.head_count"),
+            (self.head_count_kv, "attention.head_count_kv"),
+            (self.head_dim, "attention.key_length"),
+        ] {
+            if v == Some(0) {
+                return Err(ModelError::Zero(format!("{}.{key}", self.architecture)));
+            }
+        }
         let need = |v: Option<u64>, key: &str| -> Result<usize, ModelError> {
             v.and_then(|n| usize::try_from(n).ok())
                 .ok_or_else(|| ModelError::MissingKey(format!("{}.{key}", self.architecture)))
@@ -112,5 +125,29 @@ fn uniform_int(file: &GgufFile, key: &str) -> Result<Option<u64>, ModelError> {
             key: key.to_string(),
             values: array.preview(8).join(", "),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_head_count_is_reported_as_such() {
+        let info = ModelInfo {
+            architecture: "llama".into(),
+            block_count: Some(2),
+            embedding_length: Some(64),
+            head_count: Some(0),
+            head_count_kv: Some(0),
+            head_dim: None,
+            context_length: None,
+            sliding_window: None,
+        };
+        let e = info.filter_shape().unwrap_err();
+        assert!(
+            e.to_string().contains("llama.attention.head_count is 0"),
+            "{e}"
+        );
     }
 }

@@ -2,8 +2,7 @@
 //! benchmarks. Data is generated and written tensor by tensor in fixed-size chunks, so an
 //! 8B-shaped file needs no more memory than a tiny one.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -25,6 +24,8 @@ pub enum SynthError {
     BadShape(String),
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    File(#[from] crate::safe_io::FileError),
     #[error(
         "cannot write {path}: {source}; check that the folder is writable and the disk has room"
     )]
@@ -263,19 +264,14 @@ fn validate(s: &Shape, w: WeightType) -> Result<(), SynthError> {
 /// Writes the synthetic model to `out` (via `OUT.tmp`) and returns bytes written and time.
 pub fn write(opts: &SynthOptions, out: &Path, progress: bool) -> Result<Throughput, SynthError> {
     let file = plan(opts)?;
-    crate::edit::write_via_tmp(
-        out,
-        |tmp| write_file(opts, &file, tmp, progress),
-        |source| SynthError::Write {
-            path: out.to_path_buf(),
-            source,
-        },
-    )
+    crate::safe_io::check_output(out, &[], false)?;
+    crate::edit::write_via_tmp(out, |tmp| write_file(opts, &file, tmp, out, progress))
 }
 
 fn write_file(
     opts: &SynthOptions,
     file: &GgufFile,
+    w: &mut crate::safe_io::AtomicFile,
     path: &Path,
     progress: bool,
 ) -> Result<u64, SynthError> {
@@ -283,8 +279,6 @@ fn write_file(
         path: path.to_path_buf(),
         source,
     };
-    let f = File::create(path).map_err(werr)?;
-    let mut w = BufWriter::with_capacity(1 << 20, f);
     let header = file.header_bytes()?;
     w.write_all(&header).map_err(werr)?;
 
@@ -332,8 +326,6 @@ fn write_file(
         }
     }
     bar.finish_and_clear();
-    let f = w.into_inner().map_err(|e| werr(e.into_error()))?;
-    f.sync_all().map_err(werr)?;
     Ok(header.len() as u64 + written)
 }
 

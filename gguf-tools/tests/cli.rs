@@ -115,7 +115,7 @@ fn every_error_is_one_line_and_exit_1() {
     );
     fails_with(
         &run(&["embed", p(&model), p(&filters), "-o", p(&model)]),
-        "is the input file",
+        "is the input",
     );
     fails_with(&run(&["embed", p(&emb), p(&filters), "-o", o]), "--force");
     fails_with(
@@ -147,7 +147,17 @@ fn every_error_is_one_line_and_exit_1() {
     fails_with(&run(&["embed", p(&model)]), "required");
     fails_with(&run(&[]), "gguf-tools");
     assert!(!out_path.exists());
-    assert!(!d.join("o.gguf.tmp").exists());
+    let temps = std::fs::read_dir(d)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".tmp")
+        })
+        .count();
+    assert_eq!(temps, 0, "no temporary file is left");
 }
 
 #[test]

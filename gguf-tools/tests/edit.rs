@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use gguf_tools::edit::{self, EditError};
 use gguf_tools::filters::{FiltersError, QFilters};
 use gguf_tools::gguf::{self, Value};
+use gguf_tools::safe_io::FileError;
 use gguf_tools::synth::{self, SynthOptions, WeightType};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -87,7 +88,17 @@ fn embed_then_strip_gives_back_the_original_bytes() {
             emb.get("qfilters.calibration.samples"),
             Some(&Value::U32(64))
         );
-        assert!(!dir.path().join("embedded.gguf.tmp").exists());
+        let temps = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".tmp")
+            })
+            .count();
+        assert_eq!(temps, 0, "no temporary file is left");
 
         let stripped = dir.path().join("stripped.gguf");
         edit::strip(&embedded, &stripped, false).unwrap();
@@ -216,18 +227,27 @@ fn embed_refuses_to_overwrite_its_input() {
     let sneaky = dir.path().join(".").join("tiny.gguf");
     for out in [model.clone(), sneaky] {
         let err = edit::embed(&model, &folder, &out, true, false).unwrap_err();
-        assert!(matches!(err, EditError::SameFile { .. }), "{err}");
+        assert!(
+            matches!(err, EditError::File(FileError::OutputIsInput { .. })),
+            "{err}"
+        );
     }
     #[cfg(unix)]
     {
         let link = dir.path().join("link.gguf");
         std::os::unix::fs::symlink(&model, &link).unwrap();
         let err = edit::embed(&model, &folder, &link, true, false).unwrap_err();
-        assert!(matches!(err, EditError::SameFile { .. }), "{err}");
+        assert!(
+            matches!(err, EditError::File(FileError::OutputIsInput { .. })),
+            "{err}"
+        );
         let hard = dir.path().join("hard.gguf");
         fs::hard_link(&model, &hard).unwrap();
         let err = edit::strip(&hard, &model, false).unwrap_err();
-        assert!(matches!(err, EditError::SameFile { .. }), "{err}");
+        assert!(
+            matches!(err, EditError::File(FileError::OutputIsInput { .. })),
+            "{err}"
+        );
     }
     assert_eq!(fs::read(&model).unwrap(), before);
 }

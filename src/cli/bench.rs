@@ -124,7 +124,9 @@ impl BenchArgs {
         } else {
             None
         };
-        pargs.engine_with_filters(&self.model, model, budget, filters)
+        // The workload's tokens cap the context, as in `run`.
+        let job = self.prompt.saturating_add(self.gen).saturating_add(1);
+        pargs.engine_with_filters(&self.model, model, job, filters)
     }
 
     /// The hook-off engine: full cache of `capacity` cells, no callback at all.
@@ -177,6 +179,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Err(Error::invalid(
             "bench measures an eviction policy against the hook-off full cache: pick --policy qfilters, knorm, streaming or random",
         ));
+    }
+    super::check_cells("--prompt", args.prompt)?;
+    super::check_cells("--gen", args.gen)?;
+    if let Some(b) = args.budget {
+        super::check_cells("--budget", b)?;
+    }
+    if let Some(out) = &args.json {
+        let filters: Vec<PathBuf> = args
+            .filters
+            .iter()
+            .map(|f| gguf_tools::filters::resolve_file(f).unwrap_or_else(|_| f.clone()))
+            .collect();
+        let mut inputs: Vec<&std::path::Path> = vec![&args.model.model];
+        inputs.extend(filters.iter().map(PathBuf::as_path));
+        super::check_outputs(&[out], &inputs, true)?;
     }
     let model = args.model.load()?;
     let prompt = bench::synthetic_prompt(&model, args.prompt, args.seed)?;

@@ -41,13 +41,21 @@ pub struct CalibrateArgs {
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
     let start = Instant::now();
+    super::check_cells("--seq-len", args.seq_len)?;
+    // Every output is checked before the slow part: writable, not an input, not each other
+    // (`-o x.safetensors --embed x.safetensors` would overwrite the filters with the model).
+    let mut inputs: Vec<&Path> = vec![&args.model.model];
+    inputs.extend(args.text.iter().map(PathBuf::as_path));
+    QFilters::check_save(&args.output, &inputs)?;
+    if let Some(embed) = &args.embed {
+        let [st, config] = QFilters::save_paths(&args.output);
+        gguf_tools::safe_io::check_distinct(&[&st, &config, embed])?;
+        gguf_tools::safe_io::check_output(embed, &inputs, false)?;
+    }
     // Read every input before the slow part, so a typo fails at once.
     let mut texts = Vec::with_capacity(args.text.len());
     for path in &args.text {
         texts.push(read_text(path)?);
-    }
-    if let Some(embed) = &args.embed {
-        gguf_tools::edit::refuse_same_file(&args.model.model, embed)?;
     }
     let model = args.model.load()?;
     let mut tokens = Vec::new();
@@ -64,9 +72,11 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
+    // A window longer than the tokens at hand would only allocate cells nobody fills.
+    let seq_len = args.seq_len.min(args.tokens.min(tokens.len()).max(2));
     let cfg = CalibrationConfig {
         tokens: args.tokens,
-        seq_len: args.seq_len,
+        seq_len,
         samples: args.samples,
         seed: args.seed,
         threads: args.model.threads(),
@@ -88,7 +98,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         (META_TOKENS, cal.tokens.to_string()),
         (META_SAMPLES, cal.samples.to_string()),
         ("seed", args.seed.to_string()),
-        ("seq_len", args.seq_len.to_string()),
+        ("seq_len", seq_len.to_string()),
         ("tool", format!("qfilters {}", env!("CARGO_PKG_VERSION"))),
     ] {
         filters.metadata.insert(k.to_string(), v);

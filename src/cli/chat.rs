@@ -19,7 +19,9 @@ use qfilters::ffi::{Model, Sampler, SamplingParams};
 use qfilters::generate::Stop;
 use qfilters::{Error, Result};
 
-use super::{write_json, ModelArgs, PolicyArgs, Progress};
+use gguf_tools::safe_io::{self, AppendLog};
+
+use super::{check_outputs, check_sampling, ModelArgs, PolicyArgs, Progress};
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
@@ -44,7 +46,7 @@ pub struct ChatArgs {
     /// or Jinja source. Default: the model's own (GGUF tokenizer.chat_template), else chatml.
     #[arg(long)]
     pub template: Option<String>,
-    /// Write per-turn statistics as a JSON array, rewritten after each turn.
+    /// Append per-turn statistics to this file as JSON Lines (one object per turn).
     #[arg(long = "json-log")]
     pub json_log: Option<PathBuf>,
     /// Print the formatted prompt of a first turn with this message, and exit (for tests).
@@ -64,6 +66,22 @@ const HELP: &str = "commands:
 Ctrl-C stops a reply.";
 
 pub fn run(args: ChatArgs) -> Result<()> {
+    let tty = std::io::stdin().is_terminal();
+    if tty {
+        // Ctrl-C stops a reply there; the temporary-file cleanup (installed by the first
+        // output check) must not make it end the program.
+        safe_io::leave_sigint_to_caller();
+    }
+    check_sampling(args.temp, args.top_k, args.top_p)?;
+    args.policy.check()?;
+    let filters = args.policy.input_paths();
+    let mut inputs: Vec<PathBuf> = vec![args.model.model.clone()];
+    inputs.extend(filters);
+    if let Some(log) = &args.json_log {
+        // stdout carries the conversation, so the log needs a file of its own.
+        let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        check_outputs(&[log], &refs, false)?;
+    }
     let model = args.model.load()?;
     let (template, notice) = ChatTemplate::resolve(&model, args.template.as_deref());
     if let Some(n) = notice {
@@ -83,7 +101,13 @@ pub fn run(args: ChatArgs) -> Result<()> {
         // The full cache is --budget cells; llama.cpp refuses batches larger than its context.
         policy.n_batch = policy.n_batch.min(policy.budget.max(1));
     }
-    let engine = policy.engine(&args.model, &model, policy.budget, false)?;
+    // A conversation has no known length: a bounded cache is sized by its budget alone.
+    let capacity = if policy.policy == "none" {
+        policy.budget
+    } else {
+        0
+    };
+    let engine = policy.engine(&args.model, &model, capacity, false)?;
     let sampler = Sampler::new(&SamplingParams {
         temperature: args.temp,
         top_k: args.top_k,
@@ -94,11 +118,14 @@ pub fn run(args: ChatArgs) -> Result<()> {
         chat: Chat::new(engine, sampler, template, args.system.clone()),
         policy: policy.policy.clone(),
         n_predict: args.n_predict,
-        json_log: args.json_log.clone(),
-        log: Vec::new(),
+        json_log: args.json_log.as_deref().map(AppendLog::open).transpose()?,
+        inputs: inputs
+            .into_iter()
+            .chain(args.json_log.iter().cloned())
+            .collect(),
         interrupted: Arc::new(AtomicBool::new(false)),
     };
-    if std::io::stdin().is_terminal() {
+    if tty {
         interactive(&mut session, &args)
     } else {
         piped(&mut session)
@@ -129,8 +156,9 @@ struct Session {
     chat: Chat,
     policy: String,
     n_predict: usize,
-    json_log: Option<PathBuf>,
-    log: Vec<serde_json::Value>,
+    json_log: Option<AppendLog>,
+    /// Files /save must not overwrite: the model, the filters, the log.
+    inputs: Vec<PathBuf>,
     interrupted: Arc<AtomicBool>,
 }
 
@@ -165,6 +193,8 @@ impl Session {
         let flag = Arc::clone(&self.interrupted);
         // Shown while a long message is decoded, cleared when the reply starts.
         let bar: RefCell<Option<Progress>> = RefCell::new(None);
+        // A closed stdout ends the reply and then the program: nobody reads the rest.
+        let mut closed: Option<std::io::Error> = None;
         let result = self.chat.turn(
             message,
             self.n_predict,
@@ -180,13 +210,18 @@ impl Session {
                 if flag.load(Ordering::SeqCst) {
                     return false;
                 }
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
+                if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
+                    closed = Some(e);
+                    return false;
+                }
                 true
             },
         );
         if let Some(b) = bar.borrow_mut().take() {
             b.finish();
+        }
+        if let Some(e) = closed {
+            return Err(Error::io("cannot write the reply to stdout", e));
         }
         let reply = result.map_err(|e| match e {
             Error::InvalidArgument(m) if self.chat.engine().budget().is_none() => {
@@ -196,22 +231,22 @@ impl Session {
             }
             e => e,
         })?;
-        if tty {
-            if reply.stop == Stop::Interrupted {
-                let _ = writeln!(out, "\n[interrupted]");
-            } else {
-                let _ = writeln!(out);
-            }
+        let end = if !tty {
+            "\n\n"
+        } else if reply.stop == Stop::Interrupted {
+            "\n[interrupted]\n"
         } else {
-            let _ = writeln!(out, "\n");
-        }
-        let _ = out.flush();
+            "\n"
+        };
+        out.write_all(end.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| Error::io("cannot write the reply to stdout", e))?;
         self.record(message, &reply)?;
         Ok(reply)
     }
 
     fn record(&mut self, message: &str, reply: &Reply) -> Result<()> {
-        let Some(path) = &self.json_log else {
+        let Some(log) = &mut self.json_log else {
             return Ok(());
         };
         let mut value =
@@ -221,8 +256,11 @@ impl Session {
             obj.insert("user".into(), message.into());
             obj.insert("reply".into(), reply.text.clone().into());
         }
-        self.log.push(value);
-        write_json(path, &serde_json::Value::Array(self.log.clone()))
+        // One line per turn, appended: a long chat costs O(turns) I/O, and a crash loses at
+        // most the turn being written.
+        let line = serde_json::to_string(&value).map_err(|e| Error::invalid(e.to_string()))?;
+        log.append_line(&line)?;
+        Ok(())
     }
 
     fn stats_line(&self) -> String {
@@ -266,8 +304,10 @@ impl Session {
                 if arg.is_empty() {
                     return Err(Error::invalid("/save needs a file name"));
                 }
-                std::fs::write(arg, self.chat.transcript_markdown())
-                    .map_err(|e| Error::io(format!("cannot write {arg}"), e))?;
+                let path = Path::new(arg);
+                let inputs: Vec<&Path> = self.inputs.iter().map(PathBuf::as_path).collect();
+                safe_io::check_output(path, &inputs, false)?;
+                safe_io::write_file(path, self.chat.transcript_markdown().as_bytes())?;
                 let _ = writeln!(out, "[saved to {arg}]");
             }
             _ => {
@@ -372,6 +412,9 @@ fn interactive(session: &mut Session, args: &ChatArgs) -> Result<()> {
             Line::Message(m) => session.send(&m, &mut out, true).map(|_| ()),
         };
         if let Err(e) = result {
+            if e.is_broken_pipe() {
+                return Err(e);
+            }
             let _ = writeln!(out);
             eprintln!("qfilters: {e}");
             if session.chat.needs_reset() {

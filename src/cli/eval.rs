@@ -13,7 +13,7 @@ use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::windowed_mean;
 use qfilters::{Error, Result};
 
-use super::{read_text, write_json, ModelArgs, PolicyArgs};
+use super::{check_cells, check_outputs, read_text, write_json, ModelArgs, PolicyArgs};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -334,7 +334,31 @@ fn check_lists(sweep: &SweepArgs) -> Result<()> {
 }
 
 fn write_svg(path: &std::path::Path, svg: &str) -> Result<()> {
-    std::fs::write(path, svg).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+    gguf_tools::safe_io::write_file(path, svg.as_bytes())?;
+    Ok(())
+}
+
+/// Checks --json and --plot before the sweep: writable, not an input, not each other.
+fn check_eval_outputs(
+    json: &Option<PathBuf>,
+    plot: &Option<PathBuf>,
+    model: &ModelArgs,
+    text: &std::path::Path,
+    sweep: &SweepArgs,
+) -> Result<()> {
+    let outputs: Vec<&std::path::Path> = json
+        .iter()
+        .chain(plot.iter())
+        .map(|p| p.as_path())
+        .collect();
+    let filters: Vec<PathBuf> = sweep
+        .filters
+        .iter()
+        .map(|f| gguf_tools::filters::resolve_file(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let mut inputs: Vec<&std::path::Path> = vec![&model.model, text];
+    inputs.extend(filters.iter().map(PathBuf::as_path));
+    check_outputs(&outputs, &inputs, true)
 }
 
 fn model_name(model: &ModelArgs) -> String {
@@ -347,6 +371,11 @@ fn model_name(model: &ModelArgs) -> String {
 
 fn run_ppl(args: PplArgs) -> Result<()> {
     check_lists(&args.sweep)?;
+    check_cells("--tokens", args.tokens)?;
+    for &b in &args.budget {
+        check_cells("--budget", b)?;
+    }
+    check_eval_outputs(&args.json, &args.plot, &args.model, &args.text, &args.sweep)?;
     let chunk = args.sweep.chunk.unwrap_or(16);
     let model = args.model.load()?;
     let text = read_text(&args.text)?;
@@ -457,6 +486,22 @@ fn run_passkey(args: PasskeyArgs) -> Result<()> {
     if args.ratio.iter().any(|&r| !(r.is_finite() && r >= 1.0)) {
         return Err(Error::invalid("--ratio values must be at least 1"));
     }
+    for &len in &args.lengths {
+        check_cells("--lengths", len)?;
+    }
+    for &b in &args.budget {
+        check_cells("--budget", b)?;
+    }
+    if args.depths.iter().any(|d| !(0.0..=1.0).contains(d)) {
+        return Err(Error::invalid("--depths values must be between 0 and 1"));
+    }
+    check_eval_outputs(
+        &args.json,
+        &args.plot,
+        &args.model,
+        &args.filler,
+        &args.sweep,
+    )?;
     let model = args.model.load()?;
     let filler = read_text(&args.filler)?;
     // Settings: budgets, or ratios (resolved per length), or the full cache only.

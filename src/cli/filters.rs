@@ -65,6 +65,9 @@ fn check(args: CheckArgs) -> Result<()> {
             format!("embedded in {}", args.model.model.display()),
         ),
     };
+    if let Some(w) = super::magnitude_warning(&filters) {
+        eprintln!("qfilters: {w}");
+    }
     let mut tokens = model.tokenize(&text, true, false)?;
     tokens.truncate(args.tokens);
     if tokens.len() < args.tokens {

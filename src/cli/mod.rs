@@ -55,6 +55,13 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Arc<Model>> {
+        self.check_threads()?;
+        if self.gpu_layers > 0 && !cfg!(feature = "cuda") {
+            eprintln!(
+                "qfilters: --gpu-layers {} ignored: this build has no GPU backend (build with --features cuda)",
+                self.gpu_layers
+            );
+        }
         qfilters::ffi::set_verbose_log(self.verbose);
         qfilters::threads::set_poll(self.poll);
         Model::load(
@@ -65,16 +72,87 @@ impl ModelArgs {
         )
     }
 
+    /// The thread count for llama.cpp: -t, else QFILTERS_THREADS, else the default; more than
+    /// the cores is clamped. `check_threads` (run by `load`) has refused bad values already.
     pub fn threads(&self) -> i32 {
-        // QFILTERS_THREADS sets the default for scripts and tests that run several processes.
-        self.threads
-            .or_else(|| {
-                std::env::var("QFILTERS_THREADS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or_else(qfilters::threads::default_threads)
+        match self.requested_threads() {
+            Ok(Some(n)) => n.min(available_cores()),
+            _ => qfilters::threads::default_threads(),
+        }
     }
+
+    /// -t, else QFILTERS_THREADS (set by scripts and tests that run several processes).
+    fn requested_threads(&self) -> Result<Option<i32>> {
+        if let Some(n) = self.threads {
+            return Ok(Some(n));
+        }
+        match std::env::var("QFILTERS_THREADS") {
+            Ok(v) => v.trim().parse::<i32>().map(Some).map_err(|_| {
+                Error::invalid(format!(
+                    "QFILTERS_THREADS={v:?} is not a number of threads (1 to {})",
+                    available_cores()
+                ))
+            }),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(_) => Err(Error::invalid("QFILTERS_THREADS is not valid UTF-8")),
+        }
+    }
+
+    /// Refuses 0, negative and non-numeric thread counts; notes once when more than the cores
+    /// were asked for (they would only contend: llama.cpp's workers spin while they wait).
+    pub fn check_threads(&self) -> Result<()> {
+        let cores = available_cores();
+        match self.requested_threads()? {
+            Some(n) if n < 1 => Err(Error::invalid(format!(
+                "{n} threads: give 1 to {cores} (-t or QFILTERS_THREADS)"
+            ))),
+            Some(n) if n > cores => {
+                eprintln!("qfilters: {n} threads asked for, this machine has {cores} cores: using {cores}");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Cores this process may use.
+pub fn available_cores() -> i32 {
+    i32::try_from(qfilters::threads::available_cpus()).unwrap_or(i32::MAX)
+}
+
+/// Most KV cells a budget may name: far above any model's trained context, far below the
+/// sizes whose arithmetic overflows (llama.cpp counts cells in 32 bits).
+pub const MAX_CELLS: usize = 1 << 24;
+
+/// Refuses a cell count (budget, length) above [`MAX_CELLS`].
+pub fn check_cells(what: &str, n: usize) -> Result<()> {
+    if n > MAX_CELLS {
+        return Err(Error::invalid(format!(
+            "{what} {n} is too large: at most {MAX_CELLS} cells"
+        )));
+    }
+    Ok(())
+}
+
+/// Sampling parameters llama.cpp's samplers accept: a finite temperature ≥ 0 (0 greedy),
+/// top-k ≥ 0 (0 off), top-p in (0, 1].
+pub fn check_sampling(temp: f32, top_k: i32, top_p: f32) -> Result<()> {
+    if !(temp.is_finite() && temp >= 0.0) {
+        return Err(Error::invalid(format!(
+            "--temp {temp}: give a finite temperature of at least 0 (0 is greedy)"
+        )));
+    }
+    if top_k < 0 {
+        return Err(Error::invalid(format!(
+            "--top-k {top_k}: give 0 (off) or more"
+        )));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(Error::invalid(format!(
+            "--top-p {top_p}: give a value above 0 and at most 1"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -129,24 +207,36 @@ impl PolicyArgs {
         quiet: bool,
     ) -> Result<Option<Arc<QFilters>>> {
         let info = policy::lookup(&self.policy)?;
+        if !info.needs_filters {
+            // Loading them would only announce filters that change nothing.
+            if self.filters.is_some() && !quiet {
+                eprintln!(
+                    "qfilters: --filters ignored: policy {} does not use filters",
+                    self.policy
+                );
+            }
+            return Ok(None);
+        }
         let filters = match &self.filters {
             Some(path) => Some((
                 QFilters::load(path)?,
                 format!("filters from {}", path.display()),
             )),
-            None if info.needs_filters => QFilters::from_gguf(model_path)?.map(|f| {
+            None => QFilters::from_gguf(model_path)?.map(|f| {
                 (
                     f,
                     format!("the Q-Filters embedded in {}", model_path.display()),
                 )
             }),
-            None => None,
         };
         let filters = match filters {
             Some((f, origin)) => {
                 f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
                 if !quiet {
                     eprintln!("qfilters: using {origin}");
+                    if let Some(w) = magnitude_warning(&f) {
+                        eprintln!("qfilters: {w}");
+                    }
                 }
                 Some(f)
             }
@@ -155,7 +245,36 @@ impl PolicyArgs {
         Ok(filters.map(Arc::new))
     }
 
-    /// The engine for this policy; `capacity` is the full-cache size for policy `none`.
+    /// Refuses knobs whose arithmetic would overflow or that no job can use.
+    pub fn check(&self) -> Result<()> {
+        check_cells("--budget", self.budget)?;
+        check_cells("--window", self.window)?;
+        check_cells("--sinks", self.sinks)?;
+        check_cells("--slack", self.slack)?;
+        check_cells("--batch", self.n_batch)?;
+        if self.n_batch == 0 {
+            return Err(Error::invalid("--batch must be at least 1"));
+        }
+        if !(self.recency.is_finite() && self.recency >= 0.0) {
+            return Err(Error::invalid(format!(
+                "--recency {}: give a finite value of at least 0 (0 turns it off)",
+                self.recency
+            )));
+        }
+        Ok(())
+    }
+
+    /// The files this policy reads besides the model (for the same-file checks): --filters,
+    /// or the .safetensors file inside the folder it names.
+    pub fn input_paths(&self) -> Vec<PathBuf> {
+        self.filters
+            .iter()
+            .map(|f| gguf_tools::filters::resolve_file(f).unwrap_or_else(|_| f.clone()))
+            .collect()
+    }
+
+    /// The engine for this policy; `capacity` is the full-cache size for policy `none`, and for
+    /// evicting policies the most tokens the job feeds (0: unknown), which caps the context.
     pub fn engine(
         &self,
         margs: &ModelArgs,
@@ -184,6 +303,7 @@ impl PolicyArgs {
                 recency: self.recency,
             },
         )?;
+        self.check()?;
         let eviction = if self.policy == "none" {
             None
         } else {
@@ -196,9 +316,7 @@ impl PolicyArgs {
                 slack: self.slack,
             })
         };
-        if self.n_batch == 0 {
-            return Err(Error::invalid("--batch must be at least 1"));
-        }
+        let evicting = eviction.is_some();
         Engine::new(
             model,
             scorer,
@@ -212,7 +330,40 @@ impl PolicyArgs {
                 hook: true,
             },
         )
+        .map_err(|e| match e {
+            // Only commands with a --budget can be told to lower it.
+            Error::ContextCreate { .. } if evicting => {
+                Error::invalid(format!("{e}: lower --budget"))
+            }
+            e => e,
+        })
     }
+}
+
+/// A warning for filters that pass the finiteness check but score nothing sensible: a zero,
+/// denormal or huge direction makes every key's score 0, noise, or overflow.
+pub fn magnitude_warning(f: &QFilters) -> Option<String> {
+    let [layers, heads, _] = f.shape();
+    let mut bad = Vec::new();
+    for l in 0..layers {
+        for h in 0..heads {
+            let v = f.filter(l, h);
+            let norm = v
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt();
+            if !(1e-6..=1e4).contains(&norm) {
+                bad.push(format!("layer {l} head {h} (norm {norm:.3e})"));
+            }
+        }
+    }
+    let first = bad.first()?;
+    Some(format!(
+        "{} of {} filter vectors have a norm outside 1e-6..1e4, e.g. {first}: their scores are meaningless; recalibrate with `qfilters calibrate`",
+        bad.len(),
+        layers * heads
+    ))
 }
 
 /// A progress bar on stderr for long inputs, only when stderr is a terminal.
@@ -251,15 +402,54 @@ impl Progress {
     }
 }
 
+/// Largest text file read (prompt, calibration text, filler): a bound that holds whatever
+/// the file's length says (a device or procfs file reports 0).
+pub const MAX_TEXT_BYTES: u64 = 256 << 20;
+
 pub fn read_text(path: &Path) -> Result<String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    let bytes = gguf_tools::safe_io::read_input(path, MAX_TEXT_BYTES)?;
     String::from_utf8(bytes)
         .map_err(|_| Error::invalid(format!("{} is not UTF-8 text", path.display())))
 }
 
+/// Writes `value` to `path` atomically, or to standard output if `path` is `-`.
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))?;
-    std::fs::write(path, text + "\n")
-        .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+    gguf_tools::safe_io::write_file(path, (text + "\n").as_bytes())?;
+    Ok(())
+}
+
+/// Checks, before the work, that every output can be written and is neither an input nor
+/// another output; `-` (standard output) is allowed where `stdout_ok`.
+pub fn check_outputs(outputs: &[&Path], inputs: &[&Path], stdout_ok: bool) -> Result<()> {
+    gguf_tools::safe_io::check_distinct(outputs)?;
+    for out in outputs {
+        gguf_tools::safe_io::check_output(out, inputs, stdout_ok)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(threads: Option<i32>) -> ModelArgs {
+        ModelArgs {
+            model: PathBuf::from(DEFAULT_MODEL),
+            gpu_layers: 0,
+            threads,
+            verbose: false,
+        }
+    }
+
+    #[test]
+    fn threads_above_the_cores_are_clamped_and_zero_or_negative_refused() {
+        assert_eq!(args(Some(100_000)).threads(), available_cores());
+        assert!(args(Some(100_000)).check_threads().is_ok());
+        assert_eq!(args(Some(1)).threads(), 1);
+        for bad in [0, -1] {
+            let e = args(Some(bad)).check_threads().unwrap_err();
+            assert!(e.to_string().contains("threads"), "{e}");
+        }
+    }
 }

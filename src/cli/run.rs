@@ -10,7 +10,9 @@ use qfilters::ffi::{Sampler, SamplingParams};
 use qfilters::generate::generate;
 use qfilters::{Error, Result};
 
-use super::{read_text, write_json, ModelArgs, PolicyArgs, Progress};
+use super::{
+    check_outputs, check_sampling, read_text, write_json, ModelArgs, PolicyArgs, Progress,
+};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -38,12 +40,23 @@ pub struct RunArgs {
     /// chat template's output needs.
     #[arg(long)]
     pub special: bool,
-    /// Write the run's statistics as JSON.
+    /// Write the run's statistics as JSON (`-`: standard output, after the completion).
     #[arg(long = "json-stats")]
     pub json_stats: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    check_sampling(args.temp, args.top_k, args.top_p)?;
+    args.policy.check()?;
+    super::check_cells("--n-predict", args.n_predict)?;
+    // The stats file is checked now, not after the generation it would report.
+    if let Some(out) = &args.json_stats {
+        let filters = args.policy.input_paths();
+        let mut inputs: Vec<&std::path::Path> = vec![&args.model.model];
+        inputs.extend(filters.iter().map(|p| p.as_path()));
+        inputs.extend(args.file.as_deref());
+        check_outputs(&[out], &inputs, true)?;
+    }
     let text = match (&args.prompt, &args.file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => read_text(f)?,
@@ -67,6 +80,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut pending: Vec<u8> = Vec::new();
+    // A closed stdout (`| head`) stops the generation: nobody reads the rest.
+    let mut closed: Option<std::io::Error> = None;
     let (generated, _stop) = generate(
         &mut engine,
         &mut sampler,
@@ -81,15 +96,23 @@ pub fn run(args: RunArgs) -> Result<()> {
                 Ok(_) => pending.len(),
                 Err(e) => e.valid_up_to(),
             };
-            let _ = out.write_all(&pending[..valid]);
-            let _ = out.flush();
+            if let Err(e) = out.write_all(&pending[..valid]).and_then(|()| out.flush()) {
+                closed = Some(e);
+                return false;
+            }
             pending.drain(..valid);
             true
         },
     )?;
     progress.finish();
-    let _ = out.write_all(&pending);
-    let _ = writeln!(out);
+    if let Some(e) = closed {
+        return Err(Error::io("cannot write the completion to stdout", e));
+    }
+    out.write_all(&pending)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush())
+        .map_err(|e| Error::io("cannot write the completion to stdout", e))?;
+    drop(out);
     let s = engine.stats();
     let budget = engine.budget();
     eprintln!(

@@ -6,6 +6,8 @@ use thiserror::Error;
 /// found and what the user can do about it.
 #[derive(Debug, Error)]
 pub enum GgufError {
+    #[error(transparent)]
+    File(#[from] crate::safe_io::FileError),
     #[error("cannot open {path}: {source}; check the path and permissions")]
     Open {
         path: PathBuf,

@@ -3,7 +3,6 @@
 //! multiple of the file size.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::{BufReader, ErrorKind, Read};
 use std::path::Path;
 
@@ -17,7 +16,10 @@ pub fn read(path: &Path) -> Result<GgufFile, GgufError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(open)?;
+    let file = crate::safe_io::open_input(path).map_err(|e| match e {
+        crate::safe_io::FileError::Read { source, .. } => open(source),
+        other => GgufError::File(other),
+    })?;
     let len = file.metadata().map_err(open)?.len();
     read_from(BufReader::with_capacity(1 << 16, file), len)
 }
