@@ -599,6 +599,31 @@ fn terminal_session_in_tmux() {
     tmux.type_line("Thanks.");
     tmux.wait("a reply after the interruption", 60, |s| prompts(s) >= 6);
 
+    // /save asks before it overwrites a file; anything but yes keeps the file.
+    let md = tmp("tmux-save.md");
+    std::fs::write(&md, "keep me").expect("write");
+    let save = format!("/save {}", md.display());
+    let question = "exists: overwrite it? [y/N]";
+    tmux.type_line(&save);
+    tmux.wait("the overwrite question", 30, |s| {
+        s.matches(question).count() >= 1
+    });
+    tmux.type_line("n");
+    tmux.wait("the refusal", 30, |s| {
+        s.contains("[not saved]") && prompts(s) >= 7
+    });
+    assert_eq!(std::fs::read_to_string(&md).expect("read"), "keep me");
+    tmux.type_line(&save);
+    tmux.wait("the question again", 30, |s| {
+        s.matches(question).count() >= 2
+    });
+    tmux.type_line("y");
+    tmux.wait("the save", 30, |s| {
+        s.contains("[saved to") && prompts(s) >= 8
+    });
+    let saved = std::fs::read_to_string(&md).expect("read");
+    assert!(saved.contains("**User:** Thanks."), "{saved}");
+
     tmux.type_line("/quit");
     let s = tmux.wait("a clean exit", 30, |s| s.contains("CHAT-EXIT="));
     assert!(s.contains("CHAT-EXIT=0"), "exit status 0:\n{s}");
