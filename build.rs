@@ -68,8 +68,23 @@ fn main() {
         Some(dir) => PathBuf::from(dir),
         None => build_llama(&source, &manifest_dir, cuda, dynamic),
     };
+    build_exception_shim(&source);
     link(&lib_dir, cuda, dynamic);
     generate_bindings(&source);
+}
+
+/// Compiles src/ffi_shim.cpp, the try/catch barrier around every llama.cpp call that can
+/// throw. Before `link`, so the linker sees the shim ahead of the libllama it calls.
+fn build_exception_shim(source: &Path) {
+    println!("cargo::rerun-if-changed=src/ffi_shim.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("src/ffi_shim.cpp")
+        .include(source.join("include"))
+        .include(source.join("ggml/include"))
+        .warnings(true)
+        .compile("qfilters_ffi_shim");
 }
 
 fn check_tool(program: &str, args: &[&str], message: &str) {

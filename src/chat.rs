@@ -1,9 +1,10 @@
 //! A conversation that lives in a bounded KV cache.
 //!
 //! Each turn decodes only what is new: the conversation is formatted with the chat template
-//! (llama.cpp's built-in template support), and only the part of the formatted text after what
-//! the cache already holds is tokenized and decoded: the previous reply's end-of-turn marker, the
-//! new user message and the assistant header. The reply is then sampled token by token. The
+//! (llama.cpp's built-in template support) as segments of template text and message contents
+//! ([`ChatTemplate::segments`]), and only the segments after what the cache already holds are
+//! tokenized and decoded: the previous reply's end-of-turn marker, the new user message and the
+//! assistant header. Template text is tokenized with special tokens parsed, contents never. The reply is then sampled token by token. The
 //! [`Engine`] evicts after every decode, so the cache stays within its budget during the user's
 //! message and during the reply alike.
 
@@ -25,6 +26,59 @@ pub struct ChatTemplate {
     source: String,
     /// Where it came from, for messages: "the model's template", "chatml", ...
     pub label: String,
+    /// What the template does to the whitespace at the ends of each role's content, measured
+    /// by [`ChatTemplate::probe`].
+    trims: Trims,
+}
+
+/// Whether a template trims leading / trailing whitespace of a message, per role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Trim {
+    leading: bool,
+    trailing: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Trims {
+    system: Trim,
+    user: Trim,
+    assistant: Trim,
+}
+
+impl Trims {
+    fn of(&self, role: &str) -> Trim {
+        match role {
+            "system" => self.system,
+            "assistant" => self.assistant,
+            _ => self.user,
+        }
+    }
+}
+
+/// One piece of a formatted conversation: the template's own text (tokenized with special
+/// tokens parsed, so its markers become control tokens) or a message's content (tokenized as
+/// plain text, so nothing a user types becomes a control token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub text: String,
+    pub content: bool,
+}
+
+/// The whitespace llama.cpp's templates trim: C `isspace` in the "C" locale (Rust's
+/// `is_ascii_whitespace` leaves out the vertical tab).
+fn is_c_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\u{0b}' | '\u{0c}' | '\r')
+}
+
+fn apply_trim(text: &str, trim: Trim) -> &str {
+    let mut t = text;
+    if trim.leading {
+        t = t.trim_start_matches(is_c_space);
+    }
+    if trim.trailing {
+        t = t.trim_end_matches(is_c_space);
+    }
+    t
 }
 
 impl ChatTemplate {
@@ -39,10 +93,13 @@ impl ChatTemplate {
                 "the model's chat template".to_string(),
             ),
         };
-        let fallback = ChatTemplate {
+        let mut fallback = ChatTemplate {
             source: FALLBACK_TEMPLATE.to_string(),
             label: format!("{FALLBACK_TEMPLATE} (fallback)"),
+            trims: Trims::default(),
         };
+        // ChatML keeps contents verbatim; probing it cannot fail.
+        let _ = fallback.probe();
         let Some(source) = candidate else {
             return (
                 fallback,
@@ -51,7 +108,11 @@ impl ChatTemplate {
                 )),
             );
         };
-        let t = ChatTemplate { source, label };
+        let mut t = ChatTemplate {
+            source,
+            label,
+            trims: Trims::default(),
+        };
         match t.probe() {
             Ok(()) => (t, None),
             Err(_) => {
@@ -65,9 +126,10 @@ impl ChatTemplate {
     }
 
     pub fn named(name: &str) -> Result<ChatTemplate> {
-        let t = ChatTemplate {
+        let mut t = ChatTemplate {
             source: name.to_string(),
             label: describe(name),
+            trims: Trims::default(),
         };
         t.probe()?;
         Ok(t)
@@ -78,15 +140,155 @@ impl ChatTemplate {
         apply_chat_template(&self.source, messages, add_assistant)
     }
 
-    fn probe(&self) -> Result<()> {
-        let probe = [
-            ("system".to_string(), "s".to_string()),
-            ("user".to_string(), "u".to_string()),
-            ("assistant".to_string(), "a".to_string()),
-            ("user".to_string(), "v".to_string()),
-        ];
-        self.format(&probe, true).map(|_| ())
+    /// Checks that llama.cpp can apply the template, and measures what it does to the
+    /// whitespace at the ends of each role's content: every message of a probe conversation
+    /// is rendered once as a bare placeholder and once padded with whitespace, and the two
+    /// renderings show whether the padding survived. Templates that do anything else to a
+    /// message's ends are refused (the caller falls back to ChatML).
+    fn probe(&mut self) -> Result<()> {
+        const PAD_LEAD: &str = " \t\n\u{0b}\u{0c}\r ";
+        const PAD_TRAIL: &str = " \r\n\t ";
+        let roles = ["system", "user", "assistant", "user"];
+        let base = sentinel_base(&[&self.source]);
+        let bare: Vec<(String, String)> = roles
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.to_string(), sentinel(&base, i)))
+            .collect();
+        let plain = self.format(&bare, true)?;
+        let mut found: Vec<(&str, Trim)> = Vec::new();
+        for (i, role) in roles.iter().enumerate() {
+            let s = sentinel(&base, i);
+            let mut padded = bare.clone();
+            padded[i].1 = format!("{PAD_LEAD}{s}{PAD_TRAIL}");
+            let rendered = self.format(&padded, true)?;
+            let trim = [(false, false), (true, false), (false, true), (true, true)]
+                .into_iter()
+                .map(|(leading, trailing)| Trim { leading, trailing })
+                .find(|&t| {
+                    let kept = apply_trim(&padded[i].1, t);
+                    plain.replacen(&s, kept, 1) == rendered
+                })
+                .ok_or_else(|| {
+                    Error::Template(format!(
+                        "{} changes the {role} message in a way qfilters cannot tokenize safely: pass --template chatml (or another built-in name)",
+                        self.label
+                    ))
+                })?;
+            if let Some((_, earlier)) = found.iter().find(|(r, _)| r == role) {
+                if *earlier != trim {
+                    return Err(Error::Template(format!(
+                        "{} trims {role} messages inconsistently: pass --template chatml (or another built-in name)",
+                        self.label
+                    )));
+                }
+            }
+            found.push((role, trim));
+        }
+        for (role, trim) in found {
+            match role {
+                "system" => self.trims.system = trim,
+                "assistant" => self.trims.assistant = trim,
+                _ => self.trims.user = trim,
+            }
+        }
+        Ok(())
     }
+
+    /// The formatted conversation as template text and message contents, by construction:
+    /// llama.cpp formats the conversation with a unique placeholder in place of each content
+    /// (random, checked absent from every content and from the template), the result is split
+    /// at the placeholders, and each content goes in its slot with the template's own trimming
+    /// applied. The joined segments are checked to equal llama.cpp's formatting of the real
+    /// messages, so the split is exact or an error, never a guess.
+    pub fn segments(
+        &self,
+        messages: &[(String, String)],
+        add_assistant: bool,
+    ) -> Result<Vec<Segment>> {
+        let mut avoid: Vec<&str> = messages.iter().map(|(_, c)| c.as_str()).collect();
+        avoid.push(&self.source);
+        let base = sentinel_base(&avoid);
+        let placeholders: Vec<(String, String)> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, (r, _))| (r.clone(), sentinel(&base, i)))
+            .collect();
+        let rendered = self.format(&placeholders, add_assistant)?;
+        let unsafe_split = || {
+            Error::Template(format!(
+                "{} does not place each message exactly once: qfilters cannot tokenize it safely; pass --template chatml (or another built-in name)",
+                self.label
+            ))
+        };
+        if rendered.matches(base.as_str()).count() != messages.len() {
+            return Err(unsafe_split());
+        }
+        let mut segments = Vec::with_capacity(2 * messages.len() + 1);
+        let mut cursor = 0;
+        for (i, (role, content)) in messages.iter().enumerate() {
+            let s = sentinel(&base, i);
+            let at = rendered[cursor..]
+                .find(&s)
+                .map(|p| cursor + p)
+                .ok_or_else(unsafe_split)?;
+            segments.push(Segment {
+                text: rendered[cursor..at].to_string(),
+                content: false,
+            });
+            segments.push(Segment {
+                text: apply_trim(content, self.trims.of(role)).to_string(),
+                content: true,
+            });
+            cursor = at + s.len();
+        }
+        segments.push(Segment {
+            text: rendered[cursor..].to_string(),
+            content: false,
+        });
+        let joined: String = segments.iter().map(|s| s.text.as_str()).collect();
+        if joined != self.format(messages, add_assistant)? {
+            return Err(Error::Template(format!(
+                "{} formats these messages differently from its placeholders: qfilters cannot tokenize them safely; pass --template chatml (or another built-in name)",
+                self.label
+            )));
+        }
+        segments.retain(|s| !s.text.is_empty());
+        Ok(segments)
+    }
+}
+
+/// A random placeholder stem absent from every string of `avoid`. Randomness keeps a hostile
+/// message from predicting it; the check makes a clash impossible rather than unlikely.
+fn sentinel_base(avoid: &[&str]) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mut words = [0u64; 2];
+        for (k, w) in words.iter_mut().enumerate() {
+            // RandomState is seeded from the OS once per process and differs per instance.
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(nanos);
+            h.write_u64(n);
+            h.write_usize(k);
+            *w = h.finish();
+        }
+        let base = format!("qfSlot{:016x}{:016x}n", words[0], words[1]);
+        if avoid.iter().all(|a| !a.contains(&base)) {
+            return base;
+        }
+    }
+}
+
+/// The placeholder of message `i`: no whitespace at its ends, so no template trims it, and
+/// the closing `q` keeps `...n1q` from matching inside `...n10q`.
+fn sentinel(base: &str, i: usize) -> String {
+    format!("{base}{i}q")
 }
 
 fn describe(t: &str) -> String {
@@ -139,10 +341,13 @@ pub struct Chat {
     system: Option<String>,
     /// (role, content), system message excluded.
     messages: Vec<(String, String)>,
-    /// The formatted text the cache holds (with `pending`), to find what a new turn adds.
-    cached_text: String,
+    /// The formatted conversation the cache holds (with `pending`), as segments, to find what
+    /// a new turn adds.
+    cached: Vec<Segment>,
     /// Accepted reply tokens not decoded yet: decoded first in the next turn.
     pending: Vec<Token>,
+    /// The tokens the last turn decoded before its reply, as given to the engine.
+    last_prompt: Vec<Token>,
     turns: usize,
     last: Option<TurnStats>,
     /// Set when a turn failed half-way: the cache no longer matches the transcript.
@@ -160,10 +365,12 @@ impl Chat {
             engine,
             sampler,
             template,
-            system: system.filter(|s| !s.is_empty()),
+            // A blank system message is none: templates that trim it drop it altogether.
+            system: system.filter(|s| !s.trim_matches(is_c_space).is_empty()),
             messages: Vec::new(),
-            cached_text: String::new(),
+            cached: Vec::new(),
             pending: Vec::new(),
+            last_prompt: Vec::new(),
             turns: 0,
             last: None,
             broken: false,
@@ -191,6 +398,12 @@ impl Chat {
         self.broken
     }
 
+    /// The token ids the last turn sent to llama.cpp before sampling its reply (a reply token
+    /// left over by `-n` first, then the new template text and message).
+    pub fn last_prompt_tokens(&self) -> &[Token] {
+        &self.last_prompt
+    }
+
     pub fn last_turn(&self) -> Option<&TurnStats> {
         self.last.as_ref()
     }
@@ -199,7 +412,7 @@ impl Chat {
     pub fn reset(&mut self) {
         self.engine.reset();
         self.messages.clear();
-        self.cached_text.clear();
+        self.cached.clear();
         self.pending.clear();
         self.broken = false;
     }
@@ -222,21 +435,22 @@ impl Chat {
         self.template.format(&self.all_messages(Some(user)), true)
     }
 
-    /// The tokens this turn decodes for `user` (before the reply), and the formatted text the
-    /// cache will then hold.
-    pub fn turn_tokens(&self, user: &str) -> Result<(Vec<Token>, String)> {
-        let full = self.formatted_with(user)?;
-        let contents: Vec<&str> = if self.cached_text.is_empty() {
-            self.system
-                .iter()
-                .map(String::as_str)
-                .chain(std::iter::once(user))
-                .collect()
-        } else {
-            vec![user]
-        };
-        let tokens = delta_tokens(self.engine.model(), &self.cached_text, &full, &contents)?;
+    /// The tokens this turn decodes for `user` (before the reply), and the formatted
+    /// conversation the cache will then hold.
+    pub fn turn_tokens(&self, user: &str) -> Result<(Vec<Token>, Vec<Segment>)> {
+        let full = self
+            .template
+            .segments(&self.all_messages(Some(user)), true)?;
+        let tokens = delta_tokens(self.engine.model(), &self.cached, &full)?;
         Ok((tokens, full))
+    }
+
+    /// The segments this turn adds for `user`: what [`Chat::turn_tokens`] tokenizes.
+    pub fn turn_segments(&self, user: &str) -> Result<Vec<Segment>> {
+        let full = self
+            .template
+            .segments(&self.all_messages(Some(user)), true)?;
+        Ok(delta_segments(&self.cached, &full))
     }
 
     /// Sends `user` and samples the reply, at most `max_tokens` tokens. `progress(done, total)`
@@ -261,6 +475,7 @@ impl Chat {
         let (new_tokens, full) = self.turn_tokens(user)?;
         let mut tokens = std::mem::take(&mut self.pending);
         tokens.extend_from_slice(&new_tokens);
+        self.last_prompt.clone_from(&tokens);
         let before = self.engine.stats().clone();
         self.engine.reset_peak();
         self.broken = true;
@@ -268,8 +483,13 @@ impl Chat {
             self.decode_turn(&tokens, max_tokens, progress, on_text)?;
         self.broken = false;
         let text = String::from_utf8_lossy(&bytes).into_owned();
-        self.cached_text = full;
-        self.cached_text.push_str(&text);
+        self.cached = full;
+        // The reply's tokens were sampled, not tokenized: the cache holds exactly them, and the
+        // next turn compares the template's rendering of the reply with this text.
+        self.cached.push(Segment {
+            text: text.clone(),
+            content: true,
+        });
         self.messages.push(("user".to_string(), user.to_string()));
         self.messages.push(("assistant".to_string(), text.clone()));
         // At the limit the last token was sampled but not decoded (decoding it only pays off
@@ -309,7 +529,7 @@ impl Chat {
             if out.len() >= max_tokens {
                 break Stop::Limit;
             }
-            let token = self.sampler.sample(self.engine.context(), index);
+            let token = self.sampler.sample(self.engine.context(), index)?;
             if model.is_eog(token) {
                 break Stop::EndOfGeneration;
             }
@@ -399,20 +619,50 @@ fn common_prefix(a: &str, b: &str) -> usize {
     n
 }
 
-/// The tokens that bring a cache holding the formatted text `cached` to `full`: the part of
-/// `full` after their common prefix, with BOS first when the cache is empty and the model wants
-/// one. `contents` are the messages in that part, tokenized as plain text.
-///
-/// Templates that rewrite earlier turns (trimming a reply, say) break the prefix; the turn then
-/// continues from where the texts differ, the cache keeping the old version.
-pub fn delta_tokens(
-    model: &Model,
-    cached: &str,
-    full: &str,
-    contents: &[&str],
-) -> Result<Vec<Token>> {
-    let start = common_prefix(full, cached);
-    let mut tokens = tokenize_turn(model, &full[start..], contents)?;
+/// The segments that bring a cache holding `cached` to `full`: those after the longest common
+/// run of equal segments. Where they first differ, a content keeps its common text prefix (a
+/// template that trims an earlier reply: the cache keeps the untrimmed text), and template
+/// text continues only where the cached text is a whole prefix of the new one, so a marker is
+/// never cut in two; otherwise the new segment is decoded whole after the cached version.
+pub fn delta_segments(cached: &[Segment], full: &[Segment]) -> Vec<Segment> {
+    let same = cached.iter().zip(full).take_while(|(a, b)| a == b).count();
+    let mut rest: Vec<Segment> = full[same..].to_vec();
+    if let (Some(old), Some(first)) = (cached.get(same), rest.first_mut()) {
+        let keep = match (old.content, first.content) {
+            (true, true) => common_prefix(&first.text, &old.text),
+            (false, false) if first.text.starts_with(&old.text) => old.text.len(),
+            _ => 0,
+        };
+        first.text.drain(..keep);
+    }
+    rest.retain(|s| !s.text.is_empty());
+    rest
+}
+
+/// Tokenizes segments: template text with special tokens parsed, contents as plain text.
+/// Returns each segment's tokens, in order, so a caller can check which ids came from where.
+pub fn tokenize_segments(model: &Model, segments: &[Segment]) -> Result<Vec<Vec<Token>>> {
+    segments
+        .iter()
+        .map(|s| {
+            let tokens = model.tokenize(&s.text, false, !s.content)?;
+            // llama.cpp never yields a control token for text tokenized without special
+            // parsing; checked anyway, because the whole guarantee rests on it.
+            if s.content && tokens.iter().any(|&t| model.is_control(t)) {
+                return Err(Error::Tokenize(
+                    "a message's text was tokenized into a control token".into(),
+                ));
+            }
+            Ok(tokens)
+        })
+        .collect()
+}
+
+/// The tokens that bring a cache holding `cached` to `full` ([`delta_segments`]), with BOS
+/// first when the cache is empty and the model wants one.
+pub fn delta_tokens(model: &Model, cached: &[Segment], full: &[Segment]) -> Result<Vec<Token>> {
+    let delta = delta_segments(cached, full);
+    let mut tokens: Vec<Token> = tokenize_segments(model, &delta)?.concat();
     if cached.is_empty() && model.add_bos() {
         if let Some(bos) = model.bos() {
             if tokens.first() != Some(&bos) {
@@ -423,29 +673,54 @@ pub fn delta_tokens(
     Ok(tokens)
 }
 
-/// Tokenizes formatted template text: the template's own text with special tokens parsed, the
-/// message `contents` (found in order) as plain text, so that a user typing `<|im_end|>` gets
-/// the characters, not the control token. When a content cannot be found verbatim (a template
-/// that rewrites messages), the rest is tokenized as template text.
-pub fn tokenize_turn(model: &Model, text: &str, contents: &[&str]) -> Result<Vec<Token>> {
-    let mut tokens = Vec::new();
-    let mut cursor = 0;
-    for content in contents.iter().filter(|c| !c.is_empty()) {
-        let Some(found) = text[cursor..].find(content) else {
-            break;
-        };
-        let start = cursor + found;
-        tokens.extend(model.tokenize(&text[cursor..start], false, true)?);
-        tokens.extend(model.tokenize(content, false, false)?);
-        cursor = start + content.len();
-    }
-    tokens.extend(model.tokenize(&text[cursor..], false, true)?);
-    Ok(tokens)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::common_prefix;
+    use super::{common_prefix, delta_segments, Segment};
+
+    fn t(text: &str) -> Segment {
+        Segment {
+            text: text.into(),
+            content: false,
+        }
+    }
+
+    fn c(text: &str) -> Segment {
+        Segment {
+            text: text.into(),
+            content: true,
+        }
+    }
+
+    #[test]
+    fn delta_continues_after_equal_segments() {
+        let cached = [t("<s>u\n"), c("hi"), t("</s><s>a\n"), c("yo")];
+        let full = [
+            t("<s>u\n"),
+            c("hi"),
+            t("</s><s>a\n"),
+            c("yo"),
+            t("</s><s>u\n"),
+            c("more"),
+            t("</s><s>a\n"),
+        ];
+        assert_eq!(delta_segments(&cached, &full), full[4..].to_vec());
+        assert_eq!(delta_segments(&[], &full), full.to_vec());
+    }
+
+    #[test]
+    fn delta_keeps_a_trimmed_reply_and_never_cuts_template_text() {
+        // The template trimmed the cached reply "yo ": the cache keeps it, nothing is redone.
+        let cached = [t("<s>u\n"), c("hi"), t("</s><s>a\n"), c("yo ")];
+        let full = [t("<s>u\n"), c("hi"), t("</s><s>a\n"), c("yo"), t("</s>")];
+        assert_eq!(delta_segments(&cached, &full), vec![t("</s>")]);
+        // Template text that only shares part of a marker is decoded whole.
+        let cached = [t("<|im_start|>")];
+        let full = [t("<|im_sep|>x")];
+        assert_eq!(delta_segments(&cached, &full), vec![t("<|im_sep|>x")]);
+        // A cached template prefix is continued.
+        let full = [t("<|im_start|>assistant"), c("x")];
+        assert_eq!(delta_segments(&cached, &full), vec![t("assistant"), c("x")]);
+    }
 
     #[test]
     fn common_prefix_respects_char_boundaries() {

@@ -15,6 +15,20 @@ pub enum Error {
     ContextCreate { n_ctx: u32 },
     #[error("llama_decode failed with code {code}: {hint}")]
     Decode { code: i32, hint: &'static str },
+    #[error("the model computed non-finite logits ({value}): its weights or hyper-parameters are broken")]
+    NonFiniteLogits { value: String },
+    #[error("{path}: {source}")]
+    Gguf {
+        path: PathBuf,
+        source: gguf_tools::gguf::GgufError,
+    },
+    #[error("{path}: {source}")]
+    Unloadable {
+        path: PathBuf,
+        source: gguf_tools::model::ModelError,
+    },
+    #[error("llama.cpp failed in {call}: {what}")]
+    Native { call: &'static str, what: String },
     #[error("text could not be tokenized: {0}")]
     Tokenize(String),
     #[error("{0}")]

@@ -25,6 +25,80 @@ mod sys {
 
 pub type Token = sys::llama_token;
 
+/// src/ffi_shim.cpp: each llama.cpp call that can throw, inside try/catch. Every function
+/// returns 0, or 1 (out of memory) / 2 (another C++ exception) with the message kept for
+/// `qf_last_error`; the call's own result goes through the last pointer.
+mod shim {
+    use super::sys;
+    use std::ffi::{c_char, c_int};
+
+    extern "C" {
+        pub fn qf_last_error() -> *const c_char;
+        pub fn qf_tokenize(
+            vocab: *const sys::llama_vocab,
+            text: *const c_char,
+            text_len: i32,
+            tokens: *mut sys::llama_token,
+            n_tokens_max: i32,
+            add_special: bool,
+            parse_special: bool,
+            result: *mut i32,
+        ) -> c_int;
+        pub fn qf_token_to_piece(
+            vocab: *const sys::llama_vocab,
+            token: sys::llama_token,
+            buf: *mut c_char,
+            length: i32,
+            lstrip: i32,
+            special: bool,
+            result: *mut i32,
+        ) -> c_int;
+        pub fn qf_model_load_from_file(
+            path: *const c_char,
+            params: sys::llama_model_params,
+            result: *mut *mut sys::llama_model,
+        ) -> c_int;
+        pub fn qf_init_from_model(
+            model: *mut sys::llama_model,
+            params: sys::llama_context_params,
+            result: *mut *mut sys::llama_context,
+        ) -> c_int;
+        pub fn qf_decode(
+            ctx: *mut sys::llama_context,
+            batch: sys::llama_batch,
+            result: *mut i32,
+        ) -> c_int;
+        pub fn qf_chat_apply_template(
+            tmpl: *const c_char,
+            chat: *const sys::llama_chat_message,
+            n_msg: usize,
+            add_ass: bool,
+            buf: *mut c_char,
+            length: i32,
+            result: *mut i32,
+        ) -> c_int;
+        pub fn qf_sampler_sample(
+            smpl: *mut sys::llama_sampler,
+            ctx: *mut sys::llama_context,
+            idx: i32,
+            result: *mut sys::llama_token,
+        ) -> c_int;
+    }
+}
+
+/// Turns a shim status into a typed error naming the llama.cpp call.
+fn native(call: &'static str, status: std::ffi::c_int) -> Result<()> {
+    if status == 0 {
+        return Ok(());
+    }
+    // SAFETY: qf_last_error returns this thread's NUL-terminated message, set by the shim call
+    // that just failed on this thread and valid until the next one; it is copied at once.
+    let what = unsafe { CStr::from_ptr(shim::qf_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(Error::Native { call, what })
+}
+
 static BACKEND_INIT: Once = Once::new();
 static VERBOSE_LOG: AtomicBool = AtomicBool::new(false);
 
@@ -80,14 +154,19 @@ impl Drop for Model {
 impl Model {
     pub fn load(path: &Path, params: &ModelParams) -> Result<Arc<Model>> {
         crate::gguf_check::check_model_file(path)?;
+        crate::gguf_check::check_hyperparameters(path)?;
         init_backend();
         let c_path = CString::new(path.as_os_str().to_string_lossy().as_bytes())
             .map_err(|_| Error::invalid("model path contains a NUL byte"))?;
         // SAFETY: default params are plain data; we only change an integer field.
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = params.gpu_layers;
-        // SAFETY: `c_path` is a valid NUL-terminated string for the duration of the call.
-        let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `c_path` is a valid NUL-terminated string for the duration of the call;
+        // `raw` is a valid place for the result.
+        native("llama_model_load_from_file", unsafe {
+            shim::qf_model_load_from_file(c_path.as_ptr(), mp, &mut raw)
+        })?;
         let ptr = NonNull::new(raw).ok_or_else(|| Error::ModelLoad {
             path: path.to_path_buf(),
         })?;
@@ -204,10 +283,11 @@ impl Model {
             .map_err(|_| Error::Tokenize("text longer than 2 GiB".into()))?;
         let mut tokens: Vec<Token> = vec![0; text.len() + 8];
         loop {
+            let mut n = 0;
             // SAFETY: `text` is valid for `len` bytes (no NUL needed, the length is passed);
-            // `tokens` is writable for `tokens.len()` entries.
-            let n = unsafe {
-                sys::llama_tokenize(
+            // `tokens` is writable for `tokens.len()` entries; `n` is a valid result place.
+            native("llama_tokenize", unsafe {
+                shim::qf_tokenize(
                     self.vocab(),
                     text.as_ptr() as *const c_char,
                     len,
@@ -215,8 +295,16 @@ impl Model {
                     tokens.len().min(i32::MAX as usize) as i32,
                     add_special,
                     parse_special,
+                    &mut n,
                 )
-            };
+            })
+            .map_err(|e| match e {
+                Error::Native { what, .. } => Error::Tokenize(format!(
+                    "llama.cpp failed on a text of {} bytes ({what}): send a shorter text",
+                    text.len()
+                )),
+                e => e,
+            })?;
             if n >= 0 {
                 tokens.truncate(n as usize);
                 return Ok(tokens);
@@ -240,19 +328,31 @@ impl Model {
         if !self.has_tokenizer() {
             return Vec::new();
         }
+        // llama.cpp looks the id up with `.at()`, which throws for an id outside the vocabulary.
+        if token < 0 || token as usize >= self.n_vocab() {
+            return Vec::new();
+        }
         let mut buf = vec![0u8; 64];
         loop {
-            // SAFETY: `buf` is writable for `buf.len()` bytes; a negative result is the size needed.
-            let n = unsafe {
-                sys::llama_token_to_piece(
+            let mut n = 0;
+            // SAFETY: `buf` is writable for `buf.len()` bytes; a negative result is the size
+            // needed; `n` is a valid result place.
+            let status = unsafe {
+                shim::qf_token_to_piece(
                     self.vocab(),
                     token,
                     buf.as_mut_ptr() as *mut c_char,
                     buf.len() as i32,
                     0,
                     special,
+                    &mut n,
                 )
             };
+            // With the id checked, only an allocation of one token's text can fail here, and
+            // Rust aborts on such a failure itself; the piece is then left empty.
+            if status != 0 {
+                return Vec::new();
+            }
             if n >= 0 {
                 buf.truncate(n as usize);
                 return buf;
@@ -267,6 +367,26 @@ impl Model {
             .flat_map(|&t| self.token_bytes(t, special))
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// True for control tokens (the template's markers, BOS/EOS...): llama.cpp parses their
+    /// text into the token only when asked to parse special tokens.
+    pub fn is_control(&self, token: Token) -> bool {
+        // SAFETY: valid vocab pointer; llama.cpp checks the id against the vocabulary size.
+        let attr = unsafe { sys::llama_vocab_get_attr(self.vocab(), token) };
+        attr & sys::LLAMA_TOKEN_ATTR_CONTROL != 0
+    }
+
+    /// Control and user-defined tokens: those whose text llama.cpp may match as a whole token
+    /// instead of running the tokenizer over it.
+    pub fn special_tokens(&self) -> Vec<Token> {
+        let special = sys::LLAMA_TOKEN_ATTR_CONTROL | sys::LLAMA_TOKEN_ATTR_USER_DEFINED;
+        (0..self.n_vocab() as Token)
+            .filter(|&t| {
+                // SAFETY: valid vocab pointer; `t` is below the vocabulary size.
+                unsafe { sys::llama_vocab_get_attr(self.vocab(), t) & special != 0 }
+            })
+            .collect()
     }
 
     pub fn is_eog(&self, token: Token) -> bool {
@@ -284,6 +404,23 @@ impl Model {
         // SAFETY: valid vocab pointer.
         unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
     }
+}
+
+/// The names of llama.cpp's built-in chat templates (`chatml`, `llama3`, ...).
+pub fn builtin_chat_templates() -> Vec<String> {
+    // SAFETY: with a null output and length 0 llama.cpp only returns the count.
+    let n = unsafe { sys::llama_chat_builtin_templates(std::ptr::null_mut(), 0) };
+    let mut names: Vec<*const c_char> = vec![std::ptr::null(); n.max(0) as usize];
+    // SAFETY: `names` has room for `names.len()` pointers; llama.cpp fills them with static
+    // NUL-terminated strings.
+    let n = unsafe { sys::llama_chat_builtin_templates(names.as_mut_ptr(), names.len()) };
+    names
+        .iter()
+        .take(n.max(0) as usize)
+        .filter(|p| !p.is_null())
+        // SAFETY: non-null pointers to llama.cpp's static NUL-terminated names.
+        .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Formats a conversation with llama.cpp's built-in template support.
@@ -312,17 +449,20 @@ pub fn apply_chat_template(
     let total: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
     let mut buf = vec![0u8; 2 * total + 256];
     loop {
-        // SAFETY: `msgs` points into `owned`, alive for the call; `buf` is writable for its length.
-        let n = unsafe {
-            sys::llama_chat_apply_template(
+        let mut n = 0;
+        // SAFETY: `msgs` points into `owned`, alive for the call; `buf` is writable for its
+        // length; `n` is a valid result place.
+        native("llama_chat_apply_template", unsafe {
+            shim::qf_chat_apply_template(
                 tmpl.as_ptr(),
                 msgs.as_ptr(),
                 msgs.len(),
                 add_assistant,
                 buf.as_mut_ptr() as *mut c_char,
                 buf.len().min(i32::MAX as usize) as i32,
+                &mut n,
             )
-        };
+        })?;
         if n < 0 {
             return Err(Error::Template(
                 "llama.cpp does not support this chat template: pass --template chatml (or another built-in name)".into(),
@@ -733,9 +873,13 @@ impl Context {
             cp.cb_eval = Some(eval_callback);
             cp.cb_eval_user_data = &mut *hook as *mut HookState as *mut c_void;
         }
+        let mut raw = std::ptr::null_mut();
         // SAFETY: the model outlives the context (we keep an Arc); the callback's user pointer
-        // is the boxed hook, which the context owns and drops after llama_free.
-        let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cp) };
+        // is the boxed hook, which the context owns and drops after llama_free; `raw` is a
+        // valid result place.
+        native("llama_init_from_model", unsafe {
+            shim::qf_init_from_model(model.ptr.as_ptr(), cp, &mut raw)
+        })?;
         let ptr = NonNull::new(raw).ok_or(Error::ContextCreate {
             n_ctx: params.n_ctx,
         })?;
@@ -789,9 +933,12 @@ impl Context {
             return Ok(());
         }
         self.hook.batch_cells.clear();
+        let mut code = 0;
         // SAFETY: the batch arrays are valid for n_tokens entries; the context is exclusively
-        // borrowed, so the callback's access to the hook does not alias any Rust reference.
-        let code = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
+        // borrowed, so the callback's access to the hook does not alias any Rust reference;
+        // `code` is a valid result place.
+        let status = unsafe { shim::qf_decode(self.ptr.as_ptr(), batch.raw, &mut code) };
+        native("llama_decode", status)?;
         if let Some(msg) = self.hook.failed.take() {
             return Err(Error::KvCache(msg));
         }
@@ -1115,9 +1262,21 @@ impl Sampler {
     }
 
     /// Draws the next token from the logits of batch token `i` and records it in the chain.
-    pub fn sample(&mut self, ctx: &Context, i: usize) -> Token {
-        // SAFETY: both pointers are valid; llama_sampler_sample reads the logits of token `i`
-        // of the last decode, which the caller asked for.
-        unsafe { sys::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), i as i32) }
+    /// Samples from the logits of token `i` of the last decode. Non-finite logits (a broken
+    /// model) are an error: sampling from them would pick an arbitrary token, or none.
+    pub fn sample(&mut self, ctx: &Context, i: usize) -> Result<Token> {
+        let logits = ctx.logits(i)?;
+        if let Some(bad) = logits.iter().find(|x| !x.is_finite()) {
+            return Err(Error::NonFiniteLogits {
+                value: bad.to_string(),
+            });
+        }
+        let mut token = 0;
+        // SAFETY: both pointers are valid; the logits of token `i` exist (checked above);
+        // `token` is a valid result place.
+        native("llama_sampler_sample", unsafe {
+            shim::qf_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), i as i32, &mut token)
+        })?;
+        Ok(token)
     }
 }

@@ -36,7 +36,7 @@ pub fn generate(
     }
     let mut index = last_chunk_index;
     loop {
-        let token = sampler.sample(engine.context(), index);
+        let token = sampler.sample(engine.context(), index)?;
         if engine.model().is_eog(token) {
             return Ok((out, Stop::EndOfGeneration));
         }

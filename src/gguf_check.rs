@@ -25,3 +25,17 @@ pub fn check_model_file(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Reads the GGUF header with gguf-tools' reader and refuses what llama.cpp would abort on
+/// (see [`gguf_tools::model::check_loadable`]): llama.cpp checks most of these with
+/// `GGML_ASSERT`, which ends the process instead of returning an error.
+pub fn check_hyperparameters(path: &Path) -> Result<()> {
+    let file = gguf_tools::gguf::read(path).map_err(|source| Error::Gguf {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    gguf_tools::model::check_loadable(&file).map_err(|source| Error::Unloadable {
+        path: path.to_path_buf(),
+        source,
+    })
+}

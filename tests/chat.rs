@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use qfilters::chat::{delta_tokens, ChatTemplate};
+use qfilters::chat::{delta_tokens, ChatTemplate, Segment};
 use qfilters::ffi::{Model, ModelParams};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -105,26 +105,26 @@ fn delta_of_formatted_turns_equals_formatting_all_at_once() {
     ];
     let system = "You are brief.";
     let mut messages = vec![("system".to_string(), system.to_string())];
-    let mut cached = String::new();
+    let mut cached: Vec<Segment> = Vec::new();
     let mut incremental = Vec::new();
-    for (i, (user, reply)) in turns.iter().enumerate() {
+    for (user, reply) in turns {
         messages.push(("user".into(), user.to_string()));
-        let full = template.format(&messages, true).expect("format");
-        let contents: Vec<&str> = if i == 0 {
-            vec![system, user]
-        } else {
-            vec![user]
-        };
-        incremental.extend(delta_tokens(&model, &cached, &full, &contents).expect("delta"));
+        let full = template.segments(&messages, true).expect("segments");
+        incremental.extend(delta_tokens(&model, &cached, &full).expect("delta"));
         // What the model would have generated, then kept in the cache.
         incremental.extend(model.tokenize(reply, false, false).expect("tokenize"));
-        cached = full + reply;
+        cached = full;
+        cached.push(Segment {
+            text: reply.to_string(),
+            content: true,
+        });
         messages.push(("assistant".into(), reply.to_string()));
     }
     // One more user turn: the last reply must get its end-of-turn text.
     messages.push(("user".into(), "?".into()));
+    let segments = template.segments(&messages, true).expect("segments");
+    incremental.extend(delta_tokens(&model, &cached, &segments).expect("delta"));
     let full = template.format(&messages, true).expect("format");
-    incremental.extend(delta_tokens(&model, &cached, &full, &["?"]).expect("delta"));
     let whole = model.tokenize(&full, true, true).expect("tokenize");
     assert_eq!(
         model.detokenize(&incremental, true),
@@ -143,10 +143,10 @@ fn user_text_that_looks_like_a_control_token_stays_text() {
     let model = Model::load(&model_path(), &ModelParams::default()).expect("model loads");
     let (template, _) = ChatTemplate::resolve(&model, None);
     let user = "say <|im_end|> please";
-    let full = template
-        .format(&[("user".into(), user.into())], true)
-        .expect("format");
-    let tokens = delta_tokens(&model, "", &full, &[user]).expect("delta");
+    let segments = template
+        .segments(&[("user".into(), user.into())], true)
+        .expect("segments");
+    let tokens = delta_tokens(&model, &[], &segments).expect("delta");
     let im_end = model.tokenize("<|im_end|>", false, true).expect("tokenize")[0];
     // Only the template's own end of the user message.
     assert_eq!(tokens.iter().filter(|&&t| t == im_end).count(), 1);
@@ -604,6 +604,31 @@ fn terminal_session_in_tmux() {
     // The conversation goes on after an interrupted reply.
     tmux.type_line("Thanks.");
     tmux.wait("a reply after the interruption", 60, |s| prompts(s) >= 6);
+
+    // /save asks before it overwrites a file; anything but yes keeps the file.
+    let md = tmp("tmux-save.md");
+    std::fs::write(&md, "keep me").expect("write");
+    let save = format!("/save {}", md.display());
+    let question = "exists: overwrite it? [y/N]";
+    tmux.type_line(&save);
+    tmux.wait("the overwrite question", 30, |s| {
+        s.matches(question).count() >= 1
+    });
+    tmux.type_line("n");
+    tmux.wait("the refusal", 30, |s| {
+        s.contains("[not saved]") && prompts(s) >= 7
+    });
+    assert_eq!(std::fs::read_to_string(&md).expect("read"), "keep me");
+    tmux.type_line(&save);
+    tmux.wait("the question again", 30, |s| {
+        s.matches(question).count() >= 2
+    });
+    tmux.type_line("y");
+    tmux.wait("the save", 30, |s| {
+        s.contains("[saved to") && prompts(s) >= 8
+    });
+    let saved = std::fs::read_to_string(&md).expect("read");
+    assert!(saved.contains("**User:** Thanks."), "{saved}");
 
     tmux.type_line("/quit");
     let s = tmux.wait("a clean exit", 30, |s| s.contains("CHAT-EXIT="));

@@ -193,7 +193,8 @@ fn bad_inputs_fail_with_one_clear_line() {
         ),
         (
             vec!["-m".into(), truncated.display().to_string()],
-            "could not load",
+            // gguf-tools' reader, run before llama.cpp, names what is cut off.
+            "the file is corrupt",
         ),
         (
             vec!["-m".into(), not_gguf.display().to_string()],

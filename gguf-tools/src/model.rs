@@ -19,6 +19,102 @@ pub enum ModelError {
     NotInteger { key: String, found: String },
     #[error("{key} differs between layers ({values}); Q-Filters need the same value in every layer, so this model is not supported")]
     NotUniform { key: String, values: String },
+    #[error("{key} = {value}: {why}; llama.cpp would abort on this model, so it is refused")]
+    Unloadable {
+        key: String,
+        value: String,
+        why: String,
+    },
+}
+
+/// Most layers llama.cpp accepts (`LLAMA_MAX_LAYERS`, src/llama-hparams.h); it asserts on more.
+pub const MAX_LAYERS: u64 = 512;
+
+/// Refuses hyper-parameters on which llama.cpp aborts the process (a `GGML_ASSERT`) or
+/// computes nothing but NaN, so that loading such a file is an error instead of a crash or an
+/// empty answer: the layer count 1..=[`MAX_LAYERS`], non-zero widths and head counts, heads
+/// divisible by KV heads, and every floating-point hyper-parameter of the architecture
+/// (epsilons, RoPE bases and scales, ...) finite, with epsilons and RoPE bases positive.
+pub fn check_loadable(file: &GgufFile) -> Result<(), ModelError> {
+    let Some(arch) = file.architecture() else {
+        // llama.cpp refuses a file without an architecture with an error, not an abort.
+        return Ok(());
+    };
+    let key = |suffix: &str| format!("{arch}.{suffix}");
+    let bad = |k: &str, value: String, why: &str| ModelError::Unloadable {
+        key: k.to_string(),
+        value,
+        why: why.to_string(),
+    };
+    let layers_key = key("block_count");
+    match file.get(&layers_key) {
+        None => return Err(ModelError::MissingKey(layers_key)),
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_LAYERS).contains(&n) => {}
+            Some(n) => {
+                return Err(bad(
+                    &layers_key,
+                    n.to_string(),
+                    &format!("llama.cpp supports 1 to {MAX_LAYERS} layers"),
+                ))
+            }
+            None => {
+                return Err(ModelError::NotInteger {
+                    key: layers_key,
+                    found: v.type_name(),
+                })
+            }
+        },
+    }
+    // Scalars only: some architectures give per-layer arrays with zeros for layers without
+    // attention, which llama.cpp handles.
+    let scalar = |suffix: &str| file.get(&key(suffix)).and_then(Value::as_u64);
+    for suffix in [
+        "embedding_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "attention.value_length",
+    ] {
+        if scalar(suffix) == Some(0) {
+            return Err(bad(&key(suffix), "0".into(), "it must be at least 1"));
+        }
+    }
+    if let (Some(h), Some(kv)) = (
+        scalar("attention.head_count"),
+        scalar("attention.head_count_kv"),
+    ) {
+        if h % kv != 0 {
+            return Err(bad(
+                &key("attention.head_count_kv"),
+                kv.to_string(),
+                &format!("it does not divide attention.head_count = {h}"),
+            ));
+        }
+    }
+    let prefix = format!("{arch}.");
+    for (k, v) in &file.metadata {
+        let Some(suffix) = k.strip_prefix(&prefix) else {
+            continue;
+        };
+        let floats: Vec<f64> = match v {
+            Value::F32(x) => vec![f64::from(*x)],
+            Value::F64(x) => vec![*x],
+            Value::Array(Array::F32(xs)) => xs.iter().map(|&x| f64::from(x)).collect(),
+            Value::Array(Array::F64(xs)) => xs.clone(),
+            _ => continue,
+        };
+        for x in floats {
+            if !x.is_finite() {
+                return Err(bad(k, format!("{x}"), "it must be a finite number"));
+            }
+            let positive = suffix.ends_with("epsilon") || suffix.starts_with("rope.freq_base");
+            if positive && x <= 0.0 {
+                return Err(bad(k, format!("{x}"), "it must be greater than 0"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Attention shape and context parameters of a model.

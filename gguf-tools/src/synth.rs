@@ -234,7 +234,11 @@ pub fn plan(opts: &SynthOptions) -> Result<GgufFile, SynthError> {
             .ok_or_else(|| SynthError::BadShape("model too large".into()))?;
         tensors.push(info);
     }
-    Ok(GgufFile::new(metadata, tensors)?)
+    let file = GgufFile::new(metadata, tensors)?;
+    // The same check `qfilters` runs before llama.cpp sees a model: synth never writes a file
+    // that llama.cpp would abort on.
+    crate::model::check_loadable(&file).map_err(|e| SynthError::BadShape(e.to_string()))?;
+    Ok(file)
 }
 
 fn validate(s: &Shape, w: WeightType) -> Result<(), SynthError> {
@@ -242,6 +246,13 @@ fn validate(s: &Shape, w: WeightType) -> Result<(), SynthError> {
     if s.layers == 0 || s.embd == 0 || s.heads == 0 || s.kv_heads == 0 || s.ff == 0 || s.vocab == 0
     {
         return bad("every dimension must be at least 1".into());
+    }
+    if s.layers > crate::model::MAX_LAYERS {
+        return bad(format!(
+            "{} layers: llama.cpp loads at most {}",
+            s.layers,
+            crate::model::MAX_LAYERS
+        ));
     }
     if s.embd % s.heads != 0 {
         return bad(format!(

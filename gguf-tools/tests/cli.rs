@@ -143,6 +143,11 @@ fn every_error_is_one_line_and_exit_1() {
         &run(&["synth", "--shape", "tiny", "--layers", "0", "-o", o]),
         "at least 1",
     );
+    // llama.cpp asserts on more than 512 layers: synth must not write such a model.
+    fails_with(
+        &run(&["synth", "--shape", "tiny", "--layers", "513", "-o", o]),
+        "at most 512",
+    );
     fails_with(&run(&["bogus"]), "unrecognized subcommand");
     fails_with(&run(&["embed", p(&model)]), "required");
     fails_with(&run(&[]), "gguf-tools");

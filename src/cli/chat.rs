@@ -3,8 +3,10 @@
 //! Interactive when stdin is a terminal (line editing, history, commands, Ctrl-C stops a
 //! reply). Otherwise one message per input line: each reply is printed followed by one empty
 //! line, and the program ends at the end of input. In both modes a line starting with `/` is a
-//! command (`//text` sends `/text`); empty lines are skipped; a line that is not valid UTF-8 is
-//! reported on stderr and sent with the bad bytes replaced by U+FFFD.
+//! command (`//text` sends `/text`) unless `--no-commands`; empty lines are skipped; a line
+//! that is not valid UTF-8 is reported on stderr and sent with the bad bytes replaced by
+//! U+FFFD. Piped, a line that cannot be sent (a NUL byte, a message the template refuses) is
+//! reported and skipped.
 
 use std::cell::RefCell;
 use std::io::{BufRead, IsTerminal, Write};
@@ -49,6 +51,10 @@ pub struct ChatArgs {
     /// Append per-turn statistics to this file as JSON Lines (one object per turn).
     #[arg(long = "json-log")]
     pub json_log: Option<PathBuf>,
+    /// Turn slash commands off: every line, `/save ...` and `/quit` included, is sent to the
+    /// model as a message (for untrusted input).
+    #[arg(long = "no-commands")]
+    pub no_commands: bool,
     /// Print the formatted prompt of a first turn with this message, and exit (for tests).
     #[arg(long = "print-prompt", hide = true)]
     pub print_prompt: Option<String>,
@@ -128,7 +134,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     if tty {
         interactive(&mut session, &args)
     } else {
-        piped(&mut session)
+        piped(&mut session, !args.no_commands)
     }
 }
 
@@ -168,10 +174,12 @@ enum Line {
     Empty,
 }
 
-fn classify(line: &str) -> Line {
+fn classify(line: &str, commands: bool) -> Line {
     let line = line.trim_end_matches(['\r', '\n']);
     if line.trim().is_empty() {
         Line::Empty
+    } else if !commands {
+        Line::Message(line.to_string())
     } else if let Some(rest) = line.strip_prefix("//") {
         Line::Message(format!("/{rest}"))
     } else if line.starts_with('/') {
@@ -241,7 +249,14 @@ impl Session {
         out.write_all(end.as_bytes())
             .and_then(|()| out.flush())
             .map_err(|e| Error::io("cannot write the reply to stdout", e))?;
-        self.record(message, &reply)?;
+        // The reply was given: a log that cannot be written is worth a warning, not the end
+        // of the conversation.
+        if let Err(e) = self.record(message, &reply) {
+            eprintln!(
+                "qfilters: warning: turn {} not logged: {e}",
+                reply.stats.turn
+            );
+        }
         Ok(reply)
     }
 
@@ -283,7 +298,13 @@ impl Session {
         )
     }
 
-    fn command(&mut self, cmd: &str, out: &mut dyn Write) -> Result<Flow> {
+    /// Runs a command; `confirm(question)` asks the user before anything is overwritten.
+    fn command(
+        &mut self,
+        cmd: &str,
+        out: &mut dyn Write,
+        confirm: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Flow> {
         let (name, arg) = match cmd.split_once(char::is_whitespace) {
             Some((n, a)) => (n, a.trim()),
             None => (cmd, ""),
@@ -303,6 +324,13 @@ impl Session {
             "/save" => {
                 if arg.is_empty() {
                     return Err(Error::invalid("/save needs a file name"));
+                }
+                // symlink_metadata: a link counts as existing even when it dangles.
+                if std::fs::symlink_metadata(arg).is_ok()
+                    && !confirm(&format!("{arg} exists: overwrite it? [y/N] "))
+                {
+                    let _ = writeln!(out, "[not saved]");
+                    return Ok(Flow::Continue);
                 }
                 let path = Path::new(arg);
                 let inputs: Vec<&Path> = self.inputs.iter().map(PathBuf::as_path).collect();
@@ -327,7 +355,7 @@ fn last_turn_text(t: &TurnStats) -> String {
     )
 }
 
-fn piped(session: &mut Session) -> Result<()> {
+fn piped(session: &mut Session, commands: bool) -> Result<()> {
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
     let stdout = std::io::stdout();
@@ -343,6 +371,11 @@ fn piped(session: &mut Session) -> Result<()> {
             return Ok(());
         }
         line_no += 1;
+        // A NUL byte cannot reach llama.cpp (C strings); the line is skipped, the rest goes on.
+        if raw.contains(&0) {
+            eprintln!("qfilters: input line {line_no} contains a NUL byte: skipped");
+            continue;
+        }
         let line = match std::str::from_utf8(&raw) {
             Ok(s) => s.to_string(),
             Err(_) => {
@@ -352,18 +385,27 @@ fn piped(session: &mut Session) -> Result<()> {
                 String::from_utf8_lossy(&raw).into_owned()
             }
         };
-        match classify(&line) {
+        match classify(&line, commands) {
             Line::Empty => {}
             // A command that fails (unknown, unwritable file) is reported and the script goes on.
-            Line::Command(cmd) => match session.command(&cmd, &mut out) {
+            // Piped input cannot answer a question: /save overwrites through the safe writer.
+            Line::Command(cmd) => match session.command(&cmd, &mut out, &mut |_| true) {
                 Ok(Flow::Quit) => return Ok(()),
                 Ok(Flow::Continue) => {
                     let _ = writeln!(out);
                 }
-                Err(e) => eprintln!("qfilters: line {line_no}: {e}"),
+                Err(e) => eprintln!("qfilters: input line {line_no}: {e}"),
             },
             Line::Message(m) => {
-                session.send(&m, &mut out, false)?;
+                if let Err(e) = session.send(&m, &mut out, false) {
+                    // A turn that failed half-way leaves the cache out of step with the
+                    // transcript: that ends the script. Any other failure (a message the
+                    // template or tokenizer refuses) skips the line.
+                    if session.chat.needs_reset() {
+                        return Err(e);
+                    }
+                    eprintln!("qfilters: input line {line_no} skipped: {e}");
+                }
             }
         }
     }
@@ -402,9 +444,10 @@ fn interactive(session: &mut Session, args: &ChatArgs) -> Result<()> {
             let _ = editor.add_history_entry(line.as_str());
         }
         let mut out = stdout.lock();
-        let result = match classify(&line) {
+        let mut confirm = |question: &str| matches!(editor.readline(question), Ok(a) if matches!(a.trim(), "y" | "Y" | "yes"));
+        let result = match classify(&line, !args.no_commands) {
             Line::Empty => Ok(()),
-            Line::Command(cmd) => match session.command(&cmd, &mut out) {
+            Line::Command(cmd) => match session.command(&cmd, &mut out, &mut confirm) {
                 Ok(Flow::Quit) => return Ok(()),
                 Ok(Flow::Continue) => Ok(()),
                 Err(e) => Err(e),
