@@ -438,6 +438,7 @@ mod tests {
             model: PathBuf::from(DEFAULT_MODEL),
             gpu_layers: 0,
             threads,
+            poll: 0,
             verbose: false,
         }
     }
