@@ -23,3 +23,7 @@ pub mod math;
 pub mod policy;
 
 pub use error::{Error, Result};
+
+/// The patches build.rs applied to the llama.cpp this binary links (`name@sha8+…`), or `none`
+/// for a user's own `LLAMA_CPP_DIR` checkout (see vendor/patches/README.md).
+pub const LLAMA_PATCHES: &str = env!("QFILTERS_LLAMA_PATCHES");
