@@ -49,6 +49,12 @@ fn main() {
     };
     // Which patches the linked llama.cpp carries: `qfilters --version` reports it.
     println!("cargo::rustc-env=QFILTERS_LLAMA_PATCHES={}", patches.id);
+    let origin = if env::var_os("LLAMA_CPP_DIR").is_some() {
+        "LLAMA_CPP_DIR"
+    } else {
+        "pinned"
+    };
+    println!("cargo::rustc-env=QFILTERS_LLAMA_SOURCE={origin}");
 
     check_tool(
         "cmake",
