@@ -193,6 +193,60 @@ pub fn compare(
     Ok(out)
 }
 
+/// Bytes one decode step must read at least, as weights: every matrix once, except the token
+/// embedding, of which a step reads one row (unless the model has no `output.weight` and
+/// uses the embedding as its output matrix too).
+pub fn weight_bytes_per_step(path: &std::path::Path) -> Result<u64> {
+    let file = gguf_tools::gguf::read(path).map_err(|e| Error::invalid(e.to_string()))?;
+    let tied = !file.tensors.iter().any(|t| t.name == "output.weight");
+    Ok(file
+        .tensors
+        .iter()
+        .filter(|t| tied || t.name != "token_embd.weight")
+        .map(|t| t.size())
+        .sum())
+}
+
+/// The bandwidth bound of a long-context comparison: if a decode step only moved bytes
+/// (weights + the K and V of the live cells), the budgeted cache could be this much faster.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BandwidthBound {
+    pub weight_bytes: u64,
+    pub kv_bytes_read_full: u64,
+    pub kv_bytes_read_budget: u64,
+    /// (weights + live KV of the full cache) / (weights + live KV of the budgeted cache).
+    pub bound: f64,
+}
+
+impl BandwidthBound {
+    /// `kv_bytes_per_cell` over all layers; live cells of each arm at the end of the stream.
+    pub fn new(
+        weight_bytes: u64,
+        kv_bytes_per_cell: f64,
+        live_full: usize,
+        live_budget: usize,
+    ) -> Self {
+        let full = (kv_bytes_per_cell * live_full as f64) as u64;
+        let budget = (kv_bytes_per_cell * live_budget as f64) as u64;
+        let bound = (weight_bytes + full) as f64 / (weight_bytes + budget).max(1) as f64;
+        BandwidthBound {
+            weight_bytes,
+            kv_bytes_read_full: full,
+            kv_bytes_read_budget: budget,
+            bound,
+        }
+    }
+
+    /// The share of the bound an achieved speed ratio reaches.
+    pub fn share(&self, ratio: f64) -> f64 {
+        if self.bound > 0.0 {
+            ratio / self.bound
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Unit-norm random filters (seeded) of the model's shape: for speed measurements and checks
 /// where no calibrated filters exist; scoring costs the same as with real ones.
 pub fn random_filters(model: &Model, seed: u64) -> Result<gguf_tools::filters::QFilters> {
@@ -311,6 +365,16 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
         assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn bound_is_the_ratio_of_bytes_moved() {
+        // 100 bytes of weights, 2 bytes per cell: 1000 live cells against 100.
+        let b = BandwidthBound::new(100, 2.0, 1000, 100);
+        assert_eq!(b.kv_bytes_read_full, 2000);
+        assert_eq!(b.kv_bytes_read_budget, 200);
+        assert!((b.bound - 2100.0 / 300.0).abs() < 1e-12);
+        assert!((b.share(3.5) - 0.5).abs() < 1e-12);
     }
 
     #[test]

@@ -263,6 +263,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         0.0
     };
     let evicting = budget < input;
+    let kv_per_cell = if on_last.n_ctx > 0 {
+        on_last.kv_bytes as f64 / on_last.n_ctx as f64
+    } else {
+        0.0
+    };
+    let weights = bench::weight_bytes_per_step(&args.model.model)?;
+    let bound = bench::BandwidthBound::new(
+        weights,
+        kv_per_cell,
+        off_last.live_cells,
+        on_last.live_cells,
+    );
     println!(
         "on/off speed ratio (median of {} reps): prefill {:.4} | decode {:.4} | last {} steps {:.4}",
         prefill.len(),
@@ -278,6 +290,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             on_last.kv_bytes as f64 / 1048576.0,
             kv_ratio,
             med(&tail)
+        );
+        println!(
+            "bandwidth bound: weights {:.1} MiB + live KV {:.1} → {:.1} MiB per decode step: ×{:.2}; end-of-stream decode reaches {:.2} of it",
+            weights as f64 / 1048576.0,
+            bound.kv_bytes_read_full as f64 / 1048576.0,
+            bound.kv_bytes_read_budget as f64 / 1048576.0,
+            bound.bound,
+            bound.share(med(&tail))
         );
     } else {
         println!(
@@ -323,6 +343,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "peak_cells_off": off_last.peak_cells,
             "peak_cells": on_last.peak_cells,
             "evicted_on": on_last.evicted,
+            "live_cells_off": off_last.live_cells,
+            "live_cells_on": on_last.live_cells,
+            "weight_bytes_per_step": bound.weight_bytes,
+            "kv_bytes_read_off": bound.kv_bytes_read_full,
+            "kv_bytes_read_on": bound.kv_bytes_read_budget,
+            "bandwidth_bound": bound.bound,
+            "tail_decode_share_of_bound": bound.share(med(&tail)),
+            "decode_share_of_bound": bound.share(med(&decode)),
         });
         let per_rep = json!({
                 "prefill_ratio": prefill,
