@@ -73,6 +73,9 @@ pub struct BenchArgs {
     /// Compare the scores of the cache and graph key paths on this workload and exit.
     #[arg(long = "check-keys", hide = true)]
     pub check_keys: bool,
+    /// Check per-head eviction's head-slice moves against a cache that never evicts, and exit.
+    #[arg(long = "check-moves", hide = true)]
+    pub check_moves: bool,
 }
 
 impl BenchArgs {
@@ -197,6 +200,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     if args.check_keys {
         return check_keys(&args, &model, &prompt);
+    }
+    if args.check_moves {
+        return check_moves(&args, &model, &prompt);
     }
 
     let mut on = args.engine_on(&model, budget, args.key_source)?;
@@ -383,9 +389,53 @@ fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()
     let mut graph = args.engine_on(model, input, KeySource::Graph)?;
     let mut cache = args.engine_on(model, input, KeySource::Cache)?;
     let r = bench::compare_key_paths(&mut graph, &mut cache, prompt, args.gen)?;
+    let device_batches = cache.stats().device_score_batches;
     println!(
-        "check-keys: policy {} | {} slots compared | max |Δscore| {:.5} | max rel {:.5} | K-index input reused after llama_decode in {}/{} decodes",
-        args.policy, r.compared, r.max_abs_diff, r.max_rel_diff, r.cells_reused_after_decode, r.decodes
+        "check-keys: policy {} | {} slots compared | max |Δscore| {:.5} | max rel {:.5} | K-index input reused after llama_decode in {}/{} decodes | device scoring batches {}",
+        args.policy, r.compared, r.max_abs_diff, r.max_rel_diff, r.cells_reused_after_decode, r.decodes, device_batches
+    );
+    // The device reductions against the host path on the same cache rows: equal but for the
+    // summation order.
+    drop(graph);
+    let mut host = args.engine_on(model, input, KeySource::Host)?;
+    let h = bench::compare_key_paths(&mut host, &mut cache, prompt, args.gen)?;
+    println!(
+        "check-keys: device vs host scoring: {} slots | max |Δscore| {:.6} | max rel {:.6}",
+        h.compared, h.max_abs_diff, h.max_rel_diff
+    );
+    if let Some(path) = &args.json {
+        let mut v = serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?;
+        v["device_score_batches"] = json!(device_batches);
+        v["device_vs_host"] =
+            serde_json::to_value(&h).map_err(|e| Error::invalid(e.to_string()))?;
+        write_json(path, &v)?;
+    }
+    if r.compared == 0 || r.max_rel_diff > 0.02 {
+        return Err(Error::KvCache(format!(
+            "the cache key path disagrees with the graph key path (max rel {:.4}, {} slots)",
+            r.max_rel_diff, r.compared
+        )));
+    }
+    if h.compared == 0 || h.max_rel_diff > 1e-3 {
+        return Err(Error::KvCache(format!(
+            "device scoring disagrees with host scoring (max rel {:.5}, {} slots)",
+            h.max_rel_diff, h.compared
+        )));
+    }
+    Ok(())
+}
+
+/// Per-head eviction's head-slice moves against a cache that never evicts (no `--budget`:
+/// a small one, so that moves happen).
+fn check_moves(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()> {
+    let budget = args
+        .budget
+        .unwrap_or(48)
+        .min(prompt.len().saturating_sub(1));
+    let r = bench::check_head_moves(model, prompt, budget, 16, args.model.threads())?;
+    println!(
+        "check-moves: {} slots checked, {} hold moved slices | {} head slices moved, {} rounds on the device | max |Δ| {:.6}",
+        r.checked, r.moved, r.head_slices_moved, r.device_move_rounds, r.max_abs_diff
     );
     if let Some(path) = &args.json {
         write_json(
@@ -393,10 +443,10 @@ fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()
             &serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?,
         )?;
     }
-    if r.compared == 0 || r.max_rel_diff > 0.02 {
+    if r.checked == 0 || r.moved == 0 || r.max_abs_diff > 1e-3 {
         return Err(Error::KvCache(format!(
-            "the cache key path disagrees with the graph key path (max rel {:.4}, {} slots)",
-            r.max_rel_diff, r.compared
+            "head-slice moves do not match the never-evicting cache ({} checked, {} moved, max |Δ| {})",
+            r.checked, r.moved, r.max_abs_diff
         )));
     }
     Ok(())
