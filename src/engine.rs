@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity};
 use crate::error::{Error, Result};
-use crate::ffi::{Batch, Context, ContextParams, GraphObserver, Model, NodeInfo, NodeOp, Token};
+use crate::ffi::{
+    Batch, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Token,
+};
 use crate::policy::{KeyReduce, NewKeys, Scorer};
 
 /// Where the hook reads the post-RoPE keys of new tokens.
@@ -542,7 +544,7 @@ impl Engine {
             return Ok(());
         }
         // One graph on the cache's device for all of the round's moves (when it can).
-        let groups: Vec<(usize, usize, &[(usize, usize)])> = plan
+        let groups: Vec<HeadMoveGroup<'_>> = plan
             .moves
             .iter()
             .map(|hm| (self.tracked[hm.layer], hm.head, hm.moves.as_slice()))

@@ -625,6 +625,9 @@ unsafe fn note_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor) {
     state.batch_cells.push((idx, cells));
 }
 
+/// Head-slice moves of one (layer, KV head): `(layer, head, [(from cell, to cell)])`.
+pub type HeadMoveGroup<'a> = (usize, usize, &'a [(usize, usize)]);
+
 /// How the device reduces each (cell, KV head) slice of a key to one number, so a score can be
 /// computed where the keys live and only `n_tokens x n_head_kv` floats come back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1270,7 +1273,7 @@ impl Context {
     /// cache type is not f16/bf16/f32, or no backend reaches the tensors).
     fn device_move_heads(
         &mut self,
-        groups: &[(usize, usize, &[(usize, usize)])],
+        groups: &[HeadMoveGroup<'_>],
         n_head_kv: usize,
     ) -> Result<bool> {
         let mut layers: Vec<usize> = groups.iter().map(|g| g.0).collect();
@@ -1419,7 +1422,7 @@ impl Context {
     /// through the host (false).
     pub fn move_head_slices_batch(
         &mut self,
-        groups: &[(usize, usize, &[(usize, usize)])],
+        groups: &[HeadMoveGroup<'_>],
         n_head_kv: usize,
     ) -> Result<bool> {
         if self.device_move_heads(groups, n_head_kv)? {
