@@ -44,7 +44,8 @@ pub struct BenchArgs {
     pub granularity: Granularity,
     #[arg(long, default_value = "mean-z")]
     pub combiner: Combiner,
-    /// `cache` (read from the K cache after the decode) or `graph` (one split per layer).
+    /// `cache` (K cache rows after the decode, scored on the cache's device), `host` (the same
+    /// rows copied to the host and scored there) or `graph` (one split per layer).
     #[arg(long = "key-source", default_value = "cache")]
     pub key_source: KeySource,
     /// Tokens per llama_decode call for the prompt.
