@@ -30,7 +30,7 @@ fn main() {
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
     let dynamic = env::var_os("CARGO_FEATURE_DYNAMIC_LINK").is_some();
 
-    let source = match env::var_os("LLAMA_CPP_DIR") {
+    let (source, patches) = match env::var_os("LLAMA_CPP_DIR") {
         Some(dir) => {
             let dir = PathBuf::from(dir);
             if !dir.join("include/llama.h").is_file() {
@@ -39,10 +39,22 @@ fn main() {
                     dir.display()
                 ));
             }
-            dir
+            // A user's checkout is theirs: never patched. Say what that costs.
+            println!(
+                "cargo::warning=LLAMA_CPP_DIR is used as is, without qfilters' patches (vendor/patches): with a GPU, the graph hook will be slower, because llama.cpp then computes every graph split as a view (uid 0: no CUDA graph reuse) and synchronises after each one"
+            );
+            (dir, PatchSet::none())
         }
-        None => fetch_pinned_source(&manifest_dir.join("vendor")),
+        None => patched_pinned_source(&manifest_dir.join("vendor")),
     };
+    // Which patches the linked llama.cpp carries: `qfilters --version` reports it.
+    println!("cargo::rustc-env=QFILTERS_LLAMA_PATCHES={}", patches.id);
+    let origin = if env::var_os("LLAMA_CPP_DIR").is_some() {
+        "LLAMA_CPP_DIR"
+    } else {
+        "pinned"
+    };
+    println!("cargo::rustc-env=QFILTERS_LLAMA_SOURCE={origin}");
 
     check_tool(
         "cmake",
@@ -66,7 +78,7 @@ fn main() {
     let lib_dir = match env::var_os("QFILTERS_LLAMA_LIB_DIR") {
         // Prebuilt libraries (e.g. built on a GPU machine from the same source): only link.
         Some(dir) => PathBuf::from(dir),
-        None => build_llama(&source, &manifest_dir, cuda, dynamic),
+        None => build_llama(&source, &patches, &manifest_dir, cuda, dynamic),
     };
     build_exception_shim(&source);
     link(&lib_dir, cuda, dynamic);
@@ -158,6 +170,169 @@ fn fetch_pinned_source(vendor: &Path) -> PathBuf {
     dest
 }
 
+/// The patches applied to the llama.cpp source, as recorded in the binary.
+struct PatchSet {
+    /// `name@sha8+name@sha8…`, or `none`.
+    id: String,
+    /// A short digest of `id` for the build folder's name.
+    short: String,
+}
+
+impl PatchSet {
+    fn none() -> PatchSet {
+        PatchSet {
+            id: "none".into(),
+            short: "unpatched".into(),
+        }
+    }
+}
+
+/// One exact-match replacement: `find` must occur exactly once in `file`.
+struct Hunk {
+    file: String,
+    find: String,
+    replace: String,
+}
+
+/// Reads `vendor/patches/*.patch` (sorted by name). Format: a `file: PATH` line, then hunks
+/// `<<<<<<< find` / text / `=======` / text / `>>>>>>> replace`, each line kept verbatim.
+fn read_patches(dir: &Path) -> (PatchSet, Vec<(String, Vec<Hunk>)>) {
+    println!("cargo::rerun-if-changed={}", dir.display());
+    let mut names: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "patch"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let mut ids = Vec::new();
+    let mut all = Vec::new();
+    for path in names {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => fail(&format!("cannot read {}: {e}", path.display())),
+        };
+        let hunks = parse_patch(&text)
+            .unwrap_or_else(|why| fail(&format!("{} is malformed: {why}", path.display())));
+        ids.push(format!("{name}@{}", &sha256_hex(text.as_bytes())[..8]));
+        all.push((name, hunks));
+    }
+    if ids.is_empty() {
+        return (PatchSet::none(), all);
+    }
+    let id = ids.join("+");
+    let short = format!("p{}", &sha256_hex(id.as_bytes())[..8]);
+    (PatchSet { id, short }, all)
+}
+
+fn parse_patch(text: &str) -> Result<Vec<Hunk>, String> {
+    let mut hunks = Vec::new();
+    let mut file: Option<String> = None;
+    let mut lines = text.split_inclusive('\n');
+    while let Some(line) = lines.next() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if let Some(f) = bare.strip_prefix("file: ") {
+            file = Some(f.trim().to_string());
+        } else if bare == "<<<<<<< find" {
+            let file = file.clone().ok_or("a hunk before any `file:` line")?;
+            let (mut find, mut replace) = (String::new(), String::new());
+            let mut in_find = true;
+            loop {
+                let line = lines.next().ok_or("a hunk without `>>>>>>> replace`")?;
+                let bare = line.trim_end_matches(['\n', '\r']);
+                if bare == "=======" && in_find {
+                    in_find = false;
+                } else if bare == ">>>>>>> replace" && !in_find {
+                    break;
+                } else if in_find {
+                    find.push_str(line);
+                } else {
+                    replace.push_str(line);
+                }
+            }
+            if find.is_empty() {
+                return Err("an empty `find` text".into());
+            }
+            hunks.push(Hunk {
+                file,
+                find,
+                replace,
+            });
+        }
+    }
+    if hunks.is_empty() {
+        return Err("no hunks".into());
+    }
+    Ok(hunks)
+}
+
+/// The pinned source with `vendor/patches` applied. A stamp file records the applied set, so
+/// a second build is a no-op; a tree carrying another set is unpacked afresh first.
+fn patched_pinned_source(vendor: &Path) -> (PathBuf, PatchSet) {
+    let (set, patches) = read_patches(&vendor.join("patches"));
+    let dest = fetch_pinned_source(vendor);
+    let stamp = dest.join(".qfilters-patches");
+    match fs::read_to_string(&stamp) {
+        Ok(applied) if applied.trim() == set.id => return (dest, set),
+        // Another set (or a half-applied one) is in the tree: start from the archive again.
+        Ok(_) => {
+            let _ = fs::remove_file(dest.join(".qfilters-sha256"));
+            fetch_pinned_source(vendor);
+        }
+        Err(_) => {}
+    }
+    if let Err(why) = apply_patches(&dest, &patches) {
+        // A build stopped half-way may have left part of the set applied: one fresh try.
+        let _ = fs::remove_file(dest.join(".qfilters-sha256"));
+        fetch_pinned_source(vendor);
+        if apply_patches(&dest, &patches).is_err() {
+            fail(&why);
+        }
+    }
+    if let Err(e) = fs::write(&stamp, &set.id) {
+        fail(&format!("cannot write {}: {e}", stamp.display()));
+    }
+    (dest, set)
+}
+
+/// Applies every hunk in memory first, then writes the changed files.
+fn apply_patches(dest: &Path, patches: &[(String, Vec<Hunk>)]) -> Result<(), String> {
+    let mut files: Vec<(PathBuf, String)> = Vec::new();
+    for (name, hunks) in patches {
+        for hunk in hunks {
+            let path = dest.join(&hunk.file);
+            let i = match files.iter().position(|(p, _)| *p == path) {
+                Some(i) => i,
+                None => {
+                    let text = fs::read_to_string(&path).map_err(|e| {
+                        format!("patch {name}: cannot read {}: {e}", path.display())
+                    })?;
+                    files.push((path.clone(), text));
+                    files.len() - 1
+                }
+            };
+            let count = files[i].1.matches(hunk.find.as_str()).count();
+            if count != 1 {
+                return Err(format!(
+                    "patch vendor/patches/{name}.patch: its anchor text occurs {count} times in {} (expected exactly once): the llama.cpp source is not the pinned one, or the patch needs updating",
+                    hunk.file
+                ));
+            }
+            files[i].1 = files[i].1.replacen(hunk.find.as_str(), &hunk.replace, 1);
+        }
+    }
+    for (path, text) in files {
+        fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Finds the pinned `.crate` in cargo's download cache, asking cargo to download it if needed.
 fn locate_or_fetch_crate() -> PathBuf {
     let cargo_home = env::var_os("CARGO_HOME")
@@ -217,7 +392,13 @@ fn sha256_hex(bytes: &[u8]) -> String {
 ///
 /// The build folder lives beside cargo's profiles so that `cargo build` and `cargo test`
 /// (different profiles) share one llama.cpp build instead of compiling it twice.
-fn build_llama(source: &Path, manifest_dir: &Path, cuda: bool, dynamic: bool) -> PathBuf {
+fn build_llama(
+    source: &Path,
+    patches: &PatchSet,
+    manifest_dir: &Path,
+    cuda: bool,
+    dynamic: bool,
+) -> PathBuf {
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|d| {
@@ -229,11 +410,13 @@ fn build_llama(source: &Path, manifest_dir: &Path, cuda: bool, dynamic: bool) ->
         })
         .unwrap_or_else(|| manifest_dir.join("target"));
     let cpu = CpuTarget::from_env();
+    // The patch set is part of the name so patched and unpatched objects never mix.
     let flavour = format!(
-        "{}-{}-{}-{}",
+        "{}-{}-{}-{}-{}",
         if cuda { "cuda" } else { "cpu" },
         if dynamic { "shared" } else { "static" },
         cpu.name(),
+        patches.short,
         &sha256_hex(source.to_string_lossy().as_bytes())[..8]
     );
     let out = target_dir.join("llama-cpp").join(flavour);
@@ -406,7 +589,9 @@ fn cuda_lib_dir() -> Option<PathBuf> {
 fn generate_bindings(source: &Path) {
     let include = source.join("include");
     let ggml_include = source.join("ggml/include");
-    let wrapper = "#include \"llama.h\"\n#include \"ggml.h\"\n#include \"ggml-backend.h\"\n#include \"ggml-cpu.h\"\n";
+    // ggml-alloc and ggml-cpu: the engine builds its own small scoring graph on the cache's
+    // backend (src/ffi.rs, `DeviceScorer`) and its own CPU threadpool (src/threads.rs).
+    let wrapper = "#include \"llama.h\"\n#include \"ggml.h\"\n#include \"ggml-backend.h\"\n#include \"ggml-alloc.h\"\n#include \"ggml-cpu.h\"\n";
     let builder = bindgen::Builder::default()
         .header_contents("qfilters_wrapper.h", wrapper)
         .clang_arg(format!("-I{}", include.display()))

@@ -193,6 +193,60 @@ pub fn compare(
     Ok(out)
 }
 
+/// Bytes one decode step must read at least, as weights: every matrix once, except the token
+/// embedding, of which a step reads one row (unless the model has no `output.weight` and
+/// uses the embedding as its output matrix too).
+pub fn weight_bytes_per_step(path: &std::path::Path) -> Result<u64> {
+    let file = gguf_tools::gguf::read(path).map_err(|e| Error::invalid(e.to_string()))?;
+    let tied = !file.tensors.iter().any(|t| t.name == "output.weight");
+    Ok(file
+        .tensors
+        .iter()
+        .filter(|t| tied || t.name != "token_embd.weight")
+        .map(|t| t.size())
+        .sum())
+}
+
+/// The bandwidth bound of a long-context comparison: if a decode step only moved bytes
+/// (weights + the K and V of the live cells), the budgeted cache could be this much faster.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BandwidthBound {
+    pub weight_bytes: u64,
+    pub kv_bytes_read_full: u64,
+    pub kv_bytes_read_budget: u64,
+    /// (weights + live KV of the full cache) / (weights + live KV of the budgeted cache).
+    pub bound: f64,
+}
+
+impl BandwidthBound {
+    /// `kv_bytes_per_cell` over all layers; live cells of each arm at the end of the stream.
+    pub fn new(
+        weight_bytes: u64,
+        kv_bytes_per_cell: f64,
+        live_full: usize,
+        live_budget: usize,
+    ) -> Self {
+        let full = (kv_bytes_per_cell * live_full as f64) as u64;
+        let budget = (kv_bytes_per_cell * live_budget as f64) as u64;
+        let bound = (weight_bytes + full) as f64 / (weight_bytes + budget).max(1) as f64;
+        BandwidthBound {
+            weight_bytes,
+            kv_bytes_read_full: full,
+            kv_bytes_read_budget: budget,
+            bound,
+        }
+    }
+
+    /// The share of the bound an achieved speed ratio reaches.
+    pub fn share(&self, ratio: f64) -> f64 {
+        if self.bound > 0.0 {
+            ratio / self.bound
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Unit-norm random filters (seeded) of the model's shape: for speed measurements and checks
 /// where no calibrated filters exist; scoring costs the same as with real ones.
 pub fn random_filters(model: &Model, seed: u64) -> Result<gguf_tools::filters::QFilters> {
@@ -301,6 +355,107 @@ pub fn compare_key_paths(
     Ok(report)
 }
 
+/// What [`check_head_moves`] found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeadMoveReport {
+    /// (layer 0, head, live cell) slots compared against the cache that never evicted.
+    pub checked: usize,
+    /// Of those, slots holding a token other than their cell's label (moved there).
+    pub moved: usize,
+    pub head_slices_moved: u64,
+    /// Eviction rounds whose moves ran as one graph on the cache's device.
+    pub device_move_rounds: u64,
+    /// Largest |difference| between a slot's K or V and the never-evicting cache's.
+    pub max_abs_diff: f32,
+}
+
+/// Per-head eviction (knorm, `--granularity head`) over `prompt` in chunks of `chunk`, with
+/// `budget` cells, against a cache that never evicts: every (layer 0, head, live cell) slot must
+/// hold exactly the K and V of the position the book says. Layer 0's K and V depend only on the
+/// token and its position, so the two caches are comparable. `threads` for llama.cpp.
+pub fn check_head_moves(
+    model: &std::sync::Arc<Model>,
+    prompt: &[Token],
+    budget: usize,
+    chunk: usize,
+    threads: i32,
+) -> Result<HeadMoveReport> {
+    use crate::cache::{Combiner, EvictionConfig, Granularity};
+    use crate::engine::{EngineConfig, KeySource};
+    let engine_for = |policy: &str, eviction: Option<EvictionConfig>| -> Result<Engine> {
+        let scorer = crate::policy::build(
+            policy,
+            &crate::policy::PolicyInputs {
+                filters: None,
+                seed: 1,
+                recency: 0.0,
+            },
+        )?;
+        Engine::new(
+            model,
+            scorer,
+            EngineConfig {
+                eviction,
+                capacity: prompt.len() + 1,
+                n_batch: chunk,
+                threads,
+                key_source: KeySource::Cache,
+                flash_attn: Some(true),
+                hook: true,
+            },
+        )
+    };
+    let mut full = engine_for("none", None)?;
+    full.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))?;
+    let mut evicting = engine_for(
+        "knorm",
+        Some(EvictionConfig {
+            budget,
+            window: 8,
+            sinks: 2,
+            granularity: Granularity::Head,
+            combiner: Combiner::MeanZ,
+            slack: 0,
+        }),
+    )?;
+    evicting.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))?;
+    let mut r = HeadMoveReport {
+        head_slices_moved: evicting.stats().head_slices_moved,
+        device_move_rounds: evicting.stats().device_move_rounds,
+        ..HeadMoveReport::default()
+    };
+    let book = evicting
+        .book()
+        .ok_or_else(|| Error::KvCache("no cache book".into()))?
+        .clone();
+    let (h_kv, d) = (model.n_head_kv(), model.head_dim());
+    for cell in 0..book.n_cells() {
+        if book.cell_position(cell).is_none() {
+            continue;
+        }
+        let k = evicting.context_mut().read_cache_row(0, false, cell)?;
+        let v = evicting.context_mut().read_cache_row(0, true, cell)?;
+        for h in 0..h_kv {
+            let p = book
+                .slot_position(0, h, cell)
+                .ok_or_else(|| Error::KvCache(format!("live cell {cell} has an empty slot")))?;
+            if Some(p) != book.cell_position(cell) {
+                r.moved += 1;
+            }
+            // A cache that never evicted holds position p in cell p.
+            let rk = full.context_mut().read_cache_row(0, false, p as usize)?;
+            let rv = full.context_mut().read_cache_row(0, true, p as usize)?;
+            for (a, b) in [(&k, &rk), (&v, &rv)] {
+                for i in h * d..(h + 1) * d {
+                    r.max_abs_diff = r.max_abs_diff.max((a[i] - b[i]).abs());
+                }
+            }
+            r.checked += 1;
+        }
+    }
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +466,16 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
         assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn bound_is_the_ratio_of_bytes_moved() {
+        // 100 bytes of weights, 2 bytes per cell: 1000 live cells against 100.
+        let b = BandwidthBound::new(100, 2.0, 1000, 100);
+        assert_eq!(b.kv_bytes_read_full, 2000);
+        assert_eq!(b.kv_bytes_read_budget, 200);
+        assert!((b.bound - 2100.0 / 300.0).abs() < 1e-12);
+        assert!((b.share(3.5) - 0.5).abs() < 1e-12);
     }
 
     #[test]

@@ -6,15 +6,22 @@ use std::time::Instant;
 
 use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity};
 use crate::error::{Error, Result};
-use crate::ffi::{Batch, Context, ContextParams, GraphObserver, Model, NodeInfo, NodeOp, Token};
-use crate::policy::{NewKeys, Scorer};
+use crate::ffi::{
+    Batch, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Token,
+};
+use crate::policy::{KeyReduce, NewKeys, Scorer};
 
 /// Where the hook reads the post-RoPE keys of new tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeySource {
     /// From the KV cache rows the decode just wrote, after `llama_decode` returns: no graph
-    /// split, no synchronisation inside the graph. The default.
+    /// split, no synchronisation inside the graph. Scored where the cache lives (one small
+    /// ggml graph per eviction round on the cache's backend, only n x heads floats come back)
+    /// when the policy's score is a per-head reduction of the key; else as `Host`. The default.
     Cache,
+    /// Like `Cache`, but the K rows are always copied to the host and scored there (the
+    /// reference for the device path).
+    Host,
     /// From the `Kcur-<layer>` ROPE nodes while the graph runs: one graph split per layer.
     /// The simple reference path.
     Graph,
@@ -25,9 +32,10 @@ impl std::str::FromStr for KeySource {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cache" => Ok(KeySource::Cache),
+            "host" => Ok(KeySource::Host),
             "graph" => Ok(KeySource::Graph),
             _ => Err(Error::invalid(format!(
-                "unknown key source '{s}' (known: cache, graph)"
+                "unknown key source '{s}' (known: cache, host, graph)"
             ))),
         }
     }
@@ -59,6 +67,10 @@ pub struct Stats {
     pub peak_cells: usize,
     pub evicted: u64,
     pub head_slices_moved: u64,
+    /// Scoring batches whose keys were reduced on the cache's device (no key read-back).
+    pub device_score_batches: u64,
+    /// Eviction rounds whose head-slice moves ran as one graph on the cache's device.
+    pub device_move_rounds: u64,
     pub kv_bytes: usize,
     pub n_ctx: usize,
     pub prefill_seconds: f64,
@@ -127,6 +139,10 @@ pub struct Engine {
     /// batch per layer instead of one small copy per layer after every decode.
     pending_cells: Vec<i64>,
     pending_pos: Vec<i32>,
+    /// Score on the cache's device (`KeySource::Cache` and a reducible score) until the
+    /// backend turns out not to support it.
+    device_scoring: bool,
+    filters_on_device: bool,
 }
 
 /// Most tokens scored in one go when pending keys are flushed (bounds the key buffer).
@@ -208,6 +224,7 @@ impl Engine {
             n_ctx: ctx.n_ctx(),
             ..Stats::default()
         };
+        let device_scoring = cfg.key_source == KeySource::Cache && scorer.key_reduce().is_some();
         Ok(Engine {
             ctx,
             scorer,
@@ -225,6 +242,8 @@ impl Engine {
             head_dim: model.head_dim(),
             pending_cells: Vec::new(),
             pending_pos: Vec::new(),
+            device_scoring,
+            filters_on_device: false,
         })
     }
 
@@ -429,6 +448,18 @@ impl Engine {
         self.scores.resize(self.tracked.len() * n * h, 0.0);
         self.layer_scores.resize(n * h, 0.0);
         let needs_keys = self.scorer.needs_keys();
+        if needs_keys
+            && tap.is_none()
+            && self.device_scoring
+            && self.score_on_device(cells_raw, positions)?
+        {
+            self.stats.device_score_batches += 1;
+            let book = self
+                .book
+                .as_mut()
+                .ok_or_else(|| Error::KvCache("no cache book".into()))?;
+            return book.insert(&cells, positions, &self.scores);
+        }
         for (li, &layer) in self.tracked.iter().enumerate() {
             if needs_keys {
                 match tap {
@@ -471,6 +502,48 @@ impl Engine {
         book.insert(&cells, positions, &self.scores)
     }
 
+    /// Fills `self.scores` for `cells` from per-head key reductions computed on the cache's
+    /// device; false (and the host path from then on) when the backend cannot.
+    fn score_on_device(&mut self, cells: &[i64], positions: &[i32]) -> Result<bool> {
+        let Some(reduce) = self.scorer.key_reduce() else {
+            return Ok(false);
+        };
+        let (n, h, d) = (cells.len(), self.n_head_kv, self.head_dim);
+        if reduce == KeyReduce::Dot && !self.filters_on_device {
+            let mut flat = Vec::with_capacity(self.tracked.len() * h * d);
+            for &layer in &self.tracked {
+                for head in 0..h {
+                    match self.scorer.filter(layer, head) {
+                        Some(f) if f.len() == d => flat.extend_from_slice(f),
+                        _ => {
+                            self.device_scoring = false;
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+            self.filters_on_device = self.ctx.set_key_filters(&self.tracked, &flat, h, d)?;
+            if !self.filters_on_device {
+                self.device_scoring = false;
+                return Ok(false);
+            }
+        }
+        if !self
+            .ctx
+            .device_key_stats(&self.tracked, cells, reduce, h, d, &mut self.keys)?
+        {
+            self.device_scoring = false;
+            return Ok(false);
+        }
+        for (li, &layer) in self.tracked.iter().enumerate() {
+            let stats = &self.keys[li * n * h..(li + 1) * n * h];
+            self.scorer
+                .score_reduced(layer, positions, stats, &mut self.layer_scores);
+            self.scores[li * n * h..(li + 1) * n * h].copy_from_slice(&self.layer_scores);
+        }
+        Ok(true)
+    }
+
     /// Brings the cache back within its budget.
     pub fn evict(&mut self) -> Result<()> {
         let Some(ev) = self.cfg.eviction.clone() else {
@@ -487,15 +560,16 @@ impl Engine {
         if plan.remove.is_empty() {
             return Ok(());
         }
-        for hm in &plan.moves {
-            self.ctx.move_head_slices(
-                self.tracked[hm.layer],
-                hm.head,
-                self.n_head_kv,
-                &hm.moves,
-            )?;
-            self.stats.head_slices_moved += hm.moves.len() as u64;
+        // One graph on the cache's device for all of the round's moves (when it can).
+        let groups: Vec<HeadMoveGroup<'_>> = plan
+            .moves
+            .iter()
+            .map(|hm| (self.tracked[hm.layer], hm.head, hm.moves.as_slice()))
+            .collect();
+        if self.ctx.move_head_slices_batch(&groups, self.n_head_kv)? {
+            self.stats.device_move_rounds += 1;
         }
+        self.stats.head_slices_moved += groups.iter().map(|g| g.2.len() as u64).sum::<u64>();
         let freed = book.apply(&plan);
         for (p0, p1) in position_ranges(&freed) {
             if !self.ctx.remove_positions(p0, p1) {

@@ -24,3 +24,10 @@ pub mod policy;
 pub mod threads;
 
 pub use error::{Error, Result};
+
+/// The patches build.rs applied to the llama.cpp this binary links (`name@sha8+…`), or `none`
+/// for a user's own `LLAMA_CPP_DIR` checkout (see vendor/patches/README.md).
+pub const LLAMA_PATCHES: &str = env!("QFILTERS_LLAMA_PATCHES");
+
+/// `pinned` (the sha256-pinned source build.rs unpacks and patches) or `LLAMA_CPP_DIR`.
+pub const LLAMA_SOURCE: &str = env!("QFILTERS_LLAMA_SOURCE");

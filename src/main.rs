@@ -7,7 +7,13 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "qfilters",
-    version,
+    // The llama.cpp patch set decides how fast the hook is on a GPU: say which one is linked.
+    version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (llama.cpp patches: ",
+        env!("QFILTERS_LLAMA_PATCHES"),
+        ")"
+    ),
     about = "Run GGUF models with a KV cache bounded by Q-Filters eviction"
 )]
 struct Cli {

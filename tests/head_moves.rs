@@ -184,6 +184,10 @@ fn per_head_eviction_moves_the_slices_the_book_says() {
         evicting.stats().head_slices_moved > 0,
         "the test must exercise moves"
     );
+    assert!(
+        evicting.stats().device_move_rounds > 0,
+        "the moves must run as one graph per round on the cache's backend"
+    );
     assert!(evicting.stats().live_cells <= 48 + chunk);
     let d = model.head_dim();
     let book = evicting.book().expect("book").clone();

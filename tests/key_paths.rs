@@ -102,6 +102,48 @@ fn knorm_scores_match_between_key_paths() {
     check("knorm");
 }
 
+/// The device path (keys reduced by a small ggml graph on the cache's backend, here the CPU
+/// one) gives today's host scores (K rows copied out, scored in Rust) within f16 rounding.
+fn device_matches_host(policy: &str) {
+    let model = model();
+    let prompt = synthetic_prompt(&model, 96, 4).expect("prompt");
+    let gen = 4;
+    let budget = prompt.len() + gen + 8;
+    let mut host = engine(&model, policy, KeySource::Host, budget);
+    let mut device = engine(&model, policy, KeySource::Cache, budget);
+    let r = compare_key_paths(&mut host, &mut device, &prompt, gen).expect("both paths run");
+    assert_eq!(
+        host.stats().device_score_batches,
+        0,
+        "host path stays on the host"
+    );
+    assert!(
+        device.stats().device_score_batches > 0,
+        "the device graph must have scored (else this compares the host path with itself)"
+    );
+    assert_eq!(
+        r.compared,
+        (prompt.len() + gen) * host.tracked_layers() * model.n_head_kv()
+    );
+    // Same f16 keys on both sides; only the summation order differs.
+    assert!(
+        r.max_rel_diff <= 1e-4,
+        "{policy}: device scores differ from host scores by up to {} (abs {})",
+        r.max_rel_diff,
+        r.max_abs_diff
+    );
+}
+
+#[test]
+fn qfilters_device_scores_match_host_scores() {
+    device_matches_host("qfilters");
+}
+
+#[test]
+fn knorm_device_scores_match_host_scores() {
+    device_matches_host("knorm");
+}
+
 #[test]
 fn lazy_scores_survive_eviction_rounds() {
     // With eviction, pending scores are flushed before each round; the engine must keep the

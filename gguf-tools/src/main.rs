@@ -57,9 +57,12 @@ enum Command {
         /// tiny, 135m, 1b or 8b.
         #[arg(long)]
         shape: String,
-        /// Matrix type: f16 or q8_0.
+        /// Matrix type: f16, q8_0, q4_0 or q4_k (quantized types get random valid blocks).
         #[arg(long = "type", default_value = "f16")]
         weight_type: String,
+        /// Writer threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
         /// Vocabulary size (default: 256 for tiny, 32000 otherwise).
         #[arg(long)]
         vocab: Option<u64>,
@@ -169,6 +172,7 @@ fn run(cli: Cli) -> Result<(), String> {
             vocab,
             layers,
             seed,
+            threads,
             output,
         } => {
             let mut s = synth::shape_by_name(&shape).map_err(|e| err(&e))?;
@@ -183,7 +187,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 weight_type: WeightType::parse(&weight_type).map_err(|e| err(&e))?,
                 seed,
             };
-            let stats = synth::write(&opts, &output, true).map_err(|e| err(&e))?;
+            let stats = match threads {
+                Some(t) => synth::write_with_threads(&opts, &output, true, t),
+                None => synth::write(&opts, &output, true),
+            }
+            .map_err(|e| err(&e))?;
             say(&format!(
                 "wrote {} ({} layers, {} wide, {}/{} heads, ffn {}, vocab {}): {}\n",
                 output.display(),

@@ -358,6 +358,22 @@ impl AtomicFile {
         })
     }
 
+    /// The temporary file itself, everything written so far flushed to it, for writers that
+    /// fill it in place at offsets (several threads, `FileExt::write_at`).
+    pub fn file(&mut self) -> Result<&File, FileError> {
+        let flushed = match &mut self.writer {
+            Some(w) => w.flush(),
+            None => Err(io::Error::other("file already committed")),
+        };
+        if let Err(e) = flushed {
+            return Err(self.write_err(e));
+        }
+        match &self.writer {
+            Some(w) => Ok(w.get_ref()),
+            None => Err(self.write_err(io::Error::other("file already committed"))),
+        }
+    }
+
     /// The temporary file's path (for messages and tests).
     pub fn temp_path(&self) -> &Path {
         &self.tmp

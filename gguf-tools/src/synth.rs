@@ -1,24 +1,30 @@
 //! Random-weight llama-architecture GGUF files that llama.cpp loads, for tests and
-//! benchmarks. Data is generated and written tensor by tensor in fixed-size chunks, so an
-//! 8B-shaped file needs no more memory than a tiny one.
+//! benchmarks. Data is generated in fixed-size chunks by several threads, each writing its
+//! chunks at their final offsets, so an 8B-shaped file needs little memory and takes seconds.
+//! Quantized types are written as random valid blocks (random quants, small finite scales):
+//! nobody runs these weights for their values, and quantizing floats would cost most of the
+//! time.
 
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use thiserror::Error;
 
 use crate::gguf::{self, align_up, GgmlType, GgufError, GgufFile, TensorInfo, Value};
 use crate::progress::{bytes_bar, Throughput};
 
-/// Values generated per chunk; a multiple of the Q8_0 block so blocks never straddle chunks.
-const CHUNK_VALUES: usize = 32 * 8192;
+/// Values generated per chunk; a multiple of the largest block (Q4_K, 256 values) so blocks
+/// never straddle chunks.
+const CHUNK_VALUES: usize = 256 * 4096;
 const WEIGHT_STD: f32 = 0.02;
 
 #[derive(Debug, Error)]
 pub enum SynthError {
     #[error("unknown shape {0:?}; use one of tiny, 135m, 1b, 8b")]
     UnknownShape(String),
-    #[error("unsupported weight type {0:?}; use f16 or q8_0")]
+    #[error("unsupported weight type {0:?}; use f16, q8_0, q4_0 or q4_k")]
     UnknownType(String),
     #[error("invalid shape: {0}")]
     BadShape(String),
@@ -108,6 +114,9 @@ pub fn shape_by_name(name: &str) -> Result<Shape, SynthError> {
 pub enum WeightType {
     F16,
     Q8_0,
+    Q4_0,
+    /// All matrices Q4_K (what a Q4_K_M file holds for most of its bytes).
+    Q4K,
 }
 
 impl WeightType {
@@ -115,6 +124,8 @@ impl WeightType {
         match s.to_ascii_lowercase().as_str() {
             "f16" => Ok(WeightType::F16),
             "q8_0" => Ok(WeightType::Q8_0),
+            "q4_0" => Ok(WeightType::Q4_0),
+            "q4_k" => Ok(WeightType::Q4K),
             _ => Err(SynthError::UnknownType(s.to_string())),
         }
     }
@@ -123,14 +134,27 @@ impl WeightType {
         match self {
             WeightType::F16 => GgmlType::F16,
             WeightType::Q8_0 => GgmlType::Q8_0,
+            WeightType::Q4_0 => GgmlType::Q4_0,
+            WeightType::Q4K => GgmlType::Q4K,
         }
     }
 
-    /// llama_ftype: MOSTLY_F16 = 1, MOSTLY_Q8_0 = 7.
+    /// llama_ftype: MOSTLY_F16 = 1, MOSTLY_Q4_0 = 2, MOSTLY_Q8_0 = 7, MOSTLY_Q4_K_S = 14.
     fn file_type(self) -> u32 {
         match self {
             WeightType::F16 => 1,
+            WeightType::Q4_0 => 2,
             WeightType::Q8_0 => 7,
+            WeightType::Q4K => 14,
+        }
+    }
+
+    /// Values per block: matrix rows must be a whole number of blocks.
+    fn block(self) -> u64 {
+        match self {
+            WeightType::F16 => 1,
+            WeightType::Q8_0 | WeightType::Q4_0 => 32,
+            WeightType::Q4K => 256,
         }
     }
 }
@@ -266,17 +290,40 @@ fn validate(s: &Shape, w: WeightType) -> Result<(), SynthError> {
             s.heads, s.kv_heads
         ));
     }
-    if w == WeightType::Q8_0 && (s.embd % 32 != 0 || s.ff % 32 != 0) {
-        return bad("q8_0 needs width and ffn size to be multiples of 32".into());
+    let b = w.block();
+    if s.embd % b != 0 || s.ff % b != 0 {
+        return bad(format!(
+            "{w:?} needs width and ffn size to be multiples of {b} (its block)"
+        ));
     }
     Ok(())
 }
 
-/// Writes the synthetic model to `out` (via `OUT.tmp`) and returns bytes written and time.
+/// Writes the synthetic model to `out` (via `OUT.tmp`) with one thread per core.
 pub fn write(opts: &SynthOptions, out: &Path, progress: bool) -> Result<Throughput, SynthError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    write_with_threads(opts, out, progress, threads)
+}
+
+/// Writes the synthetic model with `threads` writers (the bytes do not depend on it).
+pub fn write_with_threads(
+    opts: &SynthOptions,
+    out: &Path,
+    progress: bool,
+    threads: usize,
+) -> Result<Throughput, SynthError> {
     let file = plan(opts)?;
     crate::safe_io::check_output(out, &[], false)?;
-    crate::edit::write_via_tmp(out, |tmp| write_file(opts, &file, tmp, out, progress))
+    crate::edit::write_via_tmp(out, |tmp| {
+        write_file(opts, &file, tmp, out, progress, threads.max(1))
+    })
+}
+
+/// One unit of work: values `[first, first + n)` of tensor `tensor`.
+struct Chunk {
+    tensor: usize,
+    first: u64,
+    n: usize,
 }
 
 fn write_file(
@@ -285,6 +332,7 @@ fn write_file(
     w: &mut crate::safe_io::AtomicFile,
     path: &Path,
     progress: bool,
+    threads: usize,
 ) -> Result<u64, SynthError> {
     let werr = |source| SynthError::Write {
         path: path.to_path_buf(),
@@ -292,65 +340,125 @@ fn write_file(
     };
     let header = file.header_bytes()?;
     w.write_all(&header).map_err(werr)?;
-
-    let total = file
+    let f = w.file()?;
+    let base = header.len() as u64;
+    let data_end = file
         .tensors
         .last()
         .map_or(0, |t| t.offset.saturating_add(t.size()));
-    let bar = bytes_bar(progress, total, "synth");
-    let mut written = 0u64;
-    let mut values = vec![0f32; CHUNK_VALUES];
-    let mut bytes = Vec::with_capacity(CHUNK_VALUES * 2);
-    for (index, t) in file.tensors.iter().enumerate() {
-        // Zero padding up to this tensor's offset.
-        let pad = t.offset.saturating_sub(written);
-        w.write_all(&vec![0u8; usize::try_from(pad).unwrap_or(0)])
-            .map_err(werr)?;
-        written += pad;
+    // Padding between tensors stays zero: the file is sized first, then filled in place.
+    f.set_len(base + data_end).map_err(werr)?;
 
-        let mut rng =
-            SplitMix64::new(opts.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut chunks = Vec::new();
+    for (tensor, t) in file.tensors.iter().enumerate() {
         let count: u64 = t.dims.iter().product();
-        let mut left = count;
-        while left > 0 {
-            let n = usize::try_from(left).map_or(CHUNK_VALUES, |l| l.min(CHUNK_VALUES));
-            let chunk = values.get_mut(..n).unwrap_or_default();
-            bytes.clear();
-            if t.ggml_type == GgmlType::F32 {
-                // Norm weights: ones, like a freshly initialised RMSNorm.
-                chunk
-                    .iter()
-                    .for_each(|_| bytes.extend_from_slice(&1f32.to_le_bytes()));
-            } else {
-                chunk.iter_mut().for_each(|v| *v = rng.weight());
-                match t.ggml_type {
-                    GgmlType::Q8_0 => encode_q8_0(chunk, &mut bytes),
-                    _ => chunk.iter().for_each(|&v| {
-                        bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())
-                    }),
-                }
-            }
-            w.write_all(&bytes).map_err(werr)?;
-            written += bytes.len() as u64;
-            bar.inc(bytes.len() as u64);
-            left -= n as u64;
+        let mut first = 0;
+        while first < count {
+            let n = (count - first).min(CHUNK_VALUES as u64) as usize;
+            chunks.push(Chunk { tensor, first, n });
+            first += n as u64;
         }
     }
+    let bar = bytes_bar(progress, data_end, "synth");
+    let next = AtomicUsize::new(0);
+    let failed: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(chunks.len().max(1)) {
+            scope.spawn(|| {
+                let mut bytes = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(c) = chunks.get(i) else { break };
+                    let t = &file.tensors[c.tensor];
+                    // One stream per (tensor, chunk): the bytes do not depend on the threads.
+                    let mut rng = SplitMix64::new(
+                        opts.seed
+                            ^ (c.tensor as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                            ^ (c.first / CHUNK_VALUES as u64 + 1)
+                                .wrapping_mul(0xD1B5_4A32_D192_ED03),
+                    );
+                    bytes.clear();
+                    fill_chunk(t.ggml_type, c.n, &mut rng, &mut bytes);
+                    let at = base
+                        + t.offset
+                        + c.first / t.ggml_type.block_size() * t.ggml_type.type_size();
+                    if let Err(e) = write_at(f, &bytes, at) {
+                        if let Ok(mut slot) = failed.lock() {
+                            slot.get_or_insert(e);
+                        }
+                        break;
+                    }
+                    bar.inc(bytes.len() as u64);
+                }
+            });
+        }
+    });
     bar.finish_and_clear();
-    Ok(header.len() as u64 + written)
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(werr(e));
+    }
+    // The temporary file is synced and renamed by `AtomicFile::commit`.
+    Ok(base + data_end)
 }
 
-/// ggml's Q8_0: per 32 values an f16 scale d = max|x| / 127, then 32 rounded i8 quants.
-pub fn encode_q8_0(values: &[f32], out: &mut Vec<u8>) {
-    for block in values.chunks(32) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
-        for i in 0..32 {
-            let q = block.get(i).map_or(0.0, |v| (v * inv).round());
-            out.push(q.clamp(-127.0, 127.0) as i8 as u8);
+#[cfg(unix)]
+fn write_at(f: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, bytes, at)
+}
+
+#[cfg(windows)]
+fn write_at(f: &File, mut bytes: &[u8], mut at: u64) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(f, bytes, at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
+        bytes = &bytes[n..];
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Appends `n` values of type `ty` to `out`: ones for F32 (norm weights, like a freshly
+/// initialised RMSNorm), bell-shaped values of std 0.02 for F16, random valid blocks otherwise.
+fn fill_chunk(ty: GgmlType, n: usize, rng: &mut SplitMix64, out: &mut Vec<u8>) {
+    let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
+    match ty {
+        GgmlType::F32 => (0..n).for_each(|_| out.extend_from_slice(&1f32.to_le_bytes())),
+        GgmlType::Q8_0 => {
+            // x = d * q, q uniform in [-128, 127] (rms ~74): d = 0.02 / 74.
+            for _ in 0..n / 32 {
+                out.extend_from_slice(&f16(2.7e-4));
+                random_bytes(rng, 32, out);
+            }
+        }
+        GgmlType::Q4_0 => {
+            // x = d * (q - 8), q uniform in [0, 15] (rms ~4.6): d = 0.02 / 4.6.
+            for _ in 0..n / 32 {
+                out.extend_from_slice(&f16(4.3e-3));
+                random_bytes(rng, 16, out);
+            }
+        }
+        GgmlType::Q4K => {
+            // x = d * sc * q - dmin * m with 6-bit sc, m and 4-bit q, all random (rms of
+            // sc * q ~ 320): d gives about 0.02, dmin centres the mean.
+            for _ in 0..n / 256 {
+                out.extend_from_slice(&f16(6.5e-5));
+                out.extend_from_slice(&f16(4.9e-4));
+                random_bytes(rng, 12 + 128, out);
+            }
+        }
+        _ => (0..n).for_each(|_| out.extend_from_slice(&f16(rng.weight()))),
+    }
+}
+
+fn random_bytes(rng: &mut SplitMix64, n: usize, out: &mut Vec<u8>) {
+    let mut left = n;
+    while left > 0 {
+        let r = rng.next().to_le_bytes();
+        let k = left.min(8);
+        out.extend_from_slice(&r[..k]);
+        left -= k;
     }
 }
 
@@ -384,18 +492,6 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn q8_0_block_layout() {
-        let vals: Vec<f32> = (0..32).map(|i| i as f32 - 16.0).collect();
-        let mut out = Vec::new();
-        encode_q8_0(&vals, &mut out);
-        assert_eq!(out.len(), 34);
-        let d = half::f16::from_le_bytes([out[0], out[1]]).to_f32();
-        assert!((d - 16.0 / 127.0).abs() < 1e-3);
-        assert_eq!(out[2] as i8, -127);
-        assert_eq!(out[2 + 16] as i8, 0);
-    }
 
     #[test]
     fn weights_have_the_intended_spread() {

@@ -136,8 +136,13 @@ fn every_error_is_one_line_and_exit_1() {
         "unknown shape",
     );
     fails_with(
-        &run(&["synth", "--shape", "tiny", "--type", "q4_0", "-o", o]),
+        &run(&["synth", "--shape", "tiny", "--type", "q2_k", "-o", o]),
         "unsupported weight type",
+    );
+    // Q4_K blocks hold 256 values; the tiny shape is 64 wide.
+    fails_with(
+        &run(&["synth", "--shape", "tiny", "--type", "q4_k", "-o", o]),
+        "multiples of 256",
     );
     fails_with(
         &run(&["synth", "--shape", "tiny", "--layers", "0", "-o", o]),

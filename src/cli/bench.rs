@@ -44,7 +44,8 @@ pub struct BenchArgs {
     pub granularity: Granularity,
     #[arg(long, default_value = "mean-z")]
     pub combiner: Combiner,
-    /// `cache` (read from the K cache after the decode) or `graph` (one split per layer).
+    /// `cache` (K cache rows after the decode, scored on the cache's device), `host` (the same
+    /// rows copied to the host and scored there) or `graph` (one split per layer).
     #[arg(long = "key-source", default_value = "cache")]
     pub key_source: KeySource,
     /// Tokens per llama_decode call for the prompt.
@@ -73,6 +74,9 @@ pub struct BenchArgs {
     /// Compare the scores of the cache and graph key paths on this workload and exit.
     #[arg(long = "check-keys", hide = true)]
     pub check_keys: bool,
+    /// Check per-head eviction's head-slice moves against a cache that never evicts, and exit.
+    #[arg(long = "check-moves", hide = true)]
+    pub check_moves: bool,
 }
 
 impl BenchArgs {
@@ -215,6 +219,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.check_keys {
         return check_keys(&args, &model, &prompt);
     }
+    if args.check_moves {
+        return check_moves(&args, &model, &prompt);
+    }
 
     let mut on = args.engine_on(&model, budget, args.key_source)?;
     if !args.compare {
@@ -280,6 +287,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         0.0
     };
     let evicting = budget < input;
+    let kv_per_cell = if on_last.n_ctx > 0 {
+        on_last.kv_bytes as f64 / on_last.n_ctx as f64
+    } else {
+        0.0
+    };
+    let weights = bench::weight_bytes_per_step(&args.model.model)?;
+    let bound = bench::BandwidthBound::new(
+        weights,
+        kv_per_cell,
+        off_last.live_cells,
+        on_last.live_cells,
+    );
     println!(
         "on/off speed ratio (median of {} reps): prefill {:.4} | decode {:.4} | last {} steps {:.4}",
         prefill.len(),
@@ -295,6 +314,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             on_last.kv_bytes as f64 / 1048576.0,
             kv_ratio,
             med(&tail)
+        );
+        println!(
+            "bandwidth bound: weights {:.1} MiB + live KV {:.1} → {:.1} MiB per decode step: ×{:.2}; end-of-stream decode reaches {:.2} of it",
+            weights as f64 / 1048576.0,
+            bound.kv_bytes_read_full as f64 / 1048576.0,
+            bound.kv_bytes_read_budget as f64 / 1048576.0,
+            bound.bound,
+            bound.share(med(&tail))
         );
     } else {
         println!(
@@ -340,6 +367,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "peak_cells_off": off_last.peak_cells,
             "peak_cells": on_last.peak_cells,
             "evicted_on": on_last.evicted,
+            "live_cells_off": off_last.live_cells,
+            "live_cells_on": on_last.live_cells,
+            "weight_bytes_per_step": bound.weight_bytes,
+            "kv_bytes_read_off": bound.kv_bytes_read_full,
+            "kv_bytes_read_on": bound.kv_bytes_read_budget,
+            "bandwidth_bound": bound.bound,
+            "tail_decode_share_of_bound": bound.share(med(&tail)),
+            "decode_share_of_bound": bound.share(med(&decode)),
         });
         let per_rep = json!({
                 "prefill_ratio": prefill,
@@ -372,9 +407,53 @@ fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()
     let mut graph = args.engine_on(model, input, KeySource::Graph)?;
     let mut cache = args.engine_on(model, input, KeySource::Cache)?;
     let r = bench::compare_key_paths(&mut graph, &mut cache, prompt, args.gen)?;
+    let device_batches = cache.stats().device_score_batches;
     println!(
-        "check-keys: policy {} | {} slots compared | max |Δscore| {:.5} | max rel {:.5} | K-index input reused after llama_decode in {}/{} decodes",
-        args.policy, r.compared, r.max_abs_diff, r.max_rel_diff, r.cells_reused_after_decode, r.decodes
+        "check-keys: policy {} | {} slots compared | max |Δscore| {:.5} | max rel {:.5} | K-index input reused after llama_decode in {}/{} decodes | device scoring batches {}",
+        args.policy, r.compared, r.max_abs_diff, r.max_rel_diff, r.cells_reused_after_decode, r.decodes, device_batches
+    );
+    // The device reductions against the host path on the same cache rows: equal but for the
+    // summation order.
+    drop(graph);
+    let mut host = args.engine_on(model, input, KeySource::Host)?;
+    let h = bench::compare_key_paths(&mut host, &mut cache, prompt, args.gen)?;
+    println!(
+        "check-keys: device vs host scoring: {} slots | max |Δscore| {:.6} | max rel {:.6}",
+        h.compared, h.max_abs_diff, h.max_rel_diff
+    );
+    if let Some(path) = &args.json {
+        let mut v = serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?;
+        v["device_score_batches"] = json!(device_batches);
+        v["device_vs_host"] =
+            serde_json::to_value(&h).map_err(|e| Error::invalid(e.to_string()))?;
+        write_json(path, &v)?;
+    }
+    if r.compared == 0 || r.max_rel_diff > 0.02 {
+        return Err(Error::KvCache(format!(
+            "the cache key path disagrees with the graph key path (max rel {:.4}, {} slots)",
+            r.max_rel_diff, r.compared
+        )));
+    }
+    if h.compared == 0 || h.max_rel_diff > 1e-3 {
+        return Err(Error::KvCache(format!(
+            "device scoring disagrees with host scoring (max rel {:.5}, {} slots)",
+            h.max_rel_diff, h.compared
+        )));
+    }
+    Ok(())
+}
+
+/// Per-head eviction's head-slice moves against a cache that never evicts (no `--budget`:
+/// a small one, so that moves happen).
+fn check_moves(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()> {
+    let budget = args
+        .budget
+        .unwrap_or(48)
+        .min(prompt.len().saturating_sub(1));
+    let r = bench::check_head_moves(model, prompt, budget, 16, args.model.threads())?;
+    println!(
+        "check-moves: {} slots checked, {} hold moved slices | {} head slices moved, {} rounds on the device | max |Δ| {:.6}",
+        r.checked, r.moved, r.head_slices_moved, r.device_move_rounds, r.max_abs_diff
     );
     if let Some(path) = &args.json {
         write_json(
@@ -382,10 +461,10 @@ fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()
             &serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?,
         )?;
     }
-    if r.compared == 0 || r.max_rel_diff > 0.02 {
+    if r.checked == 0 || r.moved == 0 || r.max_abs_diff > 1e-3 {
         return Err(Error::KvCache(format!(
-            "the cache key path disagrees with the graph key path (max rel {:.4}, {} slots)",
-            r.max_rel_diff, r.compared
+            "head-slice moves do not match the never-evicting cache ({} checked, {} moved, max |Δ| {})",
+            r.checked, r.moved, r.max_abs_diff
         )));
     }
     Ok(())

@@ -187,7 +187,8 @@ pub struct PolicyArgs {
     /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
     #[arg(long, default_value_t = 0)]
     pub slack: usize,
-    /// Where keys are read: `cache` (after each decode, cheap) or `graph` (Kcur nodes, one split per layer).
+    /// Where keys are read: `cache` (K cache rows after the decode, scored on the cache's device),
+    /// `host` (those rows scored on the host) or `graph` (Kcur nodes, one split per layer).
     #[arg(long = "key-source", default_value = "cache")]
     pub key_source: KeySource,
     /// Tokens per llama_decode call while ingesting input.

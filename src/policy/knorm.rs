@@ -1,6 +1,6 @@
 //! K-norm (Devoto et al., 2024): keys with a small norm tend to receive more attention.
 
-use super::{head_slice, NewKeys, PolicyInfo, Scorer};
+use super::{head_slice, KeyReduce, NewKeys, PolicyInfo, Scorer};
 
 pub const INFO: PolicyInfo = PolicyInfo {
     name: "knorm",
@@ -18,6 +18,16 @@ impl Scorer for KNorm {
                 let k = head_slice(new, t, h);
                 out[t * new.n_head_kv + h] = -crate::math::dot(k, k).sqrt();
             }
+        }
+    }
+
+    fn key_reduce(&self) -> Option<KeyReduce> {
+        Some(KeyReduce::SquaredNorm)
+    }
+
+    fn score_reduced(&mut self, _layer: usize, _positions: &[i32], stats: &[f32], out: &mut [f32]) {
+        for (o, &s) in out.iter_mut().zip(stats) {
+            *o = -s.max(0.0).sqrt();
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use gguf_tools::filters::QFilters;
 
 use crate::error::{Error, Result};
+pub use crate::ffi::KeyReduce;
 
 /// What a scorer sees of the new keys of one layer after a decode.
 pub struct NewKeys<'a> {
@@ -31,6 +32,25 @@ pub struct NewKeys<'a> {
 pub trait Scorer: Send {
     /// Writes one score per (token, KV head) into `out` (`[n_tokens][n_head_kv]`).
     fn score(&mut self, new: &NewKeys<'_>, out: &mut [f32]);
+
+    /// The per-head reduction of a key this score is a function of, when there is one: the
+    /// engine then computes it on the device that holds the KV cache (a small ggml graph) and
+    /// calls `score_reduced`, instead of reading the keys back and calling `score`.
+    fn key_reduce(&self) -> Option<KeyReduce> {
+        None
+    }
+
+    /// The filters `KeyReduce::Dot` needs: `[head_dim]` for (layer, KV head).
+    fn filter(&self, _layer: usize, _head: usize) -> Option<&[f32]> {
+        None
+    }
+
+    /// Scores from `stats` (`[n_tokens][n_head_kv]`, the reduction `key_reduce` names, of the
+    /// new keys of `layer`), into `out` (same shape). Must equal `score` on the same keys,
+    /// within the rounding of a different summation order.
+    fn score_reduced(&mut self, _layer: usize, _positions: &[i32], stats: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(stats);
+    }
 
     /// Whether the score depends on the key values (false: the hook need not read keys).
     fn needs_keys(&self) -> bool {

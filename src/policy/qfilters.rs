@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use gguf_tools::filters::QFilters;
 
-use super::{head_slice, NewKeys, PolicyInfo, Scorer};
+use super::{head_slice, KeyReduce, NewKeys, PolicyInfo, Scorer};
 
 pub const INFO: PolicyInfo = PolicyInfo {
     name: "qfilters",
@@ -32,6 +32,20 @@ impl Scorer for QFiltersScorer {
                 let k = head_slice(new, t, h);
                 out[t * new.n_head_kv + h] = -crate::math::dot(k, f);
             }
+        }
+    }
+
+    fn key_reduce(&self) -> Option<KeyReduce> {
+        Some(KeyReduce::Dot)
+    }
+
+    fn filter(&self, layer: usize, head: usize) -> Option<&[f32]> {
+        Some(self.filters.filter(layer, head))
+    }
+
+    fn score_reduced(&mut self, _layer: usize, _positions: &[i32], stats: &[f32], out: &mut [f32]) {
+        for (o, &s) in out.iter_mut().zip(stats) {
+            *o = -s;
         }
     }
 }

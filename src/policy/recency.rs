@@ -7,7 +7,7 @@
 //! deviations above a newer one to outlive it, so old tokens survive only if the filter rates
 //! them clearly higher. Standardising makes one `tau` mean the same for every head.
 
-use super::{NewKeys, Scorer};
+use super::{KeyReduce, NewKeys, Scorer};
 
 pub struct Recency {
     inner: Box<dyn Scorer>,
@@ -31,16 +31,50 @@ impl Recency {
 
 impl Scorer for Recency {
     fn score(&mut self, new: &NewKeys<'_>, out: &mut [f32]) {
-        let h = new.n_head_kv;
         self.raw.resize(out.len(), 0.0);
         self.inner.score(new, &mut self.raw);
-        let need = (new.layer + 1) * h;
+        self.standardise(new.layer, new.positions, new.n_head_kv, out);
+    }
+
+    fn key_reduce(&self) -> Option<KeyReduce> {
+        self.inner.key_reduce()
+    }
+
+    fn filter(&self, layer: usize, head: usize) -> Option<&[f32]> {
+        self.inner.filter(layer, head)
+    }
+
+    fn score_reduced(&mut self, layer: usize, positions: &[i32], stats: &[f32], out: &mut [f32]) {
+        self.raw.resize(out.len(), 0.0);
+        self.inner
+            .score_reduced(layer, positions, stats, &mut self.raw);
+        let h = if positions.is_empty() {
+            1
+        } else {
+            out.len() / positions.len()
+        };
+        self.standardise(layer, positions, h, out);
+    }
+
+    fn needs_keys(&self) -> bool {
+        self.inner.needs_keys()
+    }
+
+    fn evicts(&self) -> bool {
+        self.inner.evicts()
+    }
+}
+
+impl Recency {
+    /// `out = z(raw) + position / tau`, updating the running statistics of (layer, head).
+    fn standardise(&mut self, layer: usize, positions: &[i32], h: usize, out: &mut [f32]) {
+        let need = (layer + 1) * h;
         if self.stats.len() < need {
             self.stats.resize(need, (0.0, 0.0, 0.0));
         }
         for head in 0..h {
-            let st = &mut self.stats[new.layer * h + head];
-            for t in 0..new.positions.len() {
+            let st = &mut self.stats[layer * h + head];
+            for t in 0..positions.len() {
                 let x = self.raw[t * h + head] as f64;
                 st.0 += 1.0;
                 let d = x - st.1;
@@ -52,19 +86,11 @@ impl Scorer for Recency {
             } else {
                 1.0
             };
-            for (t, &pos) in new.positions.iter().enumerate() {
+            for (t, &pos) in positions.iter().enumerate() {
                 let z = (self.raw[t * h + head] as f64 - st.1) / sd;
                 out[t * h + head] = (z + pos as f64 / self.tau) as f32;
             }
         }
-    }
-
-    fn needs_keys(&self) -> bool {
-        self.inner.needs_keys()
-    }
-
-    fn evicts(&self) -> bool {
-        self.inner.evicts()
     }
 }
 
