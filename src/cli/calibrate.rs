@@ -191,7 +191,7 @@ fn calibrate_new(
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "qfilters: calibrated {} layers × {} KV heads × {} dims on {} tokens ({} samples/layer) in {:.1} s, peak memory {} (→ {})",
+        "qfilters: calibrated {} layers × {} KV heads × {} dims on {} tokens ({} samples/layer) in {:.1} s, peak memory {} → {}",
         cal.num_layers,
         cal.num_kv_heads,
         cal.head_dim,
