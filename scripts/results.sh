@@ -34,15 +34,18 @@ declare -A CAL_TOKENS=([qwen05]=8192 [smollm2]=16384 [gemma3]=8192)
 filters() { echo "models/$1-qfilters/model.safetensors"; }
 tuned() { echo "models/$1-qfilters/tuned.safetensors"; }
 
-: > "$OUT/commands.txt"
+# Every step, run or not, goes to steps.txt (LIST=1: only that, nothing runs), so the tables can
+# say what is still missing; commands.txt lists the steps this invocation reached.
+if [ "${LIST:-0}" = 1 ]; then : > "$OUT/steps.txt"; else LIST=1 scripts/results.sh; : > "$OUT/commands.txt"; fi
 n=0
 # step JSON cmd...: runs cmd unless RESUME=1 and JSON exists; always listed in commands.txt.
 step() {
   local json=$1; shift
+  local shown="$*"; shown=${shown//$DATA/../shared/data}; shown=${shown//$BIN/target/release/qfilters}
+  if [ "${LIST:-0}" = 1 ]; then echo "$shown" >> "$OUT/steps.txt"; return 0; fi
   n=$((n + 1))
   if [ -n "${STEPS:-}" ] && [ "$n" -gt "$STEPS" ]; then echo "- skipped (STEPS): $json" >&2; return 0; fi
-  local shown="$*"; shown=${shown//$DATA/../shared/data}
-  echo "${shown//$BIN/target/release/qfilters}" >> "$OUT/commands.txt"
+  echo "$shown" >> "$OUT/commands.txt"
   if [ "${RESUME:-0}" = 1 ] && [ -s "$json" ]; then echo "= kept $json" >&2; return 0; fi
   echo "+ $(date -u +%T) $*" >&2
   "$@" > /dev/null
@@ -54,7 +57,7 @@ prepare() { # model: filters (calibrated once) and tuned defaults
   mkdir -p "models/$m-qfilters"
   step "$(filters "$m")" "$BIN" calibrate -m "$g" -t "$THREADS" --text "$DEV" --tokens "${CAL_TOKENS[$m]}" -o "$(filters "$m")"
   # The tuned copy must be redone if the sweep's JSON is missing, and vice versa.
-  [ -s "$(tuned "$m")" ] || rm -f "$OUT/${m}_tune.json"
+  [ "${LIST:-0}" = 1 ] || [ -s "$(tuned "$m")" ] || rm -f "$OUT/${m}_tune.json"
   # Window fixed at 32: on SmolLM2 windows 8/32/64 gave the same PPL (16.80/16.74/16.81), and
   # each extra setting costs ~2 minutes of this CPU for a 0.5B model.
   step "$OUT/${m}_tune.json" "$BIN" calibrate -m "$g" -t "$THREADS" --filters "$(filters "$m")" --tune "$DEV" \
@@ -104,5 +107,6 @@ for m in qwen05 smollm2; do
     done
   done
 done
+[ "${LIST:-0}" = 1 ] && exit 0
 python3 scripts/results_tables.py "$OUT" > docs/RESULTS.md
 echo "wrote docs/RESULTS.md" >&2

@@ -150,7 +150,9 @@ for prefix, title in MODELS:
 notes = os.path.join(d, "notes.md")
 if os.path.exists(notes):
     out.append(open(notes).read())
-cmds_path = os.path.join(d, "commands.txt")
+cmds_path = os.path.join(d, "steps.txt")
+if not os.path.exists(cmds_path):
+    cmds_path = os.path.join(d, "commands.txt")
 if os.path.exists(cmds_path):
     cmds = open(cmds_path).read().splitlines()
     done, todo = [], []
