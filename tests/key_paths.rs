@@ -21,8 +21,14 @@ fn model() -> Arc<Model> {
     Model::load(Path::new(MODEL), &ModelParams::default()).expect("model loads")
 }
 
-fn engine(model: &Arc<Model>, policy: &str, source: KeySource, budget: usize) -> Engine {
-    engine_with_slack(model, policy, source, budget, 0)
+fn engine(
+    model: &Arc<Model>,
+    policy: &str,
+    source: KeySource,
+    budget: usize,
+    recency: f64,
+) -> Engine {
+    engine_with(model, policy, source, budget, 0, recency, 32)
 }
 
 fn engine_with_slack(
@@ -32,13 +38,25 @@ fn engine_with_slack(
     budget: usize,
     slack: usize,
 ) -> Engine {
+    engine_with(model, policy, source, budget, slack, 0.0, 32)
+}
+
+fn engine_with(
+    model: &Arc<Model>,
+    policy: &str,
+    source: KeySource,
+    budget: usize,
+    slack: usize,
+    recency: f64,
+    n_batch: usize,
+) -> Engine {
     let filters = Some(Arc::new(random_filters(model, 7).expect("filters")));
     let scorer = policy::build(
         policy,
         &PolicyInputs {
             filters,
             seed: 1,
-            recency: 0.0,
+            recency,
         },
     )
     .expect("scorer");
@@ -56,7 +74,7 @@ fn engine_with_slack(
             }),
             capacity: budget,
             // Several prompt chunks, so batches of many tokens and of one are both covered.
-            n_batch: 32,
+            n_batch,
             threads: 1,
             key_source: source,
             flash_attn: None,
@@ -66,14 +84,14 @@ fn engine_with_slack(
     .expect("engine")
 }
 
-fn check(policy: &str) {
+fn check(policy: &str, recency: f64) {
     let model = model();
     let prompt = synthetic_prompt(&model, 96, 3).expect("prompt");
     let gen = 4;
     // A budget above the input: nothing is evicted, every token's scores stay in the book.
     let budget = prompt.len() + gen + 8;
-    let mut graph = engine(&model, policy, KeySource::Graph, budget);
-    let mut cache = engine(&model, policy, KeySource::Cache, budget);
+    let mut graph = engine(&model, policy, KeySource::Graph, budget, recency);
+    let mut cache = engine(&model, policy, KeySource::Cache, budget, recency);
     let r = compare_key_paths(&mut graph, &mut cache, &prompt, gen).expect("both paths run");
     let expected = (prompt.len() + gen) * graph.tracked_layers() * model.n_head_kv();
     assert_eq!(
@@ -82,7 +100,7 @@ fn check(policy: &str) {
     );
     assert!(
         r.max_rel_diff <= 0.02,
-        "{policy}: cache-path scores differ from graph-path scores by up to {} (abs {})",
+        "{policy} recency {recency}: cache-path scores differ from graph-path scores by up to {} (abs {})",
         r.max_rel_diff,
         r.max_abs_diff
     );
@@ -94,12 +112,98 @@ fn check(policy: &str) {
 
 #[test]
 fn qfilters_scores_match_between_key_paths() {
-    check("qfilters");
+    check("qfilters", 0.0);
 }
 
 #[test]
 fn knorm_scores_match_between_key_paths() {
-    check("knorm");
+    check("knorm", 0.0);
+}
+
+#[test]
+fn recency_prior_scores_match_between_key_paths() {
+    // The graph path scores per decode, the cache path per scoring round: with the prior's
+    // statistics updated token by token, both must still agree.
+    check("qfilters", 128.0);
+}
+
+/// Scores by position, `[position][layer][head]` flattened, after ingesting `prompt` in
+/// batches of `n_batch` with nothing evicted.
+fn scores_by_position(
+    model: &Arc<Model>,
+    prompt: &[i32],
+    recency: f64,
+    n_batch: usize,
+) -> Vec<f32> {
+    let budget = prompt.len() + 8;
+    let mut e = engine_with(
+        model,
+        "qfilters",
+        KeySource::Cache,
+        budget,
+        0,
+        recency,
+        n_batch,
+    );
+    e.reset();
+    e.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))
+        .expect("ingest");
+    e.flush_scores().expect("flush");
+    let book = e.book().expect("book");
+    let per = e.tracked_layers() * model.n_head_kv();
+    let mut s = vec![Vec::new(); prompt.len()];
+    // By position, so the comparison does not assume both engines fill cells alike.
+    for cell in 0..book.n_cells() {
+        if let Some(pos) = book.cell_position(cell) {
+            for l in 0..e.tracked_layers() {
+                for h in 0..model.n_head_kv() {
+                    s[pos as usize].push(book.slot_score(l, h, cell));
+                }
+            }
+        }
+    }
+    assert!(s.iter().all(|v| v.len() == per), "every position scored");
+    s.concat()
+}
+
+#[test]
+fn recency_prior_scores_do_not_depend_on_the_batch_size() {
+    // llama.cpp's keys themselves differ slightly between batch sizes (matmul rounding), so
+    // the check is exact per run: the prior's score of every key must be its raw score
+    // standardised with the statistics of the keys at positions up to its own, plus
+    // position / tau, whatever the batch size. Per-batch statistics (the old behaviour) give
+    // each batch of 16 or 256 its own mean and sd and fail this.
+    let model = model();
+    let prompt = synthetic_prompt(&model, 300, 11).expect("prompt");
+    let tau = 128.0;
+    for n_batch in [16, 256] {
+        let raw = scores_by_position(&model, &prompt, 0.0, n_batch);
+        let prior = scores_by_position(&model, &prompt, tau, n_batch);
+        let per = raw.len() / prompt.len();
+        let mut max_diff = 0f64;
+        for slot in 0..per {
+            let (mut n, mut mean, mut m2) = (0f64, 0f64, 0f64);
+            for pos in 0..prompt.len() {
+                let x = raw[pos * per + slot] as f64;
+                n += 1.0;
+                let d = x - mean;
+                mean += d / n;
+                m2 += d * (x - mean);
+                let sd = if n > 1.0 {
+                    (m2 / (n - 1.0)).sqrt().max(1e-9)
+                } else {
+                    1.0
+                };
+                let want = (x - mean) / sd + pos as f64 / tau;
+                max_diff = max_diff.max((want - prior[pos * per + slot] as f64).abs());
+            }
+        }
+        assert!(
+            max_diff < 1e-3,
+            "batch {n_batch}: prior scores differ from token-by-token standardisation by up to {max_diff}"
+        );
+        assert!(raw.windows(2).any(|w| (w[0] - w[1]).abs() > 1e-3));
+    }
 }
 
 /// The device path (keys reduced by a small ggml graph on the cache's backend, here the CPU
@@ -109,8 +213,8 @@ fn device_matches_host(policy: &str) {
     let prompt = synthetic_prompt(&model, 96, 4).expect("prompt");
     let gen = 4;
     let budget = prompt.len() + gen + 8;
-    let mut host = engine(&model, policy, KeySource::Host, budget);
-    let mut device = engine(&model, policy, KeySource::Cache, budget);
+    let mut host = engine(&model, policy, KeySource::Host, budget, 0.0);
+    let mut device = engine(&model, policy, KeySource::Cache, budget, 0.0);
     let r = compare_key_paths(&mut host, &mut device, &prompt, gen).expect("both paths run");
     assert_eq!(
         host.stats().device_score_batches,

@@ -31,6 +31,27 @@ pub const KEY_SOURCE: &str = "qfilters.source";
 pub const KEY_CALIBRATION_TOKENS: &str = "qfilters.calibration.tokens";
 pub const KEY_CALIBRATION_SAMPLES: &str = "qfilters.calibration.samples";
 
+/// Defaults chosen for these filters by measurement (`qfilters calibrate --tune`): safetensors
+/// metadata `defaults.NAME` is GGUF key `qfilters.defaults.NAME`. Numbers are typed in GGUF
+/// (see [`DEFAULT_KEY_TYPES`]); everything else, e.g. the evidence, is a string.
+pub const META_DEFAULTS_PREFIX: &str = "defaults.";
+pub const KEY_DEFAULTS_PREFIX: &str = "qfilters.defaults.";
+pub const META_DEFAULT_RECENCY: &str = "defaults.recency";
+pub const META_DEFAULT_WINDOW: &str = "defaults.window";
+pub const META_DEFAULT_GRANULARITY: &str = "defaults.granularity";
+pub const META_DEFAULT_EVIDENCE: &str = "defaults.evidence";
+
+/// GGUF types of the numeric defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultKind {
+    F32,
+    U32,
+}
+pub const DEFAULT_KEY_TYPES: &[(&str, DefaultKind)] = &[
+    (META_DEFAULT_RECENCY, DefaultKind::F32),
+    (META_DEFAULT_WINDOW, DefaultKind::U32),
+];
+
 /// Safetensors metadata keys carried into and out of GGUF.
 pub const META_SOURCE: &str = "source";
 pub const META_TOKENS: &str = "tokens";
@@ -378,6 +399,27 @@ impl QFilters {
                     .insert(meta.to_string(), int(key)?.to_string());
             }
         }
+        for (key, value) in metadata {
+            let Some(name) = key.strip_prefix(KEY_DEFAULTS_PREFIX) else {
+                continue;
+            };
+            let text = match value {
+                Value::F32(x) => x.to_string(),
+                Value::String(s) => s.to_string_lossy(),
+                other => match other.as_u64() {
+                    Some(n) => n.to_string(),
+                    None => {
+                        return Err(bad_key(
+                            key,
+                            &format!("a {}, not a number or string", other.type_name()),
+                        ))
+                    }
+                },
+            };
+            filters
+                .metadata
+                .insert(format!("{META_DEFAULTS_PREFIX}{name}"), text);
+        }
         Ok(Some(filters))
     }
 
@@ -420,6 +462,26 @@ impl QFilters {
             {
                 out.push((key.to_string(), Value::U32(n)));
             }
+        }
+        for (meta, text) in &self.metadata {
+            let Some(name) = meta.strip_prefix(META_DEFAULTS_PREFIX) else {
+                continue;
+            };
+            let key = format!("{KEY_DEFAULTS_PREFIX}{name}");
+            let kind = DEFAULT_KEY_TYPES
+                .iter()
+                .find(|(m, _)| m == meta)
+                .map(|(_, k)| *k);
+            let value = match kind {
+                Some(DefaultKind::F32) => Value::F32(text.trim().parse::<f32>().map_err(|_| {
+                    bad_key(&key, &format!("metadata value {text:?} is not a number"))
+                })?),
+                Some(DefaultKind::U32) => Value::U32(text.trim().parse::<u32>().map_err(|_| {
+                    bad_key(&key, &format!("metadata value {text:?} is not a u32"))
+                })?),
+                None => Value::from(text.as_str()),
+            };
+            out.push((key, value));
         }
         Ok(out)
     }

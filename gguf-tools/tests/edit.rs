@@ -336,3 +336,62 @@ fn new_and_check_shape_validate() {
     assert!(msg.contains("filters have shape [30, 3, 64] (layers, kv heads, head dim) but the model needs [16, 8, 64]"), "{msg}");
     f.check_shape(30, 3, 64).unwrap();
 }
+
+#[test]
+fn tuned_defaults_round_trip_through_safetensors_and_gguf_as_typed_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), WeightType::F16);
+    let mut f = filters(SHAPE);
+    for (k, v) in [
+        ("defaults.recency", "32"),
+        ("defaults.window", "16"),
+        ("defaults.granularity", "position"),
+        ("defaults.evidence", "r0 w32 head: 20.1/22.3; chosen r32"),
+    ] {
+        f.metadata.insert(k.to_string(), v.to_string());
+    }
+    let folder = save(dir.path(), "filters", &f);
+    assert_eq!(QFilters::load(&folder).unwrap().metadata, f.metadata);
+    let embedded = dir.path().join("e.gguf");
+    edit::embed(&model, &folder, &embedded, false, false).unwrap();
+    let file = gguf::read(&embedded).unwrap();
+    let key = |k: &str| file.metadata.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+    assert_eq!(key("qfilters.defaults.recency"), Some(&Value::F32(32.0)));
+    assert_eq!(key("qfilters.defaults.window"), Some(&Value::U32(16)));
+    assert_eq!(
+        key("qfilters.defaults.granularity").and_then(Value::as_str),
+        Some("position")
+    );
+    let back = QFilters::from_gguf(&embedded).unwrap().unwrap();
+    for k in [
+        "defaults.recency",
+        "defaults.window",
+        "defaults.granularity",
+        "defaults.evidence",
+    ] {
+        assert_eq!(back.metadata.get(k), f.metadata.get(k), "{k}");
+    }
+    // Extracted again, the safetensors file carries them too; strip removes them with the rest.
+    let out = dir.path().join("x").join("f.safetensors");
+    fs::create_dir_all(out.parent().unwrap()).unwrap();
+    edit::extract(&embedded, &out).unwrap();
+    assert_eq!(
+        QFilters::load(&out)
+            .unwrap()
+            .metadata
+            .get("defaults.window"),
+        Some(&"16".to_string())
+    );
+    let stripped = dir.path().join("s.gguf");
+    edit::strip(&embedded, &stripped, false).unwrap();
+    assert_eq!(fs::read(&stripped).unwrap(), fs::read(&model).unwrap());
+    // A default that is not a number cannot be embedded as one.
+    f.metadata
+        .insert("defaults.window".to_string(), "wide".to_string());
+    let bad = save(dir.path(), "bad", &f);
+    let err = edit::embed(&model, &bad, &dir.path().join("b.gguf"), false, false).unwrap_err();
+    assert!(
+        err.to_string().contains("qfilters.defaults.window"),
+        "{err}"
+    );
+}

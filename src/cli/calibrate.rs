@@ -3,22 +3,74 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use clap::Args;
-use gguf_tools::filters::{QFilters, META_SAMPLES, META_TOKENS};
+use gguf_tools::filters::{
+    QFilters, META_DEFAULT_EVIDENCE, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY,
+    META_DEFAULT_WINDOW, META_SAMPLES, META_TOKENS,
+};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use qfilters::cache::{Combiner, Granularity};
 use qfilters::calibrate::{calibrate, CalibrationConfig};
-use qfilters::Result;
+use qfilters::engine::KeySource;
+use qfilters::eval::ppl::{perplexities, streaming_nll};
+use qfilters::ffi::Model;
+use qfilters::{Error, Result};
 
-use super::{read_text, ModelArgs, Progress};
+use super::{granularity_name, read_text, write_json, ModelArgs, PolicyArgs, Progress};
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Calibration text (UTF-8); repeat to use several files, read in order.
-    #[arg(long = "text", required = true)]
+    #[arg(long = "text", required_unless_present = "filters")]
     pub text: Vec<PathBuf>,
+    /// Keep these filters instead of calibrating new ones (to tune them with --tune).
+    #[arg(long, conflicts_with = "text")]
+    pub filters: Option<PathBuf>,
+    /// Development text for choosing this model's eviction defaults: a short streaming-
+    /// perplexity sweep of policy qfilters (recency prior, then granularity, then window, each
+    /// at the best of the previous); the choice and its evidence go into the filters' metadata.
+    /// Use text you will not evaluate on.
+    #[arg(long)]
+    pub tune: Option<PathBuf>,
+    /// Tokens of the --tune text.
+    #[arg(long = "tune-tokens", default_value_t = 1536)]
+    pub tune_tokens: usize,
+    /// KV budgets of the sweep; the objective is averaged over them.
+    #[arg(long = "tune-budget", value_delimiter = ',', default_value = "256")]
+    pub tune_budget: Vec<usize>,
+    /// Tokens per decode (and eviction round) of the sweep.
+    #[arg(long = "tune-chunk", default_value_t = 32)]
+    pub tune_chunk: usize,
+    /// Recency priors tried (0 = off), at the first window and granularity.
+    #[arg(
+        long = "tune-recency",
+        value_delimiter = ',',
+        default_value = "0,32,128,512"
+    )]
+    pub tune_recency: Vec<f64>,
+    /// Granularities tried at the best recency.
+    #[arg(
+        long = "tune-granularity",
+        value_delimiter = ',',
+        default_value = "head,position"
+    )]
+    pub tune_granularity: Vec<Granularity>,
+    /// Recent windows tried last (the first is used by the earlier stages).
+    #[arg(
+        long = "tune-window",
+        value_delimiter = ',',
+        default_value = "32,16,64"
+    )]
+    pub tune_window: Vec<usize>,
+    /// Write every point of the sweep as JSON.
+    #[arg(long = "tune-json")]
+    pub tune_json: Option<PathBuf>,
     /// Text tokens to run through the model.
     #[arg(long, default_value_t = 16384)]
     pub tokens: usize,
@@ -46,6 +98,8 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     // (`-o x.safetensors --embed x.safetensors` would overwrite the filters with the model).
     let mut inputs: Vec<&Path> = vec![&args.model.model];
     inputs.extend(args.text.iter().map(PathBuf::as_path));
+    inputs.extend(args.tune.as_deref());
+    inputs.extend(args.filters.as_deref());
     QFilters::check_save(&args.output, &inputs)?;
     if let Some(embed) = &args.embed {
         let [st, config] = QFilters::save_paths(&args.output);
@@ -57,10 +111,54 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     for path in &args.text {
         texts.push(read_text(path)?);
     }
+    let tune_text = args.tune.as_deref().map(read_text).transpose()?;
+    if args.tune.is_some() {
+        check_tune_args(&args)?;
+    }
     let model = args.model.load()?;
+    let mut filters = match &args.filters {
+        Some(path) => {
+            let f = QFilters::load(path)?;
+            f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
+            f
+        }
+        None => calibrate_new(&args, &model, &texts, start)?,
+    };
+    if let (Some(text), Some(path)) = (&tune_text, &args.tune) {
+        tune(&args, &model, &mut filters, text, path)?;
+    }
+    filters.save(&args.output)?;
+    if args.filters.is_some() || args.tune.is_some() {
+        eprintln!("qfilters: wrote {}", args.output.display());
+    }
+    if let Some(out) = &args.embed {
+        use std::io::IsTerminal;
+        // --force: the output is a new file, and any filters already in the input model are
+        // exactly what this calibration replaces.
+        gguf_tools::edit::embed(
+            &args.model.model,
+            &saved_file(&args.output),
+            out,
+            true,
+            std::io::stderr().is_terminal(),
+        )?;
+        eprintln!(
+            "qfilters: wrote {} with the filters embedded",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn calibrate_new(
+    args: &CalibrateArgs,
+    model: &Arc<Model>,
+    texts: &[String],
+    start: Instant,
+) -> Result<QFilters> {
     let mut tokens = Vec::new();
     let mut hasher = Sha256::new();
-    for text in &texts {
+    for text in texts {
         if tokens.len() >= args.tokens {
             break;
         }
@@ -83,7 +181,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         ..CalibrationConfig::default()
     };
     let progress = Progress::new(args.tokens.min(tokens.len()), "calibrate");
-    let cal = calibrate(&model, &tokens, &cfg, &mut |done, _| progress.set(done));
+    let cal = calibrate(model, &tokens, &cfg, &mut |done, _| progress.set(done));
     progress.finish();
     let cal = cal?;
 
@@ -103,7 +201,6 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     ] {
         filters.metadata.insert(k.to_string(), v);
     }
-    filters.save(&args.output)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "qfilters: calibrated {} layers × {} KV heads × {} dims on {} tokens ({} samples/layer) in {:.1} s, peak memory {} → {}",
@@ -128,21 +225,237 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             cal.unconverged_heads
         );
     }
-    if let Some(out) = &args.embed {
-        use std::io::IsTerminal;
-        // --force: the output is a new file, and any filters already in the input model are
-        // exactly what this calibration replaces.
-        gguf_tools::edit::embed(
-            &args.model.model,
-            &saved_file(&args.output),
-            out,
-            true,
-            std::io::stderr().is_terminal(),
-        )?;
+    Ok(filters)
+}
+
+fn check_tune_args(args: &CalibrateArgs) -> Result<()> {
+    if args.tune_budget.is_empty()
+        || args.tune_recency.is_empty()
+        || args.tune_window.is_empty()
+        || args.tune_granularity.is_empty()
+    {
+        return Err(Error::invalid(
+            "the --tune-* lists need at least one value each",
+        ));
+    }
+    if args.tune_chunk == 0 || args.tune_tokens < 2 {
+        return Err(Error::invalid(
+            "--tune-chunk must be at least 1 and --tune-tokens at least 2",
+        ));
+    }
+    if args
+        .tune_recency
+        .iter()
+        .any(|r| !(r.is_finite() && *r >= 0.0))
+    {
+        return Err(Error::invalid(
+            "--tune-recency values must be finite and >= 0",
+        ));
+    }
+    Ok(())
+}
+
+/// One point of the tuning sweep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Setting {
+    recency: f64,
+    window: usize,
+    granularity: Granularity,
+}
+
+impl Setting {
+    fn label(&self) -> String {
+        format!(
+            "recency {} window {} {}",
+            self.recency,
+            self.window,
+            granularity_name(self.granularity)
+        )
+    }
+}
+
+/// Result of one setting: (budget, PPL all, PPL 2nd half) per budget, and the objective.
+struct Point {
+    setting: Setting,
+    per_budget: Vec<(usize, f64, f64)>,
+    objective: f64,
+}
+
+/// Coordinate descent over recency, then granularity, then window (each stage at the best of
+/// the previous ones), minimising the mean over budgets of (ln PPL all + ln PPL 2nd half) / 2:
+/// both halves count, and the second half is where eviction has run longest. Writes the
+/// choice and its evidence into the filters' metadata.
+fn tune(
+    args: &CalibrateArgs,
+    model: &Arc<Model>,
+    filters: &mut QFilters,
+    text: &str,
+    path: &Path,
+) -> Result<()> {
+    let mut tokens = model.tokenize(text, true, false)?;
+    tokens.truncate(args.tune_tokens);
+    if tokens.len() < 2 {
+        return Err(Error::invalid("the --tune text has fewer than 2 tokens"));
+    }
+    let shared = Arc::new(filters.clone());
+    let started = Instant::now();
+    let mut points: Vec<Point> = Vec::new();
+    let measure = |s: Setting, points: &mut Vec<Point>| -> Result<f64> {
+        if let Some(p) = points.iter().find(|p| p.setting == s) {
+            return Ok(p.objective);
+        }
+        let mut per_budget = Vec::new();
+        let mut objective = 0.0;
+        for &budget in &args.tune_budget {
+            let pa = PolicyArgs {
+                policy: "qfilters".into(),
+                budget,
+                filters: None,
+                window: s.window,
+                sinks: super::DEFAULT_SINKS,
+                granularity: s.granularity,
+                combiner: Combiner::MeanZ,
+                recency: s.recency,
+                slack: 0,
+                key_source: KeySource::Cache,
+                n_batch: args.tune_chunk,
+                seed: 42,
+            };
+            let mut engine = pa.engine_with_filters(
+                &args.model,
+                model,
+                tokens.len(),
+                Some(Arc::clone(&shared)),
+            )?;
+            let out = streaming_nll(&mut engine, &tokens)?;
+            let (ppl, ppl2) = perplexities(&out.nll);
+            objective += (ppl.ln() + ppl2.ln()) / 2.0 / args.tune_budget.len() as f64;
+            per_budget.push((budget, ppl, ppl2));
+        }
+        let shown: Vec<String> = per_budget
+            .iter()
+            .map(|(b, p, p2)| format!("b{b} {p:.3}/{p2:.3}"))
+            .collect();
         eprintln!(
-            "qfilters: wrote {} with the filters embedded",
-            out.display()
+            "qfilters: tune {:<34} PPL all/2nd half {}",
+            s.label(),
+            shown.join(", ")
         );
+        points.push(Point {
+            setting: s,
+            per_budget,
+            objective,
+        });
+        Ok(objective)
+    };
+    let mut best = Setting {
+        recency: args.tune_recency[0],
+        window: args.tune_window[0],
+        granularity: args.tune_granularity[0],
+    };
+    let mut best_obj = f64::INFINITY;
+    // Stage by stage; ties keep the earlier (listed first) value.
+    for stage in 0..3 {
+        let candidates: Vec<Setting> = match stage {
+            0 => args
+                .tune_recency
+                .iter()
+                .map(|&recency| Setting { recency, ..best })
+                .collect(),
+            1 => args
+                .tune_granularity
+                .iter()
+                .map(|&granularity| Setting {
+                    granularity,
+                    ..best
+                })
+                .collect(),
+            _ => args
+                .tune_window
+                .iter()
+                .map(|&window| Setting { window, ..best })
+                .collect(),
+        };
+        let mut stage_best = (best, f64::INFINITY);
+        for c in candidates {
+            let obj = measure(c, &mut points)?;
+            if obj < stage_best.1 {
+                stage_best = (c, obj);
+            }
+        }
+        (best, best_obj) = stage_best;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sha: String = Sha256::digest(text.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let budgets: Vec<String> = args.tune_budget.iter().map(|b| b.to_string()).collect();
+    let rows: Vec<String> = points
+        .iter()
+        .map(|p| {
+            let v: Vec<String> = p
+                .per_budget
+                .iter()
+                .map(|(b, a, h)| format!("b{b} {a:.2}/{h:.2}"))
+                .collect();
+            format!("{}: {}", p.setting.label(), v.join(" "))
+        })
+        .collect();
+    let evidence = format!(
+        "qfilters calibrate --tune {name} (sha256 {sha}…): first {} tokens, chunk {}, budgets {}, policy qfilters, sinks {}; objective mean over budgets of (ln PPL all + ln PPL 2nd half)/2; PPL all/2nd half: {}; chosen: {}",
+        tokens.len(),
+        args.tune_chunk,
+        budgets.join(","),
+        super::DEFAULT_SINKS,
+        rows.join("; "),
+        best.label()
+    );
+    for (k, v) in [
+        (META_DEFAULT_RECENCY, best.recency.to_string()),
+        (META_DEFAULT_WINDOW, best.window.to_string()),
+        (
+            META_DEFAULT_GRANULARITY,
+            granularity_name(best.granularity).to_string(),
+        ),
+        (META_DEFAULT_EVIDENCE, evidence),
+    ] {
+        filters.metadata.insert(k.to_string(), v);
+    }
+    eprintln!(
+        "qfilters: tuned on {} tokens of {name} in {secs:.0} s ({} settings): {} (objective {best_obj:.4})",
+        tokens.len(),
+        points.len(),
+        best.label()
+    );
+    if let Some(out) = &args.tune_json {
+        let (n_tokens, name) = (tokens.len(), name.as_str());
+        let records: Vec<serde_json::Value> = points
+            .iter()
+            .flat_map(|p| {
+                p.per_budget.iter().map(move |&(b, ppl, ppl2)| {
+                    json!({
+                        "recency": p.setting.recency,
+                        "window": p.setting.window,
+                        "granularity": granularity_name(p.setting.granularity),
+                        "budget": b,
+                        "ppl": ppl,
+                        "ppl_second_half": ppl2,
+                        "objective": p.objective,
+                        "chosen": p.setting == best,
+                        "tokens": n_tokens,
+                        "chunk": args.tune_chunk,
+                        "text": name,
+                    })
+                })
+            })
+            .collect();
+        write_json(out, &serde_json::Value::Array(records))?;
     }
     Ok(())
 }

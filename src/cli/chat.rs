@@ -102,7 +102,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
         print!("{}", template.format(&messages, true)?);
         return Ok(());
     }
-    let mut policy = choose_policy(&args.policy, &args.model.model, &model)?;
+    let mut tuned = args.policy.clone();
+    tuned.apply_tuned(&args.model.model)?;
+    let mut policy = choose_policy(&tuned, &args.model.model, &model)?;
     if policy.policy == "none" {
         // The full cache is --budget cells; llama.cpp refuses batches larger than its context.
         policy.n_batch = policy.n_batch.min(policy.budget.max(1));

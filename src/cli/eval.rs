@@ -131,10 +131,7 @@ fn scores_differ(policy: &str) -> bool {
 }
 
 fn gran_name(g: Granularity) -> &'static str {
-    match g {
-        Granularity::Head => "head",
-        Granularity::Position => "position",
-    }
+    super::granularity_name(g)
 }
 
 fn comb_name(c: Combiner) -> &'static str {
@@ -146,6 +143,26 @@ fn comb_name(c: Combiner) -> &'static str {
 }
 
 impl SweepArgs {
+    /// Takes the tuned defaults of the filters in use where no flag was given, for every
+    /// policy of the sweep (so baselines get the same tuning as Q-Filters).
+    fn apply_tuned(&mut self, model_path: &std::path::Path) -> Result<()> {
+        if let Some((t, origin)) = super::Tuned::find(self.filters.as_deref(), model_path)? {
+            let (mut r, mut w, mut g) = (None, None, None);
+            let used = t.apply(|x| r = Some(x), |x| w = Some(x), |x| g = Some(x));
+            if let Some(r) = r {
+                self.recency = vec![r];
+            }
+            if let Some(w) = w {
+                self.window = vec![w];
+            }
+            if let Some(g) = g {
+                self.granularity = vec![g];
+            }
+            super::announce(&used, &origin);
+        }
+        Ok(())
+    }
+
     /// The product of the lists, without points that cannot differ (the full cache once; no
     /// granularity or combiner variants for policies whose heads all score alike).
     fn variants(&self, budgets: &[Option<usize>]) -> Vec<Variant> {
@@ -369,13 +386,14 @@ fn model_name(model: &ModelArgs) -> String {
         .unwrap_or_default()
 }
 
-fn run_ppl(args: PplArgs) -> Result<()> {
+fn run_ppl(mut args: PplArgs) -> Result<()> {
     check_lists(&args.sweep)?;
     check_cells("--tokens", args.tokens)?;
     for &b in &args.budget {
         check_cells("--budget", b)?;
     }
     check_eval_outputs(&args.json, &args.plot, &args.model, &args.text, &args.sweep)?;
+    args.sweep.apply_tuned(&args.model.model)?;
     let chunk = args.sweep.chunk.unwrap_or(16);
     let model = args.model.load()?;
     let text = read_text(&args.text)?;
@@ -475,8 +493,9 @@ fn run_ppl(args: PplArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_passkey(args: PasskeyArgs) -> Result<()> {
+fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     check_lists(&args.sweep)?;
+    args.sweep.apply_tuned(&args.model.model)?;
     let chunk = args.sweep.chunk.unwrap_or(32);
     if args.lengths.is_empty() || args.depths.is_empty() || args.trials == 0 {
         return Err(Error::invalid(

@@ -8,10 +8,13 @@ pub mod filters;
 pub mod run;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use clap::Args;
-use gguf_tools::filters::QFilters;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use gguf_tools::filters::{
+    QFilters, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY, META_DEFAULT_WINDOW,
+};
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
 use qfilters::engine::{Engine, EngineConfig, KeySource};
@@ -21,7 +24,135 @@ use qfilters::{Error, Result};
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-// Eviction defaults, chosen by `qfilters eval` measurements (docs/RESULTS.md).
+/// Argument ids the user gave on the command line (of the subcommand that runs).
+static GIVEN: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Records which arguments of the leaf subcommand came from the command line (not defaults).
+pub fn record_given(matches: &ArgMatches) {
+    let mut m = matches;
+    while let Some((_, sub)) = m.subcommand() {
+        m = sub;
+    }
+    let ids = m
+        .ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect();
+    let _ = GIVEN.set(ids);
+}
+
+/// Whether the user gave argument `id` (a field name, e.g. "recency") on the command line.
+pub fn given(id: &str) -> bool {
+    GIVEN.get().is_some_and(|ids| ids.iter().any(|i| i == id))
+}
+
+/// Eviction defaults measured for one model (`qfilters calibrate --tune`), carried in the
+/// filters' metadata (`defaults.*`; `qfilters.defaults.*` in a GGUF).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tuned {
+    pub recency: Option<f64>,
+    pub window: Option<usize>,
+    pub granularity: Option<Granularity>,
+}
+
+impl Tuned {
+    pub fn from_filters(f: &QFilters) -> Result<Tuned> {
+        let get = |k: &str| f.metadata.get(k).map(|v| v.trim().to_string());
+        let bad = |k: &str, v: &str| {
+            Error::invalid(format!(
+                "the filters' tuned default {k} = {v:?} is invalid; re-run `qfilters calibrate --tune`"
+            ))
+        };
+        let recency = match get(META_DEFAULT_RECENCY) {
+            Some(v) => Some(
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r >= 0.0)
+                    .ok_or_else(|| bad(META_DEFAULT_RECENCY, &v))?,
+            ),
+            None => None,
+        };
+        let window = match get(META_DEFAULT_WINDOW) {
+            Some(v) => Some(v.parse().map_err(|_| bad(META_DEFAULT_WINDOW, &v))?),
+            None => None,
+        };
+        let granularity = match get(META_DEFAULT_GRANULARITY) {
+            Some(v) => Some(v.parse().map_err(|_| bad(META_DEFAULT_GRANULARITY, &v))?),
+            None => None,
+        };
+        Ok(Tuned {
+            recency,
+            window,
+            granularity,
+        })
+    }
+
+    /// The defaults of the filters at `filters` (a --filters path), else of the filters
+    /// embedded in `model`; with a description of where they came from.
+    pub fn find(filters: Option<&Path>, model: &Path) -> Result<Option<(Tuned, String)>> {
+        let (f, origin) = match filters {
+            Some(p) => (Some(QFilters::load(p)?), p.display().to_string()),
+            // A GGUF our reader cannot parse has no defaults for us; llama.cpp decides whether
+            // it loads, and policy qfilters reports the filters' error itself.
+            None => (
+                QFilters::from_gguf(model).ok().flatten(),
+                format!("the Q-Filters embedded in {}", model.display()),
+            ),
+        };
+        match f {
+            Some(f) => {
+                let t = Tuned::from_filters(&f)?;
+                Ok((t != Tuned::default()).then_some((t, origin)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Sets each tuned value the user did not give a flag for, through `set`; returns what
+    /// was set, for the stderr line.
+    fn apply(
+        &self,
+        mut set_recency: impl FnMut(f64),
+        mut set_window: impl FnMut(usize),
+        mut set_granularity: impl FnMut(Granularity),
+    ) -> Vec<String> {
+        let mut used = Vec::new();
+        if let Some(r) = self.recency.filter(|_| !given("recency")) {
+            set_recency(r);
+            used.push(format!("recency {r}"));
+        }
+        if let Some(w) = self.window.filter(|_| !given("window")) {
+            set_window(w);
+            used.push(format!("window {w}"));
+        }
+        if let Some(g) = self.granularity.filter(|_| !given("granularity")) {
+            set_granularity(g);
+            used.push(format!("granularity {}", granularity_name(g)));
+        }
+        used
+    }
+}
+
+pub fn granularity_name(g: Granularity) -> &'static str {
+    match g {
+        Granularity::Head => "head",
+        Granularity::Position => "position",
+    }
+}
+
+/// Applies the tuned defaults found for `filters`/`model` where no flag was given, and says so
+/// on stderr. Built-in defaults stay for filters without tuned ones.
+fn announce(used: &[String], origin: &str) {
+    if !used.is_empty() {
+        eprintln!(
+            "qfilters: tuned defaults from {origin}: {} (a flag overrides each)",
+            used.join(", ")
+        );
+    }
+}
+
+// Built-in eviction defaults, the fallback for filters without tuned ones (chosen on SmolLM2 by
+// `qfilters eval` measurements, docs/RESULTS.md).
 pub const DEFAULT_WINDOW: usize = 32;
 pub const DEFAULT_SINKS: usize = 4;
 pub const DEFAULT_GRANULARITY: &str = "head";
@@ -200,6 +331,17 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
+    /// Takes the tuned defaults of the filters in use (see [`Tuned`]) where no flag was given.
+    pub fn apply_tuned(&mut self, model_path: &Path) -> Result<()> {
+        if let Some((t, origin)) = Tuned::find(self.filters.as_deref(), model_path)? {
+            let (mut r, mut w, mut g) = (self.recency, self.window, self.granularity);
+            let used = t.apply(|x| r = x, |x| w = x, |x| g = x);
+            (self.recency, self.window, self.granularity) = (r, w, g);
+            announce(&used, &origin);
+        }
+        Ok(())
+    }
+
     /// Filters from --filters, else from the GGUF; says on stderr which are used.
     pub fn resolve_filters(
         &self,

@@ -45,7 +45,7 @@ pub struct RunArgs {
     pub json_stats: Option<PathBuf>,
 }
 
-pub fn run(args: RunArgs) -> Result<()> {
+pub fn run(mut args: RunArgs) -> Result<()> {
     check_sampling(args.temp, args.top_k, args.top_p)?;
     args.policy.check()?;
     super::check_cells("--n-predict", args.n_predict)?;
@@ -62,6 +62,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         (None, Some(f)) => read_text(f)?,
         (None, None) => return Err(Error::invalid("give a prompt with -p TEXT or -f FILE")),
     };
+    args.policy.apply_tuned(&args.model.model)?;
     let model = args.model.load()?;
     let tokens = model.tokenize(&text, true, args.special)?;
     if tokens.is_empty() {
@@ -142,6 +143,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             "window": args.policy.window,
             "sinks": args.policy.sinks,
             "granularity": format!("{:?}", args.policy.granularity).to_lowercase(),
+            "recency": args.policy.recency,
             "kv_bytes": s.kv_bytes,
             "n_ctx": s.n_ctx,
             "prefill_tok_s": s.prefill_tok_s(),

@@ -1,5 +1,6 @@
 //! Filter score plus a recency prior: score = z + position / tau, where z is the inner
-//! policy's score standardised per (layer, KV head) with running statistics.
+//! policy's score standardised per (layer, KV head) with running statistics, updated token by
+//! token.
 //!
 //! Why: on streaming perplexity the sinks + recent window of StreamingLLM is hard to beat,
 //! because most attention of a small model goes to recent tokens; a pure key score evicts
@@ -74,20 +75,22 @@ impl Recency {
         }
         for head in 0..h {
             let st = &mut self.stats[layer * h + head];
-            for t in 0..positions.len() {
+            // Token by token: each key is standardised with the statistics of the keys up to
+            // and including itself, so its score depends on the token stream only, not on how
+            // it was cut into decode batches or scoring rounds (the graph key path scores per
+            // decode, the cache path per eviction round).
+            for (t, &pos) in positions.iter().enumerate() {
                 let x = self.raw[t * h + head] as f64;
                 st.0 += 1.0;
                 let d = x - st.1;
                 st.1 += d / st.0;
                 st.2 += d * (x - st.1);
-            }
-            let sd = if st.0 > 1.0 {
-                (st.2 / (st.0 - 1.0)).sqrt().max(1e-9)
-            } else {
-                1.0
-            };
-            for (t, &pos) in positions.iter().enumerate() {
-                let z = (self.raw[t * h + head] as f64 - st.1) / sd;
+                let sd = if st.0 > 1.0 {
+                    (st.2 / (st.0 - 1.0)).sqrt().max(1e-9)
+                } else {
+                    1.0
+                };
+                let z = (x - st.1) / sd;
                 out[t * h + head] = (z + pos as f64 / self.tau) as f32;
             }
         }
@@ -101,25 +104,57 @@ mod tests {
 
     #[test]
     fn older_tokens_need_a_clearly_better_score() {
-        // One head, dim 1: key norms 1 (best knorm score) at position 0 and 2 at position 10.
-        let mut r = Recency::new(Box::new(KNorm), 5.0);
-        let keys = [1.0f32, 2.0];
+        // One head, dim 1: raw knorm scores -1 at position 0 and -2 at position 10, then -3 at
+        // position 20 (the first token is standardised against itself alone: z = 0).
+        let keys = [1.0f32, 2.0, 3.0];
         let new = NewKeys {
             layer: 0,
             keys: &keys,
-            positions: &[0, 10],
+            positions: &[0, 10, 20],
             n_head_kv: 1,
             head_dim: 1,
         };
-        let mut out = [0f32; 2];
-        r.score(&new, &mut out);
-        // z = +0.71 / -0.71 (sample sd of {-1, -2}); recency adds 0 and 2.
-        assert!(out[1] > out[0], "{out:?}");
-        let mut strong = Recency::new(Box::new(KNorm), 1000.0);
-        strong.score(&new, &mut out);
+        let mut out = [0f32; 3];
+        Recency::new(Box::new(KNorm), 5.0).score(&new, &mut out);
+        // z = 0, -0.71, -1; the prior adds 0, 2 and 4: recency wins.
+        assert!(out[2] > out[1] && out[1] > out[0], "{out:?}");
+        Recency::new(Box::new(KNorm), 1000.0).score(&new, &mut out);
         assert!(
-            out[0] > out[1],
+            out[0] > out[1] && out[1] > out[2],
             "a weak prior leaves the score in charge: {out:?}"
         );
+    }
+
+    /// Scores of `keys` (one head, dim 1) fed in batches of `batch` tokens.
+    fn scores_in_batches(keys: &[f32], batch: usize) -> Vec<f32> {
+        let positions: Vec<i32> = (0..keys.len() as i32).collect();
+        let mut r = Recency::new(Box::new(KNorm), 64.0);
+        let mut out = vec![0f32; keys.len()];
+        for start in (0..keys.len()).step_by(batch) {
+            let end = (start + batch).min(keys.len());
+            let new = NewKeys {
+                layer: 0,
+                keys: &keys[start..end],
+                positions: &positions[start..end],
+                n_head_kv: 1,
+                head_dim: 1,
+            };
+            r.score(&new, &mut out[start..end]);
+        }
+        out
+    }
+
+    #[test]
+    fn scores_do_not_depend_on_batching() {
+        let mut s = 3u64;
+        let keys: Vec<f32> = (0..600)
+            .map(|_| 0.5 + (crate::math::splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32)
+            .collect();
+        let one = scores_in_batches(&keys, 1);
+        for batch in [16, 256, 600] {
+            assert_eq!(scores_in_batches(&keys, batch), one, "batch {batch}");
+        }
+        // The scores are not trivially equal.
+        assert!(one.windows(2).any(|w| (w[0] - w[1]).abs() > 1e-3));
     }
 }

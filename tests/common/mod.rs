@@ -21,6 +21,20 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// The second architecture of the suite: Qwen2.5-Coder-0.5B-Instruct (qwen2, QKV bias, 2 KV
+/// heads, ChatML), fetched by `scripts/fetch-model.sh qwen05` (`scripts/test.sh` does).
+pub fn qwen_path() -> PathBuf {
+    let p = root().join(QWEN_MODEL);
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-model.sh qwen05 (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+pub const QWEN_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
 pub fn data_file(name: &str) -> PathBuf {
     let p = root().join("../shared/data").join(name);
     assert!(
@@ -76,7 +90,7 @@ pub fn assert_one_line_error(out: &Output, needle: &str) {
     assert!(!stderr.contains("panicked"), "no panic: {stderr}");
 }
 
-/// Deterministic unit-norm filters of SmolLM2's shape, saved in the published layout.
+/// Deterministic unit-norm filters of the given shape, saved in the published layout.
 pub fn random_filters(dir: &Path, seed: u64, layers: usize, heads: usize, dim: usize) -> PathBuf {
     let mut state = seed;
     let mut data = Vec::with_capacity(layers * heads * dim);
