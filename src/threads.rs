@@ -78,7 +78,8 @@ pub fn count_physical_cores(cpuinfo: &str) -> usize {
 /// CPU time used by other programs, in CPUs, over a short look at /proc/stat (None where the
 /// file is missing). Our own process is idle while this runs.
 fn busy_cpus(window: Duration) -> Option<f64> {
-    fn sample() -> Option<(u64, u64)> {
+    /// (idle ticks, all ticks, CPUs) from one read of /proc/stat.
+    fn sample() -> Option<(u64, u64, usize)> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let line = stat.lines().next()?.strip_prefix("cpu ")?;
         let v: Vec<u64> = line
@@ -91,21 +92,20 @@ fn busy_cpus(window: Duration) -> Option<f64> {
         // user nice system idle iowait irq softirq steal (guest time is already in user).
         let idle = v[3] + v[4];
         let total: u64 = v.iter().take(8).sum();
-        Some((idle, total))
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count();
+        Some((idle, total, cpus))
     }
-    let (idle0, total0) = sample()?;
+    let (idle0, total0, _) = sample()?;
     std::thread::sleep(window);
-    let (idle1, total1) = sample()?;
+    let (idle1, total1, cpus) = sample()?;
     let total = total1.saturating_sub(total0);
     if total == 0 {
         return None;
     }
     let busy_share = 1.0 - idle1.saturating_sub(idle0) as f64 / total as f64;
-    let cpus = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .count();
     Some(busy_share * cpus as f64)
 }
 
