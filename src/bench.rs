@@ -381,8 +381,8 @@ pub fn check_head_moves(
     threads: i32,
 ) -> Result<HeadMoveReport> {
     use crate::cache::{Combiner, EvictionConfig, Granularity};
-    use crate::engine::{EngineConfig, KeySource};
-    let engine_for = |policy: &str, eviction: Option<EvictionConfig>| -> Result<Engine> {
+    use crate::engine::EngineConfig;
+    let engine_for = |policy: &str, cache: EngineConfig| -> Result<Engine> {
         let scorer = crate::policy::build(
             policy,
             &crate::policy::PolicyInputs {
@@ -395,28 +395,28 @@ pub fn check_head_moves(
             model,
             scorer,
             EngineConfig {
-                eviction,
-                capacity: prompt.len() + 1,
                 n_batch: chunk,
                 threads,
-                key_source: KeySource::Cache,
                 flash_attn: Some(true),
-                hook: true,
+                ..cache
             },
         )
     };
-    let mut full = engine_for("none", None)?;
+    let mut full = engine_for("none", EngineConfig::full(prompt.len() + 1))?;
     full.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))?;
     let mut evicting = engine_for(
         "knorm",
-        Some(EvictionConfig {
-            budget,
-            window: 8,
-            sinks: 2,
-            granularity: Granularity::Head,
-            combiner: Combiner::MeanZ,
-            slack: 0,
-        }),
+        EngineConfig {
+            job_tokens: Some(prompt.len() + 1),
+            ..EngineConfig::bounded(EvictionConfig {
+                budget,
+                window: 8,
+                sinks: 2,
+                granularity: Granularity::Head,
+                combiner: Combiner::MeanZ,
+                slack: 0,
+            })
+        },
     )?;
     evicting.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))?;
     let mut r = HeadMoveReport {

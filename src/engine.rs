@@ -41,14 +41,25 @@ impl std::str::FromStr for KeySource {
     }
 }
 
+/// How big the KV cache is, and whether it is kept there by eviction: the one place that says
+/// whether an engine evicts.
+#[derive(Debug, Clone)]
+pub enum CacheSize {
+    /// Evict the lowest-scoring tokens after every decode, down to the budget.
+    Bounded(EvictionConfig),
+    /// No eviction: a context of `capacity` cells; a decode that would need more fails with
+    /// [`Error::FullCacheOverflow`]. The quality reference (policy `none`).
+    Full { capacity: usize },
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// `None`: full cache of `capacity` cells, no eviction.
-    pub eviction: Option<EvictionConfig>,
-    /// Without eviction: the cells the context must hold. With eviction: the most tokens the
-    /// job will ever feed (prompt + generated), which caps the context, since a cache never
-    /// holds more cells than tokens it was given; 0 = unknown (an open-ended chat).
-    pub capacity: usize,
+    pub cache: CacheSize,
+    /// The most tokens the job will ever feed (prompt + generated), when known. It caps the
+    /// context of a bounded cache, since a cache never holds more cells than tokens it was
+    /// given (`run --budget 100000` on 9 tokens needs 9 cells); `None` for an open-ended job
+    /// (a chat). A full cache is sized by its capacity alone.
+    pub job_tokens: Option<usize>,
     pub n_batch: usize,
     pub threads: i32,
     pub key_source: KeySource,
@@ -56,6 +67,42 @@ pub struct EngineConfig {
     /// Install the graph hook; only a benchmark's "hook off" baseline turns it off (then
     /// nothing can be evicted by score).
     pub hook: bool,
+}
+
+/// Tokens decoded per `llama_decode` unless the caller says otherwise (the CLI's `--batch`).
+pub const DEFAULT_BATCH: usize = 256;
+
+impl EngineConfig {
+    /// A cache kept within `eviction.budget` cells, with the defaults of every other knob:
+    /// keys read from the cache, llama.cpp's flash-attention choice, the default thread count.
+    pub fn bounded(eviction: EvictionConfig) -> EngineConfig {
+        EngineConfig::with_cache(CacheSize::Bounded(eviction))
+    }
+
+    /// A full cache of `capacity` cells that never evicts, with the same defaults.
+    pub fn full(capacity: usize) -> EngineConfig {
+        EngineConfig::with_cache(CacheSize::Full { capacity })
+    }
+
+    fn with_cache(cache: CacheSize) -> EngineConfig {
+        EngineConfig {
+            cache,
+            job_tokens: None,
+            n_batch: DEFAULT_BATCH,
+            threads: crate::threads::default_threads(),
+            key_source: KeySource::Cache,
+            flash_attn: None,
+            hook: true,
+        }
+    }
+
+    /// The eviction knobs of a bounded cache.
+    pub fn eviction(&self) -> Option<&EvictionConfig> {
+        match &self.cache {
+            CacheSize::Bounded(ev) => Some(ev),
+            CacheSize::Full { .. } => None,
+        }
+    }
 }
 
 /// Counters every command reports.
@@ -150,28 +197,29 @@ const FLUSH_CHUNK: usize = 2048;
 
 impl Engine {
     pub fn new(model: &Arc<Model>, scorer: Box<dyn Scorer>, cfg: EngineConfig) -> Result<Engine> {
-        let evicting = cfg.eviction.is_some() && scorer.evicts();
+        let evicting = cfg.eviction().is_some();
         if evicting && !cfg.hook {
             return Err(Error::invalid("eviction needs the graph hook"));
         }
-        if let Some(ev) = &cfg.eviction {
+        if let Some(ev) = cfg.eviction() {
             ev.validate()?;
         }
         let n_batch = cfg.n_batch.max(1);
         // The budget plus one batch of new tokens, plus a margin for llama.cpp's slot search;
         // never more than the job's tokens (`run --budget 100000` on 9 tokens needs 9 cells).
         let too_large = || Error::invalid("the KV budget plus the batch size is too large");
-        let n_ctx = match (&cfg.eviction, evicting) {
-            (Some(ev), true) => {
+        let n_ctx = match &cfg.cache {
+            CacheSize::Bounded(ev) => {
                 let most = ev.budget.checked_add(n_batch).ok_or_else(too_large)?;
-                let most = if cfg.capacity > 0 {
-                    most.min(cfg.capacity)
-                } else {
-                    most
+                let most = match cfg.job_tokens {
+                    Some(job) if job > 0 => most.min(job),
+                    _ => most,
                 };
                 most.checked_add(16).ok_or_else(too_large)?
             }
-            _ => cfg.capacity.max(1).checked_add(1).ok_or_else(too_large)?,
+            CacheSize::Full { capacity } => {
+                (*capacity).max(1).checked_add(1).ok_or_else(too_large)?
+            }
         };
         // Models with sliding-window layers (Gemma 3) get a second, smaller KV cache for them,
         // which llama.cpp prunes by itself; only the full-attention layers may be tracked. They
@@ -198,8 +246,7 @@ impl Engine {
         // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.
         let n_batch = n_batch.min(n_ctx);
         let head_mode = cfg
-            .eviction
-            .as_ref()
+            .eviction()
             .is_some_and(|e| e.granularity == Granularity::Head);
         let params = ContextParams {
             n_ctx: u32::try_from(n_ctx).map_err(|_| Error::invalid("context too large"))?,
@@ -268,7 +315,7 @@ impl Engine {
     }
 
     pub fn budget(&self) -> Option<usize> {
-        self.cfg.eviction.as_ref().map(|e| e.budget)
+        self.cfg.eviction().map(|e| e.budget)
     }
 
     /// Layers the book tracks (its layer index `i` is the `i`-th layer with a full-size cache).
@@ -297,7 +344,7 @@ impl Engine {
     }
 
     fn evicting(&self) -> bool {
-        self.cfg.eviction.is_some() && self.scorer.evicts()
+        self.cfg.eviction().is_some()
     }
 
     /// Starts a new peak measurement from the cells in use now (per-turn peaks in chat).
@@ -362,11 +409,12 @@ impl Engine {
 
     fn decode_batch(&mut self) -> Result<()> {
         let n = self.batch.len();
-        if !self.evicting() && self.next_pos as usize + n > self.ctx.n_ctx() {
-            return Err(Error::invalid(format!(
-                "the full cache holds {} tokens and the input needs more: policy 'none' sizes the cache to the input, give it a larger capacity",
-                self.ctx.n_ctx()
-            )));
+        let needed = self.next_pos as usize + n;
+        if !self.evicting() && needed > self.ctx.n_ctx() {
+            return Err(Error::FullCacheOverflow {
+                cells: self.ctx.n_ctx(),
+                needed,
+            });
         }
         self.ctx.decode(&self.batch)?;
         self.next_pos += n as i32;
@@ -399,8 +447,7 @@ impl Engine {
         }
         let head_mode = self
             .cfg
-            .eviction
-            .as_ref()
+            .eviction()
             .is_some_and(|e| e.granularity == Granularity::Head);
         if head_mode && !self.ctx.can_move_heads(self.n_head_kv * self.head_dim) {
             return Err(Error::KvCache(
@@ -546,10 +593,10 @@ impl Engine {
 
     /// Brings the cache back within its budget.
     pub fn evict(&mut self) -> Result<()> {
-        let Some(ev) = self.cfg.eviction.clone() else {
+        let Some(ev) = self.cfg.eviction().cloned() else {
             return Ok(());
         };
-        if !self.scorer.evicts() || self.stats.live_cells <= ev.budget {
+        if self.stats.live_cells <= ev.budget {
             return Ok(());
         }
         self.flush_scores()?;

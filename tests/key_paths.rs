@@ -64,21 +64,19 @@ fn engine_with(
         model,
         scorer,
         EngineConfig {
-            eviction: Some(EvictionConfig {
+            job_tokens: Some(budget),
+            // Several prompt chunks, so batches of many tokens and of one are both covered.
+            n_batch,
+            threads: 1,
+            key_source: source,
+            ..EngineConfig::bounded(EvictionConfig {
                 budget,
                 window: 16,
                 sinks: 4,
                 granularity: Granularity::Position,
                 combiner: Combiner::MeanZ,
                 slack,
-            }),
-            capacity: budget,
-            // Several prompt chunks, so batches of many tokens and of one are both covered.
-            n_batch,
-            threads: 1,
-            key_source: source,
-            flash_attn: None,
-            hook: true,
+            })
         },
     )
     .expect("engine")

@@ -9,7 +9,7 @@ use std::process::Output;
 use common::{assert_one_line_error, model_path, qfilters};
 use gguf_tools::gguf::{self, Value};
 use gguf_tools::synth::{self, SynthOptions, WeightType};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::engine::{Engine, EngineConfig};
 use qfilters::ffi::{Model, ModelParams, Sampler, SamplingParams};
 use qfilters::generate::generate;
 use qfilters::policy::{self, PolicyInputs};
@@ -120,13 +120,9 @@ fn nan_logits_are_an_error_not_an_empty_completion() {
         &model,
         scorer,
         EngineConfig {
-            eviction: None,
-            capacity: 64,
             n_batch: 16,
             threads: 1,
-            key_source: KeySource::Cache,
-            flash_attn: None,
-            hook: true,
+            ..EngineConfig::full(64)
         },
     )
     .expect("engine");

@@ -17,7 +17,7 @@ use gguf_tools::filters::{
 };
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::engine::{CacheSize, Engine, EngineConfig, KeySource};
 use qfilters::ffi::{Model, ModelParams};
 use qfilters::policy::{self, PolicyInputs};
 use qfilters::{Error, Result};
@@ -447,10 +447,10 @@ impl PolicyArgs {
             },
         )?;
         self.check()?;
-        let eviction = if self.policy == "none" {
-            None
+        let cache = if self.policy == "none" {
+            CacheSize::Full { capacity }
         } else {
-            Some(EvictionConfig {
+            CacheSize::Bounded(EvictionConfig {
                 budget: self.budget,
                 window: self.window,
                 sinks: self.sinks,
@@ -459,13 +459,13 @@ impl PolicyArgs {
                 slack: self.slack,
             })
         };
-        let evicting = eviction.is_some();
+        let evicting = matches!(cache, CacheSize::Bounded(_));
         Engine::new(
             model,
             scorer,
             EngineConfig {
-                eviction,
-                capacity,
+                cache,
+                job_tokens: (capacity > 0).then_some(capacity),
                 n_batch: self.n_batch,
                 threads: margs.threads(),
                 key_source: self.key_source,
