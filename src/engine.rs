@@ -7,7 +7,8 @@ use std::time::Instant;
 use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity};
 use crate::error::{Error, Result};
 use crate::ffi::{
-    Batch, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Token,
+    Batch, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Sampler,
+    Token,
 };
 use crate::policy::{KeyReduce, NewKeys, Scorer};
 
@@ -105,6 +106,50 @@ impl EngineConfig {
     }
 }
 
+/// Which tokens of an [`Engine::ingest`] get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token of the input: what generation samples from.
+    Last,
+    /// Every token: what perplexity scores.
+    All,
+}
+
+/// One decoded chunk of an [`Engine::ingest`], seen before the engine evicts after it.
+pub struct Chunk<'a> {
+    ctx: &'a Context,
+    /// Where the chunk starts in the ingested tokens, and how many tokens it holds.
+    pub offset: usize,
+    pub len: usize,
+    /// Whether the chunk's last token is the input's last token.
+    pub last: bool,
+    logits: Logits,
+}
+
+impl Chunk<'_> {
+    /// Logits after token `j` of the chunk: any `j` with [`Logits::All`], only the input's
+    /// last token with [`Logits::Last`]; anything else is an error.
+    pub fn logits(&self, j: usize) -> Result<&[f32]> {
+        let has = j < self.len
+            && match self.logits {
+                Logits::All => true,
+                Logits::Last => self.last && j + 1 == self.len,
+            };
+        if !has {
+            return Err(Error::invalid(format!(
+                "token {j} of a chunk of {} was decoded without logits",
+                self.len
+            )));
+        }
+        self.ctx.logits(j)
+    }
+
+    /// The context right after the chunk's decode (for checks on what it wrote).
+    pub fn context(&self) -> &Context {
+        self.ctx
+    }
+}
+
 /// Counters every command reports.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Stats {
@@ -186,6 +231,9 @@ pub struct Engine {
     /// batch per layer instead of one small copy per layer after every decode.
     pending_cells: Vec<i64>,
     pending_pos: Vec<i32>,
+    /// Batch row of the last decoded token when it has logits (what the next token is sampled
+    /// from); `None` before any decode, after a reset, or when the last token had none.
+    logits_row: Option<usize>,
     /// Score on the cache's device (`KeySource::Cache` and a reducible score) until the
     /// backend turns out not to support it.
     device_scoring: bool,
@@ -289,6 +337,7 @@ impl Engine {
             head_dim: model.head_dim(),
             pending_cells: Vec::new(),
             pending_pos: Vec::new(),
+            logits_row: None,
             device_scoring,
             filters_on_device: false,
         })
@@ -361,32 +410,57 @@ impl Engine {
         self.pending_cells.clear();
         self.pending_pos.clear();
         self.next_pos = 0;
+        self.logits_row = None;
         self.stats.live_cells = 0;
     }
 
-    /// Decodes `tokens` in chunks of `n_batch`, evicting after each chunk.
-    ///
-    /// `logits_for(i)` says whether token `i` of `tokens` needs logits; `on_chunk` runs after
-    /// each chunk's decode with the chunk's offset in `tokens` and its length, while its logits
-    /// are readable (`context().logits(j)` for the j-th token of the chunk that asked for them).
+    /// Logits after the last decoded token: the last token of an [`Engine::ingest`] (either
+    /// [`Logits`] mode) or the token of an [`Engine::step`].
+    pub fn last_logits(&self) -> Result<&[f32]> {
+        self.ctx.logits(self.last_row()?)
+    }
+
+    /// Draws the next token from [`Engine::last_logits`].
+    pub fn sample(&self, sampler: &mut Sampler) -> Result<Token> {
+        sampler.sample(&self.ctx, self.last_row()?)
+    }
+
+    fn last_row(&self) -> Result<usize> {
+        self.logits_row.ok_or_else(|| {
+            Error::invalid("no logits to sample from: nothing was decoded since the last reset")
+        })
+    }
+
+    /// Decodes `tokens` in chunks of `n_batch`, evicting after each chunk, with logits for the
+    /// tokens `logits` names. `on_chunk` runs after each chunk's decode, before its eviction,
+    /// while the chunk's logits are readable. Afterwards [`Engine::last_logits`] holds the
+    /// logits after the last token.
     pub fn ingest(
         &mut self,
         tokens: &[Token],
-        logits_for: &mut dyn FnMut(usize) -> bool,
-        on_chunk: &mut dyn FnMut(&Context, usize, usize) -> Result<()>,
+        logits: Logits,
+        on_chunk: &mut dyn FnMut(&Chunk<'_>) -> Result<()>,
     ) -> Result<()> {
         let n_batch = self.cfg.n_batch;
         let mut offset = 0;
         while offset < tokens.len() {
             let end = (offset + n_batch).min(tokens.len());
+            let last = end == tokens.len();
             let started = Instant::now();
             self.batch.clear();
             for (i, &t) in tokens[offset..end].iter().enumerate() {
                 let pos = self.next_pos + i as i32;
-                self.batch.push(t, pos, logits_for(offset + i));
+                let wants = logits == Logits::All || (last && offset + i + 1 == end);
+                self.batch.push(t, pos, wants);
             }
-            self.decode_batch()?;
-            on_chunk(&self.ctx, offset, end - offset)?;
+            self.decode_batch(logits == Logits::All || last)?;
+            on_chunk(&Chunk {
+                ctx: &self.ctx,
+                offset,
+                len: end - offset,
+                last,
+                logits,
+            })?;
             self.evict()?;
             self.stats.prefill_seconds += started.elapsed().as_secs_f64();
             self.stats.prompt_tokens += (end - offset) as u64;
@@ -395,19 +469,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Decodes one generated token (its logits become readable at batch index 0).
+    /// Decodes one generated token; [`Engine::last_logits`] then holds the logits after it.
     pub fn step(&mut self, token: Token) -> Result<()> {
         let started = Instant::now();
         self.batch.clear();
         self.batch.push(token, self.next_pos, true);
-        self.decode_batch()?;
+        self.decode_batch(true)?;
         self.evict()?;
         self.stats.decode_seconds += started.elapsed().as_secs_f64();
         self.stats.generated_tokens += 1;
         Ok(())
     }
 
-    fn decode_batch(&mut self) -> Result<()> {
+    /// Decodes the batch; `last_has_logits` says whether its last token asked for logits.
+    fn decode_batch(&mut self, last_has_logits: bool) -> Result<()> {
         let n = self.batch.len();
         let needed = self.next_pos as usize + n;
         if !self.evicting() && needed > self.ctx.n_ctx() {
@@ -416,7 +491,9 @@ impl Engine {
                 needed,
             });
         }
+        self.logits_row = None;
         self.ctx.decode(&self.batch)?;
+        self.logits_row = (last_has_logits && n > 0).then(|| n - 1);
         self.next_pos += n as i32;
         self.stats.live_cells += n;
         self.stats.peak_cells = self.stats.peak_cells.max(self.stats.live_cells);

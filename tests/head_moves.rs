@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
-use qfilters::engine::{Engine, EngineConfig};
+use qfilters::engine::{Engine, EngineConfig, Logits};
 use qfilters::ffi::{
     Batch, Context, ContextParams, GraphObserver, Model, ModelParams, NodeInfo, Token,
 };
@@ -180,7 +180,7 @@ fn per_head_moves(model: &Arc<Model>) {
         .expect("engine")
     };
     let mut full = engine_for("none", EngineConfig::full(tokens.len() + 1));
-    full.ingest(tokens, &mut |_| false, &mut |_, _, _| Ok(()))
+    full.ingest(tokens, Logits::Last, &mut |_| Ok(()))
         .expect("full ingest");
     let mut evicting = engine_for(
         "knorm",
@@ -194,7 +194,7 @@ fn per_head_moves(model: &Arc<Model>) {
         }),
     );
     evicting
-        .ingest(tokens, &mut |_| false, &mut |_, _, _| Ok(()))
+        .ingest(tokens, Logits::Last, &mut |_| Ok(()))
         .expect("evicting ingest");
     assert!(
         evicting.stats().head_slices_moved > 0,

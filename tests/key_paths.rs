@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use qfilters::bench::{compare_key_paths, random_filters, synthetic_prompt};
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::engine::{Engine, EngineConfig, KeySource, Logits};
 use qfilters::ffi::{Model, ModelParams};
 use qfilters::policy::{self, PolicyInputs};
 
@@ -144,7 +144,7 @@ fn scores_by_position(
         n_batch,
     );
     e.reset();
-    e.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))
+    e.ingest(prompt, Logits::Last, &mut |_| Ok(()))
         .expect("ingest");
     e.flush_scores().expect("flush");
     let book = e.book().expect("book");

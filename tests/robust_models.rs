@@ -11,7 +11,7 @@ use gguf_tools::gguf::{self, Value};
 use gguf_tools::synth::{self, SynthOptions, WeightType};
 use qfilters::engine::{Engine, EngineConfig};
 use qfilters::ffi::{Model, ModelParams, Sampler, SamplingParams};
-use qfilters::generate::generate;
+use qfilters::generate::{generate, Limits};
 use qfilters::policy::{self, PolicyInputs};
 use qfilters::Error;
 
@@ -131,9 +131,9 @@ fn nan_logits_are_an_error_not_an_empty_completion() {
         &mut engine,
         &mut sampler,
         &[1, 2, 3, 4],
-        4,
+        Limits::tokens(4),
         &mut |_, _| {},
-        &mut |_| true,
+        &mut |_, _| true,
     );
     match result {
         Err(e @ Error::NonFiniteLogits { .. }) => {
