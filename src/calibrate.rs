@@ -12,7 +12,7 @@
 //! the samples, each iteration is a 64×64 mat-vec, and no linear-algebra crate is needed. The
 //! unit tests check it against a Jacobi eigen-solver.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::ffi::{Batch, Context, ContextParams, GraphObserver, Model, NodeInfo, NodeOp, Token};
@@ -239,7 +239,7 @@ pub fn layer_filters(
     ))
 }
 
-/// Sampled post-RoPE queries, shared between the graph observer and the calibration loop.
+/// Sampled post-RoPE queries: the graph observer of the calibration decodes.
 struct Samples {
     n_head: usize,
     head_dim: usize,
@@ -253,16 +253,9 @@ struct Samples {
     filled: Vec<usize>,
 }
 
-struct QueryTap(Arc<Mutex<Samples>>);
-
-fn lock(m: &Mutex<Samples>) -> MutexGuard<'_, Samples> {
-    // A poisoned lock only means a panic elsewhere already failed the run; the data is plain.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl GraphObserver for QueryTap {
+impl GraphObserver for Samples {
     fn wants(&mut self, node: &NodeInfo) -> bool {
-        let s = lock(&self.0);
+        let s = self;
         node.op == NodeOp::Rope
             && node.base == "Qcur"
             && node.layer.is_some_and(|l| l < s.n_layer)
@@ -272,7 +265,7 @@ impl GraphObserver for QueryTap {
     }
 
     fn observe(&mut self, node: &NodeInfo, data: &[f32]) {
-        let mut s = lock(&self.0);
+        let s = self;
         let Some(layer) = node.layer else { return };
         let stride = s.n_head * s.head_dim;
         let base = layer * s.n_samples * stride;
@@ -329,7 +322,7 @@ pub fn calibrate(
         .checked_mul(n_samples)
         .and_then(|n| n.checked_mul(stride))
         .ok_or_else(|| Error::invalid("--samples too large"))?;
-    let shared = Arc::new(Mutex::new(Samples {
+    let mut samples = Samples {
         n_head,
         head_dim,
         n_layer,
@@ -337,7 +330,7 @@ pub fn calibrate(
         buf: vec![0.0; buf_len],
         pending: Vec::new(),
         filled: vec![0; n_layer],
-    }));
+    };
 
     // A window starts with BOS when the model expects one, as every real context does; the
     // BOS query itself is never sampled.
@@ -355,7 +348,6 @@ pub fn calibrate(
             hook: true,
         },
     )?;
-    ctx.set_observer(Some(Box::new(QueryTap(Arc::clone(&shared)))));
     let mut batch = Batch::new(n_batch);
     let mut next_sample = 0usize;
     let mut done = 0usize;
@@ -385,18 +377,14 @@ pub fn calibrate(
                     }
                 }
             }
-            lock(&shared).pending = pending;
-            ctx.decode(&batch)?;
+            samples.pending = pending;
+            ctx.decode_observed(&batch, &mut samples)?;
             done += chunk.iter().filter(|(t, _)| t.is_some()).count();
             progress(done, total);
         }
     }
-    ctx.set_observer(None);
     drop(ctx);
 
-    let samples = Arc::try_unwrap(shared)
-        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
-        .map_err(|_| Error::invalid("internal: query samples still shared"))?;
     if let Some(layer) = samples.filled.iter().position(|&n| n != n_samples) {
         return Err(Error::invalid(format!(
             "layer {layer}: found {} of {n_samples} sampled queries; this model's graph has no post-RoPE `Qcur-{layer}` node of shape [{head_dim}, {n_head}, tokens] (architecture {} is not supported by calibrate)",

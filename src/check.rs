@@ -6,7 +6,7 @@
 //! Only "old" keys (before the last quarter) are ranked: they are the ones an eviction policy
 //! must judge without having seen the queries that will read them.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use gguf_tools::filters::QFilters;
 use serde::Serialize;
@@ -111,15 +111,9 @@ struct Captured {
     received: Vec<Option<Vec<f64>>>,
 }
 
-struct AttentionTap(Arc<Mutex<Captured>>);
-
-fn lock(m: &Mutex<Captured>) -> MutexGuard<'_, Captured> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl GraphObserver for AttentionTap {
+impl GraphObserver for Captured {
     fn wants(&mut self, node: &NodeInfo) -> bool {
-        let c = lock(&self.0);
+        let c = self;
         let Some(layer) = node.layer else {
             return false;
         };
@@ -139,7 +133,7 @@ impl GraphObserver for AttentionTap {
     }
 
     fn observe(&mut self, node: &NodeInfo, data: &[f32]) {
-        let mut c = lock(&self.0);
+        let c = self;
         let Some(layer) = node.layer else { return };
         if node.op == NodeOp::Rope {
             c.keys[layer] = Some(data.to_vec());
@@ -193,7 +187,7 @@ pub fn check_filters(
         )));
     }
     let query_start = n - n / 4;
-    let shared = Arc::new(Mutex::new(Captured {
+    let mut captured = Captured {
         n_tokens: n,
         n_head,
         n_head_kv,
@@ -201,7 +195,7 @@ pub fn check_filters(
         query_start,
         keys: vec![None; n_layer],
         received: vec![None; n_layer],
-    }));
+    };
     let n32 = u32::try_from(n).map_err(|_| Error::invalid("--tokens too large"))?;
     let mut ctx = Context::new(
         model,
@@ -214,17 +208,12 @@ pub fn check_filters(
             hook: true,
         },
     )?;
-    ctx.set_observer(Some(Box::new(AttentionTap(Arc::clone(&shared)))));
     let mut batch = Batch::new(n);
     for (i, &t) in tokens.iter().enumerate() {
         batch.push(t, i as i32, i + 1 == n);
     }
-    ctx.decode(&batch)?;
-    ctx.set_observer(None);
+    ctx.decode_observed(&batch, &mut captured)?;
     drop(ctx);
-    let captured = Arc::try_unwrap(shared)
-        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
-        .map_err(|_| Error::invalid("internal: attention capture still shared"))?;
 
     let mut layers = Vec::with_capacity(n_layer);
     for layer in 0..n_layer {

@@ -1,7 +1,7 @@
 //! A llama.cpp context whose KV cache stays within a budget: decode tokens, score the new keys
 //! once, evict the lowest-scoring tokens. Used by every command (run, chat, eval, bench).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity};
@@ -189,7 +189,8 @@ fn rate(n: u64, secs: f64) -> f64 {
 /// Collects `Kcur` ROPE outputs per layer while the graph runs (the `Graph` key source).
 #[derive(Default)]
 struct KeyTap {
-    layers: Arc<Mutex<Vec<Vec<f32>>>>,
+    /// `[model layer]` → the last decode's keys, `[token][n_head_kv][head_dim]`.
+    layers: Vec<Vec<f32>>,
 }
 
 impl GraphObserver for KeyTap {
@@ -199,12 +200,44 @@ impl GraphObserver for KeyTap {
 
     fn observe(&mut self, node: &NodeInfo, data: &[f32]) {
         let Some(layer) = node.layer else { return };
-        if let Ok(mut layers) = self.layers.lock() {
-            if layers.len() <= layer {
-                layers.resize(layer + 1, Vec::new());
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, Vec::new());
+        }
+        self.layers[layer].clear();
+        self.layers[layer].extend_from_slice(data);
+    }
+}
+
+/// Where the keys of new tokens come from when they are scored: one choice per engine, so the
+/// per-layer scoring loop does not branch on the key source.
+enum KeyReader {
+    /// The K cache rows the decode wrote, read (or reduced on the cache's device) when an
+    /// eviction round needs the scores.
+    Cache,
+    /// The `Kcur-<layer>` nodes, captured during each decode by the tap lent to it; scored at
+    /// once, since they are only valid until the next decode.
+    Graph(KeyTap),
+}
+
+impl KeyReader {
+    /// Fills `out` with the keys of `cells` for model layer `layer`, `[cell][head][dim]`.
+    fn read(
+        &self,
+        ctx: &mut Context,
+        layer: usize,
+        cells: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        match self {
+            KeyReader::Cache => ctx.read_k_rows(layer, cells, out),
+            KeyReader::Graph(tap) => {
+                let data = tap.layers.get(layer).ok_or_else(|| {
+                    Error::KvCache(format!("no Kcur keys captured for layer {layer}"))
+                })?;
+                out.clear();
+                out.extend_from_slice(data);
+                Ok(())
             }
-            layers[layer].clear();
-            layers[layer].extend_from_slice(data);
         }
     }
 }
@@ -217,7 +250,7 @@ pub struct Engine {
     book: Option<CacheBook>,
     /// Model layers whose keys are scored (those with a full-size KV cache).
     tracked: Vec<usize>,
-    graph_keys: Option<Arc<Mutex<Vec<Vec<f32>>>>>,
+    keys_from: KeyReader,
     batch: Batch,
     next_pos: i32,
     stats: Stats,
@@ -229,7 +262,7 @@ pub struct Engine {
     /// Cache key source: tokens decoded but not scored yet (cells, positions). Their keys stay
     /// in the cache until an eviction round needs the scores, which then reads them in one
     /// batch per layer instead of one small copy per layer after every decode.
-    pending_cells: Vec<i64>,
+    pending_cells: Vec<usize>,
     pending_pos: Vec<i32>,
     /// Batch row of the last decoded token when it has logits (what the next token is sampled
     /// from); `None` before any decode, after a reset, or when the last token had none.
@@ -308,13 +341,12 @@ impl Engine {
             },
             hook: cfg.hook,
         };
-        let mut ctx = Context::new(model, &params)?;
-        let mut graph_keys = None;
-        if evicting && cfg.key_source == KeySource::Graph && scorer.needs_keys() {
-            let tap = KeyTap::default();
-            graph_keys = Some(Arc::clone(&tap.layers));
-            ctx.set_observer(Some(Box::new(tap)));
-        }
+        let ctx = Context::new(model, &params)?;
+        let keys_from = if evicting && cfg.key_source == KeySource::Graph && scorer.needs_keys() {
+            KeyReader::Graph(KeyTap::default())
+        } else {
+            KeyReader::Cache
+        };
         let stats = Stats {
             n_ctx: ctx.n_ctx(),
             ..Stats::default()
@@ -326,7 +358,7 @@ impl Engine {
             cfg: EngineConfig { n_batch, ..cfg },
             book: None,
             tracked: Vec::new(),
-            graph_keys,
+            keys_from,
             batch: Batch::new(n_batch),
             next_pos: 0,
             stats,
@@ -384,7 +416,7 @@ impl Engine {
             let end = (done + FLUSH_CHUNK).min(self.pending_cells.len());
             let cells = self.pending_cells[done..end].to_vec();
             let positions = self.pending_pos[done..end].to_vec();
-            self.score_and_insert(&cells, &positions, None)?;
+            self.score_and_insert(&cells, &positions)?;
             done = end;
         }
         self.pending_cells.clear();
@@ -492,8 +524,12 @@ impl Engine {
             });
         }
         self.logits_row = None;
-        self.ctx.decode(&self.batch)?;
+        match &mut self.keys_from {
+            KeyReader::Graph(tap) => self.ctx.decode_observed(&self.batch, tap)?,
+            KeyReader::Cache => self.ctx.decode(&self.batch)?,
+        }
         self.logits_row = (last_has_logits && n > 0).then(|| n - 1);
+        let first = self.next_pos;
         self.next_pos += n as i32;
         self.stats.live_cells += n;
         self.stats.peak_cells = self.stats.peak_cells.max(self.stats.live_cells);
@@ -501,7 +537,7 @@ impl Engine {
             self.stats.kv_bytes = self.ctx.kv_bytes();
         }
         if self.evicting() {
-            self.record_new_keys()?;
+            self.record_new_keys(first)?;
         }
         Ok(())
     }
@@ -537,20 +573,21 @@ impl Engine {
 
     /// Records which cells the tokens of the last batch went to, and scores them: at once when
     /// the keys came from the graph (they are only valid now), later for the cache key source.
-    fn record_new_keys(&mut self) -> Result<()> {
+    /// The batch held positions `first..`, in order (the engine numbers them; nothing is read
+    /// back from the C batch).
+    fn record_new_keys(&mut self, first: i32) -> Result<()> {
         self.ensure_book()?;
         let n = self.batch.len();
-        let positions: Vec<i32> = (0..n).filter_map(|i| self.batch.pos(i)).collect();
+        let positions: Vec<i32> = (first..first + n as i32).collect();
         let cells = self.ctx.last_cells(self.tracked[0])?;
-        if cells.len() != n || positions.len() != n {
+        if cells.len() != n {
             return Err(Error::KvCache(format!(
                 "the decode wrote {} cells for {n} tokens",
                 cells.len()
             )));
         }
-        if self.graph_keys.is_some() {
-            let tap = self.graph_keys.clone();
-            return self.score_and_insert(&cells, &positions, tap.as_deref());
+        if matches!(self.keys_from, KeyReader::Graph(_)) {
+            return self.score_and_insert(&cells, &positions);
         }
         self.pending_cells.extend_from_slice(&cells);
         self.pending_pos.extend_from_slice(&positions);
@@ -559,52 +596,32 @@ impl Engine {
 
     /// Scores tokens at `cells` (keys from the graph tap when given, else read from the cache
     /// rows) and records them in the book.
-    fn score_and_insert(
-        &mut self,
-        cells_raw: &[i64],
-        positions: &[i32],
-        tap: Option<&Mutex<Vec<Vec<f32>>>>,
-    ) -> Result<()> {
-        let n = cells_raw.len();
-        let cells: Vec<usize> = cells_raw.iter().map(|&c| c.max(0) as usize).collect();
+    fn score_and_insert(&mut self, cells: &[usize], positions: &[i32]) -> Result<()> {
+        let n = cells.len();
         let (h, d) = (self.n_head_kv, self.head_dim);
         self.scores.clear();
         self.scores.resize(self.tracked.len() * n * h, 0.0);
         self.layer_scores.resize(n * h, 0.0);
         let needs_keys = self.scorer.needs_keys();
         if needs_keys
-            && tap.is_none()
+            && matches!(self.keys_from, KeyReader::Cache)
             && self.device_scoring
-            && self.score_on_device(cells_raw, positions)?
+            && self.score_on_device(cells, positions)?
         {
             self.stats.device_score_batches += 1;
             let book = self
                 .book
                 .as_mut()
                 .ok_or_else(|| Error::KvCache("no cache book".into()))?;
-            return book.insert(&cells, positions, &self.scores);
+            return book.insert(cells, positions, &self.scores);
         }
         for (li, &layer) in self.tracked.iter().enumerate() {
             if needs_keys {
-                match tap {
-                    Some(tap) => {
-                        let layers = tap
-                            .lock()
-                            .map_err(|_| Error::KvCache("key tap poisoned".into()))?;
-                        let data = layers
-                            .get(layer)
-                            .filter(|v| v.len() == n * h * d)
-                            .ok_or_else(|| {
-                                Error::KvCache(format!("no Kcur keys captured for layer {layer}"))
-                            })?;
-                        self.keys.clear();
-                        self.keys.extend_from_slice(data);
-                    }
-                    None => self.ctx.read_k_rows(layer, cells_raw, &mut self.keys)?,
-                }
+                self.keys_from
+                    .read(&mut self.ctx, layer, cells, &mut self.keys)?;
                 if self.keys.len() != n * h * d {
                     return Err(Error::KvCache(format!(
-                        "layer {layer}: K rows hold {} values, expected {n} x {h} x {d}",
+                        "layer {layer}: {} key values, expected {n} x {h} x {d}",
                         self.keys.len()
                     )));
                 }
@@ -623,12 +640,12 @@ impl Engine {
             .book
             .as_mut()
             .ok_or_else(|| Error::KvCache("no cache book".into()))?;
-        book.insert(&cells, positions, &self.scores)
+        book.insert(cells, positions, &self.scores)
     }
 
     /// Fills `self.scores` for `cells` from per-head key reductions computed on the cache's
     /// device; false (and the host path from then on) when the backend cannot.
-    fn score_on_device(&mut self, cells: &[i64], positions: &[i32]) -> Result<bool> {
+    fn score_on_device(&mut self, cells: &[usize], positions: &[i32]) -> Result<bool> {
         let Some(reduce) = self.scorer.key_reduce() else {
             return Ok(false);
         };

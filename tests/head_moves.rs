@@ -2,7 +2,7 @@
 //! head attends to, on the real model (CPU).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
 use qfilters::engine::{Engine, EngineConfig, Logits};
@@ -24,8 +24,8 @@ fn model() -> Arc<Model> {
 }
 
 /// Captures each layer's attention output for the last decode.
-#[derive(Default, Clone)]
-struct AttnTap(Arc<Mutex<Vec<Vec<f32>>>>);
+#[derive(Default)]
+struct AttnTap(Vec<Vec<f32>>);
 
 impl GraphObserver for AttnTap {
     fn wants(&mut self, node: &NodeInfo) -> bool {
@@ -33,7 +33,7 @@ impl GraphObserver for AttnTap {
     }
     fn observe(&mut self, node: &NodeInfo, data: &[f32]) {
         let Some(l) = node.layer else { return };
-        let mut v = self.0.lock().expect("tap");
+        let v = &mut self.0;
         if v.len() <= l {
             v.resize(l + 1, Vec::new());
         }
@@ -41,12 +41,16 @@ impl GraphObserver for AttnTap {
     }
 }
 
-fn decode(ctx: &mut Context, tokens: &[Token], start: i32) {
+fn batch(tokens: &[Token], start: i32) -> Batch {
     let mut b = Batch::new(tokens.len().max(1));
     for (i, &t) in tokens.iter().enumerate() {
         b.push(t, start + i as i32, i + 1 == tokens.len());
     }
-    ctx.decode(&b).expect("decode");
+    b
+}
+
+fn decode(ctx: &mut Context, tokens: &[Token], start: i32) {
+    ctx.decode(&batch(tokens, start)).expect("decode");
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -76,13 +80,12 @@ fn swapping_one_heads_slices_between_cells_keeps_attention_outputs() {
     .expect("context");
     decode(&mut ctx, prompt, 0);
     assert!(ctx.can_move_heads(model.n_head_kv() * model.head_dim()));
-    let tap = AttnTap::default();
-    ctx.set_observer(Some(Box::new(tap.clone())));
     let run_next = |ctx: &mut Context| -> Vec<Vec<f32>> {
-        decode(ctx, &[next], n as i32);
-        let out = tap.0.lock().expect("tap").clone();
+        let mut tap = AttnTap::default();
+        ctx.decode_observed(&batch(&[next], n as i32), &mut tap)
+            .expect("decode");
         assert!(ctx.remove_positions(n as i32, n as i32 + 1));
-        out
+        tap.0
     };
     let reference = run_next(&mut ctx);
     assert_eq!(reference.len(), model.n_layer(), "one kqv_out per layer");

@@ -1,0 +1,290 @@
+//! Direct access to the KV cache tensors: which tensors and cells a decode wrote, reading K
+//! rows, moving one head's K and V slices between cells.
+//!
+//! Relies on llama.cpp internals of the pinned version (llama-cpp-sys-2 0.1.161; see the
+//! module docs of `ffi`): the tensors are found by name (`cache_k_l<layer>`,
+//! `cache_v_l<layer>`, see graph.rs); each is `[n_head_kv * head_dim, n_cells]`, one row per
+//! cell, the heads contiguous within a row; V has that layout only with flash attention (else
+//! it is transposed, which `can_move_heads` detects); all layers of one cache write through the
+//! same cell indices, so one layer's indices stand for all; cells are the row numbers.
+
+use std::ffi::c_void;
+
+use super::sys;
+use super::tensor::convert_to_f32;
+use super::Context;
+use crate::error::{Error, Result};
+
+mod device;
+
+pub(super) use device::DeviceGraphs;
+pub use device::KeyReduce;
+
+/// The persistent KV-cache tensors of one layer, found in the graph's K/V writes.
+#[derive(Clone, Copy)]
+pub(super) struct LayerKv {
+    pub(super) k: *mut sys::ggml_tensor,
+    pub(super) v: *mut sys::ggml_tensor,
+    /// Cell indices of the last graph's K write (a graph input, valid until the next decode).
+    pub(super) k_idx: *mut sys::ggml_tensor,
+}
+
+impl Default for LayerKv {
+    fn default() -> Self {
+        Self {
+            k: std::ptr::null_mut(),
+            v: std::ptr::null_mut(),
+            k_idx: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// Head-slice moves of one (layer, KV head): `(layer, head, [(from cell, to cell)])`.
+pub type HeadMoveGroup<'a> = (usize, usize, &'a [(usize, usize)]);
+
+impl Context {
+    /// Number of layers whose KV tensors the hook has seen.
+    pub fn kv_layers(&self) -> usize {
+        self.hook.layers.len()
+    }
+
+    /// Cells of `layer`'s K cache (SWA layers of some models have a smaller cache), 0 if none.
+    pub fn kv_rows(&self, layer: usize) -> usize {
+        match self.hook.layers.get(layer) {
+            // SAFETY: cache tensors live as long as the context.
+            Some(l) if !l.k.is_null() => unsafe { (*l.k).ne[1].max(0) as usize },
+            _ => 0,
+        }
+    }
+
+    /// Layers that have their own K cache tensor (all attention layers).
+    pub fn kv_layer_present(&self, layer: usize) -> bool {
+        self.hook.layers.get(layer).is_some_and(|l| !l.k.is_null())
+    }
+
+    /// Bytes allocated for K and V across all layers (known after the first decode).
+    pub fn kv_bytes(&self) -> usize {
+        let mut total = 0;
+        for l in &self.hook.layers {
+            for t in [l.k, l.v] {
+                if !t.is_null() {
+                    // SAFETY: cache tensors live as long as the context.
+                    total += unsafe { sys::ggml_nbytes(t) };
+                }
+            }
+        }
+        total
+    }
+
+    /// Cell indices written by the last decode (one per token of the batch, in batch order).
+    ///
+    /// Copied while the decode ran (see `note_cache_write`), so it does not depend on the graph
+    /// allocator keeping the index input alive afterwards (it may not, on a GPU).
+    /// `layer` must be one whose K cache the hook has seen (all layers of a unified cache share
+    /// the cells).
+    /// Cells are converted from llama.cpp's `int64` here, once: a negative one is an error.
+    pub fn last_cells(&self, layer: usize) -> Result<Vec<usize>> {
+        let l = self.layer_kv(layer)?;
+        let raw = self
+            .hook
+            .batch_cells
+            .iter()
+            .find(|(p, _)| *p == l.k_idx)
+            .map(|(_, c)| c)
+            .ok_or_else(|| {
+                Error::KvCache(
+                    "the last decode wrote no K cache rows (is the hook installed?)".into(),
+                )
+            })?;
+        raw.iter()
+            .map(|&c| {
+                usize::try_from(c)
+                    .map_err(|_| Error::KvCache(format!("llama.cpp wrote a key to cell {c}")))
+            })
+            .collect()
+    }
+
+    /// The same indices read back after the decode from the index input of `layer`'s K write:
+    /// the way that was checked on a CPU, kept to compare against on other backends. Raw
+    /// `int64`s: memory the allocator reused may hold anything.
+    pub fn last_cells_after_decode(&self, layer: usize) -> Result<Vec<i64>> {
+        let l = self.layer_kv(layer)?;
+        if l.k_idx.is_null() {
+            return Err(Error::KvCache(format!(
+                "layer {layer} wrote no K rows in the last decode"
+            )));
+        }
+        self.synchronize();
+        // SAFETY: k_idx is an input tensor of the last graph; its buffer stays allocated until
+        // the next graph is allocated (its contents may have been reused, which is what callers
+        // of this check look for).
+        unsafe {
+            let t = l.k_idx;
+            if (*t).type_ != sys::GGML_TYPE_I64 || !sys::ggml_is_contiguous(t) {
+                return Err(Error::KvCache("unexpected K index tensor type".into()));
+            }
+            let n = (*t).ne[0].max(0) as usize;
+            let mut out = vec![0i64; n];
+            sys::ggml_backend_tensor_get(t, out.as_mut_ptr() as *mut c_void, 0, n * 8);
+            Ok(out)
+        }
+    }
+
+    pub(super) fn layer_kv(&self, layer: usize) -> Result<LayerKv> {
+        match self.hook.layers.get(layer) {
+            Some(l) if !l.k.is_null() => Ok(*l),
+            _ => Err(Error::KvCache(format!(
+                "no K cache tensor seen for layer {layer} (decode something first)"
+            ))),
+        }
+    }
+
+    /// Reads the K rows of `cells` (each n_head_kv * head_dim values) for `layer`, as f32.
+    pub fn read_k_rows(&mut self, layer: usize, cells: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        let l = self.layer_kv(layer)?;
+        self.synchronize();
+        // SAFETY: `l.k` is a persistent cache tensor owned by the context.
+        let (ty, row_elems, row_bytes, n_rows) =
+            unsafe { ((*l.k).type_, (*l.k).ne[0], (*l.k).nb[1], (*l.k).ne[1]) };
+        let row_elems = row_elems.max(0) as usize;
+        out.resize(cells.len() * row_elems, 0.0);
+        let scratch = &mut self.hook.scratch;
+        let mut i = 0;
+        while i < cells.len() {
+            // Coalesce runs of consecutive cells into one copy (a prefill fills cells in order).
+            let start = cells[i];
+            let mut run = 1;
+            while i + run < cells.len() && cells[i + run] == start + run {
+                run += 1;
+            }
+            if (start + run) as i64 > n_rows {
+                return Err(Error::KvCache(format!("cell {start} out of range")));
+            }
+            let bytes = run * row_bytes;
+            scratch.resize(bytes, 0);
+            // SAFETY: rows [start, start+run) lie inside the tensor (checked above).
+            unsafe {
+                sys::ggml_backend_tensor_get(
+                    l.k,
+                    scratch.as_mut_ptr() as *mut c_void,
+                    start * row_bytes,
+                    bytes,
+                )
+            };
+            for r in 0..run {
+                let dst = &mut out[(i + r) * row_elems..(i + r + 1) * row_elems];
+                if !convert_to_f32(ty, &scratch[r * row_bytes..(r + 1) * row_bytes], dst) {
+                    return Err(Error::KvCache(
+                        "the K cache type cannot be read as floats".into(),
+                    ));
+                }
+            }
+            i += run;
+        }
+        Ok(())
+    }
+
+    /// Moves head slices for every `(layer, head, moves)` group of an eviction round: in one
+    /// graph on the cache's device when it can (returns true), else one group at a time
+    /// through the host (false).
+    pub fn move_head_slices_batch(
+        &mut self,
+        groups: &[HeadMoveGroup<'_>],
+        n_head_kv: usize,
+    ) -> Result<bool> {
+        if self.device_move_heads(groups, n_head_kv)? {
+            return Ok(true);
+        }
+        for &(layer, head, moves) in groups {
+            self.move_head_slices(layer, head, n_head_kv, moves)?;
+        }
+        Ok(false)
+    }
+
+    /// Moves the K and V slices of one KV head from cell `src` to cell `dst`, for each pair.
+    ///
+    /// Needs V stored one row per cell (flash attention on); the caller checks `can_move_heads`.
+    pub fn move_head_slices(
+        &mut self,
+        layer: usize,
+        head: usize,
+        n_head_kv: usize,
+        moves: &[(usize, usize)],
+    ) -> Result<()> {
+        let l = self.layer_kv(layer)?;
+        if l.v.is_null() {
+            return Err(Error::KvCache(format!(
+                "no V cache tensor seen for layer {layer}"
+            )));
+        }
+        self.synchronize();
+        for t in [l.k, l.v] {
+            // SAFETY: persistent cache tensors owned by the context.
+            let (ne0, nb1, ne1, ty) = unsafe { ((*t).ne[0], (*t).nb[1], (*t).ne[1], (*t).type_) };
+            if n_head_kv == 0 || ne0 % n_head_kv as i64 != 0 {
+                return Err(Error::KvCache(
+                    "cache row is not a whole number of heads".into(),
+                ));
+            }
+            // SAFETY: plain size computation for a valid type.
+            let slice = unsafe { sys::ggml_row_size(ty, ne0 / n_head_kv as i64) };
+            let scratch = &mut self.hook.scratch;
+            scratch.resize(slice, 0);
+            for &(src, dst) in moves {
+                if src as i64 >= ne1 || dst as i64 >= ne1 {
+                    return Err(Error::KvCache(format!("cell {src} or {dst} out of range")));
+                }
+                // SAFETY: both byte ranges lie inside row `src`/`dst` of the tensor (cells and
+                // head checked above); `scratch` holds `slice` bytes.
+                unsafe {
+                    sys::ggml_backend_tensor_get(
+                        t,
+                        scratch.as_mut_ptr() as *mut c_void,
+                        src * nb1 + head * slice,
+                        slice,
+                    );
+                    sys::ggml_backend_tensor_set(
+                        t,
+                        scratch.as_ptr() as *const c_void,
+                        dst * nb1 + head * slice,
+                        slice,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether head slices can be moved between cells: V must be stored one row per cell.
+    pub fn can_move_heads(&self, n_embd_v_gqa: usize) -> bool {
+        self.hook.layers.iter().filter(|l| !l.k.is_null()).all(|l| {
+            // SAFETY: persistent cache tensors owned by the context.
+            !l.v.is_null() && unsafe { (*l.v).ne[0] } as usize == n_embd_v_gqa
+        })
+    }
+
+    /// Reads one K or V cache row of `layer` (tests use this to check moves).
+    pub fn read_cache_row(&mut self, layer: usize, value: bool, cell: usize) -> Result<Vec<f32>> {
+        let l = self.layer_kv(layer)?;
+        let t = if value { l.v } else { l.k };
+        if t.is_null() {
+            return Err(Error::KvCache("no such cache tensor".into()));
+        }
+        self.synchronize();
+        // SAFETY: persistent cache tensor; the row range is checked against ne[1].
+        unsafe {
+            if cell as i64 >= (*t).ne[1] {
+                return Err(Error::KvCache(format!("cell {cell} out of range")));
+            }
+            let nb1 = (*t).nb[1];
+            let n = (*t).ne[0].max(0) as usize;
+            let mut raw = vec![0u8; nb1];
+            sys::ggml_backend_tensor_get(t, raw.as_mut_ptr() as *mut c_void, cell * nb1, nb1);
+            let mut out = vec![0f32; n];
+            if !convert_to_f32((*t).type_, &raw, &mut out) {
+                return Err(Error::KvCache("cache type cannot be read as floats".into()));
+            }
+            Ok(out)
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! qfilters' own small ggml graphs on the device that holds the KV cache: per-head key
+//! reductions for scoring, and head-slice moves, so that only scores (not keys) cross to the
+//! host. Same reliance on the cache layout as its parent, kv_tensors.rs.
+
+use std::ffi::c_void;
+
+use super::super::threadpool::cpu_backend;
+use super::super::{sys, Context};
+use super::{HeadMoveGroup, LayerKv};
+use crate::error::{Error, Result};
+
+/// How the device reduces each (cell, KV head) slice of a key to one number, so a score can be
+/// computed where the keys live and only `n_tokens x n_head_kv` floats come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyReduce {
+    /// `<k, f>` with the head's filter (uploaded once with `Context::set_key_filters`).
+    Dot,
+    /// `<k, k>`.
+    SquaredNorm,
+}
+
+/// A backend of the device that holds the K cache, with its own allocator, for the small
+/// graphs qfilters computes there (key reductions, head-slice moves).
+pub(in crate::ffi) struct DeviceGraphs {
+    backend: sys::ggml_backend_t,
+    galloc: sys::ggml_gallocr_t,
+    /// Per model layer, its filters `[head_dim, n_head_kv]` (f32), when set.
+    filters: Vec<*mut sys::ggml_tensor>,
+    filter_ctx: *mut sys::ggml_context,
+    filter_buf: sys::ggml_backend_buffer_t,
+    /// Memory for the tensor and graph metadata of one graph (no data: `no_alloc`).
+    meta: Vec<u8>,
+}
+
+impl Drop for DeviceGraphs {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created by this struct, is freed once here (null ones are
+        // skipped), and no graph using them is alive (graphs live only inside one call).
+        unsafe {
+            if !self.filter_buf.is_null() {
+                sys::ggml_backend_buffer_free(self.filter_buf);
+            }
+            if !self.filter_ctx.is_null() {
+                sys::ggml_free(self.filter_ctx);
+            }
+            if !self.galloc.is_null() {
+                sys::ggml_gallocr_free(self.galloc);
+            }
+            if !self.backend.is_null() {
+                sys::ggml_backend_free(self.backend);
+            }
+        }
+    }
+}
+
+/// A ggml context for one graph's metadata, freed on drop.
+struct GraphCtx(*mut sys::ggml_context);
+
+impl Drop for GraphCtx {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_init in `DeviceGraphs::graph_ctx`, freed once.
+        unsafe { sys::ggml_free(self.0) }
+    }
+}
+
+impl DeviceGraphs {
+    /// A backend for the device whose buffer holds `k` (the CPU backend for host memory).
+    ///
+    /// SAFETY (caller): `k` is a live, allocated tensor.
+    pub(in crate::ffi) unsafe fn for_tensor(
+        k: *mut sys::ggml_tensor,
+        threads: i32,
+    ) -> Option<DeviceGraphs> {
+        let buf = (*k).buffer;
+        if buf.is_null() {
+            return None;
+        }
+        let backend = if sys::ggml_backend_buffer_is_host(buf) {
+            cpu_backend(threads)
+        } else {
+            let dev = sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(buf));
+            if dev.is_null() {
+                return None;
+            }
+            sys::ggml_backend_dev_init(dev, std::ptr::null())
+        };
+        if backend.is_null() {
+            return None;
+        }
+        let galloc = sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend));
+        let out = DeviceGraphs {
+            backend,
+            galloc,
+            filters: Vec::new(),
+            filter_ctx: std::ptr::null_mut(),
+            filter_buf: std::ptr::null_mut(),
+            meta: Vec::new(),
+        };
+        (!galloc.is_null()).then_some(out)
+    }
+
+    /// Same buffer type as the K cache (so a graph here may read it directly).
+    ///
+    /// SAFETY (caller): `t` is a live, allocated tensor.
+    unsafe fn reaches(&self, t: *mut sys::ggml_tensor) -> bool {
+        let buf = (*t).buffer;
+        if buf.is_null() {
+            return false;
+        }
+        let dev = sys::ggml_backend_get_device(self.backend);
+        if sys::ggml_backend_buffer_is_host(buf) {
+            return sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_CPU;
+        }
+        sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(buf)) == dev
+    }
+
+    /// A metadata-only context for `n_tensors` tensors and one graph of `graph_size` nodes.
+    fn graph_ctx(&mut self, n_tensors: usize, graph_size: usize) -> Option<GraphCtx> {
+        // SAFETY: plain size computations.
+        let size = unsafe {
+            n_tensors * sys::ggml_tensor_overhead()
+                + sys::ggml_graph_overhead_custom(graph_size, false)
+                + 1024
+        };
+        self.meta.resize(size, 0);
+        let params = sys::ggml_init_params {
+            mem_size: size,
+            mem_buffer: self.meta.as_mut_ptr() as *mut c_void,
+            no_alloc: true,
+        };
+        // SAFETY: `meta` outlives the context (the context is dropped before `meta` is
+        // touched again: both are used only within one `&mut self` call).
+        let ctx = unsafe { sys::ggml_init(params) };
+        (!ctx.is_null()).then_some(GraphCtx(ctx))
+    }
+
+    /// Allocates and computes `gf` when the backend supports every node; false otherwise.
+    ///
+    /// SAFETY (caller): `gf` was built in a live context from live tensors; inputs are set by
+    /// the caller after this allocates them (through `set_inputs`).
+    unsafe fn compute(
+        &mut self,
+        gf: *mut sys::ggml_cgraph,
+        set_inputs: &mut dyn FnMut(),
+    ) -> Result<bool> {
+        for i in 0..sys::ggml_graph_n_nodes(gf) {
+            if !sys::ggml_backend_supports_op(self.backend, sys::ggml_graph_node(gf, i)) {
+                return Ok(false);
+            }
+        }
+        if !sys::ggml_gallocr_alloc_graph(self.galloc, gf) {
+            return Err(Error::KvCache(
+                "could not allocate a scoring graph on the cache's device".into(),
+            ));
+        }
+        set_inputs();
+        if sys::ggml_backend_graph_compute(self.backend, gf) != sys::GGML_STATUS_SUCCESS {
+            return Err(Error::KvCache(
+                "the cache's device failed to compute a qfilters graph".into(),
+            ));
+        }
+        Ok(true)
+    }
+}
+
+impl Context {
+    /// The device graphs for the K caches of `layers` (and their V caches with `with_v`),
+    /// when one backend reaches all of them; `None` means: use the host path.
+    pub(in crate::ffi) fn device_for(
+        &mut self,
+        layers: &[usize],
+        with_v: bool,
+    ) -> Result<Option<&mut DeviceGraphs>> {
+        if self.device_unusable || layers.is_empty() {
+            return Ok(None);
+        }
+        let kvs: Vec<LayerKv> = layers
+            .iter()
+            .map(|&l| self.layer_kv(l))
+            .collect::<Result<_>>()?;
+        if self.device.is_none() {
+            // SAFETY: the K cache tensor lives as long as the context.
+            match unsafe { DeviceGraphs::for_tensor(kvs[0].k, self.threads) } {
+                Some(d) => self.device = Some(d),
+                None => {
+                    self.device_unusable = true;
+                    return Ok(None);
+                }
+            }
+        }
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(None);
+        };
+        for kv in &kvs {
+            // SAFETY: cache tensors live as long as the context.
+            let ok =
+                unsafe { dev.reaches(kv.k) && (!with_v || (!kv.v.is_null() && dev.reaches(kv.v))) };
+            if !ok {
+                return Ok(None);
+            }
+        }
+        Ok(Some(dev))
+    }
+
+    /// Uploads per-head filters for `layers` (`filters` is `[layers][n_head_kv][head_dim]`) to
+    /// the device of the K cache, for `KeyReduce::Dot`. False: no device path here.
+    pub fn set_key_filters(
+        &mut self,
+        layers: &[usize],
+        filters: &[f32],
+        n_head_kv: usize,
+        head_dim: usize,
+    ) -> Result<bool> {
+        let per = n_head_kv * head_dim;
+        if filters.len() != layers.len() * per || per == 0 {
+            return Err(Error::KvCache(
+                "filters do not match the layers and heads".into(),
+            ));
+        }
+        let Some(dev) = self.device_for(layers, false)? else {
+            return Ok(false);
+        };
+        // SAFETY: a fresh metadata context sized for `layers.len()` tensors; its tensors are
+        // allocated in one backend buffer owned by `dev` (freed in its Drop, with the context);
+        // each upload writes exactly the tensor's `per` floats.
+        unsafe {
+            if !dev.filter_buf.is_null() {
+                sys::ggml_backend_buffer_free(dev.filter_buf);
+                dev.filter_buf = std::ptr::null_mut();
+            }
+            if !dev.filter_ctx.is_null() {
+                sys::ggml_free(dev.filter_ctx);
+                dev.filter_ctx = std::ptr::null_mut();
+            }
+            dev.filters.clear();
+            let ctx = sys::ggml_init(sys::ggml_init_params {
+                mem_size: (layers.len() + 1) * sys::ggml_tensor_overhead(),
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: true,
+            });
+            if ctx.is_null() {
+                return Err(Error::KvCache("ggml_init failed".into()));
+            }
+            dev.filter_ctx = ctx;
+            let max_layer = layers.iter().copied().max().unwrap_or(0);
+            dev.filters = vec![std::ptr::null_mut(); max_layer + 1];
+            for &l in layers {
+                dev.filters[l] = sys::ggml_new_tensor_2d(
+                    ctx,
+                    sys::GGML_TYPE_F32,
+                    head_dim as i64,
+                    n_head_kv as i64,
+                );
+            }
+            dev.filter_buf = sys::ggml_backend_alloc_ctx_tensors(ctx, dev.backend);
+            if dev.filter_buf.is_null() {
+                return Err(Error::KvCache(
+                    "cannot allocate filters on the cache's device".into(),
+                ));
+            }
+            for (i, &l) in layers.iter().enumerate() {
+                let f = &filters[i * per..(i + 1) * per];
+                sys::ggml_backend_tensor_set(
+                    dev.filters[l],
+                    f.as_ptr() as *const c_void,
+                    0,
+                    per * 4,
+                );
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reduces the keys of `cells` on the device that holds the K cache, with one small graph
+    /// for all `layers`: `get_rows` of the cells, then per KV head a dot product with its filter
+    /// (`Dot`) or with itself (`SquaredNorm`). `out` becomes `[layers][cells][n_head_kv]`.
+    /// Only those floats cross to the host. False: no device path here (host reads instead).
+    pub fn device_key_stats(
+        &mut self,
+        layers: &[usize],
+        cells: &[usize],
+        reduce: KeyReduce,
+        n_head_kv: usize,
+        head_dim: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<bool> {
+        let n = cells.len();
+        if n == 0 || layers.is_empty() {
+            out.clear();
+            return Ok(true);
+        }
+        let kvs: Vec<LayerKv> = layers
+            .iter()
+            .map(|&l| self.layer_kv(l))
+            .collect::<Result<_>>()?;
+        // SAFETY: cache tensors live as long as the context.
+        let rows = unsafe { (*kvs[0].k).ne[1] };
+        let mut idx32 = Vec::with_capacity(n);
+        for &c in cells {
+            if c as i64 >= rows {
+                return Err(Error::KvCache(format!("cell {c} out of range")));
+            }
+            idx32.push(c as i32);
+        }
+        for kv in &kvs {
+            // SAFETY: cache tensors live as long as the context.
+            if unsafe { (*kv.k).ne[0] } != (n_head_kv * head_dim) as i64 {
+                return Err(Error::KvCache(
+                    "K cache rows are not n_head_kv x head_dim".into(),
+                ));
+            }
+        }
+        self.synchronize();
+        let Some(dev) = self.device_for(layers, false)? else {
+            return Ok(false);
+        };
+        if reduce == KeyReduce::Dot
+            && layers
+                .iter()
+                .any(|&l| dev.filters.get(l).is_none_or(|f| f.is_null()))
+        {
+            return Err(Error::KvCache(
+                "no filters on the device for a tracked layer".into(),
+            ));
+        }
+        let graph_size = 8 * layers.len() + 16;
+        let Some(gctx) = dev.graph_ctx(6 * layers.len() + 8, graph_size) else {
+            return Err(Error::KvCache("ggml_init failed".into()));
+        };
+        let (h, d) = (n_head_kv as i64, head_dim as i64);
+        let mut outs = Vec::with_capacity(layers.len());
+        // SAFETY: all tensors are created in `gctx` (alive until the end of this block) from
+        // the live cache and filter tensors; `compute` allocates the graph's own tensors
+        // before `set_inputs` writes `n` i32 into `idx`; each output holds n*h f32, read once
+        // into its slice of `out` after the (synchronous) compute.
+        unsafe {
+            let ctx = gctx.0;
+            let gf = sys::ggml_new_graph_custom(ctx, graph_size, false);
+            let idx = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n as i64);
+            sys::ggml_set_input(idx);
+            for (kv, &l) in kvs.iter().zip(layers) {
+                let rows = sys::ggml_get_rows(ctx, kv.k, idx);
+                let heads = sys::ggml_reshape_3d(ctx, rows, d, h, n as i64);
+                let prod = match reduce {
+                    KeyReduce::Dot => sys::ggml_mul(ctx, heads, dev.filters[l]),
+                    KeyReduce::SquaredNorm => sys::ggml_sqr(ctx, heads),
+                };
+                let s = sys::ggml_sum_rows(ctx, prod);
+                sys::ggml_set_output(s);
+                sys::ggml_build_forward_expand(gf, s);
+                outs.push(s);
+            }
+            let ok = dev.compute(gf, &mut || {
+                sys::ggml_backend_tensor_set(idx, idx32.as_ptr() as *const c_void, 0, n * 4)
+            })?;
+            if !ok {
+                return Ok(false);
+            }
+            let per = n * n_head_kv;
+            out.resize(layers.len() * per, 0.0);
+            for (i, &s) in outs.iter().enumerate() {
+                sys::ggml_backend_tensor_get(
+                    s,
+                    out[i * per..].as_mut_ptr() as *mut c_void,
+                    0,
+                    per * 4,
+                );
+            }
+        }
+        Ok(true)
+    }
+
+    /// Moves head slices for several (layer, head) groups in one graph on the cache's device:
+    /// per group and tensor, `get_rows` of the source cells from the head's column view and
+    /// `set_rows` into the destination cells. Sources must not be destinations (the eviction
+    /// plan moves out of removed cells into cells that stay). False: no device path (the
+    /// cache type is not f16/bf16/f32, or no backend reaches the tensors).
+    pub(in crate::ffi) fn device_move_heads(
+        &mut self,
+        groups: &[HeadMoveGroup<'_>],
+        n_head_kv: usize,
+    ) -> Result<bool> {
+        let mut layers: Vec<usize> = groups.iter().map(|g| g.0).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        let kvs: Vec<(usize, LayerKv)> = layers
+            .iter()
+            .map(|&l| Ok((l, self.layer_kv(l)?)))
+            .collect::<Result<_>>()?;
+        for (_, kv) in &kvs {
+            for t in [kv.k, kv.v] {
+                if t.is_null() {
+                    return Ok(false);
+                }
+                // SAFETY: cache tensors live as long as the context.
+                let ty = unsafe { (*t).type_ };
+                // A dequantise/requantise round trip is exact only for these.
+                if ![sys::GGML_TYPE_F16, sys::GGML_TYPE_BF16, sys::GGML_TYPE_F32].contains(&ty) {
+                    return Ok(false);
+                }
+            }
+        }
+        let mut src_idx: Vec<i32> = Vec::new();
+        let mut dst_idx: Vec<i64> = Vec::new();
+        for (_, _, moves) in groups {
+            for &(s, t) in moves.iter() {
+                src_idx.push(s as i32);
+                dst_idx.push(t as i64);
+            }
+        }
+        if src_idx.is_empty() {
+            return Ok(true);
+        }
+        self.synchronize();
+        let Some(dev) = self.device_for(&layers, true)? else {
+            return Ok(false);
+        };
+        let graph_size = 8 * groups.len() + 16;
+        let Some(gctx) = dev.graph_ctx(10 * groups.len() + 8, graph_size) else {
+            return Err(Error::KvCache("ggml_init failed".into()));
+        };
+        let total = src_idx.len();
+        // SAFETY: tensors are created in `gctx` (alive for this block) from the live cache
+        // tensors; each view covers one head's columns of every cell (offset head*slice < row
+        // size, checked); the index inputs are allocated by `compute` before `set_inputs`
+        // writes exactly `total` entries into each; cells were checked against ne[1].
+        unsafe {
+            let ctx = gctx.0;
+            let gf = sys::ggml_new_graph_custom(ctx, graph_size, false);
+            let src = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, total as i64);
+            let dst = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I64, total as i64);
+            sys::ggml_set_input(src);
+            sys::ggml_set_input(dst);
+            let mut at = 0usize;
+            for &(layer, head, moves) in groups {
+                let Some((_, kv)) = kvs.iter().find(|(l, _)| *l == layer) else {
+                    return Err(Error::KvCache(format!("layer {layer} not found")));
+                };
+                let m = moves.len();
+                if m == 0 {
+                    continue;
+                }
+                let s = sys::ggml_view_1d(ctx, src, m as i64, at * 4);
+                let t = sys::ggml_view_1d(ctx, dst, m as i64, at * 8);
+                at += m;
+                for cache in [kv.k, kv.v] {
+                    let (ne0, ne1, nb1, ty) = (
+                        (*cache).ne[0],
+                        (*cache).ne[1],
+                        (*cache).nb[1],
+                        (*cache).type_,
+                    );
+                    if n_head_kv == 0 || ne0 % n_head_kv as i64 != 0 || head >= n_head_kv {
+                        return Err(Error::KvCache(
+                            "cache row is not a whole number of heads".into(),
+                        ));
+                    }
+                    if moves
+                        .iter()
+                        .any(|&(a, b)| a as i64 >= ne1 || b as i64 >= ne1)
+                    {
+                        return Err(Error::KvCache("a head move's cell is out of range".into()));
+                    }
+                    let hd = ne0 / n_head_kv as i64;
+                    let slice = sys::ggml_row_size(ty, hd);
+                    let col = sys::ggml_view_2d(ctx, cache, hd, ne1, nb1, head * slice);
+                    let rows = sys::ggml_get_rows(ctx, col, s);
+                    let w = sys::ggml_set_rows(ctx, col, rows, t);
+                    sys::ggml_build_forward_expand(gf, w);
+                }
+            }
+            dev.compute(gf, &mut || {
+                sys::ggml_backend_tensor_set(src, src_idx.as_ptr() as *const c_void, 0, total * 4);
+                sys::ggml_backend_tensor_set(dst, dst_idx.as_ptr() as *const c_void, 0, total * 8);
+            })
+        }
+    }
+}
