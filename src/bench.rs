@@ -121,7 +121,7 @@ pub fn run_workload(
         prefill_tok_s: rate(prompt.len(), prefill_seconds),
         decode_tok_s: rate(gen, decode_seconds),
         tail_decode_tok_s: rate(tail, tail_seconds),
-        live_cells: s.live_cells,
+        live_cells: engine.live_cells(),
         peak_cells: s.peak_cells,
         evicted: s.evicted - evicted_before,
         kv_bytes: s.kv_bytes,

@@ -72,10 +72,11 @@ pub struct EvictionConfig {
 impl EvictionConfig {
     pub fn validate(&self) -> Result<()> {
         if self.budget < self.window.saturating_add(self.sinks).saturating_add(1) {
-            return Err(Error::invalid(format!(
-                "--budget {} is smaller than --window {} + --sinks {} + 1: raise the budget or shrink the window",
-                self.budget, self.window, self.sinks
-            )));
+            return Err(Error::BudgetTooSmall {
+                budget: self.budget,
+                window: self.window,
+                sinks: self.sinks,
+            });
         }
         Ok(())
     }
@@ -163,6 +164,21 @@ impl CacheBook {
     /// Records that `positions[i]` was written to `cells[i]`, with `scores[layer][i][head]`
     /// (`scores` is `[n_layer][n_tokens][n_head]` flattened; empty means "all zero").
     pub fn insert(&mut self, cells: &[usize], positions: &[i32], scores: &[f32]) -> Result<()> {
+        if !scores.is_empty() && scores.len() != self.n_layer * cells.len() * self.n_head {
+            return Err(Error::KvCache(
+                "score count does not match the batch".into(),
+            ));
+        }
+        self.place(cells, positions)?;
+        if scores.is_empty() {
+            return Ok(());
+        }
+        self.set_scores(cells, scores)
+    }
+
+    /// Records that `positions[i]` was written to `cells[i]`, scores 0 until
+    /// [`CacheBook::set_scores`]: the cells are live from now on (the engine scores lazily).
+    pub fn place(&mut self, cells: &[usize], positions: &[i32]) -> Result<()> {
         if cells.len() != positions.len() {
             return Err(Error::KvCache(format!(
                 "{} cells for {} tokens",
@@ -170,13 +186,7 @@ impl CacheBook {
                 positions.len()
             )));
         }
-        let n = cells.len();
-        if !scores.is_empty() && scores.len() != self.n_layer * n * self.n_head {
-            return Err(Error::KvCache(
-                "score count does not match the batch".into(),
-            ));
-        }
-        for (i, (&cell, &pos)) in cells.iter().zip(positions).enumerate() {
+        for (&cell, &pos) in cells.iter().zip(positions) {
             if cell >= self.n_cells {
                 return Err(Error::KvCache(format!(
                     "cell {cell} beyond the {} cells tracked",
@@ -196,11 +206,31 @@ impl CacheBook {
                 for h in 0..self.n_head {
                     let s = self.slot(l, h, cell);
                     self.slot_pos[s] = pos;
-                    self.slot_score[s] = if scores.is_empty() {
-                        0.0
-                    } else {
-                        scores[(l * n + i) * self.n_head + h]
-                    };
+                    self.slot_score[s] = 0.0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the scores of tokens placed in `cells` (not moved since), `scores[layer][i][head]`.
+    pub fn set_scores(&mut self, cells: &[usize], scores: &[f32]) -> Result<()> {
+        let n = cells.len();
+        if scores.len() != self.n_layer * n * self.n_head {
+            return Err(Error::KvCache(
+                "score count does not match the batch".into(),
+            ));
+        }
+        for (i, &cell) in cells.iter().enumerate() {
+            if cell >= self.n_cells || self.cell_pos[cell] == FREE {
+                return Err(Error::KvCache(format!(
+                    "scores for cell {cell}, which holds no token"
+                )));
+            }
+            for l in 0..self.n_layer {
+                for h in 0..self.n_head {
+                    let s = self.slot(l, h, cell);
+                    self.slot_score[s] = scores[(l * n + i) * self.n_head + h];
                 }
             }
         }

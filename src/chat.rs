@@ -524,7 +524,7 @@ impl Chat {
             turn: self.turns,
             prompt_tokens,
             reply_tokens: reply_tokens as u64,
-            live_cells: s.live_cells,
+            live_cells: self.engine.live_cells(),
             peak_cells: s.peak_cells,
             budget: self.engine.budget(),
             evicted: s.evicted - before.evicted,

@@ -155,7 +155,8 @@ impl Chunk<'_> {
 pub struct Stats {
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
-    pub live_cells: usize,
+    /// Most cells in use at any point (measured after each decode, before eviction); the
+    /// cells in use now are [`Engine::live_cells`].
     pub peak_cells: usize,
     pub evicted: u64,
     pub head_slices_moved: u64,
@@ -242,6 +243,54 @@ impl KeyReader {
     }
 }
 
+/// The KV cells a context needs for `cache`, fed in batches of `n_batch`, for a model whose
+/// sliding-window layers (if any) see `n_swa` positions.
+///
+/// A bounded cache holds the budget plus one batch of new tokens, plus a margin for
+/// llama.cpp's slot search, and never more than the job's tokens (`run --budget 100000` on 9
+/// tokens needs 9 cells). Models with sliding-window layers (Gemma 3) get a second, smaller
+/// KV cache for them, which llama.cpp prunes by itself; only the full-attention layers may be
+/// tracked, and the engine tells them apart by cache size, so the full cache must be larger
+/// than the SWA one (llama.cpp sizes that at about n_swa + n_batch, padded to 256): a budget
+/// below the window would give both the same size and the book would follow the wrong cells.
+/// A full cache holds its capacity plus one cell.
+pub fn context_cells(
+    cache: &CacheSize,
+    job_tokens: Option<usize>,
+    n_batch: usize,
+    n_swa: usize,
+) -> Result<usize> {
+    let n_batch = n_batch.max(1);
+    match cache {
+        CacheSize::Full { capacity } => (*capacity).max(1).checked_add(1).ok_or_else(|| {
+            Error::invalid(format!("a full cache of {capacity} cells is too large"))
+        }),
+        CacheSize::Bounded(ev) => {
+            let too_large = || {
+                Error::invalid(format!(
+                    "a KV budget of {} cells plus batches of {n_batch} tokens is too large",
+                    ev.budget
+                ))
+            };
+            let most = ev.budget.checked_add(n_batch).ok_or_else(too_large)?;
+            let most = match job_tokens {
+                Some(job) if job > 0 => most.min(job),
+                _ => most,
+            };
+            let cells = most.checked_add(16).ok_or_else(too_large)?;
+            if n_swa == 0 {
+                return Ok(cells);
+            }
+            let above_swa = n_swa
+                .checked_add(n_batch)
+                .and_then(|x| x.checked_mul(2))
+                .and_then(|x| x.checked_add(256))
+                .ok_or_else(too_large)?;
+            Ok(cells.max(above_swa))
+        }
+    }
+}
+
 pub struct Engine {
     ctx: Context,
     scorer: Box<dyn Scorer>,
@@ -286,44 +335,7 @@ impl Engine {
             ev.validate()?;
         }
         let n_batch = cfg.n_batch.max(1);
-        // The budget plus one batch of new tokens, plus a margin for llama.cpp's slot search;
-        // never more than the job's tokens (`run --budget 100000` on 9 tokens needs 9 cells).
-        let too_large = || Error::invalid("the KV budget plus the batch size is too large");
-        let n_ctx = match &cfg.cache {
-            CacheSize::Bounded(ev) => {
-                let most = ev.budget.checked_add(n_batch).ok_or_else(too_large)?;
-                let most = match cfg.job_tokens {
-                    Some(job) if job > 0 => most.min(job),
-                    _ => most,
-                };
-                most.checked_add(16).ok_or_else(too_large)?
-            }
-            CacheSize::Full { capacity } => {
-                (*capacity).max(1).checked_add(1).ok_or_else(too_large)?
-            }
-        };
-        // Models with sliding-window layers (Gemma 3) get a second, smaller KV cache for them,
-        // which llama.cpp prunes by itself; only the full-attention layers may be tracked. They
-        // are told apart by cache size, so the full cache must be larger than the SWA one
-        // (llama.cpp sizes that at about n_swa + n_batch, padded to 256): a budget below the
-        // window would give both the same size and the book would follow the wrong cells.
-        let n_swa = model
-            .meta(&format!(
-                "{}.attention.sliding_window",
-                model.architecture()
-            ))
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        let n_ctx = if evicting && n_swa > 0 {
-            n_swa
-                .checked_add(n_batch)
-                .and_then(|x| x.checked_mul(2))
-                .and_then(|x| x.checked_add(256))
-                .ok_or_else(too_large)?
-                .max(n_ctx)
-        } else {
-            n_ctx
-        };
+        let n_ctx = context_cells(&cfg.cache, cfg.job_tokens, n_batch, model.n_swa())?;
         // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.
         let n_batch = n_batch.min(n_ctx);
         let head_mode = cfg
@@ -416,7 +428,7 @@ impl Engine {
             let end = (done + FLUSH_CHUNK).min(self.pending_cells.len());
             let cells = self.pending_cells[done..end].to_vec();
             let positions = self.pending_pos[done..end].to_vec();
-            self.score_and_insert(&cells, &positions)?;
+            self.score(&cells, &positions)?;
             done = end;
         }
         self.pending_cells.clear();
@@ -430,7 +442,7 @@ impl Engine {
 
     /// Starts a new peak measurement from the cells in use now (per-turn peaks in chat).
     pub fn reset_peak(&mut self) {
-        self.stats.peak_cells = self.stats.live_cells;
+        self.stats.peak_cells = self.live_cells();
     }
 
     /// Forgets the conversation: empty cache, positions from 0, counters kept.
@@ -443,7 +455,16 @@ impl Engine {
         self.pending_pos.clear();
         self.next_pos = 0;
         self.logits_row = None;
-        self.stats.live_cells = 0;
+    }
+
+    /// Cells in use: the book's live tokens for a bounded cache (it owns that fact), every
+    /// decoded position for a full one (nothing leaves it).
+    pub fn live_cells(&self) -> usize {
+        match &self.book {
+            Some(book) => book.live(),
+            None if self.evicting() => 0,
+            None => self.next_pos as usize,
+        }
     }
 
     /// Logits after the last decoded token: the last token of an [`Engine::ingest`] (either
@@ -531,14 +552,13 @@ impl Engine {
         self.logits_row = (last_has_logits && n > 0).then(|| n - 1);
         let first = self.next_pos;
         self.next_pos += n as i32;
-        self.stats.live_cells += n;
-        self.stats.peak_cells = self.stats.peak_cells.max(self.stats.live_cells);
         if self.stats.kv_bytes == 0 {
             self.stats.kv_bytes = self.ctx.kv_bytes();
         }
         if self.evicting() {
             self.record_new_keys(first)?;
         }
+        self.stats.peak_cells = self.stats.peak_cells.max(self.live_cells());
         Ok(())
     }
 
@@ -571,8 +591,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Records which cells the tokens of the last batch went to, and scores them: at once when
-    /// the keys came from the graph (they are only valid now), later for the cache key source.
+    /// Places the tokens of the last batch in the book (live from now on) and scores them: at
+    /// once when the keys came from the graph (they are only valid now), later for the cache
+    /// key source.
     /// The batch held positions `first..`, in order (the engine numbers them; nothing is read
     /// back from the C batch).
     fn record_new_keys(&mut self, first: i32) -> Result<()> {
@@ -586,17 +607,18 @@ impl Engine {
                 cells.len()
             )));
         }
+        self.book_mut()?.place(&cells, &positions)?;
         if matches!(self.keys_from, KeyReader::Graph(_)) {
-            return self.score_and_insert(&cells, &positions);
+            return self.score(&cells, &positions);
         }
         self.pending_cells.extend_from_slice(&cells);
         self.pending_pos.extend_from_slice(&positions);
         Ok(())
     }
 
-    /// Scores tokens at `cells` (keys from the graph tap when given, else read from the cache
-    /// rows) and records them in the book.
-    fn score_and_insert(&mut self, cells: &[usize], positions: &[i32]) -> Result<()> {
+    /// Scores the tokens placed in `cells` (keys from `keys_from`, or reduced on the cache's
+    /// device) and gives the book their scores.
+    fn score(&mut self, cells: &[usize], positions: &[i32]) -> Result<()> {
         let n = cells.len();
         let (h, d) = (self.n_head_kv, self.head_dim);
         self.scores.clear();
@@ -613,7 +635,7 @@ impl Engine {
                 .book
                 .as_mut()
                 .ok_or_else(|| Error::KvCache("no cache book".into()))?;
-            return book.insert(cells, positions, &self.scores);
+            return book.set_scores(cells, &self.scores);
         }
         for (li, &layer) in self.tracked.iter().enumerate() {
             if needs_keys {
@@ -640,7 +662,13 @@ impl Engine {
             .book
             .as_mut()
             .ok_or_else(|| Error::KvCache("no cache book".into()))?;
-        book.insert(cells, positions, &self.scores)
+        book.set_scores(cells, &self.scores)
+    }
+
+    fn book_mut(&mut self) -> Result<&mut CacheBook> {
+        self.book
+            .as_mut()
+            .ok_or_else(|| Error::KvCache("no cache book".into()))
     }
 
     /// Fills `self.scores` for `cells` from per-head key reductions computed on the cache's
@@ -690,7 +718,7 @@ impl Engine {
         let Some(ev) = self.cfg.eviction().cloned() else {
             return Ok(());
         };
-        if self.stats.live_cells <= ev.budget {
+        if self.live_cells() <= ev.budget {
             return Ok(());
         }
         self.flush_scores()?;
@@ -720,7 +748,72 @@ impl Engine {
             }
         }
         self.stats.evicted += freed.len() as u64;
-        self.stats.live_cells -= freed.len();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{context_cells, CacheSize};
+    use crate::cache::{Combiner, EvictionConfig, Granularity};
+
+    fn bounded(budget: usize) -> CacheSize {
+        CacheSize::Bounded(EvictionConfig {
+            budget,
+            window: 8,
+            sinks: 2,
+            granularity: Granularity::Position,
+            combiner: Combiner::MeanZ,
+            slack: 0,
+        })
+    }
+
+    #[test]
+    fn a_bounded_context_holds_budget_batch_and_margin_capped_by_the_job() {
+        assert_eq!(
+            context_cells(&bounded(256), None, 64, 0).unwrap(),
+            256 + 64 + 16
+        );
+        // A job of 9 tokens never needs the budget's cells.
+        assert_eq!(
+            context_cells(&bounded(100_000), Some(9), 64, 0).unwrap(),
+            9 + 16
+        );
+        // 0 means "unknown", as None.
+        assert_eq!(context_cells(&bounded(256), Some(0), 64, 0).unwrap(), 336);
+    }
+
+    #[test]
+    fn a_full_context_is_its_capacity_plus_one() {
+        let full = CacheSize::Full { capacity: 100 };
+        assert_eq!(context_cells(&full, Some(5), 64, 512).unwrap(), 101);
+        let empty = CacheSize::Full { capacity: 0 };
+        assert_eq!(context_cells(&empty, None, 64, 0).unwrap(), 2);
+    }
+
+    #[test]
+    fn sliding_window_models_get_a_full_cache_larger_than_the_window_cache() {
+        // Gemma 3's 512-token window, batches of 64: (512 + 64) * 2 + 256.
+        assert_eq!(context_cells(&bounded(128), None, 64, 512).unwrap(), 1408);
+        // A budget already above that keeps its own size.
+        assert_eq!(
+            context_cells(&bounded(4096), None, 64, 512).unwrap(),
+            4096 + 80
+        );
+    }
+
+    #[test]
+    fn overflowing_sizes_are_errors_with_the_numbers() {
+        let e = context_cells(&bounded(usize::MAX), None, 64, 0).unwrap_err();
+        assert!(e.to_string().contains(&usize::MAX.to_string()), "{e}");
+        assert!(context_cells(
+            &CacheSize::Full {
+                capacity: usize::MAX
+            },
+            None,
+            1,
+            0
+        )
+        .is_err());
     }
 }

@@ -41,6 +41,12 @@ pub enum Error {
     InvalidArgument(String),
     #[error("the full cache holds {cells} cells and the input needs {needed}: a cache that never evicts must be sized to the whole input")]
     FullCacheOverflow { cells: usize, needed: usize },
+    #[error("a KV budget of {budget} cells is smaller than the {window} recent tokens and {sinks} sinks it always keeps, plus one")]
+    BudgetTooSmall {
+        budget: usize,
+        window: usize,
+        sinks: usize,
+    },
     #[error("KV cache: {0}")]
     KvCache(String),
     #[error("chat template: {0}")]

@@ -207,7 +207,7 @@ fn per_head_moves(model: &Arc<Model>) {
         evicting.stats().device_move_rounds > 0,
         "the moves must run as one graph per round on the cache's backend"
     );
-    assert!(evicting.stats().live_cells <= 48 + chunk);
+    assert!(evicting.live_cells() <= 48 + chunk);
     let d = model.head_dim();
     let book = evicting.book().expect("book").clone();
     let mut checked = 0;

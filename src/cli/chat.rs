@@ -282,8 +282,8 @@ impl Session {
         let e = self.chat.engine();
         let s = e.stats();
         let cells = match e.budget() {
-            Some(b) => format!("cells {}/{b}", s.live_cells),
-            None => format!("cells {} (full cache of {})", s.live_cells, s.n_ctx),
+            Some(b) => format!("cells {}/{b}", e.live_cells()),
+            None => format!("cells {} (full cache of {})", e.live_cells(), s.n_ctx),
         };
         let turn = match self.chat.last_turn() {
             Some(t) => last_turn_text(t),

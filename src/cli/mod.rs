@@ -474,6 +474,14 @@ impl PolicyArgs {
             },
         )
         .map_err(|e| match e {
+            // The library gives the numbers; the flags are the CLI's.
+            Error::BudgetTooSmall {
+                budget,
+                window,
+                sinks,
+            } => Error::invalid(format!(
+                "--budget {budget} is smaller than --window {window} + --sinks {sinks} + 1: raise the budget or shrink the window"
+            )),
             // Only commands with a --budget can be told to lower it.
             Error::ContextCreate { .. } if evicting => {
                 Error::invalid(format!("{e}: lower --budget"))

@@ -132,7 +132,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             "prompt_tokens": s.prompt_tokens,
             "generated_tokens": generated.len(),
             "peak_cells": s.peak_cells,
-            "live_cells": s.live_cells,
+            "live_cells": engine.live_cells(),
             "evicted": s.evicted,
             "head_slices_moved": s.head_slices_moved,
             "budget": budget,

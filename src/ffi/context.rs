@@ -192,7 +192,7 @@ impl Context {
         }
         match code {
             0 => Ok(()),
-            1 => Err(Error::Decode { code, hint: "no free KV cell for the batch (the cache is full: raise --budget or lower the batch size)" }),
+            1 => Err(Error::Decode { code, hint: "no free KV cell for the batch (the cache is full: give it more cells or decode smaller batches)" }),
             2 => Err(Error::Decode { code, hint: "aborted (an internal callback failed)" }),
             _ => Err(Error::Decode { code, hint: "llama.cpp rejected the batch (run with --verbose for its log)" }),
         }
