@@ -1,17 +1,18 @@
 //! `qfilters bench`: prefill and decode speed on a synthetic workload; `--compare` runs the hook
 //! off and on alternately in one process and reports the ratios.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Args;
-use serde_json::json;
+use serde::Serialize;
 
 use qfilters::bench::{self, Comparison, RunMeasure};
+use qfilters::bench_summary::Summary;
 use qfilters::cache::Granularity;
 use qfilters::engine::{Engine, EngineConfig, KeySource};
 use qfilters::ffi::Model;
-use qfilters::policy::{self, PolicyInputs};
+use qfilters::policy::{self, PolicyInfo, PolicyInputs};
 use qfilters::{Error, Result};
 
 use super::{write_json, EvictionArgs, EvictionCli, ModelArgs};
@@ -192,31 +193,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let mut on = args.engine_on(&model, budget, args.eviction.key_source)?;
+    let setup = Setup {
+        model: &args.model.model,
+        gpu_layers: args.model.gpu_layers,
+        policy: args.eviction.policy,
+        key_source: args.eviction.key_source.to_string(),
+        granularity: args.eviction.granularity.to_string(),
+        prompt: prompt.len(),
+        gen: args.gen,
+        tail: args.tail.min(args.gen),
+        budget,
+        slack: args.eviction.slack,
+        n_batch: args.eviction.n_batch,
+    };
     if !args.compare {
-        let mut runs = Vec::new();
-        for rep in 0..args.reps.max(1) {
-            let m = bench::run_workload(&mut on, &prompt, args.gen, args.tail)?;
-            println!("rep {rep} {}", line("on", &m));
-            runs.push(m);
-        }
-        let med = |f: fn(&RunMeasure) -> f64| Comparison::median_of(&runs, f);
-        println!(
-            "median: prefill {:.1} tok/s | decode {:.2} tok/s | last {} steps {:.2} tok/s",
-            med(|m| m.prefill_tok_s),
-            med(|m| m.decode_tok_s),
-            args.tail.min(args.gen),
-            med(|m| m.tail_decode_tok_s)
-        );
-        if let Some(path) = &args.json {
-            write_json(
-                path,
-                &json!({"model": args.model.model, "policy": args.eviction.policy, "budget": budget,
-                        "prompt": prompt.len(), "gen": args.gen, "runs": runs}),
-            )?;
-        }
-        return Ok(());
+        return measure_on(&args, &mut on, &prompt, &setup);
     }
-
     // Same context size on both arms when nothing is evicted, so the hook is all that differs;
     // with a budget below the input, the hook-off arm is the full cache the budget replaces.
     let capacity = if budget >= input {
@@ -237,127 +229,80 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("rep {rep} {}", line("on", b));
         },
     )?;
-    let prefill = cmp.ratios(|m| m.prefill_tok_s);
-    let decode = cmp.ratios(|m| m.decode_tok_s);
-    let tail = cmp.ratios(|m| m.tail_decode_tok_s);
-    let med = bench::median;
-    let mut off_last = cmp.a.last().cloned().unwrap_or_default();
-    let on_last = cmp.b.last().cloned().unwrap_or_default();
-    // Without the hook the cache tensors are never seen; same layers and types as the hook-on
-    // context, so its KV bytes scale with the cells allocated.
-    if off_last.kv_bytes == 0 && on_last.n_ctx > 0 {
-        off_last.kv_bytes =
-            (on_last.kv_bytes as f64 * off_last.n_ctx as f64 / on_last.n_ctx as f64) as usize;
-    }
-    let kv_ratio = if on_last.kv_bytes > 0 {
-        off_last.kv_bytes as f64 / on_last.kv_bytes as f64
-    } else {
-        0.0
-    };
-    let evicting = budget < input;
-    let kv_per_cell = if on_last.n_ctx > 0 {
-        on_last.kv_bytes as f64 / on_last.n_ctx as f64
-    } else {
-        0.0
-    };
     let weights = bench::weight_bytes_per_step(&args.model.model)?;
-    let bound = bench::BandwidthBound::new(
-        weights,
-        kv_per_cell,
-        off_last.live_cells,
-        on_last.live_cells,
-    );
-    println!(
-        "on/off speed ratio (median of {} reps): prefill {:.4} | decode {:.4} | last {} steps {:.4}",
-        prefill.len(),
-        med(&prefill),
-        med(&decode),
-        args.tail.min(args.gen),
-        med(&tail)
-    );
-    if evicting {
-        println!(
-            "long context: budget {budget} vs full cache {input}: KV bytes {:.1} → {:.1} MiB (÷{:.2}), end-of-stream decode ×{:.2}",
-            off_last.kv_bytes as f64 / 1048576.0,
-            on_last.kv_bytes as f64 / 1048576.0,
-            kv_ratio,
-            med(&tail)
-        );
-        println!(
-            "bandwidth bound: weights {:.1} MiB + live KV {:.1} → {:.1} MiB per decode step: ×{:.2}; end-of-stream decode reaches {:.2} of it",
-            weights as f64 / 1048576.0,
-            bound.kv_bytes_read_full as f64 / 1048576.0,
-            bound.kv_bytes_read_budget as f64 / 1048576.0,
-            bound.bound,
-            bound.share(med(&tail))
-        );
-    } else {
-        println!(
-            "hook overhead at equal live cells: prefill {:+.2}% | decode {:+.2}% (negative = hook-on faster, noise)",
-            (1.0 / med(&prefill).max(1e-12) - 1.0) * 100.0,
-            (1.0 / med(&decode).max(1e-12) - 1.0) * 100.0
-        );
+    let summary = Summary::new(&cmp, budget < input, weights);
+    for l in summary.lines(setup.tail, budget, input) {
+        println!("{l}");
     }
     if let Some(path) = &args.json {
-        let col = |runs: &[RunMeasure], f: fn(&RunMeasure) -> f64| -> Vec<f64> {
-            runs.iter().map(f).collect()
+        write_json(path, &CompareRecord { setup, summary })?;
+    }
+    Ok(())
+}
+
+/// What a benchmark ran (the head of its JSON record).
+#[derive(Serialize)]
+struct Setup<'a> {
+    model: &'a Path,
+    gpu_layers: i32,
+    policy: PolicyInfo,
+    key_source: String,
+    granularity: String,
+    prompt: usize,
+    gen: usize,
+    /// Decode steps timed on their own at the end (at most `gen`).
+    tail: usize,
+    budget: usize,
+    slack: usize,
+    n_batch: usize,
+}
+
+/// `bench --compare --json`.
+#[derive(Serialize)]
+struct CompareRecord<'a> {
+    #[serde(flatten)]
+    setup: Setup<'a>,
+    #[serde(flatten)]
+    summary: Summary,
+}
+
+/// `bench --json` without `--compare`: the hook-on runs.
+#[derive(Serialize)]
+struct RunsRecord<'a> {
+    model: &'a Path,
+    policy: PolicyInfo,
+    budget: usize,
+    prompt: usize,
+    gen: usize,
+    runs: Vec<RunMeasure>,
+}
+
+/// The hook-on engine alone, `--reps` times, with the median.
+fn measure_on(args: &BenchArgs, on: &mut Engine, prompt: &[i32], setup: &Setup) -> Result<()> {
+    let mut runs = Vec::new();
+    for rep in 0..args.reps.max(1) {
+        let m = bench::run_workload(on, prompt, args.gen, args.tail)?;
+        println!("rep {rep} {}", line("on", &m));
+        runs.push(m);
+    }
+    let med = |f: fn(&RunMeasure) -> f64| Comparison::median_of(&runs, f);
+    println!(
+        "median: prefill {:.1} tok/s | decode {:.2} tok/s | last {} steps {:.2} tok/s",
+        med(|m| m.prefill_tok_s),
+        med(|m| m.decode_tok_s),
+        setup.tail,
+        med(|m| m.tail_decode_tok_s)
+    );
+    if let Some(path) = &args.json {
+        let record = RunsRecord {
+            model: setup.model,
+            policy: setup.policy,
+            budget: setup.budget,
+            prompt: setup.prompt,
+            gen: setup.gen,
+            runs,
         };
-        let value = json!({
-            "model": args.model.model,
-            "gpu_layers": args.model.gpu_layers,
-            "policy": args.eviction.policy,
-            "key_source": args.eviction.key_source.to_string(),
-            "granularity": args.eviction.granularity.to_string(),
-            "prompt": prompt.len(),
-            "gen": args.gen,
-            "tail": args.tail.min(args.gen),
-            "budget": budget,
-            "slack": args.eviction.slack,
-            "n_batch": args.eviction.n_batch,
-            "reps": prefill.len(),
-            "evicting": evicting,
-            "prefill_tok_s_off": Comparison::median_of(&cmp.a, |m| m.prefill_tok_s),
-            "prefill_tok_s_on": Comparison::median_of(&cmp.b, |m| m.prefill_tok_s),
-            "decode_tok_s_off": Comparison::median_of(&cmp.a, |m| m.decode_tok_s),
-            "decode_tok_s_on": Comparison::median_of(&cmp.b, |m| m.decode_tok_s),
-            "tail_decode_tok_s_off": Comparison::median_of(&cmp.a, |m| m.tail_decode_tok_s),
-            "tail_decode_tok_s_on": Comparison::median_of(&cmp.b, |m| m.tail_decode_tok_s),
-            "prefill_ratio": med(&prefill),
-            "decode_ratio": med(&decode),
-            "tail_decode_ratio": med(&tail),
-            "prefill_overhead": 1.0 / med(&prefill).max(1e-12) - 1.0,
-            "decode_overhead": 1.0 / med(&decode).max(1e-12) - 1.0,
-            "kv_bytes_off": off_last.kv_bytes,
-            "kv_bytes_on": on_last.kv_bytes,
-            "kv_bytes_ratio": kv_ratio,
-            "n_ctx_off": off_last.n_ctx,
-            "n_ctx_on": on_last.n_ctx,
-            "peak_cells_off": off_last.peak_cells,
-            "peak_cells": on_last.peak_cells,
-            "evicted_on": on_last.evicted,
-            "live_cells_off": off_last.live_cells,
-            "live_cells_on": on_last.live_cells,
-            "weight_bytes_per_step": bound.weight_bytes,
-            "kv_bytes_read_off": bound.kv_bytes_read_full,
-            "kv_bytes_read_on": bound.kv_bytes_read_budget,
-            "bandwidth_bound": bound.bound,
-            "tail_decode_share_of_bound": bound.share(med(&tail)),
-            "decode_share_of_bound": bound.share(med(&decode)),
-        });
-        let per_rep = json!({
-                "prefill_ratio": prefill,
-                "decode_ratio": decode,
-                "tail_decode_ratio": tail,
-                "prefill_tok_s_off": col(&cmp.a, |m| m.prefill_tok_s),
-                "prefill_tok_s_on": col(&cmp.b, |m| m.prefill_tok_s),
-                "decode_tok_s_off": col(&cmp.a, |m| m.decode_tok_s),
-                "decode_tok_s_on": col(&cmp.b, |m| m.decode_tok_s),
-                "tail_decode_tok_s_off": col(&cmp.a, |m| m.tail_decode_tok_s),
-                "tail_decode_tok_s_on": col(&cmp.b, |m| m.tail_decode_tok_s),
-        });
-        let mut value = value;
-        value["per_rep"] = per_rep;
-        write_json(path, &value)?;
+        write_json(path, &record)?;
     }
     Ok(())
 }
@@ -385,11 +330,19 @@ fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()
         h.compared, h.max_abs_diff, h.max_rel_diff
     );
     if let Some(path) = &args.json {
-        let mut v = serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?;
-        v["device_score_batches"] = json!(device_batches);
-        v["device_vs_host"] =
-            serde_json::to_value(&h).map_err(|e| Error::invalid(e.to_string()))?;
-        write_json(path, &v)?;
+        #[derive(Serialize)]
+        struct KeysRecord<'a> {
+            #[serde(flatten)]
+            graph_vs_cache: &'a bench::KeyPathReport,
+            device_score_batches: u64,
+            device_vs_host: &'a bench::KeyPathReport,
+        }
+        let record = KeysRecord {
+            graph_vs_cache: &r,
+            device_score_batches: device_batches,
+            device_vs_host: &h,
+        };
+        write_json(path, &record)?;
     }
     if r.compared == 0 || r.max_rel_diff > 0.02 {
         return Err(Error::KvCache(format!(
@@ -420,10 +373,7 @@ fn check_moves(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<(
         r.checked, r.moved, r.head_slices_moved, r.device_move_rounds, r.max_abs_diff
     );
     if let Some(path) = &args.json {
-        write_json(
-            path,
-            &serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?,
-        )?;
+        write_json(path, &r)?;
     }
     if r.checked == 0 || r.moved == 0 || r.max_abs_diff > 1e-3 {
         return Err(Error::KvCache(format!(

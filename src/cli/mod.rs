@@ -5,6 +5,7 @@ pub mod calibrate;
 pub mod chat;
 pub mod eval;
 pub mod filters;
+pub mod plot;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -428,7 +429,7 @@ pub fn read_text(path: &Path) -> Result<String> {
 }
 
 /// Writes `value` to `path` atomically, or to standard output if `path` is `-`.
-pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))?;
     gguf_tools::safe_io::write_file(path, (text + "\n").as_bytes())?;
     Ok(())
