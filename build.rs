@@ -25,6 +25,7 @@ fn main() {
     println!("cargo::rerun-if-env-changed=LLAMA_CPP_DIR");
     println!("cargo::rerun-if-env-changed=CMAKE_CUDA_ARCHITECTURES");
     println!("cargo::rerun-if-env-changed=QFILTERS_LLAMA_LIB_DIR");
+    println!("cargo::rerun-if-env-changed=DOCS_RS");
 
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
@@ -55,6 +56,18 @@ fn main() {
         "pinned"
     };
     println!("cargo::rustc-env=QFILTERS_LLAMA_SOURCE={origin}");
+
+    if env::var_os("DOCS_RS").is_some() {
+        // Documentation only (docs.rs sets DOCS_RS; `DOCS_RS=1 cargo doc` does the same
+        // here): the bindings are generated from the headers alone, llama.cpp is neither
+        // compiled nor linked, and cmake and a C++ compiler are not needed. The headers are
+        // those chosen above: LLAMA_CPP_DIR, else the pinned package with its patches,
+        // unpacked under vendor/ from cargo's registry cache. Without network (docs.rs), that
+        // package must already be in the registry cache; when it is not, the build stops with
+        // the message of `locate_or_fetch_crate`. bindgen still needs libclang.
+        generate_bindings(&source);
+        return;
+    }
 
     check_tool(
         "cmake",

@@ -42,6 +42,16 @@ impl std::str::FromStr for KeySource {
     }
 }
 
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeySource::Cache => "cache",
+            KeySource::Host => "host",
+            KeySource::Graph => "graph",
+        })
+    }
+}
+
 /// How big the KV cache is, and whether it is kept there by eviction: the one place that says
 /// whether an engine evicts.
 #[derive(Debug, Clone)]

@@ -3,11 +3,41 @@
 //! The pieces: [`ffi`] (llama.cpp behind safe handles, the only `unsafe`), [`policy`] (one
 //! scorer per eviction policy), [`cache`] (the shared mechanism that applies scores),
 //! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text),
-//! [`chat`] (a conversation that lives in the bounded cache).
+//! [`chat`] (a conversation that lives in the bounded cache), [`args`] (the command line's
+//! flag groups, usable from code), [`eval`] (perplexity and passkey sweeps).
+//!
+//! Completing a prompt with the KV cache kept within 128 cells by K-norm eviction (with
+//! filters, `policy::QFILTERS` and `Some(filters)`; see `examples/bounded_generation.rs`):
+//!
+//! ```no_run
+//! use qfilters::args::{EvictionArgs, SamplingArgs};
+//! use qfilters::engine::Engine;
+//! use qfilters::ffi::{Model, ModelParams, Sampler};
+//!
+//! # fn main() -> qfilters::Result<()> {
+//! let model = Model::load(
+//!     "models/SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(),
+//!     &ModelParams { gpu_layers: 0 },
+//! )?;
+//! let eviction = EvictionArgs::from_flags(&["--policy", "knorm", "--budget", "128"])?;
+//! let prompt = model.tokenize("Once upon a time", true, false)?;
+//! let config = eviction.engine_config(prompt.len() + 256, 1)?;
+//! let mut engine = Engine::new(&model, eviction.scorer(None, 42)?, config)?;
+//! let mut sampler = Sampler::new(&SamplingArgs::default().params()?)?;
+//! let (tokens, _stop) = qfilters::generate::generate(
+//!     &mut engine, &mut sampler, &prompt, 256, &mut |_, _| {}, &mut |_| true,
+//! )?;
+//! println!("{}", model.detokenize(&tokens, false));
+//! assert!(engine.stats().peak_cells <= 128 + eviction.n_batch);
+//! # Ok(())
+//! # }
+//! ```
 
 #![deny(unsafe_code)]
 
+pub mod args;
 pub mod bench;
+pub mod bench_summary;
 pub mod cache;
 pub mod calibrate;
 pub mod chat;

@@ -4,16 +4,25 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
 
+use qfilters::args::{
+    DEFAULT_COMBINER, DEFAULT_GRANULARITY, DEFAULT_RECENCY, DEFAULT_SINKS, DEFAULT_WINDOW,
+};
 use qfilters::cache::{Combiner, Granularity};
+use qfilters::engine::KeySource;
 use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
-use qfilters::eval::plot::{heatmaps, line_chart, Heatmap, Series};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
+use qfilters::eval::sweep::{
+    passkey_rates, Budget, PasskeyAnswer, PasskeyRecord, PplRecord, Sweep,
+};
 use qfilters::eval::windowed_mean;
+use qfilters::policy::{PolicyInfo, REGISTRY};
 use qfilters::{Error, Result};
 
-use super::{check_cells, check_outputs, read_text, write_json, ModelArgs, PolicyArgs};
+use super::plot::{heatmaps, line_chart, Heatmap, Series};
+use super::{
+    check_cells, check_outputs, read_text, write_json, EvictionArgs, EvictionCli, ModelArgs,
+};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -32,114 +41,37 @@ pub enum EvalCommand {
 /// Policies and knobs to sweep; every list is comma-separated and the sweep is their product.
 #[derive(Args, Debug, Clone)]
 pub struct SweepArgs {
-    /// Policies: qfilters, knorm, streaming, random, none.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "qfilters,knorm,streaming,random,none"
-    )]
-    pub policy: Vec<String>,
+    /// Policies (default: every one).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = REGISTRY.to_vec())]
+    pub policy: Vec<PolicyInfo>,
     /// Q-Filters file (default: the filters embedded in the model).
     #[arg(long)]
     pub filters: Option<PathBuf>,
     /// Most recent tokens never evicted.
-    #[arg(long, value_delimiter = ',', default_values_t = [super::DEFAULT_WINDOW])]
+    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_WINDOW])]
     pub window: Vec<usize>,
     /// First tokens never evicted.
-    #[arg(long, value_delimiter = ',', default_values_t = [super::DEFAULT_SINKS])]
+    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_SINKS])]
     pub sinks: Vec<usize>,
-    /// head or position (streaming and random always run per position).
-    #[arg(long, value_delimiter = ',', default_value = super::DEFAULT_GRANULARITY)]
+    /// head or position (policies whose heads score alike always run per position).
+    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_GRANULARITY])]
     pub granularity: Vec<Granularity>,
     /// mean-z, mean-rank, max-z (position granularity only).
-    #[arg(long, value_delimiter = ',', default_value = super::DEFAULT_COMBINER)]
+    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_COMBINER])]
     pub combiner: Vec<Combiner>,
     /// Each eviction round goes this many cells below the budget, so rounds run once per
     /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub slack: Vec<usize>,
-    /// Recency prior (tokens of age per standard deviation of score; 0 off) for qfilters/knorm.
-    #[arg(long, value_delimiter = ',', default_values_t = [super::DEFAULT_RECENCY])]
+    /// Recency prior (tokens of age per standard deviation of score; 0 off), for the policies
+    /// that score each head.
+    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_RECENCY])]
     pub recency: Vec<f64>,
     /// Tokens per decode call while feeding the input; eviction runs after each chunk.
     #[arg(long)]
     pub chunk: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-}
-
-/// One point of the sweep.
-#[derive(Debug, Clone)]
-struct Variant {
-    policy: String,
-    budget: Option<usize>,
-    window: usize,
-    sinks: usize,
-    granularity: Granularity,
-    combiner: Combiner,
-    slack: usize,
-    recency: f64,
-}
-
-impl Variant {
-    fn label(&self, multi: &[bool; 6]) -> String {
-        let mut s = self.policy.clone();
-        if let Some(b) = self.budget {
-            s += &format!(" b{b}");
-        }
-        if self.policy == "none" {
-            return s + " (full cache)";
-        }
-        if multi[0] {
-            s += &format!(" w{}", self.window);
-        }
-        if multi[1] {
-            s += &format!(" s{}", self.sinks);
-        }
-        if multi[2] && scores_differ(&self.policy) {
-            s += &format!(" {}", gran_name(self.granularity));
-        }
-        if multi[3] && scores_differ(&self.policy) && self.granularity == Granularity::Position {
-            s += &format!(" {}", comb_name(self.combiner));
-        }
-        if multi[4] {
-            s += &format!(" slack{}", self.slack);
-        }
-        if multi[5] && scores_differ(&self.policy) {
-            s += &format!(" r{}", self.recency);
-        }
-        s
-    }
-
-    fn fields(&self) -> Value {
-        json!({
-            "policy": self.policy,
-            "budget": self.budget,
-            "window": self.window,
-            "sinks": self.sinks,
-            "granularity": gran_name(self.granularity),
-            "combiner": comb_name(self.combiner),
-            "slack": self.slack,
-            "recency": self.recency,
-        })
-    }
-}
-
-/// Whether a policy's scores differ between heads (else granularity and combiner do nothing).
-fn scores_differ(policy: &str) -> bool {
-    matches!(policy, "qfilters" | "knorm")
-}
-
-fn gran_name(g: Granularity) -> &'static str {
-    super::granularity_name(g)
-}
-
-fn comb_name(c: Combiner) -> &'static str {
-    match c {
-        Combiner::MeanZ => "mean-z",
-        Combiner::MeanRank => "mean-rank",
-        Combiner::MaxZ => "max-z",
-    }
 }
 
 impl SweepArgs {
@@ -163,107 +95,27 @@ impl SweepArgs {
         Ok(())
     }
 
-    /// The product of the lists, without points that cannot differ (the full cache once; no
-    /// granularity or combiner variants for policies whose heads all score alike).
-    fn variants(&self, budgets: &[Option<usize>]) -> Vec<Variant> {
-        let mut out: Vec<Variant> = Vec::new();
-        for policy in &self.policy {
-            if policy == "none" {
-                out.push(Variant {
-                    policy: policy.clone(),
-                    budget: None,
-                    window: self.window[0],
-                    sinks: self.sinks[0],
-                    granularity: Granularity::Position,
-                    combiner: Combiner::MeanZ,
-                    slack: 0,
-                    recency: 0.0,
-                });
-                continue;
-            }
-            for &budget in budgets {
-                for &window in &self.window {
-                    for &sinks in &self.sinks {
-                        for &g in &self.granularity {
-                            for &c in &self.combiner {
-                                for &slack in &self.slack {
-                                    for &recency in &self.recency {
-                                        let recency =
-                                            if scores_differ(policy) { recency } else { 0.0 };
-                                        let (g, c) = if scores_differ(policy) {
-                                            (
-                                                g,
-                                                if g == Granularity::Head {
-                                                    self.combiner[0]
-                                                } else {
-                                                    c
-                                                },
-                                            )
-                                        } else {
-                                            (Granularity::Position, self.combiner[0])
-                                        };
-                                        let v = Variant {
-                                            policy: policy.clone(),
-                                            budget,
-                                            window,
-                                            sinks,
-                                            granularity: g,
-                                            combiner: c,
-                                            slack,
-                                            recency,
-                                        };
-                                        if !out.iter().any(|o| same(o, &v)) {
-                                            out.push(v);
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+    fn sweep(&self) -> Sweep {
+        Sweep {
+            policies: self.policy.clone(),
+            window: self.window.clone(),
+            sinks: self.sinks.clone(),
+            granularity: self.granularity.clone(),
+            combiner: self.combiner.clone(),
+            slack: self.slack.clone(),
+            recency: self.recency.clone(),
         }
-        out
     }
 
-    fn multi(&self) -> [bool; 6] {
-        [
-            self.window.len() > 1,
-            self.sinks.len() > 1,
-            self.granularity.len() > 1,
-            self.combiner.len() > 1,
-            self.slack.len() > 1,
-            self.recency.len() > 1,
-        ]
-    }
-
-    fn policy_args(&self, v: &Variant, budget: usize, chunk: usize) -> PolicyArgs {
-        PolicyArgs {
-            policy: v.policy.clone(),
-            budget,
+    /// What every point shares: the filters, keys from the cache, input in chunks of `chunk`.
+    fn base(&self, chunk: usize) -> EvictionArgs {
+        EvictionArgs {
             filters: self.filters.clone(),
-            window: v.window,
-            sinks: v.sinks,
-            granularity: v.granularity,
-            combiner: v.combiner,
-            slack: v.slack,
-            recency: v.recency,
-            key_source: qfilters::engine::KeySource::Cache,
+            key_source: KeySource::Cache,
             n_batch: chunk,
-            seed: self.seed,
+            ..EvictionArgs::default()
         }
     }
-}
-
-fn same(a: &Variant, b: &Variant) -> bool {
-    a.policy == b.policy
-        && a.budget == b.budget
-        && a.window == b.window
-        && a.sinks == b.sinks
-        && a.granularity == b.granularity
-        && a.combiner == b.combiner
-        && a.slack == b.slack
-        && a.recency == b.recency
 }
 
 #[derive(Args, Debug)]
@@ -341,9 +193,6 @@ fn check_lists(sweep: &SweepArgs) -> Result<()> {
     if sweep.policy.is_empty() || sweep.window.is_empty() || sweep.sinks.is_empty() {
         return Err(Error::invalid("empty --policy, --window or --sinks list"));
     }
-    for p in &sweep.policy {
-        qfilters::policy::lookup(p)?;
-    }
     if sweep.chunk == Some(0) {
         return Err(Error::invalid("--chunk must be at least 1"));
     }
@@ -409,68 +258,63 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
     if tokens.len() < 2 {
         return Err(Error::invalid("the text has fewer than 2 tokens"));
     }
-    let budgets: Vec<Option<usize>> = args.budget.iter().map(|&b| Some(b)).collect();
-    let variants = args.sweep.variants(&budgets);
-    let multi = args.sweep.multi();
+    let budgets: Vec<Budget> = args.budget.iter().map(|&b| Budget::Cells(b)).collect();
+    let sweep = args.sweep.sweep();
     let mut records = Vec::new();
     let mut series = Vec::new();
     println!(
         "{:<44} {:>9} {:>11} {:>9} {:>6}",
         "policy", "ppl", "ppl 2nd half", "tok/s", "peak"
     );
-    for v in &variants {
-        let budget = v.budget.unwrap_or(tokens.len());
-        let pa = args.sweep.policy_args(v, budget, chunk);
-        let mut engine = pa.engine(&args.model, &model, tokens.len(), true)?;
+    for point in sweep.points(&budgets, &args.sweep.base(chunk)) {
+        let eviction = point.at(tokens.len());
+        let mut engine =
+            eviction.engine(&args.model, &model, tokens.len(), args.sweep.seed, true)?;
         let out = streaming_nll(&mut engine, &tokens)?;
         let (ppl, ppl2) = perplexities(&out.nll);
         let tok_s = tokens.len() as f64 / out.seconds.max(1e-9);
-        let label = v.label(&multi);
+        let label = sweep.label(&point);
         println!(
             "{label:<44} {ppl:>9.3} {ppl2:>11.3} {tok_s:>9.1} {:>6}",
             out.peak_cells
         );
         let windows = windowed_mean(&out.nll, args.plot_window);
-        let mut rec = v.fields();
-        if let Some(obj) = rec.as_object_mut() {
-            obj.insert("ppl".into(), json!(ppl));
-            obj.insert("ppl_second_half".into(), json!(ppl2));
-            obj.insert("tok_s".into(), json!(tok_s));
-            obj.insert("peak_cells".into(), json!(out.peak_cells));
-            obj.insert("tokens".into(), json!(tokens.len()));
-            obj.insert("chunk".into(), json!(chunk));
-            obj.insert("evicted".into(), json!(engine.stats().evicted));
-            obj.insert(
-                "head_slices_moved".into(),
-                json!(engine.stats().head_slices_moved),
+        let full = if !eviction.policy.evicts && args.check_full {
+            let full = full_context_nll(&model, &tokens, 1024, args.model.threads())?;
+            let (fp, fp2) = perplexities(&full);
+            let rel = (ppl - fp).abs() / fp;
+            println!(
+                "  full-context reference: ppl {fp:.3} / {fp2:.3} (relative difference {:.3}%)",
+                rel * 100.0
             );
-            obj.insert("model".into(), json!(model_name(&args.model)));
-            obj.insert("text".into(), json!(args.text.display().to_string()));
-            obj.insert("plot_window".into(), json!(args.plot_window));
-            obj.insert(
-                "nll_windows".into(),
-                json!(windows.iter().map(|w| w.1).collect::<Vec<_>>()),
-            );
-            if v.policy == "none" && args.check_full {
-                let full = full_context_nll(&model, &tokens, 1024, args.model.threads())?;
-                let (fp, fp2) = perplexities(&full);
-                let rel = (ppl - fp).abs() / fp;
-                println!(
-                    "  full-context reference: ppl {fp:.3} / {fp2:.3} (relative difference {:.3}%)",
-                    rel * 100.0
-                );
-                obj.insert("full_context_ppl".into(), json!(fp));
-                obj.insert("full_context_ppl_second_half".into(), json!(fp2));
-            }
-        }
-        records.push(rec);
+            Some((fp, fp2))
+        } else {
+            None
+        };
+        records.push(PplRecord {
+            eviction,
+            ppl,
+            ppl_second_half: ppl2,
+            tok_s,
+            peak_cells: out.peak_cells,
+            tokens: tokens.len(),
+            chunk,
+            evicted: engine.stats().evicted,
+            head_slices_moved: engine.stats().head_slices_moved,
+            model: model_name(&args.model),
+            text: args.text.display().to_string(),
+            plot_window: args.plot_window,
+            nll_windows: windows.iter().map(|w| w.1).collect(),
+            full_context_ppl: full.map(|f| f.0),
+            full_context_ppl_second_half: full.map(|f| f.1),
+        });
         series.push(Series {
             label,
             points: windows,
         });
     }
     if let Some(path) = &args.json {
-        write_json(path, &Value::Array(records))?;
+        write_json(path, &records)?;
     }
     if let Some(path) = &args.plot {
         let title = format!(
@@ -523,13 +367,14 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     )?;
     let model = args.model.load()?;
     let filler = read_text(&args.filler)?;
-    // Settings: budgets, or ratios (resolved per length), or the full cache only.
-    let settings: Vec<(Option<usize>, Option<f64>)> = if !args.ratio.is_empty() {
-        args.ratio.iter().map(|&r| (None, Some(r))).collect()
+    // Settings: budgets, or ratios (resolved per length), or the full cache only (budget 0:
+    // the evicting policies are skipped).
+    let settings: Vec<Budget> = if !args.ratio.is_empty() {
+        args.ratio.iter().map(|&r| Budget::Ratio(r)).collect()
     } else if !args.budget.is_empty() {
-        args.budget.iter().map(|&b| (Some(b), None)).collect()
+        args.budget.iter().map(|&b| Budget::Cells(b)).collect()
     } else {
-        vec![(Some(0), None)]
+        vec![Budget::Cells(0)]
     };
     // The same documents for every policy: one seeded stream per (length, depth, trial).
     let mut docs = Vec::new();
@@ -548,33 +393,32 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
             }
         }
     }
-    let multi = args.sweep.multi();
+    let sweep = args.sweep.sweep();
+    let base = args.sweep.base(chunk);
     let mut records = Vec::new();
     let mut panels: Vec<Heatmap> = Vec::new();
     println!(
         "{:<40} {:>7} {:>6} {:>6} {:>8} {:>10}",
         "policy", "budget", "length", "depth", "accuracy", "answer NLL"
     );
-    for &(budget, ratio) in &settings {
-        let placeholder: Vec<Option<usize>> = vec![budget];
-        for v in args.sweep.variants(&placeholder) {
-            if v.policy == "none" && settings.len() > 1 && (budget, ratio) != settings[0] {
+    for (si, &setting) in settings.iter().enumerate() {
+        // Setting by setting, so the table reads budget by budget; the full cache once.
+        for point in sweep.points(&[setting], &base) {
+            if point.budget.is_none() && si > 0 {
                 continue;
             }
-            let mut label = v.label(&multi);
-            if let (Some(r), true) = (ratio, v.policy != "none") {
-                label = label.replace(" b0", "") + &format!(" {r}x");
-            }
+            let label = sweep.label(&point);
             let mut grid = vec![vec![f64::NAN; args.depths.len()]; args.lengths.len()];
             for (li, &len) in args.lengths.iter().enumerate() {
-                let b = match (ratio, budget) {
-                    (Some(r), _) => (len as f64 / r).floor() as usize,
-                    (None, Some(b)) => b,
-                    _ => len,
-                };
-                let pa = args.sweep.policy_args(&v, b, chunk);
+                let eviction = point.at(len);
                 let answer_max = 16;
-                let mut engine = match pa.engine(&args.model, &model, len + answer_max, true) {
+                let mut engine = match eviction.engine(
+                    &args.model,
+                    &model,
+                    len + answer_max,
+                    args.sweep.seed,
+                    true,
+                ) {
                     Ok(e) => e,
                     Err(e) => {
                         eprintln!("qfilters: skipping {label} at length {len}: {e}");
@@ -582,52 +426,44 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                     }
                 };
                 for (di, &depth) in args.depths.iter().enumerate() {
-                    let mut hits = 0usize;
-                    let mut nll_sum = 0.0;
-                    let mut greedy = Vec::new();
-                    let mut peak = 0;
+                    let (mut hits, mut nll_sum, mut peak) = (0usize, 0.0, 0);
+                    let mut answers = Vec::new();
                     let mine = docs
                         .iter()
                         .filter(|(l, d, _)| *l == len && *d == depth)
                         .map(|(_, _, doc)| doc);
-                    let mut n = 0usize;
                     for doc in mine {
                         let out = run_trial(&mut engine, doc)?;
                         hits += out.exact as usize;
                         nll_sum += out.answer_nll;
                         peak = peak.max(out.peak_cells);
-                        greedy.push(json!({"key": doc.key, "greedy": out.greedy, "answer_nll": out.answer_nll}));
-                        n += 1;
+                        answers.push(PasskeyAnswer {
+                            key: doc.key,
+                            greedy: out.greedy,
+                            answer_nll: out.answer_nll,
+                        });
                     }
-                    let acc = hits as f64 / n.max(1) as f64;
-                    let nll = nll_sum / n.max(1) as f64;
+                    let n = answers.len();
+                    let (acc, nll) = passkey_rates(hits, nll_sum, n);
                     grid[li][di] = acc;
-                    let shown_budget = if v.policy == "none" { len } else { b };
                     println!(
-                        "{label:<40} {shown_budget:>7} {len:>6} {depth:>6.2} {:>7.0}% {nll:>10.3}",
+                        "{label:<40} {:>7} {len:>6} {depth:>6.2} {:>7.0}% {nll:>10.3}",
+                        eviction.budget,
                         acc * 100.0
                     );
-                    let mut rec = v.fields();
-                    if let Some(obj) = rec.as_object_mut() {
-                        obj.insert(
-                            "budget".into(),
-                            json!(if v.policy == "none" { None } else { Some(b) }),
-                        );
-                        obj.insert(
-                            "ratio".into(),
-                            json!(if v.policy == "none" { None } else { ratio }),
-                        );
-                        obj.insert("length".into(), json!(len));
-                        obj.insert("depth".into(), json!(depth));
-                        obj.insert("accuracy".into(), json!(acc));
-                        obj.insert("answer_nll".into(), json!(nll));
-                        obj.insert("trials".into(), json!(n));
-                        obj.insert("chunk".into(), json!(chunk));
-                        obj.insert("peak_cells".into(), json!(peak));
-                        obj.insert("model".into(), json!(model_name(&args.model)));
-                        obj.insert("answers".into(), Value::Array(greedy));
-                    }
-                    records.push(rec);
+                    records.push(PasskeyRecord {
+                        ratio: point.budget.and_then(Budget::ratio),
+                        eviction: eviction.clone(),
+                        length: len,
+                        depth,
+                        accuracy: acc,
+                        answer_nll: nll,
+                        trials: n,
+                        chunk,
+                        peak_cells: peak,
+                        model: model_name(&args.model),
+                        answers,
+                    });
                 }
             }
             panels.push(Heatmap {
@@ -639,7 +475,7 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        write_json(path, &Value::Array(records))?;
+        write_json(path, &records)?;
     }
     if let Some(path) = &args.plot {
         let svg = heatmaps(

@@ -1,13 +1,13 @@
 //! Quality under compression, measured like the Q-Filters paper: streaming perplexity
-//! ([`ppl`]) and passkey retrieval ([`passkey`]), with hand-written SVG plots ([`plot`]).
+//! ([`ppl`]) and passkey retrieval ([`passkey`]), swept over policies and knobs ([`sweep`]).
 //!
 //! The evaluations drive an [`crate::engine::Engine`] the way a user's run would: the input is
 //! fed in chunks, the cache is brought back to its budget after each chunk, and quality is read
 //! from the logits the model produced with whatever the policy left in the cache.
 
 pub mod passkey;
-pub mod plot;
 pub mod ppl;
+pub mod sweep;
 
 /// Mean of `values[range]`, NaN when empty.
 pub(crate) fn mean(values: &[f64]) -> f64 {

@@ -1,0 +1,374 @@
+//! The evaluation sweep: the product of lists of policies, budgets and eviction knobs, without
+//! the points that cannot differ, each point one [`EvictionArgs`]; its labels; and the result
+//! records `qfilters eval` writes as JSON.
+
+use serde::Serialize;
+
+use crate::args::EvictionArgs;
+use crate::cache::{Combiner, Granularity};
+use crate::policy::PolicyInfo;
+
+/// The lists swept over (each non-empty; the sweep is their product).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep {
+    pub policies: Vec<PolicyInfo>,
+    pub window: Vec<usize>,
+    pub sinks: Vec<usize>,
+    pub granularity: Vec<Granularity>,
+    pub combiner: Vec<Combiner>,
+    pub slack: Vec<usize>,
+    pub recency: Vec<f64>,
+}
+
+/// How a point's cache is sized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// A fixed number of cells.
+    Cells(usize),
+    /// A compression ratio: the budget is the document's tokens divided by it.
+    Ratio(f64),
+}
+
+impl Budget {
+    /// The cells for a document of `tokens` tokens.
+    pub fn cells(self, tokens: usize) -> usize {
+        match self {
+            Budget::Cells(b) => b,
+            Budget::Ratio(r) => (tokens as f64 / r).floor() as usize,
+        }
+    }
+
+    pub fn ratio(self) -> Option<f64> {
+        match self {
+            Budget::Ratio(r) => Some(r),
+            Budget::Cells(_) => None,
+        }
+    }
+}
+
+/// One point of the sweep: the eviction settings, and the budget they run at (`None` for a
+/// policy that does not evict: its cache holds the whole input).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub eviction: EvictionArgs,
+    pub budget: Option<Budget>,
+}
+
+impl Point {
+    /// The settings for a document of `tokens` tokens: the budget resolved, or the whole
+    /// document for the full cache.
+    pub fn at(&self, tokens: usize) -> EvictionArgs {
+        EvictionArgs {
+            budget: self.budget.map_or(tokens, |b| b.cells(tokens)),
+            ..self.eviction.clone()
+        }
+    }
+}
+
+/// Which lists hold more than one value: those knobs go into the labels.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Varies {
+    window: bool,
+    sinks: bool,
+    granularity: bool,
+    combiner: bool,
+    slack: bool,
+    recency: bool,
+}
+
+impl Sweep {
+    /// The points at each of `budgets`, policy by policy; settings not swept (filters, key
+    /// source, batch) come from `base`. A policy that does not evict appears once, without a
+    /// budget; for a policy whose heads all score alike, granularity is per position, the
+    /// combiner the first one and the recency prior off (they cannot change what it keeps);
+    /// at head granularity the combiner is the first one (it combines nothing there).
+    pub fn points(&self, budgets: &[Budget], base: &EvictionArgs) -> Vec<Point> {
+        let first_combiner = self.combiner.first().copied().unwrap_or(Combiner::MeanZ);
+        let mut out: Vec<Point> = Vec::new();
+        let mut push = |p: Point| {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        };
+        for &policy in &self.policies {
+            if !policy.evicts {
+                push(Point {
+                    eviction: EvictionArgs {
+                        policy,
+                        window: self.window[0],
+                        sinks: self.sinks[0],
+                        granularity: Granularity::Position,
+                        combiner: Combiner::MeanZ,
+                        slack: 0,
+                        recency: 0.0,
+                        ..base.clone()
+                    },
+                    budget: None,
+                });
+                continue;
+            }
+            for &budget in budgets {
+                for &window in &self.window {
+                    for &sinks in &self.sinks {
+                        for &granularity in &self.granularity {
+                            for &combiner in &self.combiner {
+                                for &slack in &self.slack {
+                                    for &recency in &self.recency {
+                                        let (granularity, combiner, recency) =
+                                            if !policy.scores_vary_by_head {
+                                                (Granularity::Position, first_combiner, 0.0)
+                                            } else if granularity == Granularity::Head {
+                                                (granularity, first_combiner, recency)
+                                            } else {
+                                                (granularity, combiner, recency)
+                                            };
+                                        push(Point {
+                                            eviction: EvictionArgs {
+                                                policy,
+                                                budget: budget.cells(0),
+                                                window,
+                                                sinks,
+                                                granularity,
+                                                combiner,
+                                                slack,
+                                                recency,
+                                                ..base.clone()
+                                            },
+                                            budget: Some(budget),
+                                        });
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn varies(&self) -> Varies {
+        Varies {
+            window: self.window.len() > 1,
+            sinks: self.sinks.len() > 1,
+            granularity: self.granularity.len() > 1,
+            combiner: self.combiner.len() > 1,
+            slack: self.slack.len() > 1,
+            recency: self.recency.len() > 1,
+        }
+    }
+
+    /// The point's name in tables and plots: the policy, its budget, and the knobs that the
+    /// sweep varies and that matter for this policy.
+    pub fn label(&self, p: &Point) -> String {
+        let e = &p.eviction;
+        let mut s = e.policy.name.to_string();
+        if let Some(Budget::Cells(b)) = p.budget {
+            s += &format!(" b{b}");
+        }
+        if !e.policy.evicts {
+            return s + " (full cache)";
+        }
+        let v = self.varies();
+        let by_head = e.policy.scores_vary_by_head;
+        if v.window {
+            s += &format!(" w{}", e.window);
+        }
+        if v.sinks {
+            s += &format!(" s{}", e.sinks);
+        }
+        if v.granularity && by_head {
+            s += &format!(" {}", e.granularity);
+        }
+        if v.combiner && by_head && e.granularity == Granularity::Position {
+            s += &format!(" {}", e.combiner);
+        }
+        if v.slack {
+            s += &format!(" slack{}", e.slack);
+        }
+        if v.recency && by_head {
+            s += &format!(" r{}", e.recency);
+        }
+        if let Some(Budget::Ratio(r)) = p.budget {
+            s += &format!(" {r}x");
+        }
+        s
+    }
+}
+
+/// One row of `qfilters eval ppl --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PplRecord {
+    #[serde(flatten)]
+    pub eviction: EvictionArgs,
+    pub ppl: f64,
+    pub ppl_second_half: f64,
+    pub tok_s: f64,
+    pub peak_cells: usize,
+    pub tokens: usize,
+    pub chunk: usize,
+    pub evicted: u64,
+    pub head_slices_moved: u64,
+    pub model: String,
+    pub text: String,
+    pub plot_window: usize,
+    /// Mean NLL of each `plot_window` tokens.
+    pub nll_windows: Vec<f64>,
+    /// With `--check-full`, for the full cache: the same text scored the plain way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_context_ppl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_context_ppl_second_half: Option<f64>,
+}
+
+/// One trial's answer, in a [`PasskeyRecord`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PasskeyAnswer {
+    pub key: u32,
+    pub greedy: String,
+    pub answer_nll: f64,
+}
+
+/// One row of `qfilters eval passkey --json`: one (point, length, depth) cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct PasskeyRecord {
+    /// Its budget is the one used at this length (`null` for the full cache).
+    #[serde(flatten)]
+    pub eviction: EvictionArgs,
+    pub ratio: Option<f64>,
+    pub length: usize,
+    pub depth: f64,
+    pub accuracy: f64,
+    pub answer_nll: f64,
+    pub trials: usize,
+    pub chunk: usize,
+    pub peak_cells: usize,
+    pub model: String,
+    pub answers: Vec<PasskeyAnswer>,
+}
+
+/// Passkey accuracy and mean answer NLL of some trials: (hits / n, nll sum / n), 0 for none.
+pub fn passkey_rates(hits: usize, nll_sum: f64, n: usize) -> (f64, f64) {
+    (hits as f64 / n.max(1) as f64, nll_sum / n.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::REGISTRY;
+
+    fn sweep() -> Sweep {
+        Sweep {
+            policies: REGISTRY.to_vec(),
+            window: vec![32],
+            sinks: vec![4],
+            granularity: vec![Granularity::Head],
+            combiner: vec![Combiner::MeanZ],
+            slack: vec![0],
+            recency: vec![128.0],
+        }
+    }
+
+    fn labels(s: &Sweep, budgets: &[Budget]) -> Vec<String> {
+        s.points(budgets, &EvictionArgs::default())
+            .iter()
+            .map(|p| s.label(p))
+            .collect()
+    }
+
+    #[test]
+    fn the_default_sweep_is_every_policy_at_every_budget_and_the_full_cache_once() {
+        let s = sweep();
+        let budgets = [Budget::Cells(256), Budget::Cells(512)];
+        assert_eq!(
+            labels(&s, &budgets),
+            [
+                "qfilters b256",
+                "qfilters b512",
+                "knorm b256",
+                "knorm b512",
+                "streaming b256",
+                "streaming b512",
+                "random b256",
+                "random b512",
+                "none (full cache)"
+            ]
+        );
+        let points = s.points(&budgets, &EvictionArgs::default());
+        let streaming = &points[4].eviction;
+        // Heads that score alike: per position, no recency prior.
+        assert_eq!(streaming.granularity, Granularity::Position);
+        assert_eq!(streaming.recency, 0.0);
+        assert_eq!(points[0].eviction.granularity, Granularity::Head);
+        assert_eq!(points[0].eviction.recency, 128.0);
+        assert_eq!(points[8].budget, None);
+        assert_eq!(points[8].at(1000).budget, 1000);
+        assert_eq!(points[1].at(1000).budget, 512);
+    }
+
+    #[test]
+    fn knobs_that_cannot_differ_are_not_swept_and_varied_ones_are_labelled() {
+        let mut s = sweep();
+        s.policies = vec![crate::policy::QFILTERS, REGISTRY[2]];
+        s.granularity = vec![Granularity::Head, Granularity::Position];
+        s.combiner = vec![Combiner::MeanZ, Combiner::MaxZ];
+        s.window = vec![16, 32];
+        assert_eq!(
+            labels(&s, &[Budget::Cells(64)]),
+            [
+                // Head granularity: one combiner only.
+                "qfilters b64 w16 head",
+                "qfilters b64 w16 position mean-z",
+                "qfilters b64 w16 position max-z",
+                "qfilters b64 w32 head",
+                "qfilters b64 w32 position mean-z",
+                "qfilters b64 w32 position max-z",
+                // streaming: neither granularity nor combiner.
+                "streaming b64 w16",
+                "streaming b64 w32",
+            ]
+        );
+    }
+
+    #[test]
+    fn ratios_resolve_per_document_and_are_labelled() {
+        let mut s = sweep();
+        s.policies = vec![REGISTRY[1]];
+        s.recency = vec![0.0, 64.0];
+        let points = s.points(&[Budget::Ratio(4.0)], &EvictionArgs::default());
+        assert_eq!(s.label(&points[1]), "knorm r64 4x");
+        assert_eq!(points[0].at(1026).budget, 256);
+        assert_eq!(points[0].budget.and_then(|b| b.ratio()), Some(4.0));
+    }
+
+    #[test]
+    fn records_serialize_with_the_knobs_flattened() {
+        let s = sweep();
+        let points = s.points(&[Budget::Cells(256)], &EvictionArgs::default());
+        let full = points.last().unwrap().at(100);
+        let rec = PasskeyRecord {
+            eviction: full,
+            ratio: None,
+            length: 100,
+            depth: 0.5,
+            accuracy: 1.0,
+            answer_nll: 0.25,
+            trials: 1,
+            chunk: 32,
+            peak_cells: 100,
+            model: "m".into(),
+            answers: vec![PasskeyAnswer {
+                key: 12345,
+                greedy: "12345".into(),
+                answer_nll: 0.25,
+            }],
+        };
+        let v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["policy"], "none");
+        assert!(v["budget"].is_null(), "the full cache has no budget: {v}");
+        assert_eq!(v["granularity"], "position");
+        assert_eq!(v["answers"][0]["key"], 12345);
+        assert_eq!(passkey_rates(3, 1.5, 4), (0.75, 0.375));
+        assert_eq!(passkey_rates(0, 0.0, 0), (0.0, 0.0));
+    }
+}
