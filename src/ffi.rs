@@ -11,6 +11,8 @@ use std::sync::{Arc, Once};
 
 use crate::error::{Error, Result};
 
+mod cpu_backend;
+
 #[allow(
     non_upper_case_globals,
     non_camel_case_types,
@@ -121,9 +123,18 @@ fn init_backend() {
         // plain function that lives for the whole program and ignores its user pointer.
         unsafe {
             sys::llama_log_set(Some(log_sink), std::ptr::null_mut());
+            // Before llama_backend_init, which loads backends only from the executable's
+            // folder and the current directory when none is registered.
+            cpu_backend::load();
             sys::llama_backend_init();
         }
     });
+}
+
+/// Which CPU code ggml runs (the build kind, and the variant loaded for this CPU), in one line.
+pub fn cpu_backend() -> String {
+    init_backend();
+    cpu_backend::describe()
 }
 
 /// How llama.cpp places the model.
@@ -156,6 +167,7 @@ impl Model {
         crate::gguf_check::check_model_file(path)?;
         crate::gguf_check::check_hyperparameters(path)?;
         init_backend();
+        cpu_backend::check()?;
         let c_path = CString::new(path.as_os_str().to_string_lossy().as_bytes())
             .map_err(|_| Error::invalid("model path contains a NUL byte"))?;
         // SAFETY: default params are plain data; we only change an integer field.
@@ -835,7 +847,7 @@ impl DeviceGraphs {
             let b =
                 sys::ggml_backend_init_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU, std::ptr::null());
             if !b.is_null() {
-                sys::ggml_backend_cpu_set_n_threads(b, threads.max(1));
+                cpu_backend::set_n_threads(b, threads.max(1));
             }
             b
         } else {
@@ -992,7 +1004,7 @@ impl ThreadPool {
         unsafe {
             let mut p = sys::ggml_threadpool_params_default(threads);
             p.poll = poll.min(100);
-            NonNull::new(sys::ggml_threadpool_new(&mut p)).map(ThreadPool)
+            NonNull::new(cpu_backend::threadpool_new(&mut p)).map(ThreadPool)
         }
     }
 }
@@ -1000,7 +1012,7 @@ impl ThreadPool {
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         // SAFETY: created by ggml_threadpool_new and freed once, after the context using it.
-        unsafe { sys::ggml_threadpool_free(self.0.as_ptr()) }
+        unsafe { cpu_backend::threadpool_free(self.0.as_ptr()) }
     }
 }
 

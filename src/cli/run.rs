@@ -140,6 +140,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             "budget": budget,
             "n_batch": args.policy.n_batch,
             "threads": args.model.threads(),
+            "cpu_backend": qfilters::ffi::cpu_backend(),
             "window": args.policy.window,
             "sinks": args.policy.sinks,
             "granularity": format!("{:?}", args.policy.granularity).to_lowercase(),
