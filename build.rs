@@ -42,7 +42,7 @@ fn main() {
             }
             // A user's checkout is theirs: never patched. Say what that costs.
             println!(
-                "cargo::warning=LLAMA_CPP_DIR is used as is, without qfilters' patches (vendor/patches): with a GPU, the graph hook will be slower, because llama.cpp then computes every graph split as a view (uid 0: no CUDA graph reuse) and synchronises after each one"
+                "cargo::warning=LLAMA_CPP_DIR is used as is, without qfilters' patches (vendor/patches): with a GPU, the graph hook will be slower, because llama.cpp then computes every graph split as a view (uid 0: no CUDA graph reuse) and synchronises after each one; and on x86-64 Linux the CPU backend is the static AVX2 baseline, not runtime dispatch (ggml's own variant list has an AMX variant)"
             );
             (dir, PatchSet::none())
         }
@@ -88,13 +88,21 @@ fn main() {
         );
     }
 
-    let lib_dir = match env::var_os("QFILTERS_LLAMA_LIB_DIR") {
+    let (lib_dir, cpu_build) = match env::var_os("QFILTERS_LLAMA_LIB_DIR") {
         // Prebuilt libraries (e.g. built on a GPU machine from the same source): only link.
-        Some(dir) => PathBuf::from(dir),
+        Some(dir) => (PathBuf::from(dir), "prebuilt"),
         None => build_llama(&source, &patches, &manifest_dir, cuda, dynamic),
     };
+    let dispatch = is_dispatch_build(&lib_dir);
+    // What `qfilters --version` reports, and where the binary looks for CPU variants when
+    // none sits beside it (src/ffi/cpu_backend.rs).
+    println!("cargo::rustc-env=QFILTERS_CPU_BUILD={cpu_build}");
+    println!(
+        "cargo::rustc-env=QFILTERS_BUILD_BACKEND_DIR={}",
+        lib_dir.display()
+    );
     build_exception_shim(&source);
-    link(&lib_dir, cuda, dynamic);
+    link(&lib_dir, cuda, dynamic || dispatch, dispatch);
     generate_bindings(&source);
 }
 
@@ -411,7 +419,7 @@ fn build_llama(
     manifest_dir: &Path,
     cuda: bool,
     dynamic: bool,
-) -> PathBuf {
+) -> (PathBuf, &'static str) {
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|d| {
@@ -422,12 +430,20 @@ fn build_llama(
             }
         })
         .unwrap_or_else(|| manifest_dir.join("target"));
-    let cpu = CpuTarget::from_env();
+    // The variant list without AMX is a patch, which a user's own checkout does not get: such
+    // a build keeps the static baseline.
+    let variants_patched = patches
+        .id
+        .split('+')
+        .any(|p| p.starts_with("cpu-variants@"));
+    let cpu = CpuTarget::from_env(cuda, dynamic, variants_patched);
+    // ggml loads its CPU variants with dlopen, which needs shared libraries.
+    let shared = dynamic || cpu.dispatch;
     // The patch set is part of the name so patched and unpatched objects never mix.
     let flavour = format!(
         "{}-{}-{}-{}-{}",
         if cuda { "cuda" } else { "cpu" },
-        if dynamic { "shared" } else { "static" },
+        if shared { "shared" } else { "static" },
         cpu.name(),
         patches.short,
         &sha256_hex(source.to_string_lossy().as_bytes())[..8]
@@ -436,7 +452,7 @@ fn build_llama(
     let mut cfg = cmake::Config::new(source);
     cfg.out_dir(&out)
         .profile("Release")
-        .define("BUILD_SHARED_LIBS", if dynamic { "ON" } else { "OFF" })
+        .define("BUILD_SHARED_LIBS", if shared { "ON" } else { "OFF" })
         .define("LLAMA_BUILD_TOOLS", "OFF")
         .define("LLAMA_BUILD_APP", "OFF")
         .define("LLAMA_BUILD_TESTS", "OFF")
@@ -448,9 +464,12 @@ fn build_llama(
         // Our own threads drive llama.cpp; OpenMP would add a runtime to link statically.
         .define("GGML_OPENMP", "OFF")
         .define("GGML_CUDA", if cuda { "ON" } else { "OFF" })
-        .define("CMAKE_INSTALL_LIBDIR", "lib");
+        .define("CMAKE_INSTALL_LIBDIR", "lib")
+        // ggml installs backend modules (the CPU variants) as "runtime" files: keep them
+        // beside the libraries, so one folder holds everything the binary loads.
+        .define("CMAKE_INSTALL_BINDIR", "lib");
     cpu.configure(&mut cfg);
-    if dynamic {
+    if shared {
         // Shared libraries find each other in their own folder.
         cfg.define("CMAKE_INSTALL_RPATH", "$ORIGIN");
     }
@@ -468,47 +487,95 @@ fn build_llama(
     }
     // cmake-rs builds the `install` target, which gathers the libraries in <out>/lib.
     let dst = cfg.build();
-    dst.join("lib")
+    (dst.join("lib"), cpu.name())
+}
+
+/// Whether `lib_dir` holds ggml's CPU backend as loadable variants (`libggml-cpu-<tag>.so`)
+/// instead of one library to link. Read from the files, so that prebuilt libraries
+/// (`QFILTERS_LLAMA_LIB_DIR`) of either kind link the right way.
+fn is_dispatch_build(lib_dir: &Path) -> bool {
+    let names: Vec<String> = fs::read_dir(lib_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let linked = names
+        .iter()
+        .any(|n| ["libggml-cpu.a", "libggml-cpu.so", "libggml-cpu.dylib"].contains(&n.as_str()));
+    let variant = names
+        .iter()
+        .any(|n| n.starts_with("libggml-cpu-") && n.ends_with(".so"));
+    variant && !linked
 }
 
 /// Which CPU instructions the ggml CPU backend may use.
 ///
-/// The default is a stated baseline, never the build machine's own CPU: a binary built on a
-/// Xeon that advertises AMX inside a VM that faults on it died with SIGILL in ggml's AMX
-/// kernels (`tileloadd`), and a `-march=native` binary copied to an older machine dies the
-/// same way. The baseline is x86-64-v3 minus AVX-512: SSE4.2, AVX, AVX2, BMI2, FMA, F16C
-/// (every x86-64 CPU since Haswell / Zen 1). Other architectures get ggml's own defaults,
-/// which already target the architecture's baseline when `GGML_NATIVE` is off.
+/// The default is never the build machine's own CPU: a binary built on a Xeon that advertises
+/// AMX inside a VM that faults on it died with SIGILL in ggml's AMX kernels (`tileloadd`), and
+/// a `-march=native` binary copied to an older machine dies the same way.
+///
+/// On x86-64 Linux the default is runtime dispatch: ggml's CPU backend built once per variant
+/// in `vendor/patches/cpu-variants.patch` (x64, haswell, skylakex, icelake, zen4, alderlake;
+/// no AMX variant), each a module that ggml scores against the running CPU and loads the best
+/// of at start-up. A static AVX2 baseline cost 31% decode against `native` on AVX-512
+/// (docs/BENCHMARKS.md), more than the 10% the portable build may cost.
+///
+/// The static baseline (x86-64-v3 minus AVX-512: SSE4.2, AVX, AVX2, BMI2, FMA, F16C, every
+/// x86-64 CPU since Haswell / Zen 1) stays for `cuda` and `dynamic-link` builds, whose
+/// libraries scripts/device-bench.sh rebuilds on the GPU machine without dispatch, and for
+/// x86 targets other than Linux, and for a user's own `LLAMA_CPP_DIR` (unpatched: ggml's own
+/// variant list has an AMX one). Other architectures get ggml's own defaults, which already
+/// target the architecture's baseline when `GGML_NATIVE` is off.
 struct CpuTarget {
     /// `--features native`: `-march=native`, for a binary that only runs where it was built.
     native: bool,
     /// `--features amx`: allow AMX with `native` (off otherwise, even on CPUs that advertise it).
     amx: bool,
+    /// Runtime dispatch between CPU variants (`GGML_BACKEND_DL` + `GGML_CPU_ALL_VARIANTS`).
+    dispatch: bool,
     x86: bool,
 }
 
 impl CpuTarget {
-    fn from_env() -> CpuTarget {
+    fn from_env(cuda: bool, dynamic: bool, variants_patched: bool) -> CpuTarget {
         let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+        let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+        let native = env::var_os("CARGO_FEATURE_NATIVE").is_some();
+        let x86 = arch == "x86_64" || arch == "x86";
         CpuTarget {
-            native: env::var_os("CARGO_FEATURE_NATIVE").is_some(),
+            native,
             amx: env::var_os("CARGO_FEATURE_AMX").is_some(),
-            x86: arch == "x86_64" || arch == "x86",
+            dispatch: arch == "x86_64"
+                && os == "linux"
+                && !native
+                && !cuda
+                && !dynamic
+                && variants_patched,
+            x86,
         }
     }
 
     /// Part of the build folder's name, so switching features never reuses objects built for
-    /// another instruction set.
+    /// another instruction set. Also compiled into the binary (`qfilters --version`).
     fn name(&self) -> &'static str {
-        match (self.native, self.amx) {
-            (false, _) => "baseline",
-            (true, false) => "native-noamx",
-            (true, true) => "native-amx",
+        match (self.native, self.amx, self.dispatch) {
+            (false, _, true) => "dispatch",
+            (false, _, false) => "baseline",
+            (true, false, _) => "native-noamx",
+            (true, true, _) => "native-amx",
         }
     }
 
     fn configure(&self, cfg: &mut cmake::Config) {
         cfg.define("GGML_NATIVE", if self.native { "ON" } else { "OFF" });
+        if self.dispatch {
+            // Each variant sets its own GGML_<feature> flags (ggml/src/CMakeLists.txt).
+            cfg.define("GGML_BACKEND_DL", "ON")
+                .define("GGML_CPU_ALL_VARIANTS", "ON");
+            return;
+        }
         if !self.x86 {
             return;
         }
@@ -548,10 +615,14 @@ impl CpuTarget {
     }
 }
 
-fn link(lib_dir: &Path, cuda: bool, dynamic: bool) {
+fn link(lib_dir: &Path, cuda: bool, dynamic: bool, dispatch: bool) {
     println!("cargo::rustc-link-search=native={}", lib_dir.display());
     let kind = if dynamic { "dylib" } else { "static" };
-    let mut libs = vec!["llama", "ggml", "ggml-cpu"];
+    let mut libs = vec!["llama", "ggml"];
+    // With dispatch the CPU backend is a module that ggml loads at run time, never linked.
+    if !dispatch {
+        libs.push("ggml-cpu");
+    }
     if cuda {
         libs.push("ggml-cuda");
     }
@@ -565,6 +636,11 @@ fn link(lib_dir: &Path, cuda: bool, dynamic: bool) {
         let target = env::var("TARGET").unwrap_or_default();
         if target.contains("linux") {
             println!("cargo::rustc-link-arg=-Wl,--disable-new-dtags");
+        }
+        if dispatch {
+            // A folder holding the binary with the libraries and CPU variants beside it (a
+            // copied install) wins over the build folder.
+            println!("cargo::rustc-link-arg=-Wl,-rpath,$ORIGIN");
         }
         println!("cargo::rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     } else {

@@ -27,6 +27,8 @@ pub enum Error {
         path: PathBuf,
         source: gguf_tools::model::ModelError,
     },
+    #[error("no CPU backend: {0}")]
+    NoCpuBackend(String),
     #[error("llama.cpp failed in {call}: {what}")]
     Native { call: &'static str, what: String },
     #[error("text could not be tokenized: {0}")]

@@ -38,8 +38,21 @@ enum Command {
 }
 
 fn main() {
+    let mut command = Cli::command();
+    // Which CPU variant ggml loads is known only at run time; finding it out loads the CPU
+    // backend, so only `--version` pays for it.
+    if std::env::args_os().any(|a| a == "--version" || a == "-V") {
+        let version = format!(
+            "{} (llama.cpp patches: {}; cpu: {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("QFILTERS_LLAMA_PATCHES"),
+            qfilters::ffi::cpu_backend()
+        );
+        // clap keeps a version for the life of the program; this runs once, then exits.
+        command = command.version(&*Box::leak(version.into_boxed_str()));
+    }
     // llama.cpp users type `-ngl 99`; clap reads a one-dash word as a cluster of short flags.
-    let matches = Cli::command().get_matches_from(std::env::args_os().map(|a| {
+    let matches = command.get_matches_from(std::env::args_os().map(|a| {
         if a == "-ngl" {
             "--ngl".into()
         } else {

@@ -133,6 +133,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             "budget": budget,
             "n_batch": args.eviction.n_batch,
             "threads": args.model.threads(),
+            "cpu_backend": qfilters::ffi::cpu_backend(),
             "window": args.eviction.window,
             "sinks": args.eviction.sinks,
             "granularity": args.eviction.granularity.to_string(),

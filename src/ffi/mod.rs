@@ -29,6 +29,7 @@ use std::sync::Once;
 use crate::error::{Error, Result};
 
 mod batch;
+mod cpu_backend;
 mod context;
 mod graph;
 mod kv_tensors;
@@ -150,12 +151,21 @@ extern "C" fn log_sink(_level: sys::ggml_log_level, text: *const c_char, _user: 
     }
 }
 
+/// Which CPU code ggml runs (the build kind, and the variant loaded for this CPU), in one line.
+pub fn cpu_backend() -> String {
+    init_backend();
+    cpu_backend::describe()
+}
+
 pub(crate) fn init_backend() {
     BACKEND_INIT.call_once(|| {
         // SAFETY: called once per process before any other llama.cpp call; `log_sink` is a
         // plain function that lives for the whole program and ignores its user pointer.
         unsafe {
             sys::llama_log_set(Some(log_sink), std::ptr::null_mut());
+            // Before llama_backend_init, which loads backends only from the executable's
+            // folder and the current directory when none is registered.
+            cpu_backend::load();
             sys::llama_backend_init();
         }
     });

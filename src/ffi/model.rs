@@ -38,6 +38,7 @@ impl Model {
         crate::gguf_check::check_model_file(path)?;
         crate::gguf_check::check_hyperparameters(path)?;
         init_backend();
+        super::cpu_backend::check()?;
         let c_path = CString::new(path.as_os_str().to_string_lossy().as_bytes())
             .map_err(|_| Error::invalid("model path contains a NUL byte"))?;
         // SAFETY: default params are plain data; we only change an integer field.

@@ -15,7 +15,7 @@ impl ThreadPool {
         unsafe {
             let mut p = sys::ggml_threadpool_params_default(threads);
             p.poll = poll.min(100);
-            NonNull::new(sys::ggml_threadpool_new(&mut p)).map(ThreadPool)
+            NonNull::new(super::cpu_backend::threadpool_new(&mut p)).map(ThreadPool)
         }
     }
 }
@@ -23,7 +23,7 @@ impl ThreadPool {
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         // SAFETY: created by ggml_threadpool_new and freed once, after the context using it.
-        unsafe { sys::ggml_threadpool_free(self.0.as_ptr()) }
+        unsafe { super::cpu_backend::threadpool_free(self.0.as_ptr()) }
     }
 }
 
@@ -33,7 +33,7 @@ impl Drop for ThreadPool {
 pub(super) unsafe fn cpu_backend(threads: i32) -> sys::ggml_backend_t {
     let b = sys::ggml_backend_init_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU, std::ptr::null());
     if !b.is_null() {
-        sys::ggml_backend_cpu_set_n_threads(b, threads.max(1));
+        super::cpu_backend::set_n_threads(b, threads.max(1));
     }
     b
 }
