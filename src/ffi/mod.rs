@@ -29,8 +29,8 @@ use std::sync::Once;
 use crate::error::{Error, Result};
 
 mod batch;
-mod cpu_backend;
 mod context;
+mod cpu_backend;
 mod graph;
 mod kv_tensors;
 mod model;
