@@ -12,7 +12,7 @@ use crate::engine::{Engine, Logits};
 use crate::error::{Error, Result};
 use crate::ffi::{Model, Sampler, SamplingParams, Token};
 use crate::generate::{generate, Limits};
-use crate::math::{argmax, splitmix64};
+use crate::math::{argmax, rate, splitmix64};
 
 /// `n` token ids drawn uniformly (seeded) from the vocabulary, end-of-generation tokens
 /// excluded; the model's BOS first when it adds one.
@@ -61,14 +61,6 @@ pub struct RunMeasure {
     pub n_ctx: usize,
 }
 
-fn rate(n: usize, secs: f64) -> f64 {
-    if secs > 0.0 {
-        n as f64 / secs
-    } else {
-        0.0
-    }
-}
-
 /// Runs `prompt` then `gen` greedy decode steps on a fresh cache (the engine is reset first),
 /// timing the last `tail` steps separately. End-of-generation tokens do not stop it: the
 /// workload always decodes `gen` tokens.
@@ -82,7 +74,7 @@ pub fn run_workload(
         return Err(Error::invalid("the benchmark prompt is empty"));
     }
     engine.reset();
-    let evicted_before = engine.stats().evicted;
+    let before = engine.stats().clone();
     let mut greedy = Sampler::new(&SamplingParams::default())?;
     let tail = tail.min(gen);
     // The callback runs once per sampled token: the first after the prefill, each later one
@@ -110,7 +102,7 @@ pub fn run_workload(
     let prefill_seconds = (first - started).as_secs_f64();
     let decode_seconds = (end - first).as_secs_f64();
     let tail_seconds = (end - marks[marks.len() - 1 - tail]).as_secs_f64();
-    let s = engine.stats();
+    let s = engine.stats().since(&before);
     Ok(RunMeasure {
         prompt_tokens: prompt.len(),
         generated_tokens: gen,
@@ -118,12 +110,12 @@ pub fn run_workload(
         decode_seconds,
         tail_tokens: tail,
         tail_seconds,
-        prefill_tok_s: rate(prompt.len(), prefill_seconds),
-        decode_tok_s: rate(gen, decode_seconds),
-        tail_decode_tok_s: rate(tail, tail_seconds),
+        prefill_tok_s: rate(prompt.len() as u64, prefill_seconds),
+        decode_tok_s: rate(gen as u64, decode_seconds),
+        tail_decode_tok_s: rate(tail as u64, tail_seconds),
         live_cells: engine.live_cells(),
         peak_cells: s.peak_cells,
-        evicted: s.evicted - evicted_before,
+        evicted: s.evicted,
         kv_bytes: s.kv_bytes,
         n_ctx: s.n_ctx,
     })

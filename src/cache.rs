@@ -101,11 +101,16 @@ impl EvictionConfig {
     }
 }
 
+/// A layer as the book counts them: the `i`-th layer the engine tracks (one with a full-size
+/// KV cache), not the model's layer number, which [`crate::engine::Engine::model_layer`]
+/// gives. The book's `layer` arguments are all of this kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TrackedLayer(pub usize);
+
 /// Head slices to copy for one (layer, head): `(from_cell, to_cell)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeadMoves {
-    /// Index into the tracked layers.
-    pub layer: usize,
+    pub layer: TrackedLayer,
     pub head: usize,
     pub moves: Vec<(usize, usize)>,
 }
@@ -401,7 +406,7 @@ impl CacheBook {
                 .collect();
             if !pairs.is_empty() {
                 moves.push(HeadMoves {
-                    layer: g / self.n_head,
+                    layer: TrackedLayer(g / self.n_head),
                     head: g % self.n_head,
                     moves: pairs,
                 });
@@ -420,8 +425,8 @@ impl CacheBook {
         for hm in &plan.moves {
             for &(from, to) in &hm.moves {
                 let (a, b) = (
-                    self.slot(hm.layer, hm.head, from),
-                    self.slot(hm.layer, hm.head, to),
+                    self.slot(hm.layer.0, hm.head, from),
+                    self.slot(hm.layer.0, hm.head, to),
                 );
                 self.slot_pos[b] = self.slot_pos[a];
                 self.slot_score[b] = self.slot_score[a];

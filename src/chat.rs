@@ -515,26 +515,23 @@ impl Chat {
     }
 
     fn turn_stats(&self, before: &Stats, reply_tokens: usize, stop: Stop) -> TurnStats {
-        let s = self.engine.stats();
-        let prompt_tokens = s.prompt_tokens - before.prompt_tokens;
-        let generated = s.generated_tokens - before.generated_tokens;
-        let prefill_seconds = s.prefill_seconds - before.prefill_seconds;
-        let decode_seconds = s.decode_seconds - before.decode_seconds;
+        let now = self.engine.stats();
+        let turn = now.since(before);
         TurnStats {
             turn: self.turns,
-            prompt_tokens,
+            prompt_tokens: turn.prompt_tokens,
             reply_tokens: reply_tokens as u64,
             live_cells: self.engine.live_cells(),
-            peak_cells: s.peak_cells,
+            peak_cells: turn.peak_cells,
             budget: self.engine.budget(),
-            evicted: s.evicted - before.evicted,
-            evicted_total: s.evicted,
+            evicted: turn.evicted,
+            evicted_total: now.evicted,
             positions: i64::from(self.engine.next_position()),
-            kv_bytes: s.kv_bytes,
-            prefill_seconds,
-            decode_seconds,
-            prefill_tok_s: rate(prompt_tokens, prefill_seconds),
-            decode_tok_s: rate(generated, decode_seconds),
+            kv_bytes: turn.kv_bytes,
+            prefill_seconds: turn.prefill_seconds,
+            decode_seconds: turn.decode_seconds,
+            prefill_tok_s: turn.prefill_tok_s(),
+            decode_tok_s: turn.decode_tok_s(),
             stop: stop.as_str(),
         }
     }
@@ -550,14 +547,6 @@ impl Chat {
             let _ = writeln!(md, "**{who}:** {}\n", content.trim_end());
         }
         md
-    }
-}
-
-fn rate(n: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        n as f64 / secs
-    } else {
-        0.0
     }
 }
 

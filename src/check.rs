@@ -84,17 +84,9 @@ impl CheckReport {
     }
 }
 
-fn mean(it: impl Iterator<Item = f64>) -> f64 {
-    let (mut s, mut n) = (0.0, 0usize);
-    for x in it {
-        s += x;
-        n += 1;
-    }
-    if n == 0 {
-        0.0
-    } else {
-        s / n as f64
-    }
+/// Mean over layers or heads; 0 when there are none.
+fn mean(values: impl IntoIterator<Item = f64>) -> f64 {
+    crate::math::mean(values).unwrap_or(0.0)
 }
 
 /// What the observer keeps per layer: keys and attention received, nothing quadratic.
@@ -250,8 +242,8 @@ pub fn check_filters(
             }
         }
         layers.push(LayerCheck {
-            spearman_filters: mean(sp_f.into_iter()),
-            spearman_knorm: mean(sp_k.into_iter()),
+            spearman_filters: mean(sp_f),
+            spearman_knorm: mean(sp_k),
             mass_kept: mass,
         });
     }

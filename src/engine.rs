@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity};
+use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity, TrackedLayer};
 use crate::error::{Error, Result};
 use crate::ffi::{
     Batch, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Sampler,
     Token,
 };
+use crate::math::rate;
 use crate::policy::{KeyReduce, NewKeys, Scorer};
 
 /// Where the hook reads the post-RoPE keys of new tokens.
@@ -187,13 +188,32 @@ impl Stats {
     pub fn decode_tok_s(&self) -> f64 {
         rate(self.generated_tokens, self.decode_seconds)
     }
-}
 
-fn rate(n: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        n as f64 / secs
-    } else {
-        0.0
+    /// What happened since `before` (an earlier snapshot of the same engine): the counters
+    /// and times as differences; the peak (since the last [`Engine::reset_peak`]), the KV
+    /// bytes and the context size as they are now.
+    pub fn since(&self, before: &Stats) -> Stats {
+        Stats {
+            prompt_tokens: self.prompt_tokens.saturating_sub(before.prompt_tokens),
+            generated_tokens: self
+                .generated_tokens
+                .saturating_sub(before.generated_tokens),
+            peak_cells: self.peak_cells,
+            evicted: self.evicted.saturating_sub(before.evicted),
+            head_slices_moved: self
+                .head_slices_moved
+                .saturating_sub(before.head_slices_moved),
+            device_score_batches: self
+                .device_score_batches
+                .saturating_sub(before.device_score_batches),
+            device_move_rounds: self
+                .device_move_rounds
+                .saturating_sub(before.device_move_rounds),
+            kv_bytes: self.kv_bytes,
+            n_ctx: self.n_ctx,
+            prefill_seconds: self.prefill_seconds - before.prefill_seconds,
+            decode_seconds: self.decode_seconds - before.decode_seconds,
+        }
     }
 }
 
@@ -307,7 +327,8 @@ pub struct Engine {
     cfg: EngineConfig,
     /// Created after the first decode, when the cache tensors are known.
     book: Option<CacheBook>,
-    /// Model layers whose keys are scored (those with a full-size KV cache).
+    /// Model layers whose keys are scored (those with a full-size KV cache), indexed by
+    /// [`TrackedLayer`].
     tracked: Vec<usize>,
     keys_from: KeyReader,
     batch: Batch,
@@ -424,6 +445,11 @@ impl Engine {
     /// Layers the book tracks (its layer index `i` is the `i`-th layer with a full-size cache).
     pub fn tracked_layers(&self) -> usize {
         self.tracked.len()
+    }
+
+    /// The model layer behind a tracked layer of the book.
+    pub fn model_layer(&self, layer: TrackedLayer) -> Option<usize> {
+        self.tracked.get(layer.0).copied()
     }
 
     pub fn book(&self) -> Option<&CacheBook> {
@@ -743,7 +769,7 @@ impl Engine {
         let groups: Vec<HeadMoveGroup<'_>> = plan
             .moves
             .iter()
-            .map(|hm| (self.tracked[hm.layer], hm.head, hm.moves.as_slice()))
+            .map(|hm| (self.tracked[hm.layer.0], hm.head, hm.moves.as_slice()))
             .collect();
         if self.ctx.move_head_slices_batch(&groups, self.n_head_kv)? {
             self.stats.device_move_rounds += 1;

@@ -9,12 +9,9 @@ pub mod passkey;
 pub mod ppl;
 pub mod sweep;
 
-/// Mean of `values[range]`, NaN when empty.
+/// Mean of `values`, NaN when empty (an empty window has no perplexity).
 pub(crate) fn mean(values: &[f64]) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.iter().sum::<f64>() / values.len() as f64
+    crate::math::mean(values.iter().copied()).unwrap_or(f64::NAN)
 }
 
 /// Mean NLL over consecutive windows of `window` values (the last one may be shorter):
