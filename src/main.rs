@@ -52,13 +52,16 @@ fn main() {
         command = command.version(&*Box::leak(version.into_boxed_str()));
     }
     // llama.cpp users type `-ngl 99`; clap reads a one-dash word as a cluster of short flags.
-    let matches = command.get_matches_from(std::env::args_os().map(|a| {
-        if a == "-ngl" {
-            "--ngl".into()
-        } else {
-            a
-        }
-    }));
+    let matches =
+        command
+            .try_get_matches_from(std::env::args_os().map(|a| {
+                if a == "-ngl" {
+                    "--ngl".into()
+                } else {
+                    a
+                }
+            }))
+            .unwrap_or_else(|e| usage_error(e));
     // Tuned defaults carried with the filters apply only where the user gave no flag.
     cli::record_given(&matches);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -78,4 +81,43 @@ fn main() {
         eprintln!("qfilters: {e}");
         std::process::exit(1);
     }
+}
+
+/// clap's own exit for help, version and usage mistakes, except a value outside a flag's list
+/// (`--policy lru`): that gets the one `qfilters: ` line and exit 1 every other bad input gets.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() == ErrorKind::InvalidValue {
+        let text = |k| match e.get(k) {
+            Some(ContextValue::String(s)) => Some(s.clone()),
+            Some(ContextValue::Strings(v)) => Some(v.join(", ")),
+            _ => None,
+        };
+        if let (Some(arg), Some(value), Some(valid)) = (
+            text(ContextKind::InvalidArg),
+            text(ContextKind::InvalidValue),
+            text(ContextKind::ValidValue),
+        ) {
+            // `--policy <POLICY>` → "policy".
+            let what = arg
+                .split_once(' ')
+                .map_or(arg.as_str(), |(_, n)| n)
+                .trim_matches(|c| c == '<' || c == '>')
+                .to_lowercase();
+            eprintln!("qfilters: unknown {what} '{value}' for {arg}: choose one of {valid}");
+            std::process::exit(1);
+        }
+    }
+    if e.kind() == ErrorKind::ValueValidation {
+        // A flag's own parser said why (`--granularity x`): that reason, on one line.
+        if let Some(why) = std::error::Error::source(&e) {
+            let arg = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(a)) => format!("{a}: "),
+                _ => String::new(),
+            };
+            eprintln!("qfilters: {arg}{why}");
+            std::process::exit(1);
+        }
+    }
+    e.exit()
 }
