@@ -12,7 +12,7 @@ use gguf_tools::filters::QFilters;
 use qfilters::args::{EvictionArgs, SamplingArgs};
 use qfilters::engine::Engine;
 use qfilters::ffi::{Model, ModelParams, Sampler};
-use qfilters::generate::generate;
+use qfilters::generate::{generate, Limits};
 use qfilters::policy;
 
 fn main() {
@@ -47,21 +47,21 @@ fn run() -> qfilters::Result<()> {
     let mut engine = Engine::new(&model, scorer, config)?;
     let mut sampler = Sampler::new(&SamplingArgs::default().params()?)?;
 
-    let (generated, _stop) = generate(
+    let gen = generate(
         &mut engine,
         &mut sampler,
         &tokens,
-        n_predict,
+        Limits::tokens(n_predict),
         &mut |_, _| {},
-        &mut |_| true,
+        &mut |_, _| true,
     )?;
-    println!("{prompt}{}", model.detokenize(&generated, false));
+    println!("{prompt}{}", gen.text);
     let s = engine.stats();
     eprintln!(
         "policy {} | {} prompt + {} generated tokens | peak {} cells (budget {}) | {} evicted",
         eviction.policy,
         tokens.len(),
-        generated.len(),
+        gen.tokens.len(),
         s.peak_cells,
         eviction.budget,
         s.evicted

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Logits};
 use crate::error::{Error, Result};
-use crate::ffi::{Model, Token};
-use crate::math::splitmix64;
+use crate::ffi::{Model, Sampler, SamplingParams, Token};
+use crate::generate::{generate, Limits};
+use crate::math::{argmax, splitmix64};
 
 /// `n` token ids drawn uniformly (seeded) from the vocabulary, end-of-generation tokens
 /// excluded; the model's BOS first when it adds one.
@@ -37,16 +38,6 @@ pub fn synthetic_prompt(model: &Model, n: usize, seed: u64) -> Result<Vec<Token>
         out.push(t);
     }
     Ok(out)
-}
-
-fn argmax(logits: &[f32]) -> Token {
-    let mut best = 0usize;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as Token
 }
 
 /// What one pass of the workload measured.
@@ -78,8 +69,9 @@ fn rate(n: usize, secs: f64) -> f64 {
     }
 }
 
-/// Runs `prompt` then `gen` greedy steps on a fresh cache (the engine is reset first), timing
-/// the last `tail` steps separately.
+/// Runs `prompt` then `gen` greedy decode steps on a fresh cache (the engine is reset first),
+/// timing the last `tail` steps separately. End-of-generation tokens do not stop it: the
+/// workload always decodes `gen` tokens.
 pub fn run_workload(
     engine: &mut Engine,
     prompt: &[Token],
@@ -91,27 +83,33 @@ pub fn run_workload(
     }
     engine.reset();
     let evicted_before = engine.stats().evicted;
-    let last = prompt.len() - 1;
-    let mut last_index = 0;
-    let started = Instant::now();
-    engine.ingest(prompt, &mut |i| i == last, &mut |_, _, len| {
-        last_index = len.saturating_sub(1);
-        Ok(())
-    })?;
-    let mut token = argmax(engine.context().logits(last_index)?);
-    let prefill_seconds = started.elapsed().as_secs_f64();
+    let mut greedy = Sampler::new(&SamplingParams::default())?;
     let tail = tail.min(gen);
-    let mut tail_seconds = 0.0;
+    // The callback runs once per sampled token: the first after the prefill, each later one
+    // after one more decode step. `gen + 1` samples make `gen` decodes (the last sample is
+    // left undecoded).
     let started = Instant::now();
-    for i in 0..gen {
-        let step_start = Instant::now();
-        engine.step(token)?;
-        token = argmax(engine.context().logits(0)?);
-        if i + tail >= gen {
-            tail_seconds += step_start.elapsed().as_secs_f64();
-        }
-    }
-    let decode_seconds = started.elapsed().as_secs_f64();
+    let mut marks: Vec<Instant> = Vec::with_capacity(gen + 1);
+    generate(
+        engine,
+        &mut greedy,
+        prompt,
+        Limits {
+            max_tokens: gen.saturating_add(1),
+            ignore_eog: true,
+        },
+        &mut |_, _| {},
+        &mut |_, _| {
+            marks.push(Instant::now());
+            true
+        },
+    )?;
+    let (Some(&first), Some(&end)) = (marks.first(), marks.last()) else {
+        return Err(Error::invalid("the benchmark sampled no token"));
+    };
+    let prefill_seconds = (first - started).as_secs_f64();
+    let decode_seconds = (end - first).as_secs_f64();
+    let tail_seconds = (end - marks[marks.len() - 1 - tail]).as_secs_f64();
     let s = engine.stats();
     Ok(RunMeasure {
         prompt_tokens: prompt.len(),
@@ -290,8 +288,6 @@ pub fn compare_key_paths(
     let mut tokens = Vec::new();
     for engine in [&mut *graph, &mut *cache] {
         engine.reset();
-        let last = prompt.len().saturating_sub(1);
-        let mut last_index = 0;
         let mut reused = 0;
         let mut decodes = 0;
         let check = |ctx: &crate::ffi::Context, reused: &mut usize| -> Result<()> {
@@ -303,12 +299,11 @@ pub fn compare_key_paths(
             }
             Ok(())
         };
-        engine.ingest(prompt, &mut |i| i == last, &mut |ctx, _, len| {
-            last_index = len.saturating_sub(1);
+        engine.ingest(prompt, Logits::Last, &mut |chunk| {
             decodes += 1;
-            check(ctx, &mut reused)
+            check(chunk.context(), &mut reused)
         })?;
-        let mut token = argmax(engine.context().logits(last_index)?);
+        let mut token = argmax(engine.last_logits()?) as Token;
         let record = tokens.is_empty();
         for i in 0..gen {
             // Same tokens through both engines, so their caches hold the same keys.
@@ -320,7 +315,7 @@ pub fn compare_key_paths(
             engine.step(token)?;
             decodes += 1;
             check(engine.context(), &mut reused)?;
-            token = argmax(engine.context().logits(0)?);
+            token = argmax(engine.last_logits()?) as Token;
         }
         engine.flush_scores()?;
         report.cells_reused_after_decode += reused;
@@ -381,8 +376,8 @@ pub fn check_head_moves(
     threads: i32,
 ) -> Result<HeadMoveReport> {
     use crate::cache::{Combiner, EvictionConfig, Granularity};
-    use crate::engine::{EngineConfig, KeySource};
-    let engine_for = |policy: &str, eviction: Option<EvictionConfig>| -> Result<Engine> {
+    use crate::engine::EngineConfig;
+    let engine_for = |policy: &str, cache: EngineConfig| -> Result<Engine> {
         let scorer = crate::policy::build(
             policy,
             &crate::policy::PolicyInputs {
@@ -395,30 +390,30 @@ pub fn check_head_moves(
             model,
             scorer,
             EngineConfig {
-                eviction,
-                capacity: prompt.len() + 1,
                 n_batch: chunk,
                 threads,
-                key_source: KeySource::Cache,
                 flash_attn: Some(true),
-                hook: true,
+                ..cache
             },
         )
     };
-    let mut full = engine_for("none", None)?;
-    full.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))?;
+    let mut full = engine_for("none", EngineConfig::full(prompt.len() + 1))?;
+    full.ingest(prompt, Logits::Last, &mut |_| Ok(()))?;
     let mut evicting = engine_for(
         "knorm",
-        Some(EvictionConfig {
-            budget,
-            window: 8,
-            sinks: 2,
-            granularity: Granularity::Head,
-            combiner: Combiner::MeanZ,
-            slack: 0,
-        }),
+        EngineConfig {
+            job_tokens: Some(prompt.len() + 1),
+            ..EngineConfig::bounded(EvictionConfig {
+                budget,
+                window: 8,
+                sinks: 2,
+                granularity: Granularity::Head,
+                combiner: Combiner::MeanZ,
+                slack: 0,
+            })
+        },
     )?;
-    evicting.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))?;
+    evicting.ingest(prompt, Logits::Last, &mut |_| Ok(()))?;
     let mut r = HeadMoveReport {
         head_slices_moved: evicting.stats().head_slices_moved,
         device_move_rounds: evicting.stats().device_move_rounds,
@@ -476,10 +471,5 @@ mod tests {
         assert_eq!(b.kv_bytes_read_budget, 200);
         assert!((b.bound - 2100.0 / 300.0).abs() < 1e-12);
         assert!((b.share(3.5) - 0.5).abs() < 1e-12);
-    }
-
-    #[test]
-    fn argmax_picks_first_maximum() {
-        assert_eq!(argmax(&[0.0, 2.0, 2.0, -1.0]), 1);
     }
 }

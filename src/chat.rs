@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use crate::engine::{Engine, Stats};
 use crate::error::{Error, Result};
 use crate::ffi::{apply_chat_template, Model, Sampler, Token};
-use crate::generate::Stop;
+use crate::generate::{generate, Limits, Stop};
 
 /// The template used when the model has none, or one llama.cpp cannot apply. ChatML is also
 /// llama.cpp's own fallback, and many small instruct models were tuned on it.
@@ -479,84 +479,39 @@ impl Chat {
         let before = self.engine.stats().clone();
         self.engine.reset_peak();
         self.broken = true;
-        let (reply_tokens, bytes, stop) =
-            self.decode_turn(&tokens, max_tokens, progress, on_text)?;
+        let gen = generate(
+            &mut self.engine,
+            &mut self.sampler,
+            &tokens,
+            Limits::tokens(max_tokens),
+            progress,
+            &mut |_, piece| on_text(piece),
+        )?;
+        if !gen.tail.is_empty() {
+            on_text(&gen.tail);
+        }
         self.broken = false;
-        let text = String::from_utf8_lossy(&bytes).into_owned();
         self.cached = full;
         // The reply's tokens were sampled, not tokenized: the cache holds exactly them, and the
         // next turn compares the template's rendering of the reply with this text.
         self.cached.push(Segment {
-            text: text.clone(),
+            text: gen.text.clone(),
             content: true,
         });
         self.messages.push(("user".to_string(), user.to_string()));
-        self.messages.push(("assistant".to_string(), text.clone()));
-        // At the limit the last token was sampled but not decoded (decoding it only pays off
-        // if the conversation goes on).
-        if stop == Stop::Limit {
-            if let Some(&t) = reply_tokens.last() {
-                self.pending.push(t);
-            }
-        }
+        self.messages
+            .push(("assistant".to_string(), gen.text.clone()));
+        // At the limit the last token was sampled but not decoded: the next turn decodes it
+        // first.
+        self.pending.extend(gen.undecoded);
         self.turns += 1;
-        let stats = self.turn_stats(&before, reply_tokens.len(), stop);
+        let stats = self.turn_stats(&before, gen.tokens.len(), gen.stop);
         self.last = Some(stats.clone());
-        Ok(Reply { text, stop, stats })
-    }
-
-    fn decode_turn(
-        &mut self,
-        tokens: &[Token],
-        max_tokens: usize,
-        progress: &mut dyn FnMut(usize, usize),
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<(Vec<Token>, Vec<u8>, Stop)> {
-        let total = tokens.len();
-        let last = total.saturating_sub(1);
-        let mut index = 0;
-        self.engine
-            .ingest(tokens, &mut |i| i == last, &mut |_, offset, len| {
-                progress(offset + len, total);
-                index = len.saturating_sub(1);
-                Ok(())
-            })?;
-        let model = std::sync::Arc::clone(self.engine.model());
-        let mut out = Vec::new();
-        let mut bytes: Vec<u8> = Vec::new();
-        let mut emitted = 0;
-        let stop = loop {
-            if out.len() >= max_tokens {
-                break Stop::Limit;
-            }
-            let token = self.sampler.sample(self.engine.context(), index)?;
-            if model.is_eog(token) {
-                break Stop::EndOfGeneration;
-            }
-            out.push(token);
-            bytes.extend(model.token_bytes(token, false));
-            let valid = match std::str::from_utf8(&bytes[emitted..]) {
-                Ok(s) => s.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            let piece = std::str::from_utf8(&bytes[emitted..emitted + valid]).unwrap_or("");
-            if !on_text(piece) {
-                // Refused: the reply ends before this token, which is never decoded.
-                out.pop();
-                bytes.truncate(emitted);
-                break Stop::Interrupted;
-            }
-            emitted += valid;
-            if out.len() >= max_tokens {
-                break Stop::Limit;
-            }
-            self.engine.step(token)?;
-            index = 0;
-        };
-        if emitted < bytes.len() {
-            on_text(&String::from_utf8_lossy(&bytes[emitted..]));
-        }
-        Ok((out, bytes, stop))
+        Ok(Reply {
+            text: gen.text,
+            stop: gen.stop,
+            stats,
+        })
     }
 
     fn turn_stats(&self, before: &Stats, reply_tokens: usize, stop: Stop) -> TurnStats {
@@ -580,11 +535,7 @@ impl Chat {
             decode_seconds,
             prefill_tok_s: rate(prompt_tokens, prefill_seconds),
             decode_tok_s: rate(generated, decode_seconds),
-            stop: match stop {
-                Stop::EndOfGeneration => "eog",
-                Stop::Limit => "limit",
-                Stop::Interrupted => "interrupted",
-            },
+            stop: stop.as_str(),
         }
     }
 

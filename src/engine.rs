@@ -7,7 +7,8 @@ use std::time::Instant;
 use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity};
 use crate::error::{Error, Result};
 use crate::ffi::{
-    Batch, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Token,
+    Batch, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Sampler,
+    Token,
 };
 use crate::policy::{KeyReduce, NewKeys, Scorer};
 
@@ -51,14 +52,25 @@ impl std::fmt::Display for KeySource {
     }
 }
 
+/// How big the KV cache is, and whether it is kept there by eviction: the one place that says
+/// whether an engine evicts.
+#[derive(Debug, Clone)]
+pub enum CacheSize {
+    /// Evict the lowest-scoring tokens after every decode, down to the budget.
+    Bounded(EvictionConfig),
+    /// No eviction: a context of `capacity` cells; a decode that would need more fails with
+    /// [`Error::FullCacheOverflow`]. The quality reference (policy `none`).
+    Full { capacity: usize },
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// `None`: full cache of `capacity` cells, no eviction.
-    pub eviction: Option<EvictionConfig>,
-    /// Without eviction: the cells the context must hold. With eviction: the most tokens the
-    /// job will ever feed (prompt + generated), which caps the context, since a cache never
-    /// holds more cells than tokens it was given; 0 = unknown (an open-ended chat).
-    pub capacity: usize,
+    pub cache: CacheSize,
+    /// The most tokens the job will ever feed (prompt + generated), when known. It caps the
+    /// context of a bounded cache, since a cache never holds more cells than tokens it was
+    /// given (`run --budget 100000` on 9 tokens needs 9 cells); `None` for an open-ended job
+    /// (a chat). A full cache is sized by its capacity alone.
+    pub job_tokens: Option<usize>,
     pub n_batch: usize,
     pub threads: i32,
     pub key_source: KeySource,
@@ -66,6 +78,86 @@ pub struct EngineConfig {
     /// Install the graph hook; only a benchmark's "hook off" baseline turns it off (then
     /// nothing can be evicted by score).
     pub hook: bool,
+}
+
+/// Tokens decoded per `llama_decode` unless the caller says otherwise (the CLI's `--batch`).
+pub const DEFAULT_BATCH: usize = 256;
+
+impl EngineConfig {
+    /// A cache kept within `eviction.budget` cells, with the defaults of every other knob:
+    /// keys read from the cache, llama.cpp's flash-attention choice, the default thread count.
+    pub fn bounded(eviction: EvictionConfig) -> EngineConfig {
+        EngineConfig::with_cache(CacheSize::Bounded(eviction))
+    }
+
+    /// A full cache of `capacity` cells that never evicts, with the same defaults.
+    pub fn full(capacity: usize) -> EngineConfig {
+        EngineConfig::with_cache(CacheSize::Full { capacity })
+    }
+
+    fn with_cache(cache: CacheSize) -> EngineConfig {
+        EngineConfig {
+            cache,
+            job_tokens: None,
+            n_batch: DEFAULT_BATCH,
+            threads: crate::threads::default_threads(),
+            key_source: KeySource::Cache,
+            flash_attn: None,
+            hook: true,
+        }
+    }
+
+    /// The eviction knobs of a bounded cache.
+    pub fn eviction(&self) -> Option<&EvictionConfig> {
+        match &self.cache {
+            CacheSize::Bounded(ev) => Some(ev),
+            CacheSize::Full { .. } => None,
+        }
+    }
+}
+
+/// Which tokens of an [`Engine::ingest`] get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token of the input: what generation samples from.
+    Last,
+    /// Every token: what perplexity scores.
+    All,
+}
+
+/// One decoded chunk of an [`Engine::ingest`], seen before the engine evicts after it.
+pub struct Chunk<'a> {
+    ctx: &'a Context,
+    /// Where the chunk starts in the ingested tokens, and how many tokens it holds.
+    pub offset: usize,
+    pub len: usize,
+    /// Whether the chunk's last token is the input's last token.
+    pub last: bool,
+    logits: Logits,
+}
+
+impl Chunk<'_> {
+    /// Logits after token `j` of the chunk: any `j` with [`Logits::All`], only the input's
+    /// last token with [`Logits::Last`]; anything else is an error.
+    pub fn logits(&self, j: usize) -> Result<&[f32]> {
+        let has = j < self.len
+            && match self.logits {
+                Logits::All => true,
+                Logits::Last => self.last && j + 1 == self.len,
+            };
+        if !has {
+            return Err(Error::invalid(format!(
+                "token {j} of a chunk of {} was decoded without logits",
+                self.len
+            )));
+        }
+        self.ctx.logits(j)
+    }
+
+    /// The context right after the chunk's decode (for checks on what it wrote).
+    pub fn context(&self) -> &Context {
+        self.ctx
+    }
 }
 
 /// Counters every command reports.
@@ -149,6 +241,9 @@ pub struct Engine {
     /// batch per layer instead of one small copy per layer after every decode.
     pending_cells: Vec<i64>,
     pending_pos: Vec<i32>,
+    /// Batch row of the last decoded token when it has logits (what the next token is sampled
+    /// from); `None` before any decode, after a reset, or when the last token had none.
+    logits_row: Option<usize>,
     /// Score on the cache's device (`KeySource::Cache` and a reducible score) until the
     /// backend turns out not to support it.
     device_scoring: bool,
@@ -160,28 +255,29 @@ const FLUSH_CHUNK: usize = 2048;
 
 impl Engine {
     pub fn new(model: &Arc<Model>, scorer: Box<dyn Scorer>, cfg: EngineConfig) -> Result<Engine> {
-        let evicting = cfg.eviction.is_some() && scorer.evicts();
+        let evicting = cfg.eviction().is_some();
         if evicting && !cfg.hook {
             return Err(Error::invalid("eviction needs the graph hook"));
         }
-        if let Some(ev) = &cfg.eviction {
+        if let Some(ev) = cfg.eviction() {
             ev.validate()?;
         }
         let n_batch = cfg.n_batch.max(1);
         // The budget plus one batch of new tokens, plus a margin for llama.cpp's slot search;
         // never more than the job's tokens (`run --budget 100000` on 9 tokens needs 9 cells).
         let too_large = || Error::invalid("the KV budget plus the batch size is too large");
-        let n_ctx = match (&cfg.eviction, evicting) {
-            (Some(ev), true) => {
+        let n_ctx = match &cfg.cache {
+            CacheSize::Bounded(ev) => {
                 let most = ev.budget.checked_add(n_batch).ok_or_else(too_large)?;
-                let most = if cfg.capacity > 0 {
-                    most.min(cfg.capacity)
-                } else {
-                    most
+                let most = match cfg.job_tokens {
+                    Some(job) if job > 0 => most.min(job),
+                    _ => most,
                 };
                 most.checked_add(16).ok_or_else(too_large)?
             }
-            _ => cfg.capacity.max(1).checked_add(1).ok_or_else(too_large)?,
+            CacheSize::Full { capacity } => {
+                (*capacity).max(1).checked_add(1).ok_or_else(too_large)?
+            }
         };
         // Models with sliding-window layers (Gemma 3) get a second, smaller KV cache for them,
         // which llama.cpp prunes by itself; only the full-attention layers may be tracked. They
@@ -208,8 +304,7 @@ impl Engine {
         // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.
         let n_batch = n_batch.min(n_ctx);
         let head_mode = cfg
-            .eviction
-            .as_ref()
+            .eviction()
             .is_some_and(|e| e.granularity == Granularity::Head);
         let params = ContextParams {
             n_ctx: u32::try_from(n_ctx).map_err(|_| Error::invalid("context too large"))?,
@@ -252,6 +347,7 @@ impl Engine {
             head_dim: model.head_dim(),
             pending_cells: Vec::new(),
             pending_pos: Vec::new(),
+            logits_row: None,
             device_scoring,
             filters_on_device: false,
         })
@@ -278,7 +374,7 @@ impl Engine {
     }
 
     pub fn budget(&self) -> Option<usize> {
-        self.cfg.eviction.as_ref().map(|e| e.budget)
+        self.cfg.eviction().map(|e| e.budget)
     }
 
     /// Layers the book tracks (its layer index `i` is the `i`-th layer with a full-size cache).
@@ -307,7 +403,7 @@ impl Engine {
     }
 
     fn evicting(&self) -> bool {
-        self.cfg.eviction.is_some() && self.scorer.evicts()
+        self.cfg.eviction().is_some()
     }
 
     /// Starts a new peak measurement from the cells in use now (per-turn peaks in chat).
@@ -324,32 +420,57 @@ impl Engine {
         self.pending_cells.clear();
         self.pending_pos.clear();
         self.next_pos = 0;
+        self.logits_row = None;
         self.stats.live_cells = 0;
     }
 
-    /// Decodes `tokens` in chunks of `n_batch`, evicting after each chunk.
-    ///
-    /// `logits_for(i)` says whether token `i` of `tokens` needs logits; `on_chunk` runs after
-    /// each chunk's decode with the chunk's offset in `tokens` and its length, while its logits
-    /// are readable (`context().logits(j)` for the j-th token of the chunk that asked for them).
+    /// Logits after the last decoded token: the last token of an [`Engine::ingest`] (either
+    /// [`Logits`] mode) or the token of an [`Engine::step`].
+    pub fn last_logits(&self) -> Result<&[f32]> {
+        self.ctx.logits(self.last_row()?)
+    }
+
+    /// Draws the next token from [`Engine::last_logits`].
+    pub fn sample(&self, sampler: &mut Sampler) -> Result<Token> {
+        sampler.sample(&self.ctx, self.last_row()?)
+    }
+
+    fn last_row(&self) -> Result<usize> {
+        self.logits_row.ok_or_else(|| {
+            Error::invalid("no logits to sample from: nothing was decoded since the last reset")
+        })
+    }
+
+    /// Decodes `tokens` in chunks of `n_batch`, evicting after each chunk, with logits for the
+    /// tokens `logits` names. `on_chunk` runs after each chunk's decode, before its eviction,
+    /// while the chunk's logits are readable. Afterwards [`Engine::last_logits`] holds the
+    /// logits after the last token.
     pub fn ingest(
         &mut self,
         tokens: &[Token],
-        logits_for: &mut dyn FnMut(usize) -> bool,
-        on_chunk: &mut dyn FnMut(&Context, usize, usize) -> Result<()>,
+        logits: Logits,
+        on_chunk: &mut dyn FnMut(&Chunk<'_>) -> Result<()>,
     ) -> Result<()> {
         let n_batch = self.cfg.n_batch;
         let mut offset = 0;
         while offset < tokens.len() {
             let end = (offset + n_batch).min(tokens.len());
+            let last = end == tokens.len();
             let started = Instant::now();
             self.batch.clear();
             for (i, &t) in tokens[offset..end].iter().enumerate() {
                 let pos = self.next_pos + i as i32;
-                self.batch.push(t, pos, logits_for(offset + i));
+                let wants = logits == Logits::All || (last && offset + i + 1 == end);
+                self.batch.push(t, pos, wants);
             }
-            self.decode_batch()?;
-            on_chunk(&self.ctx, offset, end - offset)?;
+            self.decode_batch(logits == Logits::All || last)?;
+            on_chunk(&Chunk {
+                ctx: &self.ctx,
+                offset,
+                len: end - offset,
+                last,
+                logits,
+            })?;
             self.evict()?;
             self.stats.prefill_seconds += started.elapsed().as_secs_f64();
             self.stats.prompt_tokens += (end - offset) as u64;
@@ -358,27 +479,31 @@ impl Engine {
         Ok(())
     }
 
-    /// Decodes one generated token (its logits become readable at batch index 0).
+    /// Decodes one generated token; [`Engine::last_logits`] then holds the logits after it.
     pub fn step(&mut self, token: Token) -> Result<()> {
         let started = Instant::now();
         self.batch.clear();
         self.batch.push(token, self.next_pos, true);
-        self.decode_batch()?;
+        self.decode_batch(true)?;
         self.evict()?;
         self.stats.decode_seconds += started.elapsed().as_secs_f64();
         self.stats.generated_tokens += 1;
         Ok(())
     }
 
-    fn decode_batch(&mut self) -> Result<()> {
+    /// Decodes the batch; `last_has_logits` says whether its last token asked for logits.
+    fn decode_batch(&mut self, last_has_logits: bool) -> Result<()> {
         let n = self.batch.len();
-        if !self.evicting() && self.next_pos as usize + n > self.ctx.n_ctx() {
-            return Err(Error::invalid(format!(
-                "the full cache holds {} tokens and the input needs more: policy 'none' sizes the cache to the input, give it a larger capacity",
-                self.ctx.n_ctx()
-            )));
+        let needed = self.next_pos as usize + n;
+        if !self.evicting() && needed > self.ctx.n_ctx() {
+            return Err(Error::FullCacheOverflow {
+                cells: self.ctx.n_ctx(),
+                needed,
+            });
         }
+        self.logits_row = None;
         self.ctx.decode(&self.batch)?;
+        self.logits_row = (last_has_logits && n > 0).then(|| n - 1);
         self.next_pos += n as i32;
         self.stats.live_cells += n;
         self.stats.peak_cells = self.stats.peak_cells.max(self.stats.live_cells);
@@ -409,8 +534,7 @@ impl Engine {
         }
         let head_mode = self
             .cfg
-            .eviction
-            .as_ref()
+            .eviction()
             .is_some_and(|e| e.granularity == Granularity::Head);
         if head_mode && !self.ctx.can_move_heads(self.n_head_kv * self.head_dim) {
             return Err(Error::KvCache(
@@ -556,10 +680,10 @@ impl Engine {
 
     /// Brings the cache back within its budget.
     pub fn evict(&mut self) -> Result<()> {
-        let Some(ev) = self.cfg.eviction.clone() else {
+        let Some(ev) = self.cfg.eviction().cloned() else {
             return Ok(());
         };
-        if !self.scorer.evicts() || self.stats.live_cells <= ev.budget {
+        if self.stats.live_cells <= ev.budget {
             return Ok(());
         }
         self.flush_scores()?;

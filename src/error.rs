@@ -39,6 +39,8 @@ pub enum Error {
     File(#[from] gguf_tools::safe_io::FileError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("the full cache holds {cells} cells and the input needs {needed}: a cache that never evicts must be sized to the whole input")]
+    FullCacheOverflow { cells: usize, needed: usize },
     #[error("KV cache: {0}")]
     KvCache(String),
     #[error("chat template: {0}")]

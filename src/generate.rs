@@ -1,55 +1,221 @@
-//! Prompt in, tokens out, through an [`Engine`].
+//! The one generation loop: prompt in, sampled tokens and their text out, through an
+//! [`Engine`]. `run`, `chat` and `bench` use it, and a server slot can: the caller sees each
+//! token with its text as it is sampled and may refuse it (a stop string, a closed
+//! connection), and the last sampled token is left undecoded, to be decoded first by whatever
+//! continues the conversation.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Logits};
 use crate::error::Result;
 use crate::ffi::{Sampler, Token};
 
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
+    /// The model sampled an end-of-generation token (not part of the output, not decoded).
     EndOfGeneration,
+    /// `max_tokens` were sampled.
     Limit,
+    /// The callback refused a token.
     Interrupted,
 }
 
-/// Ingests `prompt` (showing progress through `progress(done, total)`), then samples up to
-/// `max_tokens`, calling `on_token` for each; `on_token` returning false stops early.
+impl Stop {
+    /// `eog`, `limit` or `interrupted`, as reports and JSON name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stop::EndOfGeneration => "eog",
+            Stop::Limit => "limit",
+            Stop::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// When generation ends besides the callback refusing a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most tokens to sample.
+    pub max_tokens: usize,
+    /// Sample through end-of-generation tokens as through any other (a benchmark that must
+    /// decode exactly `max_tokens`; a server's `ignore_eos`).
+    pub ignore_eog: bool,
+}
+
+impl Limits {
+    /// At most `max_tokens`, ending early at an end-of-generation token.
+    pub fn tokens(max_tokens: usize) -> Limits {
+        Limits {
+            max_tokens,
+            ignore_eog: false,
+        }
+    }
+}
+
+/// What one generation produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// The accepted tokens, in order (a refused or end-of-generation token is not among them).
+    pub tokens: Vec<Token>,
+    /// Their text: every piece the callback accepted, then `tail`.
+    pub text: String,
+    /// The end of `text` the callback never saw: an unfinished UTF-8 character at the end,
+    /// rendered with U+FFFD. Usually empty; a streaming caller prints it after the loop.
+    pub tail: String,
+    pub stop: Stop,
+    /// The last accepted token when it was sampled but not decoded (at the limit decoding it
+    /// would only pay off if the text goes on): a caller that continues the conversation
+    /// decodes it first, in front of its next input. `None` when the cache holds every
+    /// accepted token.
+    pub undecoded: Option<Token>,
+}
+
+/// Turns token bytes into text as it streams: whole UTF-8 characters only, a character split
+/// across tokens held back until it is complete, and bytes that can never form one replaced
+/// by U+FFFD (as `String::from_utf8_lossy` would).
+#[derive(Debug, Clone, Default)]
+pub struct Utf8Pieces {
+    pending: Vec<u8>,
+}
+
+impl Utf8Pieces {
+    /// Adds a token's bytes and returns the text they complete (possibly empty).
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    // The first `valid_up_to` bytes are valid UTF-8 by definition.
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).unwrap_or(""));
+                    match e.error_len() {
+                        // An unfinished character at the end: wait for the next token.
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The bytes still held back (an unfinished character), rendered with U+FFFD; the
+    /// decoder is empty afterwards.
+    pub fn finish(&mut self) -> String {
+        let rest = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        rest
+    }
+}
+
+/// Decodes `prompt` (after whatever the engine's cache holds; `progress(done, total)` follows
+/// it), then samples up to `limits.max_tokens` tokens. Each sampled token is passed to
+/// `on_token` with the text it completes; returning false refuses it: the token is dropped,
+/// never decoded, and generation stops (`Stop::Interrupted`). Every accepted token but the
+/// last is decoded as it is accepted; the last one is decoded too unless generation stopped at
+/// the limit, where it is returned as `undecoded`. An empty `prompt` continues from the
+/// logits of the engine's last decode.
 pub fn generate(
     engine: &mut Engine,
     sampler: &mut Sampler,
     prompt: &[Token],
-    max_tokens: usize,
+    limits: Limits,
     progress: &mut dyn FnMut(usize, usize),
-    on_token: &mut dyn FnMut(Token) -> bool,
-) -> Result<(Vec<Token>, Stop)> {
+    on_token: &mut dyn FnMut(Token, &str) -> bool,
+) -> Result<Generation> {
     let total = prompt.len();
-    let last = total.saturating_sub(1);
-    let mut last_chunk_index = 0;
-    engine.ingest(prompt, &mut |i| i == last, &mut |_, offset, len| {
-        progress(offset + len, total);
-        last_chunk_index = len.saturating_sub(1);
+    engine.ingest(prompt, Logits::Last, &mut |chunk| {
+        progress(chunk.offset + chunk.len, total);
         Ok(())
     })?;
-    let mut out = Vec::new();
-    if max_tokens == 0 || prompt.is_empty() {
-        return Ok((out, Stop::Limit));
-    }
-    let mut index = last_chunk_index;
-    loop {
-        let token = sampler.sample(engine.context(), index)?;
-        if engine.model().is_eog(token) {
-            return Ok((out, Stop::EndOfGeneration));
+    let model = std::sync::Arc::clone(engine.model());
+    let mut pieces = Utf8Pieces::default();
+    let mut tokens = Vec::new();
+    let mut text = String::new();
+    let mut undecoded = None;
+    let stop = loop {
+        if tokens.len() >= limits.max_tokens {
+            break Stop::Limit;
         }
-        out.push(token);
-        let keep_going = on_token(token);
-        // Every emitted token enters the cache, so a conversation can continue from it.
+        let token = engine.sample(sampler)?;
+        if !limits.ignore_eog && model.is_eog(token) {
+            break Stop::EndOfGeneration;
+        }
+        let held = pieces.clone();
+        let piece = pieces.push(&model.token_bytes(token, false));
+        if !on_token(token, &piece) {
+            // Refused: the text ends before this token, which is never decoded.
+            pieces = held;
+            break Stop::Interrupted;
+        }
+        text.push_str(&piece);
+        tokens.push(token);
+        if tokens.len() >= limits.max_tokens {
+            undecoded = Some(token);
+            break Stop::Limit;
+        }
         engine.step(token)?;
-        if !keep_going {
-            return Ok((out, Stop::Interrupted));
+    };
+    let tail = pieces.finish();
+    text.push_str(&tail);
+    Ok(Generation {
+        tokens,
+        text,
+        tail,
+        stop,
+        undecoded,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Utf8Pieces;
+
+    #[test]
+    fn pieces_hold_back_split_characters() {
+        let mut p = Utf8Pieces::default();
+        // "é" is C3 A9; "€" is E2 82 AC.
+        assert_eq!(p.push(b"ab\xC3"), "ab");
+        assert_eq!(p.push(b"\xA9"), "é");
+        assert_eq!(p.push(b"\xE2\x82"), "");
+        assert_eq!(p.push(b"\xAC!"), "€!");
+        assert_eq!(p.finish(), "");
+    }
+
+    #[test]
+    fn pieces_replace_bytes_that_never_form_a_character() {
+        let mut p = Utf8Pieces::default();
+        // 0xFF is never valid; the text after it is not held back.
+        assert_eq!(p.push(b"a\xFFb"), "a\u{FFFD}b");
+        // An unfinished character at the end is rendered at finish.
+        assert_eq!(p.push(b"\xE2\x82"), "");
+        assert_eq!(p.finish(), "\u{FFFD}");
+        assert_eq!(p.finish(), "");
+    }
+
+    #[test]
+    fn pieces_equal_lossy_decoding_of_the_whole() {
+        let bytes: &[u8] = b"x\xC3\xA9\xF0\x9F\x98\x80\xC3(\xE2\x82\xACz\xF0\x9F";
+        for split in 1..4 {
+            let mut p = Utf8Pieces::default();
+            let mut text: String = bytes.chunks(split).map(|c| p.push(c)).collect();
+            text.push_str(&p.finish());
+            assert_eq!(text, String::from_utf8_lossy(bytes), "chunks of {split}");
         }
-        if out.len() >= max_tokens {
-            return Ok((out, Stop::Limit));
-        }
-        index = 0;
     }
 }

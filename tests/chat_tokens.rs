@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::model_path;
 use qfilters::chat::{tokenize_segments, Chat, ChatTemplate, Segment};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::engine::{Engine, EngineConfig};
 use qfilters::ffi::{builtin_chat_templates, Model, ModelParams, Sampler, SamplingParams, Token};
 use qfilters::policy::{self, PolicyInputs};
 
@@ -221,13 +221,9 @@ fn chat_with(model: &Arc<Model>, template: ChatTemplate, system: Option<String>)
         model,
         scorer,
         EngineConfig {
-            eviction: None,
-            capacity: 2048,
             n_batch: 256,
             threads: 1,
-            key_source: KeySource::Cache,
-            flash_attn: None,
-            hook: true,
+            ..EngineConfig::full(2048)
         },
     )
     .expect("engine");

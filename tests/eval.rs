@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::engine::{Engine, EngineConfig};
 use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::ffi::{Model, ModelParams};
@@ -40,13 +40,9 @@ fn full_engine(model: &Arc<Model>, capacity: usize, n_batch: usize) -> Engine {
         model,
         scorer,
         EngineConfig {
-            eviction: None,
-            capacity,
             n_batch,
             threads: 1,
-            key_source: KeySource::Cache,
-            flash_attn: None,
-            hook: true,
+            ..EngineConfig::full(capacity)
         },
     )
     .expect("engine")
@@ -127,20 +123,17 @@ fn evicting_engine(
         model,
         scorer,
         EngineConfig {
-            eviction: Some(EvictionConfig {
+            n_batch: 16,
+            threads: 1,
+            flash_attn,
+            ..EngineConfig::bounded(EvictionConfig {
                 budget: 128,
                 window: 32,
                 sinks: 4,
                 granularity,
                 combiner: Combiner::MeanZ,
                 slack: 0,
-            }),
-            capacity: 0,
-            n_batch: 16,
-            threads: 1,
-            key_source: KeySource::Cache,
-            flash_attn,
-            hook: true,
+            })
         },
     )
     .expect("engine")

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::engine::{Engine, EngineConfig, Logits};
 use qfilters::ffi::{
     Batch, Context, ContextParams, GraphObserver, Model, ModelParams, NodeInfo, Token,
 };
@@ -156,7 +156,7 @@ fn per_head_moves(model: &Arc<Model>) {
     let tokens = model.tokenize(&text, true, false).expect("tokenize");
     let tokens = &tokens[..tokens.len().min(160)];
     let chunk = 16;
-    let engine_for = |policy_name: &str, eviction: Option<EvictionConfig>| {
+    let engine_for = |policy_name: &str, cache: EngineConfig| {
         let scorer = policy::build(
             policy_name,
             &PolicyInputs {
@@ -170,23 +170,21 @@ fn per_head_moves(model: &Arc<Model>) {
             &model,
             scorer,
             EngineConfig {
-                eviction,
-                capacity: tokens.len() + 1,
+                job_tokens: Some(tokens.len() + 1),
                 n_batch: chunk,
                 threads: 1,
-                key_source: KeySource::Cache,
                 flash_attn: Some(true),
-                hook: true,
+                ..cache
             },
         )
         .expect("engine")
     };
-    let mut full = engine_for("none", None);
-    full.ingest(tokens, &mut |_| false, &mut |_, _, _| Ok(()))
+    let mut full = engine_for("none", EngineConfig::full(tokens.len() + 1));
+    full.ingest(tokens, Logits::Last, &mut |_| Ok(()))
         .expect("full ingest");
     let mut evicting = engine_for(
         "knorm",
-        Some(EvictionConfig {
+        EngineConfig::bounded(EvictionConfig {
             budget: 48,
             window: 8,
             sinks: 2,
@@ -196,7 +194,7 @@ fn per_head_moves(model: &Arc<Model>) {
         }),
     );
     evicting
-        .ingest(tokens, &mut |_| false, &mut |_, _, _| Ok(()))
+        .ingest(tokens, Logits::Last, &mut |_| Ok(()))
         .expect("evicting ingest");
     assert!(
         evicting.stats().head_slices_moved > 0,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use qfilters::bench::{compare_key_paths, random_filters, synthetic_prompt};
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::engine::{Engine, EngineConfig, KeySource, Logits};
 use qfilters::ffi::{Model, ModelParams};
 use qfilters::policy::{self, PolicyInputs};
 
@@ -64,21 +64,19 @@ fn engine_with(
         model,
         scorer,
         EngineConfig {
-            eviction: Some(EvictionConfig {
+            job_tokens: Some(budget),
+            // Several prompt chunks, so batches of many tokens and of one are both covered.
+            n_batch,
+            threads: 1,
+            key_source: source,
+            ..EngineConfig::bounded(EvictionConfig {
                 budget,
                 window: 16,
                 sinks: 4,
                 granularity: Granularity::Position,
                 combiner: Combiner::MeanZ,
                 slack,
-            }),
-            capacity: budget,
-            // Several prompt chunks, so batches of many tokens and of one are both covered.
-            n_batch,
-            threads: 1,
-            key_source: source,
-            flash_attn: None,
-            hook: true,
+            })
         },
     )
     .expect("engine")
@@ -146,7 +144,7 @@ fn scores_by_position(
         n_batch,
     );
     e.reset();
-    e.ingest(prompt, &mut |_| false, &mut |_, _, _| Ok(()))
+    e.ingest(prompt, Logits::Last, &mut |_| Ok(()))
         .expect("ingest");
     e.flush_scores().expect("flush");
     let book = e.book().expect("book");

@@ -9,9 +9,9 @@ use std::process::Output;
 use common::{assert_one_line_error, model_path, qfilters};
 use gguf_tools::gguf::{self, Value};
 use gguf_tools::synth::{self, SynthOptions, WeightType};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+use qfilters::engine::{Engine, EngineConfig};
 use qfilters::ffi::{Model, ModelParams, Sampler, SamplingParams};
-use qfilters::generate::generate;
+use qfilters::generate::{generate, Limits};
 use qfilters::policy::{self, PolicyInputs};
 use qfilters::Error;
 
@@ -120,13 +120,9 @@ fn nan_logits_are_an_error_not_an_empty_completion() {
         &model,
         scorer,
         EngineConfig {
-            eviction: None,
-            capacity: 64,
             n_batch: 16,
             threads: 1,
-            key_source: KeySource::Cache,
-            flash_attn: None,
-            hook: true,
+            ..EngineConfig::full(64)
         },
     )
     .expect("engine");
@@ -135,9 +131,9 @@ fn nan_logits_are_an_error_not_an_empty_completion() {
         &mut engine,
         &mut sampler,
         &[1, 2, 3, 4],
-        4,
+        Limits::tokens(4),
         &mut |_, _| {},
-        &mut |_| true,
+        &mut |_, _| true,
     );
     match result {
         Err(e @ Error::NonFiniteLogits { .. }) => {

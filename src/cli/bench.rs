@@ -124,14 +124,12 @@ impl BenchArgs {
             model,
             scorer,
             EngineConfig {
-                eviction: None,
-                capacity,
                 n_batch: self.eviction.n_batch,
                 threads: self.model.threads(),
-                key_source: KeySource::Cache,
                 // The hook-on engine forces flash attention for head granularity; match it.
                 flash_attn: (self.eviction.granularity == Granularity::Head).then_some(true),
                 hook: false,
+                ..EngineConfig::full(capacity)
             },
         )
     }

@@ -228,11 +228,9 @@ impl Session {
             return Err(Error::io("cannot write the reply to stdout", e));
         }
         let reply = result.map_err(|e| match e {
-            Error::InvalidArgument(m) if self.chat.engine().budget().is_none() => {
-                Error::InvalidArgument(format!(
-                    "{m} (in chat the full cache is --budget cells: raise --budget, or /reset)"
-                ))
-            }
+            e @ Error::FullCacheOverflow { .. } => Error::invalid(format!(
+                "{e} (in chat the full cache is --budget cells: raise --budget, or /reset)"
+            )),
             e => e,
         })?;
         let end = if !tty {

@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use qfilters::ffi::Sampler;
-use qfilters::generate::generate;
+use qfilters::generate::{generate, Limits};
 use qfilters::{Error, Result};
 
 use super::{
@@ -75,36 +75,34 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let progress = Progress::new(tokens.len(), "prompt");
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut pending: Vec<u8> = Vec::new();
     // A closed stdout (`| head`) stops the generation: nobody reads the rest.
     let mut closed: Option<std::io::Error> = None;
-    let (generated, _stop) = generate(
+    let gen = generate(
         &mut engine,
         &mut sampler,
         &tokens,
-        args.n_predict,
+        Limits::tokens(args.n_predict),
         &mut |done, _| progress.set(done),
-        &mut |tok| {
+        &mut |_, piece| {
             progress.finish();
-            pending.extend(model.token_bytes(tok, false));
-            // Print whole UTF-8 characters only; a token can end mid-character.
-            let valid = match std::str::from_utf8(&pending) {
-                Ok(_) => pending.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            if let Err(e) = out.write_all(&pending[..valid]).and_then(|()| out.flush()) {
+            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
                 closed = Some(e);
                 return false;
             }
-            pending.drain(..valid);
             true
         },
     )?;
     progress.finish();
+    // A one-shot run has no next turn to decode the last token in, but its report counts every
+    // printed token as a cache position (evicted + live = prompt + generated), so it goes in.
+    if let Some(last) = gen.undecoded {
+        engine.step(last)?;
+    }
+    let generated = gen.tokens;
     if let Some(e) = closed {
         return Err(Error::io("cannot write the completion to stdout", e));
     }
-    out.write_all(&pending)
+    out.write_all(gen.tail.as_bytes())
         .and_then(|()| writeln!(out))
         .and_then(|()| out.flush())
         .map_err(|e| Error::io("cannot write the completion to stdout", e))?;

@@ -2,10 +2,10 @@
 //! end. The whole document (question included) goes through the engine under the policy; the
 //! answer is then read greedily and scored under teacher forcing, still under the policy.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Logits};
 use crate::error::{Error, Result};
 use crate::ffi::{apply_chat_template, Model, Token};
-use crate::math::{log_prob, splitmix64};
+use crate::math::{argmax, log_prob, splitmix64};
 
 const INTRO: &str = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it, I will ask you about it.\n\n";
 const QUESTION: &str = "\n\nWhat is the pass key? The pass key is";
@@ -181,16 +181,6 @@ pub struct TrialOutcome {
     pub peak_cells: usize,
 }
 
-fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// Runs one document through `engine` from an empty cache, then teacher-forces the answer.
 ///
 /// Greedy decoding follows the teacher-forced path for as long as the argmax equals the true
@@ -201,14 +191,8 @@ pub fn run_trial(engine: &mut Engine, doc: &PasskeyDoc) -> Result<TrialOutcome> 
         return Err(Error::invalid("empty passkey document"));
     }
     engine.reset();
-    let last = doc.tokens.len() - 1;
-    let mut logits: Vec<f32> = Vec::new();
-    engine.ingest(&doc.tokens, &mut |i| i == last, &mut |ctx, offset, len| {
-        if offset + len == doc.tokens.len() {
-            logits = ctx.logits(len - 1)?.to_vec();
-        }
-        Ok(())
-    })?;
+    engine.ingest(&doc.tokens, Logits::Last, &mut |_| Ok(()))?;
+    let mut logits: Vec<f32> = engine.last_logits()?.to_vec();
     let model = std::sync::Arc::clone(engine.model());
     let mut nll = 0.0;
     let mut exact = true;
@@ -225,7 +209,7 @@ pub fn run_trial(engine: &mut Engine, doc: &PasskeyDoc) -> Result<TrialOutcome> 
         if t + 1 < doc.answer.len() {
             engine.step(want)?;
             logits.clear();
-            logits.extend_from_slice(engine.context().logits(0)?);
+            logits.extend_from_slice(engine.last_logits()?);
         }
     }
     Ok(TrialOutcome {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Logits};
 use crate::error::{Error, Result};
 use crate::ffi::{Batch, Context, ContextParams, Model, Token};
 use crate::math::log_prob;
@@ -20,8 +20,10 @@ pub struct StreamOutcome {
     pub peak_cells: usize,
 }
 
-fn chunk_nll(
-    ctx: &Context,
+/// Appends the NLL of each next token of the chunk `tokens[offset..offset + len]`, from
+/// `logits(j)`, the logits after its `j`-th token.
+fn chunk_nll<'a>(
+    logits: impl Fn(usize) -> Result<&'a [f32]>,
     tokens: &[Token],
     offset: usize,
     len: usize,
@@ -32,8 +34,7 @@ fn chunk_nll(
         let Some(&next) = tokens.get(i + 1) else {
             break;
         };
-        let logits = ctx.logits(j)?;
-        out.push(-log_prob(logits, next as usize));
+        out.push(-log_prob(logits(j)?, next as usize));
     }
     Ok(())
 }
@@ -47,8 +48,14 @@ pub fn streaming_nll(engine: &mut Engine, tokens: &[Token]) -> Result<StreamOutc
     let peak_before = engine.stats().peak_cells;
     let mut nll = Vec::with_capacity(tokens.len() - 1);
     let started = Instant::now();
-    engine.ingest(tokens, &mut |_| true, &mut |ctx, offset, len| {
-        chunk_nll(ctx, tokens, offset, len, &mut nll)
+    engine.ingest(tokens, Logits::All, &mut |chunk| {
+        chunk_nll(
+            |j| chunk.logits(j),
+            tokens,
+            chunk.offset,
+            chunk.len,
+            &mut nll,
+        )
     })?;
     Ok(StreamOutcome {
         nll,
@@ -87,7 +94,13 @@ pub fn full_context_nll(
             batch.push(t, (c * n_batch + j) as i32, true);
         }
         ctx.decode(&batch)?;
-        chunk_nll(&ctx, tokens, c * n_batch, chunk.len(), &mut nll)?;
+        chunk_nll(
+            |j| ctx.logits(j),
+            tokens,
+            c * n_batch,
+            chunk.len(),
+            &mut nll,
+        )?;
     }
     Ok(nll)
 }
