@@ -29,7 +29,7 @@ pub const DEFAULT_SINKS: usize = 4;
 pub const DEFAULT_GRANULARITY: Granularity = Granularity::Head;
 pub const DEFAULT_COMBINER: Combiner = Combiner::MeanZ;
 pub const DEFAULT_RECENCY: f64 = 128.0;
-pub const DEFAULT_BATCH: usize = 256;
+pub const DEFAULT_BATCH: usize = crate::engine::DEFAULT_BATCH;
 
 /// Most KV cells a budget may name: far above any model's trained context, far below the
 /// sizes whose arithmetic overflows (llama.cpp counts cells in 32 bits).
@@ -220,8 +220,7 @@ impl EvictionArgs {
             n_batch: self.n_batch,
             threads,
             key_source: self.key_source,
-            flash_attn: None,
-            hook: true,
+            ..EngineConfig::full(capacity)
         })
     }
 }

@@ -24,10 +24,11 @@
 //! let config = eviction.engine_config(prompt.len() + 256, 1)?;
 //! let mut engine = Engine::new(&model, eviction.scorer(None, 42)?, config)?;
 //! let mut sampler = Sampler::new(&SamplingArgs::default().params()?)?;
-//! let (tokens, _stop) = qfilters::generate::generate(
-//!     &mut engine, &mut sampler, &prompt, 256, &mut |_, _| {}, &mut |_| true,
+//! let limits = qfilters::generate::Limits::tokens(256);
+//! let gen = qfilters::generate::generate(
+//!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| {}, &mut |_, _| true,
 //! )?;
-//! println!("{}", model.detokenize(&tokens, false));
+//! println!("{}", gen.text);
 //! assert!(engine.stats().peak_cells <= 128 + eviction.n_batch);
 //! # Ok(())
 //! # }

@@ -58,11 +58,6 @@ pub trait Scorer: Send {
     fn needs_keys(&self) -> bool {
         true
     }
-
-    /// False for the full-cache reference: nothing is ever evicted.
-    fn evicts(&self) -> bool {
-        true
-    }
 }
 
 /// What a policy may need to be built.
@@ -299,19 +294,5 @@ mod tests {
         }
         let e = "nope".parse::<PolicyInfo>().unwrap_err().to_string();
         assert!(e.contains("qfilters") && e.contains("none"), "{e}");
-    }
-
-    /// The facts the command lines read from the registry hold for the built-in policies.
-    #[test]
-    fn registry_facts() {
-        assert_eq!(DEFAULT.name, "qfilters");
-        let scorer = FULL_CACHE
-            .scorer(&PolicyInputs {
-                filters: None,
-                seed: 0,
-                recency: 64.0,
-            })
-            .unwrap();
-        assert!(!scorer.evicts(), "the registry and the scorer agree");
     }
 }

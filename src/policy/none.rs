@@ -21,8 +21,4 @@ impl Scorer for FullCache {
     fn needs_keys(&self) -> bool {
         false
     }
-
-    fn evicts(&self) -> bool {
-        false
-    }
 }

@@ -60,10 +60,6 @@ impl Scorer for Recency {
     fn needs_keys(&self) -> bool {
         self.inner.needs_keys()
     }
-
-    fn evicts(&self) -> bool {
-        self.inner.evicts()
-    }
 }
 
 impl Recency {
