@@ -6,6 +6,7 @@ pub mod chat;
 pub mod eval;
 pub mod filters;
 pub mod run;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
