@@ -78,7 +78,9 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     if let Some(n) = notice {
         eprintln!("qfilters: {n}");
     }
-    let filters = args.policy.resolve_filters(&args.model.model, &model, false)?;
+    let filters = args
+        .policy
+        .resolve_filters(&args.model.model, &model, false)?;
     let evicting = policy_evicts(&args.policy.policy);
     // Policy none: a full cache of budget + batch cells, refused when a conversation outgrows it.
     let capacity = if evicting {
@@ -88,7 +90,8 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     };
     // Each slot gets its share of the default threads (at least one), so K slots do not
     // contend for the same cores; -t / QFILTERS_THREADS give each slot that many.
-    let per_slot = if args.model.threads.is_some() || std::env::var_os("QFILTERS_THREADS").is_some() {
+    let per_slot = if args.model.threads.is_some() || std::env::var_os("QFILTERS_THREADS").is_some()
+    {
         args.model.threads()
     } else {
         (args.model.threads() / args.parallel as i32).max(1)
@@ -125,13 +128,20 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         model_id: model_id.clone(),
     };
     let budget = if evicting {
-        format!("budget {} + batch {} cells", args.policy.budget, args.policy.n_batch)
+        format!(
+            "budget {} + batch {} cells",
+            args.policy.budget, args.policy.n_batch
+        )
     } else {
         format!("policy none: full cache of {capacity} cells")
     };
     let policy_name = args.policy.policy.clone();
     let parallel = args.parallel;
-    let auth = if args.api_key.is_some() { "API key required" } else { "no API key" };
+    let auth = if args.api_key.is_some() {
+        "API key required"
+    } else {
+        "no API key"
+    };
     server::serve(cfg, model, template, make, |ready| {
         let total: usize = ready.kv_bytes.iter().sum();
         let each = ready.kv_bytes.first().copied().unwrap_or(0);

@@ -32,7 +32,9 @@ impl ApiError {
     pub fn too_large(limit: usize) -> ApiError {
         ApiError {
             status: 413,
-            message: format!("the request body is larger than the server's limit of {limit} bytes (--max-body)"),
+            message: format!(
+                "the request body is larger than the server's limit of {limit} bytes (--max-body)"
+            ),
             kind: "invalid_request_error",
             code: Some("request_too_large"),
             param: None,
@@ -203,7 +205,10 @@ struct CompletionBody {
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("the request body is not a valid request: {e}"), None)
+        ApiError::bad_request(
+            format!("the request body is not a valid request: {e}"),
+            None,
+        )
     })
 }
 
@@ -222,12 +227,12 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            other => {
-                return Err(ApiError::bad_request(
-                    format!("messages[{i}].role '{other}' is not one of system, developer, user, assistant"),
-                    Some("messages"),
-                ))
-            }
+            other => return Err(ApiError::bad_request(
+                format!(
+                    "messages[{i}].role '{other}' is not one of system, developer, user, assistant"
+                ),
+                Some("messages"),
+            )),
         };
         let content = match m.content {
             None => String::new(),
@@ -312,7 +317,9 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
         }
         // Capped, not refused: a client asking for more than the server allows gets the most
         // it allows, as llama-server does with its n_predict limit.
-        Some(n) => usize::try_from(n).unwrap_or(usize::MAX).min(d.max_tokens_cap),
+        Some(n) => usize::try_from(n)
+            .unwrap_or(usize::MAX)
+            .min(d.max_tokens_cap),
     };
     let mut sampling = d.sampling.clone();
     if let Some(t) = c.temperature {
@@ -547,18 +554,51 @@ mod tests {
             ("{", "not a valid request"),
             ("[]", "not a valid request"),
             (r#"{"messages":"hi"}"#, "not a valid request"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#, "not a valid request"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"temperature":true}"#, "not a valid request"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#,
+                "not a valid request",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":true}"#,
+                "not a valid request",
+            ),
             (r#"{"messages":[]}"#, "empty"),
-            (r#"{"messages":[{"role":"tool","content":"x"}]}"#, "role 'tool'"),
-            (r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "image_url"),
-            (r#"{"messages":[{"role":"user","content":"a\u0000b"}]}"#, "NUL"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "at least 1"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#, "top_p"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, "at most 4"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"stop":""}"#, "empty"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "one choice"),
+            (
+                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                "role 'tool'",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                "image_url",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"a\u0000b"}]}"#,
+                "NUL",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                "at least 1",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                "temperature",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#,
+                "top_p",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+                "at most 4",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":""}"#,
+                "empty",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "one choice",
+            ),
         ] {
             let e = chat(body).unwrap_err();
             assert_eq!(e.status, 400, "{body}");
@@ -575,8 +615,17 @@ mod tests {
         assert_eq!(r.params.max_tokens, 2);
         let r = parse_completion(br#"{"prompt":["Once"]}"#, &d()).unwrap();
         assert_eq!(r.input, Input::Text("Once".into()));
-        for body in [r#"{"prompt":["a","b"]}"#, r#"{"prompt":""}"#, r#"{"prompt":5}"#, r#"{}"#] {
-            assert_eq!(parse_completion(body.as_bytes(), &d()).unwrap_err().status, 400, "{body}");
+        for body in [
+            r#"{"prompt":["a","b"]}"#,
+            r#"{"prompt":""}"#,
+            r#"{"prompt":5}"#,
+            r#"{}"#,
+        ] {
+            assert_eq!(
+                parse_completion(body.as_bytes(), &d()).unwrap_err().status,
+                400,
+                "{body}"
+            );
         }
     }
 

@@ -40,8 +40,7 @@ pub struct App {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.body())).into_response()
     }
 }
@@ -87,9 +86,9 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let (idle, queued) = app.pool.load();
-    Json(json!({"status": "ok", "slots": app.pool.slots(), "idle": idle, "queued": queued}))
-        .into_response()
+    let mut v = serde_json::to_value(app.pool.load()).unwrap_or_else(|_| json!({}));
+    v["status"] = json!("ok");
+    Json(v).into_response()
 }
 
 async fn models(State(app): State<Arc<App>>) -> Response {
@@ -100,10 +99,7 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
     handle(app, Endpoint::Chat, body).await
 }
 
-async fn completions(
-    State(app): State<Arc<App>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     handle(app, Endpoint::Completion, body).await
 }
 
@@ -123,7 +119,10 @@ async fn start(
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(app.max_body)
         } else {
-            ApiError::bad_request(format!("cannot read the request body: {}", r.body_text()), None)
+            ApiError::bad_request(
+                format!("cannot read the request body: {}", r.body_text()),
+                None,
+            )
         }
     })?;
     let req = match e {

@@ -91,7 +91,9 @@ pub fn serve(
         let pool_for_signal = Arc::clone(&pool);
         let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(async move {
             wait_for_signal().await;
-            eprintln!("qfilters: shutting down: queued requests refused, replies cut at their next token");
+            eprintln!(
+                "qfilters: shutting down: queued requests refused, replies cut at their next token"
+            );
             pool_for_signal.shut_down();
             notify.notify_one();
         });

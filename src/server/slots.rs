@@ -120,7 +120,10 @@ pub fn plan(history: &History, prompt: &[Part]) -> Plan {
             }
         }
     }
-    let tokens: Vec<Token> = parts.iter().flat_map(|p| p.tokens.iter().copied()).collect();
+    let tokens: Vec<Token> = parts
+        .iter()
+        .flat_map(|p| p.tokens.iter().copied())
+        .collect();
     let reuse = !history.tokens.is_empty()
         && tokens.len() > history.tokens.len()
         && tokens.starts_with(&history.tokens);
@@ -185,7 +188,8 @@ struct Job {
     plan: Plan,
     params: Params,
     events: mpsc::Sender<Event>,
-    _permit: OwnedSemaphorePermit,
+    /// Released once the slot is idle again.
+    permit: OwnedSemaphorePermit,
 }
 
 /// The slots, their queue, and the way to their threads.
@@ -198,6 +202,28 @@ pub struct Pool {
     jobs: Mutex<Vec<std::sync::mpsc::Sender<Job>>>,
     clock: AtomicU64,
     shutdown: AtomicBool,
+    counts: Counts,
+}
+
+/// Requests by outcome, for `/health`.
+#[derive(Default)]
+struct Counts {
+    served: AtomicU64,
+    /// Stopped because the client went away.
+    cancelled: AtomicU64,
+    /// Refused with 503: the queue was full.
+    refused: AtomicU64,
+}
+
+/// What `/health` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Load {
+    pub slots: usize,
+    pub idle: usize,
+    pub queued: usize,
+    pub served: u64,
+    pub cancelled: u64,
+    pub refused: u64,
 }
 
 /// Counts a request as queued while it waits for a slot (also when its client goes away).
@@ -233,6 +259,7 @@ impl Pool {
             jobs: Mutex::new(Vec::new()),
             clock: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
+            counts: Counts::default(),
         });
         let mut threads = Vec::with_capacity(n);
         let mut kv = Vec::with_capacity(n);
@@ -273,10 +300,16 @@ impl Pool {
         lock(&self.slots).len()
     }
 
-    /// (idle slots, queued requests).
-    pub fn load(&self) -> (usize, usize) {
-        let idle = lock(&self.slots).iter().filter(|s| !s.busy).count();
-        (idle, self.waiting.load(Ordering::SeqCst))
+    pub fn load(&self) -> Load {
+        let slots = lock(&self.slots);
+        Load {
+            slots: slots.len(),
+            idle: slots.iter().filter(|s| !s.busy).count(),
+            queued: self.waiting.load(Ordering::SeqCst),
+            served: self.counts.served.load(Ordering::Relaxed),
+            cancelled: self.counts.cancelled.load(Ordering::Relaxed),
+            refused: self.counts.refused.load(Ordering::Relaxed),
+        }
     }
 
     /// Waits for an idle slot, in the queue if all are busy; 503 when the queue is full or the
@@ -288,6 +321,7 @@ impl Pool {
             Err(TryAcquireError::NoPermits) => {
                 if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
                     self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.counts.refused.fetch_add(1, Ordering::Relaxed);
                     return Err(ApiError::overloaded(self.slots(), self.max_queue));
                 }
                 let _queued = Waiting(&self.waiting);
@@ -321,7 +355,7 @@ impl Pool {
             plan,
             params,
             events,
-            _permit: permit,
+            permit,
         };
         let jobs = lock(&self.jobs);
         match jobs.get(slot).map(|tx| tx.send(job)) {
@@ -384,16 +418,32 @@ fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<J
     // Evictions counted before the slot's conversation started (engine counters are cumulative).
     let mut evicted_base = 0;
     while let Ok(job) = jobs.recv() {
-        let history = match serve_job(slot, &mut engine, &mut evicted_base, &job, pool) {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = job.events.blocking_send(Event::Failed(e));
-                // The cache may hold part of a request: the next one starts from scratch.
-                History::default()
-            }
+        let Job {
+            plan,
+            params,
+            events,
+            permit,
+        } = job;
+        let (history, last) = match serve_job(
+            slot,
+            &mut engine,
+            &mut evicted_base,
+            &plan,
+            &params,
+            &events,
+            pool,
+        ) {
+            Ok(done) => done,
+            // The cache may hold part of a request: the next one starts from scratch.
+            Err(e) => (History::default(), Some(Event::Failed(e))),
         };
+        // The slot is idle, with its history, before the client hears the reply is complete:
+        // the conversation's next turn, sent at once, finds it free.
         pool.release(slot, history);
-        // The job (and its permit) is dropped here, after the slot is marked idle.
+        drop(permit);
+        if let Some(ev) = last {
+            let _ = events.blocking_send(ev);
+        }
     }
 }
 
@@ -404,15 +454,17 @@ enum Cut {
     Shutdown,
 }
 
+/// Runs one request on the slot's engine, sending the reply's text on `events`. Returns the
+/// slot's new history and the event that ends the reply (`None`: the client is gone).
 fn serve_job(
     slot: usize,
     engine: &mut Engine,
     evicted_base: &mut u64,
-    job: &Job,
+    plan: &Plan,
+    params: &Params,
+    events: &mpsc::Sender<Event>,
     pool: &Pool,
-) -> std::result::Result<History, ApiError> {
-    let plan = &job.plan;
-    let params = &job.params;
+) -> std::result::Result<(History, Option<Event>), ApiError> {
     let lib = |e: crate::Error| ApiError::internal(e.to_string());
     if !plan.reuse {
         engine.reset();
@@ -426,7 +478,6 @@ fn serve_job(
     let mut emitted = 0;
     let mut stop = StopText::new(params.stop.clone());
     let mut cut = Cut::None;
-    let events = &job.events;
     let (out, why) = generate(
         engine,
         &mut sampler,
@@ -443,7 +494,9 @@ fn serve_job(
             let piece = std::str::from_utf8(&bytes[emitted..emitted + valid]).unwrap_or("");
             emitted += valid;
             let text = stop.push(piece);
-            if events.is_closed() || (!text.is_empty() && events.blocking_send(Event::Text(text)).is_err()) {
+            if events.is_closed()
+                || (!text.is_empty() && events.blocking_send(Event::Text(text)).is_err())
+            {
                 cut = Cut::ClientGone;
                 return false;
             }
@@ -456,7 +509,10 @@ fn serve_job(
     )
     .map_err(lib)?;
     match cut {
-        Cut::ClientGone => return Ok(History::default()),
+        Cut::ClientGone => {
+            pool.counts.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Ok((History::default(), None));
+        }
         Cut::Shutdown => return Err(ApiError::shutting_down()),
         Cut::None => {}
     }
@@ -466,7 +522,8 @@ fn serve_job(
             rest.push_str(&stop.finish());
         }
         if !rest.is_empty() && events.blocking_send(Event::Text(rest)).is_err() {
-            return Ok(History::default());
+            pool.counts.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Ok((History::default(), None));
         }
     }
     let finish = match why {
@@ -502,10 +559,8 @@ fn serve_job(
         },
         tokens: out,
     });
-    if events.blocking_send(Event::Done { finish, report }).is_err() {
-        return Ok(History::default());
-    }
-    Ok(history)
+    pool.counts.served.fetch_add(1, Ordering::Relaxed);
+    Ok((history, Some(Event::Done { finish, report })))
 }
 
 #[cfg(test)]
@@ -545,7 +600,12 @@ mod tests {
     fn a_prompt_that_extends_the_history_decodes_only_its_new_tokens() {
         // Turn 1 ingested: user header, "hi", assistant header, and the reply sampled as [7, 8]
         // (its text would retokenize as [78]: the sampled tokens are kept).
-        let h = history(vec![t("<u>", &[1]), c("hi", &[2]), t("<a>", &[3]), c("yo", &[7, 8])]);
+        let h = history(vec![
+            t("<u>", &[1]),
+            c("hi", &[2]),
+            t("<a>", &[3]),
+            c("yo", &[7, 8]),
+        ]);
         let turn2 = [
             t("<u>", &[1]),
             c("hi", &[2]),
@@ -568,12 +628,35 @@ mod tests {
 
     #[test]
     fn a_reply_trimmed_by_the_template_still_matches() {
-        let h = history(vec![t("<u>", &[1]), c("hi", &[2]), t("<a>", &[3]), c(" yo \n", &[9, 7])]);
-        let p = plan(&h, &[t("<u>", &[1]), c("hi", &[2]), t("<a>", &[3]), c("yo", &[7]), t("<u>", &[1])]);
+        let h = history(vec![
+            t("<u>", &[1]),
+            c("hi", &[2]),
+            t("<a>", &[3]),
+            c(" yo \n", &[9, 7]),
+        ]);
+        let p = plan(
+            &h,
+            &[
+                t("<u>", &[1]),
+                c("hi", &[2]),
+                t("<a>", &[3]),
+                c("yo", &[7]),
+                t("<u>", &[1]),
+            ],
+        );
         assert!(p.reuse);
         assert_eq!(p.tokens, vec![1, 2, 3, 9, 7, 1]);
         // A different reply is a different conversation.
-        let p = plan(&h, &[t("<u>", &[1]), c("hi", &[2]), t("<a>", &[3]), c("no", &[6]), t("<u>", &[1])]);
+        let p = plan(
+            &h,
+            &[
+                t("<u>", &[1]),
+                c("hi", &[2]),
+                t("<a>", &[3]),
+                c("no", &[6]),
+                t("<u>", &[1]),
+            ],
+        );
         assert!(!p.reuse);
         assert_eq!(p.keep, 0);
         assert_eq!(p.tokens, vec![1, 2, 3, 6, 1]);
@@ -604,7 +687,10 @@ mod tests {
         let empty = History::default();
         let prompt = [t("<u>", &[1]), c("hi", &[2]), t("<a>", &[3])];
         let slots = [(0, &b, 5), (1, &a, 9), (2, &empty, 0)];
-        assert_eq!(pick(slots.iter().copied(), &prompt).map(|(i, _)| i), Some(1));
+        assert_eq!(
+            pick(slots.iter().copied(), &prompt).map(|(i, _)| i),
+            Some(1)
+        );
         let other = [c("x", &[40])];
         assert_eq!(pick(slots.iter().copied(), &other).map(|(i, _)| i), Some(2));
         assert!(pick(std::iter::empty(), &other).is_none());

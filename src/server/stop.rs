@@ -33,7 +33,12 @@ impl StopText {
         }
         self.held.push_str(piece);
         // The earliest match wins: text after it was never meant to be said.
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let out = self.held[..at].to_string();
             self.held.clear();
@@ -87,7 +92,10 @@ mod tests {
 
     #[test]
     fn a_stop_string_across_pieces_is_cut_and_not_emitted() {
-        assert_eq!(run(&["END"], &["he", "llo E", "N", "D more"]), ("hello ".into(), true));
+        assert_eq!(
+            run(&["END"], &["he", "llo E", "N", "D more"]),
+            ("hello ".into(), true)
+        );
         assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), true));
     }
 
