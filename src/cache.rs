@@ -27,6 +27,15 @@ impl std::str::FromStr for Granularity {
     }
 }
 
+impl std::fmt::Display for Granularity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Granularity::Position => "position",
+            Granularity::Head => "head",
+        })
+    }
+}
+
 /// How per-(layer, head) scores become one score per position, for position granularity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Combiner {
@@ -49,6 +58,16 @@ impl std::str::FromStr for Combiner {
                 "unknown combiner '{s}' (known: mean-z, mean-rank, max-z)"
             ))),
         }
+    }
+}
+
+impl std::fmt::Display for Combiner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Combiner::MeanZ => "mean-z",
+            Combiner::MeanRank => "mean-rank",
+            Combiner::MaxZ => "max-z",
+        })
     }
 }
 

@@ -41,6 +41,16 @@ impl std::str::FromStr for KeySource {
     }
 }
 
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeySource::Cache => "cache",
+            KeySource::Host => "host",
+            KeySource::Graph => "graph",
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// `None`: full cache of `capacity` cells, no eviction.

@@ -7,6 +7,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod args;
 pub mod bench;
 pub mod cache;
 pub mod calibrate;

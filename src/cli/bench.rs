@@ -8,55 +8,40 @@ use clap::Args;
 use serde_json::json;
 
 use qfilters::bench::{self, Comparison, RunMeasure};
-use qfilters::cache::{Combiner, Granularity};
+use qfilters::cache::Granularity;
 use qfilters::engine::{Engine, EngineConfig, KeySource};
 use qfilters::ffi::Model;
 use qfilters::policy::{self, PolicyInputs};
 use qfilters::{Error, Result};
 
-use super::{write_json, ModelArgs, PolicyArgs};
+use super::{write_json, EvictionArgs, EvictionCli, ModelArgs};
 
 #[derive(Args, Debug, Clone)]
+// The benchmark's own defaults, shown by its --help: its published numbers were measured with
+// them (a budget of the whole workload, so that the hook is all that differs; a wider window,
+// whole positions and larger prompt batches than run/chat).
+#[command(
+    mut_arg("budget", |a| a.default_value("0").help(
+        "KV cells kept with the hook on; 0: prompt + gen, so nothing is evicted and the comparison measures the hook alone at the same number of live cells"
+    )),
+    mut_arg("window", |a| a.default_value("64")),
+    mut_arg("granularity", |a| a.default_value("position")),
+    mut_arg("n_batch", |a| a.default_value("512")),
+    mut_arg("filters", |a| a.help(
+        "Q-Filters file; default: embedded in the GGUF, else random unit filters (same cost)"
+    )),
+)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub eviction: EvictionArgs,
     /// Prompt tokens (random token ids from the vocabulary, seeded).
     #[arg(long, default_value_t = 4096)]
     pub prompt: usize,
     /// Greedy decode steps after the prompt.
     #[arg(long, default_value_t = 256)]
     pub gen: usize,
-    /// KV cells kept with the hook on. Default: prompt + gen, so nothing is evicted and the
-    /// comparison measures the hook alone at the same number of live cells.
-    #[arg(long)]
-    pub budget: Option<usize>,
-    /// Eviction policy with the hook on: qfilters, knorm, streaming, random.
-    #[arg(long, default_value = "qfilters")]
-    pub policy: String,
-    /// Q-Filters file; default: embedded in the GGUF, else random unit filters (same cost).
-    #[arg(long)]
-    pub filters: Option<PathBuf>,
-    #[arg(long, default_value_t = 64)]
-    pub window: usize,
-    #[arg(long, default_value_t = 4)]
-    pub sinks: usize,
-    #[arg(long, default_value = "position")]
-    pub granularity: Granularity,
-    #[arg(long, default_value = "mean-z")]
-    pub combiner: Combiner,
-    /// `cache` (K cache rows after the decode, scored on the cache's device), `host` (the same
-    /// rows copied to the host and scored there) or `graph` (one split per layer).
-    #[arg(long = "key-source", default_value = "cache")]
-    pub key_source: KeySource,
-    /// Tokens per llama_decode call for the prompt.
-    #[arg(long = "batch", default_value_t = 512)]
-    pub n_batch: usize,
-    /// Each eviction round goes this many cells below the budget (rounds every slack+1 tokens).
-    #[arg(long, default_value_t = 0)]
-    pub slack: usize,
-    /// Recency prior of key-scoring policies (as in `run`); 0 turns it off.
-    #[arg(long, default_value_t = super::DEFAULT_RECENCY)]
-    pub recency: f64,
     /// Run hook off and hook on alternately and report on/off ratios.
     #[arg(long)]
     pub compare: bool,
@@ -66,6 +51,7 @@ pub struct BenchArgs {
     /// Decode steps at the end of the stream timed on their own.
     #[arg(long, default_value_t = 64)]
     pub tail: usize,
+    /// Seed of the synthetic prompt, the random policy and stand-in filters.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Write the results as JSON.
@@ -80,31 +66,20 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    /// The benchmark's policy knobs as the shared policy arguments, at `budget`.
-    fn policy_args(&self, budget: usize, key_source: KeySource) -> PolicyArgs {
-        PolicyArgs {
-            policy: self.policy.clone(),
-            budget,
-            filters: self.filters.clone(),
-            window: self.window,
-            sinks: self.sinks,
-            granularity: self.granularity,
-            combiner: self.combiner,
-            key_source,
-            n_batch: self.n_batch,
-            seed: self.seed,
-            slack: self.slack,
-            recency: self.recency,
+    /// The budget given, else (0) the whole workload.
+    fn budget(&self, input: usize) -> usize {
+        match self.eviction.budget {
+            0 => input,
+            b => b,
         }
     }
 
     /// Filters from --filters or the GGUF, else random unit filters: they cost the same.
-    fn filters(
-        &self,
-        pargs: &PolicyArgs,
-        model: &Model,
-    ) -> Result<Arc<gguf_tools::filters::QFilters>> {
-        match pargs.resolve_filters(&self.model.model, model, false)? {
+    fn filters(&self, model: &Model) -> Result<Arc<gguf_tools::filters::QFilters>> {
+        match self
+            .eviction
+            .resolve_filters(&self.model.model, model, false)?
+        {
             Some(f) => Ok(f),
             None => {
                 eprintln!(
@@ -122,38 +97,39 @@ impl BenchArgs {
         budget: usize,
         key_source: KeySource,
     ) -> Result<Engine> {
-        let pargs = self.policy_args(budget, key_source);
-        let filters = if policy::lookup(&self.policy)?.needs_filters {
-            Some(self.filters(&pargs, model)?)
+        let eviction = EvictionArgs {
+            budget,
+            key_source,
+            ..self.eviction.clone()
+        };
+        let filters = if eviction.policy.needs_filters {
+            Some(self.filters(model)?)
         } else {
             None
         };
         // The workload's tokens cap the context, as in `run`.
         let job = self.prompt.saturating_add(self.gen).saturating_add(1);
-        pargs.engine_with_filters(&self.model, model, job, filters)
+        eviction.engine_with_filters(&self.model, model, job, filters, self.seed)
     }
 
     /// The hook-off engine: full cache of `capacity` cells, no callback at all.
     fn engine_off(&self, model: &Arc<Model>, capacity: usize) -> Result<Engine> {
-        let scorer = policy::build(
-            "none",
-            &PolicyInputs {
-                filters: None,
-                seed: self.seed,
-                recency: 0.0,
-            },
-        )?;
+        let scorer = policy::FULL_CACHE.scorer(&PolicyInputs {
+            filters: None,
+            seed: self.seed,
+            recency: 0.0,
+        })?;
         Engine::new(
             model,
             scorer,
             EngineConfig {
                 eviction: None,
                 capacity,
-                n_batch: self.n_batch,
+                n_batch: self.eviction.n_batch,
                 threads: self.model.threads(),
                 key_source: KeySource::Cache,
                 // The hook-on engine forces flash attention for head granularity; match it.
-                flash_attn: (self.granularity == Granularity::Head).then_some(true),
+                flash_attn: (self.eviction.granularity == Granularity::Head).then_some(true),
                 hook: false,
             },
         )
@@ -176,25 +152,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.prompt == 0 {
         return Err(Error::invalid("--prompt must be at least 1"));
     }
-    if args.n_batch == 0 {
-        return Err(Error::invalid("--batch must be at least 1"));
-    }
-    if args.policy == "none" {
-        return Err(Error::invalid(
-            "bench measures an eviction policy against the hook-off full cache: pick --policy qfilters, knorm, streaming or random",
-        ));
+    args.eviction.check()?;
+    if !args.eviction.policy.evicts {
+        return Err(Error::invalid(format!(
+            "bench measures an eviction policy against the hook-off full cache: pick --policy {}",
+            policy::names(|p| p.evicts)
+        )));
     }
     super::check_cells("--prompt", args.prompt)?;
     super::check_cells("--gen", args.gen)?;
-    if let Some(b) = args.budget {
-        super::check_cells("--budget", b)?;
-    }
     if let Some(out) = &args.json {
-        let filters: Vec<PathBuf> = args
-            .filters
-            .iter()
-            .map(|f| gguf_tools::filters::resolve_file(f).unwrap_or_else(|_| f.clone()))
-            .collect();
+        let filters = args.eviction.input_paths();
         let mut inputs: Vec<&std::path::Path> = vec![&args.model.model];
         inputs.extend(filters.iter().map(PathBuf::as_path));
         super::check_outputs(&[out], &inputs, true)?;
@@ -202,7 +170,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let model = args.model.load()?;
     let prompt = bench::synthetic_prompt(&model, args.prompt, args.seed)?;
     let input = prompt.len() + args.gen;
-    let budget = args.budget.unwrap_or(input);
+    let budget = args.budget(input);
     eprintln!(
         "qfilters bench: {} | {} layers, {} KV heads, head dim {} | prompt {} tok, gen {}, budget {budget}, policy {}, key source {:?}, -ngl {}",
         args.model.model.display(),
@@ -211,8 +179,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         model.head_dim(),
         prompt.len(),
         args.gen,
-        args.policy,
-        args.key_source,
+        args.eviction.policy,
+        args.eviction.key_source,
         args.model.gpu_layers
     );
 
@@ -223,7 +191,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return check_moves(&args, &model, &prompt);
     }
 
-    let mut on = args.engine_on(&model, budget, args.key_source)?;
+    let mut on = args.engine_on(&model, budget, args.eviction.key_source)?;
     if !args.compare {
         let mut runs = Vec::new();
         for rep in 0..args.reps.max(1) {
@@ -242,7 +210,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let Some(path) = &args.json {
             write_json(
                 path,
-                &json!({"model": args.model.model, "policy": args.policy, "budget": budget,
+                &json!({"model": args.model.model, "policy": args.eviction.policy, "budget": budget,
                         "prompt": prompt.len(), "gen": args.gen, "runs": runs}),
             )?;
         }
@@ -337,15 +305,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let value = json!({
             "model": args.model.model,
             "gpu_layers": args.model.gpu_layers,
-            "policy": args.policy,
-            "key_source": format!("{:?}", args.key_source).to_lowercase(),
-            "granularity": format!("{:?}", args.granularity).to_lowercase(),
+            "policy": args.eviction.policy,
+            "key_source": args.eviction.key_source.to_string(),
+            "granularity": args.eviction.granularity.to_string(),
             "prompt": prompt.len(),
             "gen": args.gen,
             "tail": args.tail.min(args.gen),
             "budget": budget,
-            "slack": args.slack,
-            "n_batch": args.n_batch,
+            "slack": args.eviction.slack,
+            "n_batch": args.eviction.n_batch,
             "reps": prefill.len(),
             "evicting": evicting,
             "prefill_tok_s_off": Comparison::median_of(&cmp.a, |m| m.prefill_tok_s),
@@ -405,7 +373,7 @@ fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()
     let device_batches = cache.stats().device_score_batches;
     println!(
         "check-keys: policy {} | {} slots compared | max |Δscore| {:.5} | max rel {:.5} | K-index input reused after llama_decode in {}/{} decodes | device scoring batches {}",
-        args.policy, r.compared, r.max_abs_diff, r.max_rel_diff, r.cells_reused_after_decode, r.decodes, device_batches
+        args.eviction.policy, r.compared, r.max_abs_diff, r.max_rel_diff, r.cells_reused_after_decode, r.decodes, device_batches
     );
     // The device reductions against the host path on the same cache rows: equal but for the
     // summation order.
@@ -441,10 +409,11 @@ fn check_keys(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()
 /// Per-head eviction's head-slice moves against a cache that never evicts (no `--budget`:
 /// a small one, so that moves happen).
 fn check_moves(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<()> {
-    let budget = args
-        .budget
-        .unwrap_or(48)
-        .min(prompt.len().saturating_sub(1));
+    let budget = match args.eviction.budget {
+        0 => 48,
+        b => b,
+    }
+    .min(prompt.len().saturating_sub(1));
     let r = bench::check_head_moves(model, prompt, budget, 16, args.model.threads())?;
     println!(
         "check-moves: {} slots checked, {} hold moved slices | {} head slices moved, {} rounds on the device | max |Δ| {:.6}",

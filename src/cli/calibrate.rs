@@ -20,7 +20,10 @@ use qfilters::eval::ppl::{perplexities, streaming_nll};
 use qfilters::ffi::Model;
 use qfilters::{Error, Result};
 
-use super::{granularity_name, read_text, write_json, ModelArgs, PolicyArgs, Progress};
+use qfilters::args::DEFAULT_SINKS;
+use qfilters::policy;
+
+use super::{read_text, write_json, EvictionArgs, EvictionCli, ModelArgs, Progress};
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
@@ -267,9 +270,7 @@ impl Setting {
     fn label(&self) -> String {
         format!(
             "recency {} window {} {}",
-            self.recency,
-            self.window,
-            granularity_name(self.granularity)
+            self.recency, self.window, self.granularity
         )
     }
 }
@@ -307,25 +308,25 @@ fn tune(
         let mut per_budget = Vec::new();
         let mut objective = 0.0;
         for &budget in &args.tune_budget {
-            let pa = PolicyArgs {
-                policy: "qfilters".into(),
+            let pa = EvictionArgs {
+                policy: policy::QFILTERS,
                 budget,
                 filters: None,
                 window: s.window,
-                sinks: super::DEFAULT_SINKS,
+                sinks: DEFAULT_SINKS,
                 granularity: s.granularity,
                 combiner: Combiner::MeanZ,
                 recency: s.recency,
                 slack: 0,
                 key_source: KeySource::Cache,
                 n_batch: args.tune_chunk,
-                seed: 42,
             };
             let mut engine = pa.engine_with_filters(
                 &args.model,
                 model,
                 tokens.len(),
                 Some(Arc::clone(&shared)),
+                42,
             )?;
             let out = streaming_nll(&mut engine, &tokens)?;
             let (ppl, ppl2) = perplexities(&out.nll);
@@ -412,17 +413,14 @@ fn tune(
         tokens.len(),
         args.tune_chunk,
         budgets.join(","),
-        super::DEFAULT_SINKS,
+        DEFAULT_SINKS,
         rows.join("; "),
         best.label()
     );
     for (k, v) in [
         (META_DEFAULT_RECENCY, best.recency.to_string()),
         (META_DEFAULT_WINDOW, best.window.to_string()),
-        (
-            META_DEFAULT_GRANULARITY,
-            granularity_name(best.granularity).to_string(),
-        ),
+        (META_DEFAULT_GRANULARITY, best.granularity.to_string()),
         (META_DEFAULT_EVIDENCE, evidence),
     ] {
         filters.metadata.insert(k.to_string(), v);
@@ -442,7 +440,7 @@ fn tune(
                     json!({
                         "recency": p.setting.recency,
                         "window": p.setting.window,
-                        "granularity": granularity_name(p.setting.granularity),
+                        "granularity": p.setting.granularity.to_string(),
                         "budget": b,
                         "ppl": ppl,
                         "ppl_second_half": ppl2,

@@ -17,33 +17,31 @@ use std::sync::Arc;
 use clap::Args;
 
 use qfilters::chat::{Chat, ChatTemplate, Reply, TurnStats};
-use qfilters::ffi::{Model, Sampler, SamplingParams};
+use qfilters::ffi::Sampler;
 use qfilters::generate::Stop;
+use qfilters::policy::{self, PolicyInfo};
 use qfilters::{Error, Result};
 
 use gguf_tools::safe_io::{self, AppendLog};
 
-use super::{check_outputs, check_sampling, ModelArgs, PolicyArgs, Progress};
+use super::{check_outputs, EvictionArgs, EvictionCli, ModelArgs, Progress, SamplingArgs};
 
 #[derive(Args, Debug)]
+// A conversation samples a little by default: greedy replies to a chat loop on themselves.
+#[command(mut_arg("temp", |a| a.default_value("0.2")))]
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub eviction: EvictionArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// System message sent first.
     #[arg(long)]
     pub system: Option<String>,
     /// Most tokens per reply.
     #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
     pub n_predict: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.2)]
-    pub temp: f32,
-    #[arg(long = "top-k", default_value_t = 40)]
-    pub top_k: i32,
-    #[arg(long = "top-p", default_value_t = 0.95)]
-    pub top_p: f32,
     /// Chat template: a llama.cpp built-in name (chatml, llama3, mistral-v7, gemma, phi3, ...)
     /// or Jinja source. Default: the model's own (GGUF tokenizer.chat_template), else chatml.
     #[arg(long)]
@@ -78,9 +76,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
         // output check) must not make it end the program.
         safe_io::leave_sigint_to_caller();
     }
-    check_sampling(args.temp, args.top_k, args.top_p)?;
-    args.policy.check()?;
-    let filters = args.policy.input_paths();
+    args.sampling.check()?;
+    args.eviction.check()?;
+    let filters = args.eviction.input_paths();
     let mut inputs: Vec<PathBuf> = vec![args.model.model.clone()];
     inputs.extend(filters);
     if let Some(log) = &args.json_log {
@@ -102,29 +100,28 @@ pub fn run(args: ChatArgs) -> Result<()> {
         print!("{}", template.format(&messages, true)?);
         return Ok(());
     }
-    let mut tuned = args.policy.clone();
-    tuned.apply_tuned(&args.model.model)?;
-    let mut policy = choose_policy(&tuned, &args.model.model, &model)?;
-    if policy.policy == "none" {
+    let mut eviction = args.eviction.clone();
+    eviction.apply_tuned(&args.model.model)?;
+    let filters = eviction.resolve_filters(&args.model.model, &model, false)?;
+    if let Some(fallback) = fallback_policy(&eviction, filters.is_some(), &args.model.model) {
+        eviction.policy = fallback;
+    }
+    if !eviction.policy.evicts {
         // The full cache is --budget cells; llama.cpp refuses batches larger than its context.
-        policy.n_batch = policy.n_batch.min(policy.budget.max(1));
+        eviction.n_batch = eviction.n_batch.min(eviction.budget.max(1));
     }
     // A conversation has no known length: a bounded cache is sized by its budget alone.
-    let capacity = if policy.policy == "none" {
-        policy.budget
-    } else {
+    let capacity = if eviction.policy.evicts {
         0
+    } else {
+        eviction.budget
     };
-    let engine = policy.engine(&args.model, &model, capacity, false)?;
-    let sampler = Sampler::new(&SamplingParams {
-        temperature: args.temp,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: policy.seed as u32,
-    })?;
+    let engine =
+        eviction.engine_with_filters(&args.model, &model, capacity, filters, args.sampling.seed)?;
+    let sampler = Sampler::new(&args.sampling.params()?)?;
     let mut session = Session {
         chat: Chat::new(engine, sampler, template, args.system.clone()),
-        policy: policy.policy.clone(),
+        policy: eviction.policy,
         n_predict: args.n_predict,
         json_log: args.json_log.as_deref().map(AppendLog::open).transpose()?,
         inputs: inputs
@@ -140,29 +137,26 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
 }
 
-/// The policy to use: `qfilters` (the default) falls back to `knorm` when no filters are at
-/// hand, unless the user asked for `--policy qfilters` explicitly.
-fn choose_policy(p: &PolicyArgs, path: &Path, model: &Model) -> Result<PolicyArgs> {
-    let explicit = std::env::args_os().any(|a| {
-        let a = a.to_string_lossy();
-        a == "--policy" || a.starts_with("--policy=")
-    });
-    if p.policy == "qfilters" && !explicit && p.resolve_filters(path, model, true)?.is_none() {
+/// The policy to use instead of the chosen one, if any: the default policy falls back to
+/// [`policy::WITHOUT_FILTERS`] when it needs filters and none are at hand, unless the user typed
+/// `--policy` (clap's value source, recorded by `main`).
+fn fallback_policy(e: &EvictionArgs, have_filters: bool, path: &Path) -> Option<PolicyInfo> {
+    let fallback = policy::WITHOUT_FILTERS;
+    if e.policy.needs_filters && !have_filters && !super::given("policy") {
         eprintln!(
-            "qfilters: policy knorm (keep keys of small norm): no --filters given and {} embeds no Q-Filters; make filters with `qfilters calibrate` to use policy qfilters",
-            path.display()
+            "qfilters: policy {fallback} ({}): no --filters given and {} embeds no Q-Filters; make filters with `qfilters calibrate` to use policy {}",
+            fallback.help,
+            path.display(),
+            e.policy
         );
-        return Ok(PolicyArgs {
-            policy: "knorm".into(),
-            ..p.clone()
-        });
+        return Some(fallback);
     }
-    Ok(p.clone())
+    None
 }
 
 struct Session {
     chat: Chat,
-    policy: String,
+    policy: PolicyInfo,
     n_predict: usize,
     json_log: Option<AppendLog>,
     /// Files /save must not overwrite: the model, the filters, the log.
@@ -269,7 +263,7 @@ impl Session {
         let mut value =
             serde_json::to_value(&reply.stats).map_err(|e| Error::invalid(e.to_string()))?;
         if let Some(obj) = value.as_object_mut() {
-            obj.insert("policy".into(), self.policy.clone().into());
+            obj.insert("policy".into(), self.policy.name.into());
             obj.insert("user".into(), message.into());
             obj.insert("reply".into(), reply.text.clone().into());
         }

@@ -13,7 +13,9 @@ use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::windowed_mean;
 use qfilters::{Error, Result};
 
-use super::{check_cells, check_outputs, read_text, write_json, ModelArgs, PolicyArgs};
+use super::{
+    check_cells, check_outputs, read_text, write_json, EvictionArgs, EvictionCli, ModelArgs,
+};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -43,23 +45,23 @@ pub struct SweepArgs {
     #[arg(long)]
     pub filters: Option<PathBuf>,
     /// Most recent tokens never evicted.
-    #[arg(long, value_delimiter = ',', default_values_t = [super::DEFAULT_WINDOW])]
+    #[arg(long, value_delimiter = ',', default_values_t = [qfilters::args::DEFAULT_WINDOW])]
     pub window: Vec<usize>,
     /// First tokens never evicted.
-    #[arg(long, value_delimiter = ',', default_values_t = [super::DEFAULT_SINKS])]
+    #[arg(long, value_delimiter = ',', default_values_t = [qfilters::args::DEFAULT_SINKS])]
     pub sinks: Vec<usize>,
     /// head or position (streaming and random always run per position).
-    #[arg(long, value_delimiter = ',', default_value = super::DEFAULT_GRANULARITY)]
+    #[arg(long, value_delimiter = ',', default_values_t = [qfilters::args::DEFAULT_GRANULARITY])]
     pub granularity: Vec<Granularity>,
     /// mean-z, mean-rank, max-z (position granularity only).
-    #[arg(long, value_delimiter = ',', default_value = super::DEFAULT_COMBINER)]
+    #[arg(long, value_delimiter = ',', default_values_t = [qfilters::args::DEFAULT_COMBINER])]
     pub combiner: Vec<Combiner>,
     /// Each eviction round goes this many cells below the budget, so rounds run once per
     /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub slack: Vec<usize>,
     /// Recency prior (tokens of age per standard deviation of score; 0 off) for qfilters/knorm.
-    #[arg(long, value_delimiter = ',', default_values_t = [super::DEFAULT_RECENCY])]
+    #[arg(long, value_delimiter = ',', default_values_t = [qfilters::args::DEFAULT_RECENCY])]
     pub recency: Vec<f64>,
     /// Tokens per decode call while feeding the input; eviction runs after each chunk.
     #[arg(long)]
@@ -131,7 +133,10 @@ fn scores_differ(policy: &str) -> bool {
 }
 
 fn gran_name(g: Granularity) -> &'static str {
-    super::granularity_name(g)
+    match g {
+        Granularity::Head => "head",
+        Granularity::Position => "position",
+    }
 }
 
 fn comb_name(c: Combiner) -> &'static str {
@@ -237,9 +242,9 @@ impl SweepArgs {
         ]
     }
 
-    fn policy_args(&self, v: &Variant, budget: usize, chunk: usize) -> PolicyArgs {
-        PolicyArgs {
-            policy: v.policy.clone(),
+    fn policy_args(&self, v: &Variant, budget: usize, chunk: usize) -> EvictionArgs {
+        EvictionArgs {
+            policy: *qfilters::policy::lookup(&v.policy).expect("checked by check_lists"),
             budget,
             filters: self.filters.clone(),
             window: v.window,
@@ -250,7 +255,6 @@ impl SweepArgs {
             recency: v.recency,
             key_source: qfilters::engine::KeySource::Cache,
             n_batch: chunk,
-            seed: self.seed,
         }
     }
 }
@@ -421,7 +425,7 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
     for v in &variants {
         let budget = v.budget.unwrap_or(tokens.len());
         let pa = args.sweep.policy_args(v, budget, chunk);
-        let mut engine = pa.engine(&args.model, &model, tokens.len(), true)?;
+        let mut engine = pa.engine(&args.model, &model, tokens.len(), args.sweep.seed, true)?;
         let out = streaming_nll(&mut engine, &tokens)?;
         let (ppl, ppl2) = perplexities(&out.nll);
         let tok_s = tokens.len() as f64 / out.seconds.max(1e-9);
@@ -574,13 +578,14 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                 };
                 let pa = args.sweep.policy_args(&v, b, chunk);
                 let answer_max = 16;
-                let mut engine = match pa.engine(&args.model, &model, len + answer_max, true) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        eprintln!("qfilters: skipping {label} at length {len}: {e}");
-                        continue;
-                    }
-                };
+                let mut engine =
+                    match pa.engine(&args.model, &model, len + answer_max, args.sweep.seed, true) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            eprintln!("qfilters: skipping {label} at length {len}: {e}");
+                            continue;
+                        }
+                    };
                 for (di, &depth) in args.depths.iter().enumerate() {
                     let mut hits = 0usize;
                     let mut nll_sum = 0.0;

@@ -17,10 +17,10 @@ use gguf_tools::filters::{
     QFilters, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY, META_DEFAULT_WINDOW,
 };
 
-use qfilters::cache::{Combiner, EvictionConfig, Granularity};
-use qfilters::engine::{Engine, EngineConfig, KeySource};
+pub use qfilters::args::{EvictionArgs, SamplingArgs};
+use qfilters::cache::Granularity;
+use qfilters::engine::Engine;
 use qfilters::ffi::{Model, ModelParams};
-use qfilters::policy::{self, PolicyInputs};
 use qfilters::{Error, Result};
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -128,16 +128,9 @@ impl Tuned {
         }
         if let Some(g) = self.granularity.filter(|_| !given("granularity")) {
             set_granularity(g);
-            used.push(format!("granularity {}", granularity_name(g)));
+            used.push(format!("granularity {g}"));
         }
         used
-    }
-}
-
-pub fn granularity_name(g: Granularity) -> &'static str {
-    match g {
-        Granularity::Head => "head",
-        Granularity::Position => "position",
     }
 }
 
@@ -151,14 +144,6 @@ fn announce(used: &[String], origin: &str) {
         );
     }
 }
-
-// Built-in eviction defaults, the fallback for filters without tuned ones (chosen on SmolLM2 by
-// `qfilters eval` measurements, docs/RESULTS.md).
-pub const DEFAULT_WINDOW: usize = 32;
-pub const DEFAULT_SINKS: usize = 4;
-pub const DEFAULT_GRANULARITY: &str = "head";
-pub const DEFAULT_COMBINER: &str = "mean-z";
-pub const DEFAULT_RECENCY: f64 = 128.0;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -252,88 +237,51 @@ pub fn available_cores() -> i32 {
     i32::try_from(qfilters::threads::available_cpus()).unwrap_or(i32::MAX)
 }
 
-/// Most KV cells a budget may name: far above any model's trained context, far below the
-/// sizes whose arithmetic overflows (llama.cpp counts cells in 32 bits).
-pub const MAX_CELLS: usize = 1 << 24;
+pub use qfilters::args::check_cells;
 
-/// Refuses a cell count (budget, length) above [`MAX_CELLS`].
-pub fn check_cells(what: &str, n: usize) -> Result<()> {
-    if n > MAX_CELLS {
-        return Err(Error::invalid(format!(
-            "{what} {n} is too large: at most {MAX_CELLS} cells"
-        )));
-    }
-    Ok(())
-}
-
-/// Sampling parameters llama.cpp's samplers accept: a finite temperature ≥ 0 (0 greedy),
-/// top-k ≥ 0 (0 off), top-p in (0, 1].
-pub fn check_sampling(temp: f32, top_k: i32, top_p: f32) -> Result<()> {
-    if !(temp.is_finite() && temp >= 0.0) {
-        return Err(Error::invalid(format!(
-            "--temp {temp}: give a finite temperature of at least 0 (0 is greedy)"
-        )));
-    }
-    if top_k < 0 {
-        return Err(Error::invalid(format!(
-            "--top-k {top_k}: give 0 (off) or more"
-        )));
-    }
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(Error::invalid(format!(
-            "--top-p {top_p}: give a value above 0 and at most 1"
-        )));
-    }
-    Ok(())
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct PolicyArgs {
-    /// Eviction policy: qfilters, knorm, streaming, random, none.
-    #[arg(long, default_value = "qfilters")]
-    pub policy: String,
-    /// KV cells kept after each eviction round.
-    #[arg(long, default_value_t = 512)]
-    pub budget: usize,
-    /// Q-Filters file (published safetensors layout, or its folder). Default: the filters
-    /// embedded in the model's GGUF, if any.
-    #[arg(long)]
-    pub filters: Option<PathBuf>,
-    /// Most recent tokens never evicted.
-    #[arg(long, default_value_t = DEFAULT_WINDOW)]
-    pub window: usize,
-    /// First tokens (attention sinks) never evicted.
-    #[arg(long, default_value_t = DEFAULT_SINKS)]
-    pub sinks: usize,
-    /// `head`: each KV head of each layer keeps its own tokens; `position`: whole positions leave.
-    #[arg(long, default_value = DEFAULT_GRANULARITY)]
-    pub granularity: Granularity,
-    /// How per-head scores become one per position (position granularity): mean-z, mean-rank, max-z.
-    #[arg(long, default_value = DEFAULT_COMBINER)]
-    pub combiner: Combiner,
-    /// Recency prior for key-scoring policies: standardised score + position / RECENCY
-    /// (tokens of age worth one standard deviation); 0 turns it off.
-    #[arg(long, default_value_t = DEFAULT_RECENCY)]
-    pub recency: f64,
-    /// Each eviction round goes this many cells below the budget, so rounds run once per
-    /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
-    #[arg(long, default_value_t = 0)]
-    pub slack: usize,
-    /// Where keys are read: `cache` (K cache rows after the decode, scored on the cache's device),
-    /// `host` (those rows scored on the host) or `graph` (Kcur nodes, one split per layer).
-    #[arg(long = "key-source", default_value = "cache")]
-    pub key_source: KeySource,
-    /// Tokens per llama_decode call while ingesting input.
-    #[arg(long = "batch", default_value_t = 256)]
-    pub n_batch: usize,
-    /// Seed for the random policy and sampling.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-}
-
-impl PolicyArgs {
+/// What the command line adds to [`EvictionArgs`]: the tuned defaults of the filters where no
+/// flag was given, filter resolution with its stderr notes, and the engine with errors that
+/// name the flag to change.
+pub trait EvictionCli {
     /// Takes the tuned defaults of the filters in use (see [`Tuned`]) where no flag was given.
-    pub fn apply_tuned(&mut self, model_path: &Path) -> Result<()> {
+    fn apply_tuned(&mut self, model_path: &Path) -> Result<()>;
+
+    /// Filters from --filters, else from the GGUF, for a policy that needs them; says on
+    /// stderr which are used unless `quiet`.
+    fn resolve_filters(
+        &self,
+        model_path: &Path,
+        model: &Model,
+        quiet: bool,
+    ) -> Result<Option<Arc<QFilters>>>;
+
+    /// The engine for this policy with the filters the caller resolved (or a benchmark's
+    /// stand-in filters); `capacity` as in [`EvictionArgs::engine_config`].
+    fn engine_with_filters(
+        &self,
+        margs: &ModelArgs,
+        model: &Arc<Model>,
+        capacity: usize,
+        filters: Option<Arc<QFilters>>,
+        seed: u64,
+    ) -> Result<Engine>;
+
+    /// [`EvictionCli::engine_with_filters`] with the filters resolved here.
+    fn engine(
+        &self,
+        margs: &ModelArgs,
+        model: &Arc<Model>,
+        capacity: usize,
+        seed: u64,
+        quiet: bool,
+    ) -> Result<Engine> {
+        let filters = self.resolve_filters(&margs.model, model, quiet)?;
+        self.engine_with_filters(margs, model, capacity, filters, seed)
+    }
+}
+
+impl EvictionCli for EvictionArgs {
+    fn apply_tuned(&mut self, model_path: &Path) -> Result<()> {
         if let Some((t, origin)) = Tuned::find(self.filters.as_deref(), model_path)? {
             let (mut r, mut w, mut g) = (self.recency, self.window, self.granularity);
             let used = t.apply(|x| r = x, |x| w = x, |x| g = x);
@@ -343,15 +291,13 @@ impl PolicyArgs {
         Ok(())
     }
 
-    /// Filters from --filters, else from the GGUF; says on stderr which are used.
-    pub fn resolve_filters(
+    fn resolve_filters(
         &self,
         model_path: &Path,
         model: &Model,
         quiet: bool,
     ) -> Result<Option<Arc<QFilters>>> {
-        let info = policy::lookup(&self.policy)?;
-        if !info.needs_filters {
+        if !self.policy.needs_filters {
             // Loading them would only announce filters that change nothing.
             if self.filters.is_some() && !quiet {
                 eprintln!(
@@ -389,92 +335,18 @@ impl PolicyArgs {
         Ok(filters.map(Arc::new))
     }
 
-    /// Refuses knobs whose arithmetic would overflow or that no job can use.
-    pub fn check(&self) -> Result<()> {
-        check_cells("--budget", self.budget)?;
-        check_cells("--window", self.window)?;
-        check_cells("--sinks", self.sinks)?;
-        check_cells("--slack", self.slack)?;
-        check_cells("--batch", self.n_batch)?;
-        if self.n_batch == 0 {
-            return Err(Error::invalid("--batch must be at least 1"));
-        }
-        if !(self.recency.is_finite() && self.recency >= 0.0) {
-            return Err(Error::invalid(format!(
-                "--recency {}: give a finite value of at least 0 (0 turns it off)",
-                self.recency
-            )));
-        }
-        Ok(())
-    }
-
-    /// The files this policy reads besides the model (for the same-file checks): --filters,
-    /// or the .safetensors file inside the folder it names.
-    pub fn input_paths(&self) -> Vec<PathBuf> {
-        self.filters
-            .iter()
-            .map(|f| gguf_tools::filters::resolve_file(f).unwrap_or_else(|_| f.clone()))
-            .collect()
-    }
-
-    /// The engine for this policy; `capacity` is the full-cache size for policy `none`, and for
-    /// evicting policies the most tokens the job feeds (0: unknown), which caps the context.
-    pub fn engine(
-        &self,
-        margs: &ModelArgs,
-        model: &Arc<Model>,
-        capacity: usize,
-        quiet: bool,
-    ) -> Result<Engine> {
-        let filters = self.resolve_filters(&margs.model, model, quiet)?;
-        self.engine_with_filters(margs, model, capacity, filters)
-    }
-
-    /// The engine for this policy with filters the caller already has (e.g. a benchmark's
-    /// stand-in filters).
-    pub fn engine_with_filters(
+    fn engine_with_filters(
         &self,
         margs: &ModelArgs,
         model: &Arc<Model>,
         capacity: usize,
         filters: Option<Arc<QFilters>>,
+        seed: u64,
     ) -> Result<Engine> {
-        let scorer = policy::build(
-            &self.policy,
-            &PolicyInputs {
-                filters,
-                seed: self.seed,
-                recency: self.recency,
-            },
-        )?;
-        self.check()?;
-        let eviction = if self.policy == "none" {
-            None
-        } else {
-            Some(EvictionConfig {
-                budget: self.budget,
-                window: self.window,
-                sinks: self.sinks,
-                granularity: self.granularity,
-                combiner: self.combiner,
-                slack: self.slack,
-            })
-        };
-        let evicting = eviction.is_some();
-        Engine::new(
-            model,
-            scorer,
-            EngineConfig {
-                eviction,
-                capacity,
-                n_batch: self.n_batch,
-                threads: margs.threads(),
-                key_source: self.key_source,
-                flash_attn: None,
-                hook: true,
-            },
-        )
-        .map_err(|e| match e {
+        let scorer = self.scorer(filters, seed)?;
+        let config = self.engine_config(capacity, margs.threads())?;
+        let evicting = self.policy.evicts;
+        Engine::new(model, scorer, config).map_err(|e| match e {
             // Only commands with a --budget can be told to lower it.
             Error::ContextCreate { .. } if evicting => {
                 Error::invalid(format!("{e}: lower --budget"))

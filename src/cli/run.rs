@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use qfilters::ffi::{Sampler, SamplingParams};
+use qfilters::ffi::Sampler;
 use qfilters::generate::generate;
 use qfilters::{Error, Result};
 
 use super::{
-    check_outputs, check_sampling, read_text, write_json, ModelArgs, PolicyArgs, Progress,
+    check_outputs, read_text, write_json, EvictionArgs, EvictionCli, ModelArgs, Progress,
+    SamplingArgs,
 };
 
 #[derive(Args, Debug)]
@@ -19,7 +20,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub eviction: EvictionArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Prompt text.
     #[arg(short = 'p', long, conflicts_with = "file")]
     pub prompt: Option<String>,
@@ -29,13 +32,6 @@ pub struct RunArgs {
     /// Tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
     pub n_predict: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temp: f32,
-    #[arg(long = "top-k", default_value_t = 40)]
-    pub top_k: i32,
-    #[arg(long = "top-p", default_value_t = 0.95)]
-    pub top_p: f32,
     /// Parse special-token text in the prompt (`<|im_start|>`...) as the special tokens, as a
     /// chat template's output needs.
     #[arg(long)]
@@ -46,12 +42,12 @@ pub struct RunArgs {
 }
 
 pub fn run(mut args: RunArgs) -> Result<()> {
-    check_sampling(args.temp, args.top_k, args.top_p)?;
-    args.policy.check()?;
+    args.sampling.check()?;
+    args.eviction.check()?;
     super::check_cells("--n-predict", args.n_predict)?;
     // The stats file is checked now, not after the generation it would report.
     if let Some(out) = &args.json_stats {
-        let filters = args.policy.input_paths();
+        let filters = args.eviction.input_paths();
         let mut inputs: Vec<&std::path::Path> = vec![&args.model.model];
         inputs.extend(filters.iter().map(|p| p.as_path()));
         inputs.extend(args.file.as_deref());
@@ -62,21 +58,20 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         (None, Some(f)) => read_text(f)?,
         (None, None) => return Err(Error::invalid("give a prompt with -p TEXT or -f FILE")),
     };
-    args.policy.apply_tuned(&args.model.model)?;
+    args.eviction.apply_tuned(&args.model.model)?;
     let model = args.model.load()?;
     let tokens = model.tokenize(&text, true, args.special)?;
     if tokens.is_empty() {
         return Err(Error::invalid("the prompt is empty"));
     }
-    let mut engine =
-        args.policy
-            .engine(&args.model, &model, tokens.len() + args.n_predict, false)?;
-    let mut sampler = Sampler::new(&SamplingParams {
-        temperature: args.temp,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.policy.seed as u32,
-    })?;
+    let mut engine = args.eviction.engine(
+        &args.model,
+        &model,
+        tokens.len() + args.n_predict,
+        args.sampling.seed,
+        false,
+    )?;
+    let mut sampler = Sampler::new(&args.sampling.params()?)?;
     let progress = Progress::new(tokens.len(), "prompt");
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -118,7 +113,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let budget = engine.budget();
     eprintln!(
         "qfilters: policy {} | prompt {} tok | generated {} | peak cells {} (budget {}) | evicted {} | KV {:.1} MiB | prefill {:.1} tok/s | decode {:.1} tok/s",
-        args.policy.policy,
+        args.eviction.policy,
         s.prompt_tokens,
         generated.len(),
         s.peak_cells,
@@ -130,7 +125,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     );
     if let Some(path) = &args.json_stats {
         let value = json!({
-            "policy": args.policy.policy,
+            "policy": args.eviction.policy,
             "prompt_tokens": s.prompt_tokens,
             "generated_tokens": generated.len(),
             "peak_cells": s.peak_cells,
@@ -138,12 +133,12 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             "evicted": s.evicted,
             "head_slices_moved": s.head_slices_moved,
             "budget": budget,
-            "n_batch": args.policy.n_batch,
+            "n_batch": args.eviction.n_batch,
             "threads": args.model.threads(),
-            "window": args.policy.window,
-            "sinks": args.policy.sinks,
-            "granularity": format!("{:?}", args.policy.granularity).to_lowercase(),
-            "recency": args.policy.recency,
+            "window": args.eviction.window,
+            "sinks": args.eviction.sinks,
+            "granularity": args.eviction.granularity.to_string(),
+            "recency": args.eviction.recency,
             "kv_bytes": s.kv_bytes,
             "n_ctx": s.n_ctx,
             "prefill_tok_s": s.prefill_tok_s(),

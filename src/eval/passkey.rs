@@ -42,6 +42,15 @@ impl std::str::FromStr for PromptFormat {
     }
 }
 
+impl std::fmt::Display for PromptFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PromptFormat::Plain => "plain",
+            PromptFormat::Chat => "chat",
+        })
+    }
+}
+
 /// Tokens before the document and after it (question and answer start included).
 fn frame(model: &Model, format: PromptFormat) -> Result<(Vec<Token>, Vec<Token>)> {
     match format {

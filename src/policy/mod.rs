@@ -2,7 +2,9 @@
 //! head), once, when the key enters the cache; higher means "keep". The shared mechanism in
 //! `crate::cache` applies the scores; it is tested once for all policies.
 //!
-//! Adding a policy: one file in this folder and one line in `REGISTRY`.
+//! Adding a policy: one file in this folder and one line in `REGISTRY`. Everything else (the
+//! command lines' `--policy` values and their help, the sweep's default list, which knobs
+//! matter for it) is read from its [`PolicyInfo`].
 
 pub(crate) mod knorm;
 mod none;
@@ -72,13 +74,25 @@ pub struct PolicyInputs {
     pub recency: f64,
 }
 
+/// A policy as a value: its name, what it needs and what it does, and how to build its scorer.
+/// It is what `--policy` parses to (`clap::ValueEnum` over [`REGISTRY`]).
+#[derive(Clone, Copy)]
 pub struct PolicyInfo {
     pub name: &'static str,
+    /// One line for `--help`.
     pub help: &'static str,
     pub needs_filters: bool,
+    /// False for the full-cache reference: nothing is ever evicted, the context holds the
+    /// whole input (the engine gets a full cache, not a budget).
+    pub evicts: bool,
+    /// Whether the scores differ between the KV heads of a layer. When they do not, per-head
+    /// granularity keeps the same tokens as per-position, the combiner has nothing to combine
+    /// and the recency prior (which standardises per head) is not applied.
+    pub scores_vary_by_head: bool,
     pub build: fn(&PolicyInputs) -> Result<Box<dyn Scorer>>,
 }
 
+/// Every policy, in the order `--help` lists them.
 pub const REGISTRY: &[PolicyInfo] = &[
     qfilters::INFO,
     knorm::INFO,
@@ -87,35 +101,216 @@ pub const REGISTRY: &[PolicyInfo] = &[
     none::INFO,
 ];
 
+/// Q-Filters, the policy `calibrate` tunes.
+pub const QFILTERS: PolicyInfo = qfilters::INFO;
+
+/// The default policy of `run`, `chat`, `bench` and `serve`.
+pub const DEFAULT: PolicyInfo = QFILTERS;
+
+/// What `chat` uses when the default policy needs filters and none are at hand: the best
+/// policy that needs none.
+pub const WITHOUT_FILTERS: PolicyInfo = knorm::INFO;
+
+/// The full-cache reference, e.g. a benchmark's hook-off arm.
+pub const FULL_CACHE: PolicyInfo = none::INFO;
+
+impl PolicyInfo {
+    /// Whether the recency prior applies: scores computed from keys, per head.
+    pub fn uses_recency(&self) -> bool {
+        self.evicts && self.scores_vary_by_head
+    }
+}
+
+impl PartialEq for PolicyInfo {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for PolicyInfo {}
+
+impl std::fmt::Debug for PolicyInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl std::fmt::Display for PolicyInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl std::str::FromStr for PolicyInfo {
+    type Err = Error;
+    fn from_str(name: &str) -> Result<Self> {
+        lookup(name).copied()
+    }
+}
+
+impl clap::ValueEnum for PolicyInfo {
+    fn value_variants<'a>() -> &'a [Self] {
+        REGISTRY
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name).help(self.help))
+    }
+}
+
+impl serde::Serialize for PolicyInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name)
+    }
+}
+
+/// The names in [`REGISTRY`] of the policies `keep` accepts, comma-separated (for messages).
+pub fn names(keep: impl Fn(&PolicyInfo) -> bool) -> String {
+    let names: Vec<&str> = REGISTRY
+        .iter()
+        .filter(|p| keep(p))
+        .map(|p| p.name)
+        .collect();
+    names.join(", ")
+}
+
 pub fn lookup(name: &str) -> Result<&'static PolicyInfo> {
     REGISTRY.iter().find(|p| p.name == name).ok_or_else(|| {
-        let known: Vec<&str> = REGISTRY.iter().map(|p| p.name).collect();
         Error::invalid(format!(
             "unknown policy '{name}' (known: {})",
-            known.join(", ")
+            names(|_| true)
         ))
     })
 }
 
+impl PolicyInfo {
+    /// The scorer of this policy; wrapped in the recency prior when `inputs.recency > 0` and
+    /// the policy [uses it](PolicyInfo::uses_recency).
+    pub fn scorer(&self, inputs: &PolicyInputs) -> Result<Box<dyn Scorer>> {
+        if self.needs_filters && inputs.filters.is_none() {
+            return Err(Error::invalid(format!(
+                "policy '{}' needs Q-Filters: pass --filters FILE.safetensors, embed them in the model with `gguf-tools embed`, or make them with `qfilters calibrate`",
+                self.name
+            )));
+        }
+        if !(inputs.recency >= 0.0 && inputs.recency.is_finite()) {
+            return Err(Error::invalid("--recency must be a finite number >= 0"));
+        }
+        let scorer = (self.build)(inputs)?;
+        if inputs.recency > 0.0 && self.uses_recency() {
+            return Ok(Box::new(recency::Recency::new(scorer, inputs.recency)));
+        }
+        Ok(scorer)
+    }
+}
+
+/// The scorer of the policy named `name` (see [`PolicyInfo::scorer`]).
 pub fn build(name: &str, inputs: &PolicyInputs) -> Result<Box<dyn Scorer>> {
-    let info = lookup(name)?;
-    if info.needs_filters && inputs.filters.is_none() {
-        return Err(Error::invalid(format!(
-            "policy '{name}' needs Q-Filters: pass --filters FILE.safetensors, embed them in the model with `gguf-tools embed`, or make them with `qfilters calibrate`"
-        )));
-    }
-    if !(inputs.recency >= 0.0 && inputs.recency.is_finite()) {
-        return Err(Error::invalid("--recency must be a finite number >= 0"));
-    }
-    let scorer = (info.build)(inputs)?;
-    if inputs.recency > 0.0 && scorer.needs_keys() && scorer.evicts() {
-        return Ok(Box::new(recency::Recency::new(scorer, inputs.recency)));
-    }
-    Ok(scorer)
+    lookup(name)?.scorer(inputs)
 }
 
 /// One key's slice of a head: `keys[(t * n_head_kv + h) * head_dim ..][..head_dim]`.
 pub(crate) fn head_slice<'a>(new: &NewKeys<'a>, token: usize, head: usize) -> &'a [f32] {
     let start = (token * new.n_head_kv + head) * new.head_dim;
     &new.keys[start..start + new.head_dim]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every registered policy keeps the `Scorer` contract: one finite score per (token, KV
+    /// head), on the key path and, where it has one, on the reduced path.
+    #[test]
+    fn every_registered_policy_scores_every_token_and_head() {
+        let (layers, n_head_kv, head_dim, n_tokens) = (2, 3, 4, 5);
+        let mut s = 7u64;
+        let mut rnd = || (crate::math::splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let filters: Vec<f32> = (0..layers * n_head_kv * head_dim).map(|_| rnd()).collect();
+        let filters = QFilters::new(layers, n_head_kv, head_dim, filters).unwrap();
+        let keys: Vec<f32> = (0..n_tokens * n_head_kv * head_dim)
+            .map(|_| rnd())
+            .collect();
+        let positions: Vec<i32> = (10..10 + n_tokens as i32).collect();
+        for recency in [0.0, 64.0] {
+            for info in REGISTRY {
+                let inputs = PolicyInputs {
+                    filters: Some(Arc::new(filters.clone())),
+                    seed: 1,
+                    recency,
+                };
+                let mut scorer = info.scorer(&inputs).unwrap();
+                for layer in 0..layers {
+                    let new = NewKeys {
+                        layer,
+                        keys: &keys,
+                        positions: &positions,
+                        n_head_kv,
+                        head_dim,
+                    };
+                    let mut out = vec![f32::NAN; n_tokens * n_head_kv];
+                    scorer.score(&new, &mut out);
+                    assert!(
+                        out.iter().all(|v| v.is_finite()),
+                        "{info} (recency {recency}) layer {layer}: {out:?}"
+                    );
+                    // What the sweep and the granularity flags rely on.
+                    let heads_differ = out.chunks(n_head_kv).any(|c| c.iter().any(|&v| v != c[0]));
+                    assert_eq!(
+                        heads_differ, info.scores_vary_by_head,
+                        "{info}: scores_vary_by_head says {}: {out:?}",
+                        info.scores_vary_by_head
+                    );
+                    if let Some(reduce) = scorer.key_reduce() {
+                        let stats: Vec<f32> = (0..n_tokens)
+                            .flat_map(|t| (0..n_head_kv).map(move |h| (t, h)))
+                            .map(|(t, h)| {
+                                let k = head_slice(&new, t, h);
+                                match reduce {
+                                    KeyReduce::Dot => crate::math::dot(
+                                        k,
+                                        scorer.filter(layer, h).expect("Dot needs a filter"),
+                                    ),
+                                    KeyReduce::SquaredNorm => crate::math::dot(k, k),
+                                }
+                            })
+                            .collect();
+                        let mut reduced = vec![f32::NAN; n_tokens * n_head_kv];
+                        scorer.score_reduced(layer, &positions, &stats, &mut reduced);
+                        assert!(reduced.iter().all(|v| v.is_finite()), "{info}: {reduced:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn policies_parse_from_their_names_and_print_them() {
+        for info in REGISTRY {
+            let parsed: PolicyInfo = info.name.parse().unwrap();
+            assert_eq!(parsed, *info);
+            assert_eq!(parsed.to_string(), info.name);
+            let via_clap = <PolicyInfo as clap::ValueEnum>::from_str(info.name, false).unwrap();
+            assert_eq!(via_clap, *info);
+        }
+        let e = "nope".parse::<PolicyInfo>().unwrap_err().to_string();
+        assert!(e.contains("qfilters") && e.contains("none"), "{e}");
+    }
+
+    /// The facts the command lines read from the registry hold for the built-in policies.
+    #[test]
+    fn registry_facts() {
+        assert_eq!(DEFAULT.name, "qfilters");
+        assert!(DEFAULT.needs_filters && DEFAULT.scores_vary_by_head);
+        assert!(!WITHOUT_FILTERS.needs_filters && WITHOUT_FILTERS.evicts);
+        assert!(!FULL_CACHE.evicts);
+        let scorer = FULL_CACHE
+            .scorer(&PolicyInputs {
+                filters: None,
+                seed: 0,
+                recency: 64.0,
+            })
+            .unwrap();
+        assert!(!scorer.evicts(), "the registry and the scorer agree");
+    }
 }

@@ -11,6 +11,8 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "qfilters",
     help: "keep keys with the highest projection on the Q-Filter of their head (needs filters)",
     needs_filters: true,
+    evicts: true,
+    scores_vary_by_head: true,
     build: |inputs| {
         let filters = inputs
             .filters

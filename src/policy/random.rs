@@ -6,6 +6,8 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "random",
     help: "evict uniformly at random (seeded by --seed)",
     needs_filters: false,
+    evicts: true,
+    scores_vary_by_head: false,
     build: |inputs| {
         Ok(Box::new(Random {
             state: inputs.seed ^ 0x9E37_79B9_7F4A_7C15,
