@@ -5,18 +5,22 @@ use std::sync::Arc;
 use clap::Args;
 
 use qfilters::chat::ChatTemplate;
-use qfilters::ffi::SamplingParams;
 use qfilters::server::{self, api::Defaults, ServerConfig};
 use qfilters::{Error, Result};
 
-use super::{check_sampling, ModelArgs, PolicyArgs};
+use super::{EvictionArgs, EvictionCli, ModelArgs, SamplingArgs};
 
 #[derive(Args, Debug)]
+// A chat's default temperature, as `qfilters chat`; a request's own temperature, top_p and seed
+// override these per request (top-k has no OpenAI field: the flag holds for every request).
+#[command(mut_arg("temp", |a| a.default_value("0.2")))]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub eviction: EvictionArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Address to listen on. The default answers this machine only; another address exposes
     /// the server to the network (use --api-key then).
     #[arg(long, default_value = "127.0.0.1")]
@@ -41,15 +45,6 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 above).
     #[arg(long = "max-body", default_value_t = 1 << 20)]
     pub max_body: usize,
-    /// Sampling temperature when a request gives none; 0 is greedy.
-    #[arg(long, default_value_t = 0.2)]
-    pub temp: f32,
-    /// Top-k for every request (OpenAI's API has no top_k).
-    #[arg(long = "top-k", default_value_t = 40)]
-    pub top_k: i32,
-    /// Top-p when a request gives none.
-    #[arg(long = "top-p", default_value_t = 0.95)]
-    pub top_p: f32,
     /// Chat template: a llama.cpp built-in name (chatml, llama3, ...) or Jinja source.
     /// Default: the model's own (GGUF tokenizer.chat_template), else chatml.
     #[arg(long)]
@@ -57,8 +52,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(mut args: ServeArgs) -> Result<()> {
-    check_sampling(args.temp, args.top_k, args.top_p)?;
-    args.policy.check()?;
+    let sampling = args.sampling.params()?;
+    args.eviction.check()?;
     super::check_cells("--max-tokens", args.max_tokens)?;
     if args.parallel == 0 || args.parallel > 64 {
         return Err(Error::invalid(format!(
@@ -72,21 +67,23 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     if args.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::invalid("--api-key is empty"));
     }
-    args.policy.apply_tuned(&args.model.model)?;
+    args.eviction.apply_tuned(&args.model.model)?;
     let model = args.model.load()?;
     let (template, notice) = ChatTemplate::resolve(&model, args.template.as_deref());
     if let Some(n) = notice {
         eprintln!("qfilters: {n}");
     }
     let filters = args
-        .policy
+        .eviction
         .resolve_filters(&args.model.model, &model, false)?;
-    let evicting = policy_evicts(&args.policy.policy);
-    // Policy none: a full cache of budget + batch cells, refused when a conversation outgrows it.
+    let evicting = args.eviction.policy.evicts;
+    let (budget, n_batch) = (args.eviction.budget, args.eviction.n_batch);
+    // A policy that does not evict: a full cache of budget + batch cells, and a conversation
+    // that outgrows it is refused.
     let capacity = if evicting {
         0
     } else {
-        args.policy.budget.saturating_add(args.policy.n_batch)
+        budget.saturating_add(n_batch)
     };
     // Each slot gets its share of the default threads (at least one), so K slots do not
     // contend for the same cores; -t / QFILTERS_THREADS give each slot that many.
@@ -98,10 +95,11 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     };
     let mut margs = args.model.clone();
     margs.threads = Some(per_slot);
-    let policy = args.policy.clone();
+    let eviction = args.eviction.clone();
+    let seed = args.sampling.seed;
     let m = Arc::clone(&model);
     let make = Arc::new(move |_slot: usize| {
-        policy.engine_with_filters(&margs, &m, capacity, filters.clone())
+        eviction.engine_with_filters(&margs, &m, capacity, filters.clone(), seed)
     });
     let model_id = args
         .model
@@ -117,25 +115,17 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         max_body: args.max_body,
         defaults: Defaults {
-            sampling: SamplingParams {
-                temperature: args.temp,
-                top_k: args.top_k,
-                top_p: args.top_p,
-                seed: args.policy.seed as u32,
-            },
+            sampling,
             max_tokens_cap: args.max_tokens,
         },
         model_id: model_id.clone(),
     };
-    let budget = if evicting {
-        format!(
-            "budget {} + batch {} cells",
-            args.policy.budget, args.policy.n_batch
-        )
+    let cells = if evicting {
+        format!("budget {budget} + batch {n_batch} cells")
     } else {
-        format!("policy none: full cache of {capacity} cells")
+        format!("full cache of {capacity} cells")
     };
-    let policy_name = args.policy.policy.clone();
+    let policy_name = args.eviction.policy.to_string();
     let parallel = args.parallel;
     let auth = if args.api_key.is_some() {
         "API key required"
@@ -146,15 +136,10 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         let total: usize = ready.kv_bytes.iter().sum();
         let each = ready.kv_bytes.first().copied().unwrap_or(0);
         eprintln!(
-            "qfilters: serving {model_id} on http://{} | policy {policy_name} | {parallel} slot(s) × ({budget}), {per_slot} thread(s) each | KV reserved {parallel} × {:.2} MiB = {:.2} MiB | {auth}",
+            "qfilters: serving {model_id} on http://{} | policy {policy_name} | {parallel} slot(s) × ({cells}), {per_slot} thread(s) each | KV reserved {parallel} × {:.2} MiB = {:.2} MiB | {auth}",
             ready.addr,
             each as f64 / (1024.0 * 1024.0),
             total as f64 / (1024.0 * 1024.0),
         );
     })
-}
-
-/// Whether a policy evicts (policy `none` keeps every token).
-fn policy_evicts(name: &str) -> bool {
-    qfilters::policy::lookup(name).is_ok_and(|info| info.name != "none")
 }

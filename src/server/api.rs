@@ -227,12 +227,14 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            other => return Err(ApiError::bad_request(
-                format!(
+            other => {
+                return Err(ApiError::bad_request(
+                    format!(
                     "messages[{i}].role '{other}' is not one of system, developer, user, assistant"
                 ),
-                Some("messages"),
-            )),
+                    Some("messages"),
+                ))
+            }
         };
         let content = match m.content {
             None => String::new(),
