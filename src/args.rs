@@ -184,7 +184,7 @@ impl EvictionArgs {
 
     /// The eviction knobs, for a policy that evicts; `None` for the full-cache reference.
     pub fn eviction(&self) -> Option<EvictionConfig> {
-        self.policy.evicts.then(|| EvictionConfig {
+        self.policy.evicts.then_some(EvictionConfig {
             budget: self.budget,
             window: self.window,
             sinks: self.sinks,

@@ -301,9 +301,9 @@ mod tests {
     #[test]
     fn registry_facts() {
         assert_eq!(DEFAULT.name, "qfilters");
-        assert!(DEFAULT.needs_filters && DEFAULT.scores_vary_by_head);
-        assert!(!WITHOUT_FILTERS.needs_filters && WITHOUT_FILTERS.evicts);
-        assert!(!FULL_CACHE.evicts);
+        const { assert!(DEFAULT.needs_filters && DEFAULT.scores_vary_by_head) };
+        const { assert!(!WITHOUT_FILTERS.needs_filters && WITHOUT_FILTERS.evicts) };
+        const { assert!(!FULL_CACHE.evicts) };
         let scorer = FULL_CACHE
             .scorer(&PolicyInputs {
                 filters: None,
