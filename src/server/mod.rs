@@ -59,7 +59,11 @@ pub fn serve(
     if cfg.parallel == 0 {
         return Err(Error::invalid("at least one slot is needed"));
     }
-    let (pool, threads, kv_bytes) = slots::Pool::start(cfg.parallel, cfg.max_queue, make_engine)?;
+    let slots::Started {
+        pool,
+        threads,
+        kv_bytes,
+    } = slots::Pool::start(cfg.parallel, cfg.max_queue, make_engine)?;
     // Two async threads are plenty to move bytes: the model runs on the slot threads.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

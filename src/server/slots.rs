@@ -226,6 +226,13 @@ pub struct Load {
     pub refused: u64,
 }
 
+/// A started pool: its slot threads (joined at shutdown) and the KV bytes each slot reserved.
+pub struct Started {
+    pub pool: Arc<Pool>,
+    pub threads: Vec<std::thread::JoinHandle<()>>,
+    pub kv_bytes: Vec<usize>,
+}
+
 /// Counts a request as queued while it waits for a slot (also when its client goes away).
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -236,13 +243,12 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pool {
-    /// Starts `n` slot threads; `make(i)` builds slot `i`'s engine on its thread. Returns the
-    /// pool, the threads, and the KV bytes each slot reserved.
+    /// Starts `n` slot threads; `make(i)` builds slot `i`'s engine on its thread.
     pub fn start(
         n: usize,
         max_queue: usize,
         make: Arc<dyn Fn(usize) -> Result<Engine> + Send + Sync>,
-    ) -> Result<(Arc<Pool>, Vec<std::thread::JoinHandle<()>>, Vec<usize>)> {
+    ) -> Result<Started> {
         let pool = Arc::new(Pool {
             slots: Mutex::new(
                 (0..n)
@@ -293,7 +299,11 @@ impl Pool {
             }
         }
         *lock(&pool.jobs) = senders;
-        Ok((pool, threads, kv))
+        Ok(Started {
+            pool,
+            threads,
+            kv_bytes: kv,
+        })
     }
 
     pub fn slots(&self) -> usize {
@@ -358,8 +368,8 @@ impl Pool {
             permit,
         };
         let jobs = lock(&self.jobs);
-        match jobs.get(slot).map(|tx| tx.send(job)) {
-            Some(Ok(())) => Ok(()),
+        match jobs.get(slot).map(|tx| tx.send(job).is_ok()) {
+            Some(true) => Ok(()),
             _ => {
                 drop(jobs);
                 self.release(slot, History::default());

@@ -342,9 +342,6 @@ def test_bounded_load(s):
             f"RSS after 20 {rss['after20'] / 1024:.1f} MiB, at end {rss['end'] / 1024:.1f} MiB, "
             f"peak {max(peak[0], s.rss_kib('VmHWM')) / 1024:.1f} MiB")
     print("    " + line)
-    if os.environ.get("SERVE_BENCH_OUT"):
-        with open(os.environ["SERVE_BENCH_OUT"], "a") as f:
-            f.write(line + "\n")
 
 
 def test_sigterm_cuts_a_stream_with_an_error_event_and_exits(s):
