@@ -317,6 +317,14 @@ def test_bounded_load(s):
                 if done[0] == 20:
                     rss["after20"] = s.rss_kib()
 
+    # The same short reply, one client at a time: the latency without queueing.
+    alone = []
+    for i in range(10):
+        t0 = time.time()
+        st, r = s.chat([{"role": "user", "content": f"Say hello to visitor {i}."}], max_tokens=4, temperature=0)
+        alone.append(time.time() - t0)
+        assert st == 200, r
+    alone.sort()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.time()
@@ -338,7 +346,8 @@ def test_bounded_load(s):
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
     line = (f"load: {total} requests, {clients} clients, --parallel {PARALLEL} --max-queue {MAX_QUEUE}: "
             f"{counts['ok']} answered, {counts['busy']} refused (503) in {wall:.1f} s = "
-            f"{counts['ok'] / wall:.2f} answered/s; latency p50 {p(0.5):.3f} s p95 {p(0.95):.3f} s; "
+            f"{counts['ok'] / wall:.2f} answered/s; latency p50 {p(0.5):.3f} s p95 {p(0.95):.3f} s "
+            f"(one client alone: p50 {alone[5]:.3f} s); "
             f"RSS after 20 {rss['after20'] / 1024:.1f} MiB, at end {rss['end'] / 1024:.1f} MiB, "
             f"peak {max(peak[0], s.rss_kib('VmHWM')) / 1024:.1f} MiB")
     print("    " + line)
