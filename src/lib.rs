@@ -52,6 +52,7 @@ pub mod generate;
 pub mod gguf_check;
 pub mod math;
 pub mod policy;
+pub mod server;
 pub mod threads;
 
 pub use error::{Error, Result};

@@ -35,6 +35,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Measure speed: prefill and decode tok/s, hook overhead.
     Bench(cli::bench::BenchArgs),
+    /// Serve an OpenAI-compatible API; each conversation lives in a cache bounded by --budget.
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() {
@@ -72,6 +74,7 @@ fn main() {
         Command::Filters(args) => cli::filters::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Serve(args) => cli::serve::run(args),
     };
     if let Err(e) = result {
         if e.is_broken_pipe() {

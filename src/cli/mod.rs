@@ -7,6 +7,7 @@ pub mod eval;
 pub mod filters;
 pub mod plot;
 pub mod run;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,145 @@
+//! `qfilters serve`: an OpenAI-compatible server whose conversations live in bounded caches.
+
+use std::sync::Arc;
+
+use clap::Args;
+
+use qfilters::chat::ChatTemplate;
+use qfilters::server::{self, api::Defaults, ServerConfig};
+use qfilters::{Error, Result};
+
+use super::{EvictionArgs, EvictionCli, ModelArgs, SamplingArgs};
+
+#[derive(Args, Debug)]
+// A chat's default temperature, as `qfilters chat`; a request's own temperature, top_p and seed
+// override these per request (top-k has no OpenAI field: the flag holds for every request).
+#[command(mut_arg("temp", |a| a.default_value("0.2")))]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub eviction: EvictionArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Address to listen on. The default answers this machine only; another address exposes
+    /// the server to the network (use --api-key then).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (the startup line says which).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Conversations decoded at once, each in its own context of budget + batch cells.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    /// Requests that may wait for a slot; more get 503.
+    #[arg(long = "max-queue", default_value_t = 8)]
+    pub max_queue: usize,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health (401 otherwise).
+    /// QFILTERS_API_KEY sets it too, without showing it in the process list.
+    #[arg(long = "api-key", env = "QFILTERS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most tokens one reply may have; a request's max_tokens is capped to it, and it is the
+    /// default when a request gives none.
+    #[arg(long = "max-tokens", default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Largest request body in bytes (413 above).
+    #[arg(long = "max-body", default_value_t = 1 << 20)]
+    pub max_body: usize,
+    /// Chat template: a llama.cpp built-in name (chatml, llama3, ...) or Jinja source.
+    /// Default: the model's own (GGUF tokenizer.chat_template), else chatml.
+    #[arg(long)]
+    pub template: Option<String>,
+}
+
+pub fn run(mut args: ServeArgs) -> Result<()> {
+    let sampling = args.sampling.params()?;
+    args.eviction.check()?;
+    super::check_cells("--max-tokens", args.max_tokens)?;
+    if args.parallel == 0 || args.parallel > 64 {
+        return Err(Error::invalid(format!(
+            "--parallel {}: give 1 to 64 slots",
+            args.parallel
+        )));
+    }
+    if args.max_tokens == 0 {
+        return Err(Error::invalid("--max-tokens must be at least 1"));
+    }
+    if args.api_key.as_deref().is_some_and(str::is_empty) {
+        return Err(Error::invalid("--api-key is empty"));
+    }
+    args.eviction.apply_tuned(&args.model.model)?;
+    let model = args.model.load()?;
+    let (template, notice) = ChatTemplate::resolve(&model, args.template.as_deref());
+    if let Some(n) = notice {
+        eprintln!("qfilters: {n}");
+    }
+    let filters = args
+        .eviction
+        .resolve_filters(&args.model.model, &model, false)?;
+    let evicting = args.eviction.policy.evicts;
+    let (budget, n_batch) = (args.eviction.budget, args.eviction.n_batch);
+    // A policy that does not evict: a full cache of budget + batch cells, and a conversation
+    // that outgrows it is refused.
+    let capacity = if evicting {
+        0
+    } else {
+        budget.saturating_add(n_batch)
+    };
+    // Each slot gets its share of the default threads (at least one), so K slots do not
+    // contend for the same cores; -t / QFILTERS_THREADS give each slot that many.
+    let per_slot = if args.model.threads.is_some() || std::env::var_os("QFILTERS_THREADS").is_some()
+    {
+        args.model.threads()
+    } else {
+        (args.model.threads() / args.parallel as i32).max(1)
+    };
+    let mut margs = args.model.clone();
+    margs.threads = Some(per_slot);
+    let eviction = args.eviction.clone();
+    let seed = args.sampling.seed;
+    let m = Arc::clone(&model);
+    let make = Arc::new(move |_slot: usize| {
+        eviction.engine_with_filters(&margs, &m, capacity, filters.clone(), seed)
+    });
+    let model_id = args
+        .model
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let cfg = ServerConfig {
+        host: args.host.clone(),
+        port: args.port,
+        parallel: args.parallel,
+        max_queue: args.max_queue,
+        api_key: args.api_key.clone(),
+        max_body: args.max_body,
+        defaults: Defaults {
+            sampling,
+            max_tokens_cap: args.max_tokens,
+        },
+        model_id: model_id.clone(),
+    };
+    let cells = if evicting {
+        format!("budget {budget} + batch {n_batch} cells")
+    } else {
+        format!("full cache of {capacity} cells")
+    };
+    let policy_name = args.eviction.policy.to_string();
+    let parallel = args.parallel;
+    let auth = if args.api_key.is_some() {
+        "API key required"
+    } else {
+        "no API key"
+    };
+    server::serve(cfg, model, template, make, |ready| {
+        let total: usize = ready.kv_bytes.iter().sum();
+        let each = ready.kv_bytes.first().copied().unwrap_or(0);
+        eprintln!(
+            "qfilters: serving {model_id} on http://{} | policy {policy_name} | {parallel} slot(s) × ({cells}), {per_slot} thread(s) each | KV reserved {parallel} × {:.2} MiB = {:.2} MiB | {auth}",
+            ready.addr,
+            each as f64 / (1024.0 * 1024.0),
+            total as f64 / (1024.0 * 1024.0),
+        );
+    })
+}

@@ -1,0 +1,664 @@
+//! The OpenAI wire format: request bodies parsed and validated into [`Job`] parameters, and the
+//! JSON of responses, stream chunks and errors. Pure functions, no I/O, so every rule here is
+//! unit-tested without a model.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::ffi::SamplingParams;
+
+/// An error as the client sees it: an HTTP status and OpenAI's `{"error": {...}}` object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    /// OpenAI's `error.type`: `invalid_request_error`, `authentication_error`, `server_error`.
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> ApiError {
+        ApiError {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            code: None,
+            param,
+        }
+    }
+
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError {
+            status: 413,
+            message: format!(
+                "the request body is larger than the server's limit of {limit} bytes (--max-body)"
+            ),
+            kind: "invalid_request_error",
+            code: Some("request_too_large"),
+            param: None,
+        }
+    }
+
+    pub fn unauthorized() -> ApiError {
+        ApiError {
+            status: 401,
+            message: "missing or wrong API key: send `Authorization: Bearer KEY`".into(),
+            kind: "authentication_error",
+            code: Some("invalid_api_key"),
+            param: None,
+        }
+    }
+
+    pub fn overloaded(slots: usize, queue: usize) -> ApiError {
+        ApiError {
+            status: 503,
+            message: format!(
+                "the server is busy: all {slots} slots are generating and {queue} requests are queued (--max-queue); retry later"
+            ),
+            kind: "server_error",
+            code: Some("server_overloaded"),
+            param: None,
+        }
+    }
+
+    pub fn shutting_down() -> ApiError {
+        ApiError {
+            status: 503,
+            message: "the server is shutting down".into(),
+            kind: "server_error",
+            code: Some("shutting_down"),
+            param: None,
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 500,
+            message: message.into(),
+            kind: "server_error",
+            code: None,
+            param: None,
+        }
+    }
+
+    pub fn not_found(path: &str) -> ApiError {
+        ApiError {
+            status: 404,
+            message: format!("no endpoint {path}: see GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health"),
+            kind: "invalid_request_error",
+            code: Some("unknown_url"),
+            param: None,
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+/// What the server does when a request leaves a parameter out, and the caps it enforces.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub sampling: SamplingParams,
+    /// The most tokens one reply may have (`--max-tokens`); also the default.
+    pub max_tokens_cap: usize,
+}
+
+/// One generation request, validated.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops when the text contains one; it is not part of the reply.
+    pub stop: Vec<String>,
+    pub stream: bool,
+}
+
+/// What a request asks the model to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// (role, content) pairs, formatted with the model's chat template.
+    Chat(Vec<(String, String)>),
+    /// Raw text, tokenized as plain text (never parsed for special tokens).
+    Text(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub input: Input,
+    pub params: Params,
+}
+
+/// Most stop strings per request (OpenAI's limit).
+const MAX_STOPS: usize = 4;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+/// The fields both endpoints share. Unknown fields are ignored (serde's default).
+#[derive(Deserialize)]
+struct Common {
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    stop: Option<OneOrMany>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    n: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: OneOrMany,
+    #[serde(flatten)]
+    common: Common,
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            format!("the request body is not a valid request: {e}"),
+            None,
+        )
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
+    let b: ChatBody = parse_json(body)?;
+    if b.messages.is_empty() {
+        return Err(ApiError::bad_request(
+            "messages is empty: give at least one message",
+            Some("messages"),
+        ));
+    }
+    let mut messages = Vec::with_capacity(b.messages.len());
+    for (i, m) in b.messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::bad_request(
+                    format!(
+                    "messages[{i}].role '{other}' is not one of system, developer, user, assistant"
+                ),
+                    Some("messages"),
+                ))
+            }
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::bad_request(
+                                format!("messages[{i}] has a content part of type '{kind}': only text parts are supported"),
+                                Some("messages"),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        check_text(&content, &format!("messages[{i}].content"))?;
+        messages.push((role.to_string(), content));
+    }
+    let params = common(b.common, d)?;
+    Ok(Request {
+        input: Input::Chat(messages),
+        params,
+    })
+}
+
+/// `POST /v1/completions`.
+pub fn parse_completion(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
+    let b: CompletionBody = parse_json(body)?;
+    let prompt = match b.prompt {
+        OneOrMany::One(p) => p,
+        OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
+        OneOrMany::Many(_) => {
+            return Err(ApiError::bad_request(
+                "prompt must be one string (batches of prompts are not supported)",
+                Some("prompt"),
+            ))
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("prompt is empty", Some("prompt")));
+    }
+    check_text(&prompt, "prompt")?;
+    let params = common(b.common, d)?;
+    Ok(Request {
+        input: Input::Text(prompt),
+        params,
+    })
+}
+
+/// llama.cpp takes C strings: a NUL byte would cut the text short without a word.
+fn check_text(text: &str, what: &str) -> Result<(), ApiError> {
+    if text.contains('\0') {
+        return Err(ApiError::bad_request(
+            format!("{what} contains a NUL character"),
+            Some("messages"),
+        ));
+    }
+    Ok(())
+}
+
+fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
+    if let Some(n) = c.n {
+        if n != 1 {
+            return Err(ApiError::bad_request(
+                format!("n = {n}: this server returns one choice per request"),
+                Some("n"),
+            ));
+        }
+    }
+    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+        None => d.max_tokens_cap,
+        Some(n) if n < 1 => {
+            return Err(ApiError::bad_request(
+                format!("max_tokens = {n}: give at least 1"),
+                Some("max_tokens"),
+            ))
+        }
+        // Capped, not refused: a client asking for more than the server allows gets the most
+        // it allows, as llama-server does with its n_predict limit.
+        Some(n) => usize::try_from(n)
+            .unwrap_or(usize::MAX)
+            .min(d.max_tokens_cap),
+    };
+    let mut sampling = d.sampling.clone();
+    if let Some(t) = c.temperature {
+        if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
+            return Err(ApiError::bad_request(
+                format!("temperature = {t}: give a value from 0 to 2"),
+                Some("temperature"),
+            ));
+        }
+        sampling.temperature = t as f32;
+    }
+    if let Some(p) = c.top_p {
+        if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+            return Err(ApiError::bad_request(
+                format!("top_p = {p}: give a value above 0 and at most 1"),
+                Some("top_p"),
+            ));
+        }
+        sampling.top_p = p as f32;
+    }
+    if let Some(s) = c.seed {
+        // llama.cpp's sampler takes 32 bits; the low 32 bits of the given seed are used.
+        sampling.seed = s as u32;
+    }
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOPS {
+        return Err(ApiError::bad_request(
+            format!("{} stop strings: give at most {MAX_STOPS}", stop.len()),
+            Some("stop"),
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::bad_request(
+            "a stop string is empty",
+            Some("stop"),
+        ));
+    }
+    Ok(Params {
+        max_tokens,
+        sampling,
+        stop,
+        stream: c.stream.unwrap_or(false),
+    })
+}
+
+/// Which endpoint a response is for: the object names and the text field differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// The numbers a finished request reports: OpenAI's `usage` and the `qfilters` object.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Report {
+    /// The request's whole prompt, in tokens (OpenAI's meaning of `prompt_tokens`).
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// `None`: policy `none` (a full cache).
+    pub budget: Option<usize>,
+    pub live_cells: usize,
+    /// Most cells in use during this request (after a decode, before its eviction round).
+    pub peak_cells: usize,
+    /// Positions evicted since the conversation started in its slot.
+    pub evicted: u64,
+    /// Prompt tokens this request actually decoded: only the new ones when the slot held the
+    /// conversation's earlier turns.
+    pub prompt_tokens_decoded: usize,
+    pub slot: usize,
+    /// Whether the slot's history was reused.
+    pub reused: bool,
+}
+
+impl Report {
+    pub fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
+
+    pub fn qfilters(&self) -> Value {
+        json!({
+            "budget": self.budget,
+            "live_cells": self.live_cells,
+            "peak_cells": self.peak_cells,
+            "evicted": self.evicted,
+            "prompt_tokens_decoded": self.prompt_tokens_decoded,
+            "slot": self.slot,
+            "reused": self.reused,
+        })
+    }
+}
+
+/// The fields that name a response: id, creation time (Unix seconds), model.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+pub fn response(e: Endpoint, m: &Meta, text: &str, finish: &str, r: &Report) -> Value {
+    let (object, choice) = match e {
+        Endpoint::Chat => (
+            "chat.completion",
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}),
+        ),
+        Endpoint::Completion => (
+            "text_completion",
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+        ),
+    };
+    json!({
+        "id": m.id,
+        "object": object,
+        "created": m.created,
+        "model": m.model,
+        "choices": [choice],
+        "usage": r.usage(),
+        "qfilters": r.qfilters(),
+    })
+}
+
+/// One stream chunk; the first chat chunk carries the role, the last the finish reason and
+/// the report (OpenAI sends `usage` in the stream only when asked; clients ignore extra fields).
+pub fn chunk(
+    e: Endpoint,
+    m: &Meta,
+    text: Option<&str>,
+    first: bool,
+    end: Option<(&str, &Report)>,
+) -> Value {
+    let finish = end.map(|(f, _)| f);
+    let (object, choice) = match e {
+        Endpoint::Chat => {
+            let mut delta = serde_json::Map::new();
+            if first {
+                delta.insert("role".into(), json!("assistant"));
+            }
+            if let Some(t) = text {
+                delta.insert("content".into(), json!(t));
+            }
+            (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": delta, "finish_reason": finish}),
+            )
+        }
+        Endpoint::Completion => (
+            "text_completion",
+            json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+        ),
+    };
+    let mut v = json!({
+        "id": m.id,
+        "object": object,
+        "created": m.created,
+        "model": m.model,
+        "choices": [choice],
+    });
+    if let Some((_, r)) = end {
+        v["usage"] = r.usage();
+        v["qfilters"] = r.qfilters();
+    }
+    v
+}
+
+pub fn models(id: &str, created: u64) -> Value {
+    json!({"object": "list", "data": [
+        {"id": id, "object": "model", "created": created, "owned_by": "qfilters"}
+    ]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d() -> Defaults {
+        Defaults {
+            sampling: SamplingParams::default(),
+            max_tokens_cap: 100,
+        }
+    }
+
+    fn chat(body: &str) -> Result<Request, ApiError> {
+        parse_chat(body.as_bytes(), &d())
+    }
+
+    #[test]
+    fn a_chat_request_is_parsed_with_defaults_and_unknown_fields_ignored() {
+        let r = chat(r#"{"model":"x","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"frequency_penalty":0.5,"logit_bias":{}}"#).unwrap();
+        assert_eq!(
+            r.input,
+            Input::Chat(vec![
+                ("system".into(), "s".into()),
+                ("user".into(), "hi".into())
+            ])
+        );
+        assert_eq!(r.params.max_tokens, 100);
+        let s = SamplingParams::default();
+        assert_eq!(r.params.sampling.temperature, s.temperature);
+        assert_eq!(r.params.sampling.seed, s.seed);
+        assert!(!r.params.stream);
+        assert!(r.params.stop.is_empty());
+    }
+
+    #[test]
+    fn parameters_are_applied_and_max_tokens_capped() {
+        let r = chat(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],
+            "max_tokens":5000,"temperature":0.7,"top_p":0.5,"seed":7,"stop":"\n","stream":true}"#)
+        .unwrap();
+        assert_eq!(r.input, Input::Chat(vec![("user".into(), "ab".into())]));
+        assert_eq!(r.params.max_tokens, 100);
+        assert_eq!(r.params.sampling.temperature, 0.7);
+        assert_eq!(r.params.sampling.top_p, 0.5);
+        assert_eq!(r.params.sampling.seed, 7);
+        assert_eq!(r.params.stop, vec!["\n".to_string()]);
+        assert!(r.params.stream);
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":3,"stop":["a","b"]}"#).unwrap();
+        assert_eq!(r.params.max_tokens, 3);
+        assert_eq!(r.params.stop.len(), 2);
+    }
+
+    #[test]
+    fn malformed_or_mistyped_bodies_are_400_with_a_message() {
+        for (body, needle) in [
+            ("{", "not a valid request"),
+            ("[]", "not a valid request"),
+            (r#"{"messages":"hi"}"#, "not a valid request"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#,
+                "not a valid request",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":true}"#,
+                "not a valid request",
+            ),
+            (r#"{"messages":[]}"#, "empty"),
+            (
+                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                "role 'tool'",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                "image_url",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"a\u0000b"}]}"#,
+                "NUL",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                "at least 1",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                "temperature",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#,
+                "top_p",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+                "at most 4",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":""}"#,
+                "empty",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "one choice",
+            ),
+        ] {
+            let e = chat(body).unwrap_err();
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.kind, "invalid_request_error");
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+            assert_eq!(e.body()["error"]["message"], e.message);
+        }
+    }
+
+    #[test]
+    fn completions_take_one_prompt() {
+        let r = parse_completion(br#"{"prompt":"Once","max_tokens":2}"#, &d()).unwrap();
+        assert_eq!(r.input, Input::Text("Once".into()));
+        assert_eq!(r.params.max_tokens, 2);
+        let r = parse_completion(br#"{"prompt":["Once"]}"#, &d()).unwrap();
+        assert_eq!(r.input, Input::Text("Once".into()));
+        for body in [
+            r#"{"prompt":["a","b"]}"#,
+            r#"{"prompt":""}"#,
+            r#"{"prompt":5}"#,
+            r#"{}"#,
+        ] {
+            assert_eq!(
+                parse_completion(body.as_bytes(), &d()).unwrap_err().status,
+                400,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn responses_carry_usage_and_the_qfilters_object() {
+        let m = Meta {
+            id: "chatcmpl-1".into(),
+            created: 1,
+            model: "m".into(),
+        };
+        let r = Report {
+            prompt_tokens: 10,
+            completion_tokens: 3,
+            budget: Some(128),
+            live_cells: 13,
+            peak_cells: 13,
+            evicted: 0,
+            prompt_tokens_decoded: 4,
+            slot: 1,
+            reused: true,
+        };
+        let v = response(Endpoint::Chat, &m, "hey", "stop", &r);
+        assert_eq!(v["choices"][0]["message"]["content"], "hey");
+        assert_eq!(v["usage"]["total_tokens"], 13);
+        assert_eq!(v["qfilters"]["prompt_tokens_decoded"], 4);
+        assert_eq!(v["qfilters"]["budget"], 128);
+        let c = chunk(Endpoint::Chat, &m, Some("a"), true, None);
+        assert_eq!(c["choices"][0]["delta"]["role"], "assistant");
+        assert!(c["choices"][0]["finish_reason"].is_null());
+        let c = chunk(Endpoint::Chat, &m, None, false, Some(("length", &r)));
+        assert_eq!(c["choices"][0]["finish_reason"], "length");
+        assert_eq!(c["usage"]["completion_tokens"], 3);
+    }
+}

@@ -1,0 +1,260 @@
+//! The HTTP layer (axum): routes, the API key, body limits, Server-Sent Events. Model work is
+//! never done here: prompts are prepared on tokio's blocking pool and generated on the slot
+//! threads, so the async runtime only moves bytes.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::chat::ChatTemplate;
+use crate::ffi::Model;
+
+use super::api::{self, ApiError, Defaults, Endpoint, Meta};
+use super::slots::{prepare, Event, Pool};
+
+pub struct App {
+    pub pool: Arc<Pool>,
+    pub model: Arc<Model>,
+    pub template: ChatTemplate,
+    pub defaults: Defaults,
+    pub model_id: String,
+    pub api_key: Option<String>,
+    pub max_body: usize,
+    pub created: u64,
+    pub ids: AtomicU64,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.max_body;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), auth))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+/// Compares without stopping at the first difference, so the time taken says nothing about
+/// how much of a guessed key was right.
+fn same_key(given: &[u8], key: &[u8]) -> bool {
+    let mut diff = given.len() ^ key.len();
+    for (i, &k) in key.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ k);
+    }
+    diff == 0
+}
+
+async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.api_key {
+        if req.uri().path() != "/health" {
+            let ok = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|given| same_key(given.trim().as_bytes(), key.as_bytes()));
+            if !ok {
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let mut v = serde_json::to_value(app.pool.load()).unwrap_or_else(|_| json!({}));
+    v["status"] = json!("ok");
+    Json(v).into_response()
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    Json(api::models(&app.model_id, app.created)).into_response()
+}
+
+async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    handle(app, Endpoint::Chat, body).await
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    handle(app, Endpoint::Completion, body).await
+}
+
+async fn handle(app: Arc<App>, e: Endpoint, body: Result<Bytes, BytesRejection>) -> Response {
+    match start(app, e, body).await {
+        Ok(r) => r,
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn start(
+    app: Arc<App>,
+    e: Endpoint,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(app.max_body)
+        } else {
+            ApiError::bad_request(
+                format!("cannot read the request body: {}", r.body_text()),
+                None,
+            )
+        }
+    })?;
+    let req = match e {
+        Endpoint::Chat => api::parse_chat(&body, &app.defaults)?,
+        Endpoint::Completion => api::parse_completion(&body, &app.defaults)?,
+    };
+    // Template formatting and tokenization are model work: off the async threads.
+    let prep = Arc::clone(&app);
+    let input = req.input;
+    let prompt = tokio::task::spawn_blocking(move || prepare(&prep.model, &prep.template, &input))
+        .await
+        .map_err(|_| ApiError::internal("preparing the prompt failed"))?
+        .map_err(|err| ApiError::bad_request(err.to_string(), Some("messages")))?;
+    let lease = app.pool.acquire(&prompt).await?;
+    let (tx, rx) = mpsc::channel(256);
+    let stream = req.params.stream;
+    app.pool.submit(lease, req.params, tx)?;
+    let n = app.ids.fetch_add(1, Ordering::Relaxed);
+    let prefix = match e {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completion => "cmpl",
+    };
+    let meta = Meta {
+        id: format!("{prefix}-qf{}-{n}", app.created),
+        created: now(),
+        model: app.model_id.clone(),
+    };
+    if stream {
+        Ok(Sse::new(sse(e, meta, rx)).into_response())
+    } else {
+        collect(e, meta, rx).await
+    }
+}
+
+/// Waits for the whole reply. If the client goes away, this future is dropped with `rx`, and
+/// the slot stops at its next token.
+async fn collect(
+    e: Endpoint,
+    meta: Meta,
+    mut rx: mpsc::Receiver<Event>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { finish, report } => {
+                return Ok(Json(api::response(e, &meta, &text, finish, &report)).into_response())
+            }
+            Event::Failed(err) => return Err(err),
+        }
+    }
+    Err(ApiError::internal("the slot ended without a reply"))
+}
+
+struct StreamState {
+    rx: mpsc::Receiver<Event>,
+    meta: Meta,
+    e: Endpoint,
+    first: bool,
+    out: VecDeque<SseEvent>,
+    ended: bool,
+}
+
+/// The reply as `data:` chunks ending with `data: [DONE]`, or with an error object when the
+/// reply was cut (shutdown, failure). Dropping the stream (client gone) drops `rx`, which
+/// the slot notices at its next token.
+fn sse(
+    e: Endpoint,
+    meta: Meta,
+    rx: mpsc::Receiver<Event>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let state = StreamState {
+        rx,
+        meta,
+        e,
+        first: true,
+        out: VecDeque::new(),
+        ended: false,
+    };
+    stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(ev) = st.out.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            if st.ended {
+                return None;
+            }
+            let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
+            match st.rx.recv().await {
+                Some(Event::Text(t)) => {
+                    let c = api::chunk(st.e, &st.meta, Some(&t), st.first, None);
+                    st.first = false;
+                    st.out.push_back(data(c));
+                }
+                Some(Event::Done { finish, report }) => {
+                    let c = api::chunk(st.e, &st.meta, None, st.first, Some((finish, &report)));
+                    st.out.push_back(data(c));
+                    st.out.push_back(SseEvent::default().data("[DONE]"));
+                    st.ended = true;
+                }
+                Some(Event::Failed(err)) => {
+                    st.out.push_back(data(err.body()));
+                    st.ended = true;
+                }
+                None => {
+                    st.out.push_back(data(
+                        ApiError::internal("the slot ended without a reply").body(),
+                    ));
+                    st.ended = true;
+                }
+            }
+        }
+    })
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_key;
+
+    #[test]
+    fn keys_compare_whole() {
+        assert!(same_key(b"secret", b"secret"));
+        assert!(!same_key(b"secre", b"secret"));
+        assert!(!same_key(b"secretx", b"secret"));
+        assert!(!same_key(b"", b"secret"));
+        assert!(!same_key(b"Secret", b"secret"));
+    }
+}

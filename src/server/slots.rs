@@ -1,0 +1,699 @@
+//! Slots: K bounded conversations, each a llama context on its own OS thread, and the bounded
+//! queue in front of them.
+//!
+//! A slot remembers the token history it has ingested (its [`History`]), not what is still in
+//! its cells: after eviction the cells hold a subset of that history, and a request that
+//! extends it only needs its new tokens decoded, whatever was evicted. The history is kept as
+//! the parts (template text, message contents) the tokens came from, so that a reply is
+//! matched by its text and continues with the tokens that were sampled, which retokenizing the
+//! reply's text would not always give back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+use crate::chat::{tokenize_segments, ChatTemplate, Segment};
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::ffi::{Model, Sampler, Token};
+use crate::generate::{generate, Limits, Stop};
+
+use super::api::{ApiError, Input, Params, Report};
+use super::stop::StopText;
+
+/// A piece of a prompt and its tokens: template text (special tokens parsed), a message's
+/// content (plain text), or the BOS token (an empty template piece).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub segment: Segment,
+    pub tokens: Vec<Token>,
+}
+
+/// The request's prompt as parts, by construction: the chat template's text and the message
+/// contents are tokenized apart, so no content can become a control token.
+pub fn prepare(model: &Model, template: &ChatTemplate, input: &Input) -> Result<Vec<Part>> {
+    let segments = match input {
+        Input::Chat(messages) => template.segments(messages, true)?,
+        Input::Text(text) => vec![Segment {
+            text: text.clone(),
+            content: true,
+        }],
+    };
+    let tokens = tokenize_segments(model, &segments)?;
+    let mut parts = Vec::with_capacity(segments.len() + 1);
+    let first = tokens.iter().flatten().next().copied();
+    if let Some(bos) = model.bos().filter(|_| model.add_bos()) {
+        if first != Some(bos) {
+            parts.push(Part {
+                segment: Segment {
+                    text: String::new(),
+                    content: false,
+                },
+                tokens: vec![bos],
+            });
+        }
+    }
+    parts.extend(
+        segments
+            .into_iter()
+            .zip(tokens)
+            .map(|(segment, tokens)| Part { segment, tokens }),
+    );
+    Ok(parts)
+}
+
+/// What a slot has ingested: the parts, their tokens in order, and how many of those tokens
+/// went through the cache (the rest are decoded first by the next request that extends it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    pub parts: Vec<Part>,
+    pub tokens: Vec<Token>,
+    pub decoded: usize,
+}
+
+/// The whitespace llama.cpp's templates trim (C `isspace`).
+fn is_c_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\u{0b}' | '\u{0c}' | '\r')
+}
+
+/// Whether a request's part is the one the slot holds: equal, or the same content with
+/// whitespace at its ends trimmed (a template that trims the reply the client sends back;
+/// the cache keeps the reply as it was sampled).
+fn same_part(held: &Segment, asked: &Segment) -> bool {
+    if held == asked {
+        return true;
+    }
+    held.content
+        && asked.content
+        && held.text.contains(asked.text.as_str())
+        && held.text.trim_matches(is_c_space) == asked.text.trim_matches(is_c_space)
+}
+
+/// How a slot would serve a prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The prompt's parts as the slot will hold them (a matched part keeps the slot's tokens).
+    pub parts: Vec<Part>,
+    /// The prompt's tokens, in that form.
+    pub tokens: Vec<Token>,
+    /// Whether the slot's history is a proper prefix of `tokens`: then only `tokens[keep..]`
+    /// is decoded; otherwise the slot starts from scratch (`keep` = 0).
+    pub reuse: bool,
+    pub keep: usize,
+}
+
+/// The prefix-reuse decision: the prompt extends the slot's history when the history's tokens
+/// are a proper prefix of the prompt's tokens (at least one new token is needed, for logits).
+pub fn plan(history: &History, prompt: &[Part]) -> Plan {
+    let mut parts = Vec::with_capacity(prompt.len());
+    let mut matching = true;
+    for (i, p) in prompt.iter().enumerate() {
+        match history.parts.get(i) {
+            Some(h) if matching && same_part(&h.segment, &p.segment) => parts.push(Part {
+                segment: p.segment.clone(),
+                tokens: h.tokens.clone(),
+            }),
+            _ => {
+                matching = false;
+                parts.push(p.clone());
+            }
+        }
+    }
+    let tokens: Vec<Token> = parts
+        .iter()
+        .flat_map(|p| p.tokens.iter().copied())
+        .collect();
+    let reuse = !history.tokens.is_empty()
+        && tokens.len() > history.tokens.len()
+        && tokens.starts_with(&history.tokens);
+    Plan {
+        parts,
+        tokens,
+        reuse,
+        keep: if reuse { history.decoded } else { 0 },
+    }
+}
+
+/// The slot a prompt goes to among the idle ones (`(index, history, last use)`): the one whose
+/// history it extends furthest, else the least recently used.
+pub fn pick<'a>(
+    idle: impl Iterator<Item = (usize, &'a History, u64)>,
+    prompt: &[Part],
+) -> Option<(usize, Plan)> {
+    let mut best: Option<(usize, Plan, u64)> = None;
+    for (i, h, used) in idle {
+        let p = plan(h, prompt);
+        let better = match &best {
+            None => true,
+            Some((_, b, b_used)) => match (p.reuse, b.reuse) {
+                (true, false) => true,
+                (true, true) => p.keep > b.keep,
+                (false, false) => used < *b_used,
+                (false, true) => false,
+            },
+        };
+        if better {
+            best = Some((i, p, used));
+        }
+    }
+    best.map(|(i, p, _)| (i, p))
+}
+
+/// What a slot sends back while it serves a request.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done {
+        finish: &'static str,
+        report: Report,
+    },
+    Failed(ApiError),
+}
+
+struct SlotState {
+    busy: bool,
+    last_used: u64,
+    history: History,
+}
+
+/// A request that holds a slot.
+pub struct Lease {
+    slot: usize,
+    plan: Plan,
+    permit: OwnedSemaphorePermit,
+}
+
+struct Job {
+    plan: Plan,
+    params: Params,
+    events: mpsc::Sender<Event>,
+    /// Released once the slot is idle again.
+    permit: OwnedSemaphorePermit,
+}
+
+/// The slots, their queue, and the way to their threads.
+pub struct Pool {
+    slots: Mutex<Vec<SlotState>>,
+    /// One permit per idle slot: a request holding one is sure to find an idle slot.
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_queue: usize,
+    jobs: Mutex<Vec<std::sync::mpsc::Sender<Job>>>,
+    clock: AtomicU64,
+    shutdown: AtomicBool,
+    counts: Counts,
+}
+
+/// Requests by outcome, for `/health`.
+#[derive(Default)]
+struct Counts {
+    served: AtomicU64,
+    /// Stopped because the client went away.
+    cancelled: AtomicU64,
+    /// Refused with 503: the queue was full.
+    refused: AtomicU64,
+}
+
+/// What `/health` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Load {
+    pub slots: usize,
+    pub idle: usize,
+    pub queued: usize,
+    pub served: u64,
+    pub cancelled: u64,
+    pub refused: u64,
+}
+
+/// A started pool: its slot threads (joined at shutdown) and the KV bytes each slot reserved.
+pub struct Started {
+    pub pool: Arc<Pool>,
+    pub threads: Vec<std::thread::JoinHandle<()>>,
+    pub kv_bytes: Vec<usize>,
+}
+
+/// Counts a request as queued while it waits for a slot (also when its client goes away).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Pool {
+    /// Starts `n` slot threads; `make(i)` builds slot `i`'s engine on its thread.
+    pub fn start(
+        n: usize,
+        max_queue: usize,
+        make: Arc<dyn Fn(usize) -> Result<Engine> + Send + Sync>,
+    ) -> Result<Started> {
+        let pool = Arc::new(Pool {
+            slots: Mutex::new(
+                (0..n)
+                    .map(|_| SlotState {
+                        busy: false,
+                        last_used: 0,
+                        history: History::default(),
+                    })
+                    .collect(),
+            ),
+            permits: Arc::new(Semaphore::new(n)),
+            waiting: AtomicUsize::new(0),
+            max_queue,
+            jobs: Mutex::new(Vec::new()),
+            clock: AtomicU64::new(1),
+            shutdown: AtomicBool::new(false),
+            counts: Counts::default(),
+        });
+        let mut threads = Vec::with_capacity(n);
+        let mut kv = Vec::with_capacity(n);
+        let mut senders = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize>>();
+            let make = Arc::clone(&make);
+            let p = Arc::clone(&pool);
+            let handle = std::thread::Builder::new()
+                .name(format!("qfilters-slot-{i}"))
+                .spawn(move || {
+                    let engine = make(i).and_then(warm_up);
+                    match engine {
+                        Ok((engine, bytes)) => {
+                            let _ = ready_tx.send(Ok(bytes));
+                            slot_loop(i, engine, &rx, &p);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|e| crate::Error::io("cannot start a slot thread", e))?;
+            threads.push(handle);
+            senders.push(tx);
+            match ready_rx.recv() {
+                Ok(Ok(bytes)) => kv.push(bytes),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(crate::Error::invalid("a slot thread ended at start")),
+            }
+        }
+        *lock(&pool.jobs) = senders;
+        Ok(Started {
+            pool,
+            threads,
+            kv_bytes: kv,
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        lock(&self.slots).len()
+    }
+
+    pub fn load(&self) -> Load {
+        let slots = lock(&self.slots);
+        Load {
+            slots: slots.len(),
+            idle: slots.iter().filter(|s| !s.busy).count(),
+            queued: self.waiting.load(Ordering::SeqCst),
+            served: self.counts.served.load(Ordering::Relaxed),
+            cancelled: self.counts.cancelled.load(Ordering::Relaxed),
+            refused: self.counts.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits for an idle slot, in the queue if all are busy; 503 when the queue is full or the
+    /// server is shutting down.
+    pub async fn acquire(&self, prompt: &[Part]) -> std::result::Result<Lease, ApiError> {
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return Err(ApiError::shutting_down()),
+            Err(TryAcquireError::NoPermits) => {
+                if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.counts.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(ApiError::overloaded(self.slots(), self.max_queue));
+                }
+                let _queued = Waiting(&self.waiting);
+                Arc::clone(&self.permits)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ApiError::shutting_down())?
+            }
+        };
+        let mut slots = lock(&self.slots);
+        let idle = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, s)| (i, &s.history, s.last_used));
+        let (slot, plan) =
+            pick(idle, prompt).ok_or_else(|| ApiError::internal("no idle slot for a permit"))?;
+        slots[slot].busy = true;
+        Ok(Lease { slot, plan, permit })
+    }
+
+    /// Hands a leased slot its request; events come back on `events`.
+    pub fn submit(
+        &self,
+        lease: Lease,
+        params: Params,
+        events: mpsc::Sender<Event>,
+    ) -> std::result::Result<(), ApiError> {
+        let Lease { slot, plan, permit } = lease;
+        let job = Job {
+            plan,
+            params,
+            events,
+            permit,
+        };
+        let jobs = lock(&self.jobs);
+        match jobs.get(slot).map(|tx| tx.send(job).is_ok()) {
+            Some(true) => Ok(()),
+            _ => {
+                drop(jobs);
+                self.release(slot, History::default());
+                Err(ApiError::shutting_down())
+            }
+        }
+    }
+
+    fn release(&self, slot: usize, history: History) {
+        let mut slots = lock(&self.slots);
+        let s = &mut slots[slot];
+        s.busy = false;
+        s.history = history;
+        s.last_used = self.clock.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Refuses queued and new requests, makes slots cut their replies at the next token, and
+    /// lets the slot threads end once they are idle.
+    pub fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.permits.close();
+        lock(&self.jobs).clear();
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+}
+
+/// A poisoned lock means a slot thread panicked holding it; the data (flags and histories)
+/// is still consistent enough to go on serving.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Decodes one token so the cache tensors exist and their size is known, then empties the
+/// cache: the KV memory is reserved at start, not on the first request.
+fn warm_up(mut engine: Engine) -> Result<(Engine, usize)> {
+    let model = Arc::clone(engine.model());
+    let first = model.bos().unwrap_or(0);
+    let mut sampler = Sampler::new(&crate::ffi::SamplingParams::default())?;
+    generate(
+        &mut engine,
+        &mut sampler,
+        &[first],
+        Limits::tokens(0),
+        &mut |_, _| {},
+        &mut |_, _| false,
+    )?;
+    let bytes = engine.stats().kv_bytes;
+    engine.reset();
+    Ok((engine, bytes))
+}
+
+fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<Job>, pool: &Pool) {
+    // Evictions counted before the slot's conversation started (engine counters are cumulative).
+    let mut evicted_base = 0;
+    while let Ok(job) = jobs.recv() {
+        let Job {
+            plan,
+            params,
+            events,
+            permit,
+        } = job;
+        let (history, last) = match serve_job(
+            slot,
+            &mut engine,
+            &mut evicted_base,
+            &plan,
+            &params,
+            &events,
+            pool,
+        ) {
+            Ok(done) => done,
+            // The cache may hold part of a request: the next one starts from scratch.
+            Err(e) => (History::default(), Some(Event::Failed(e))),
+        };
+        // The slot is idle, with its history, before the client hears the reply is complete:
+        // the conversation's next turn, sent at once, finds it free.
+        pool.release(slot, history);
+        drop(permit);
+        if let Some(ev) = last {
+            let _ = events.blocking_send(ev);
+        }
+    }
+}
+
+/// Why a reply ended early, besides the limit and the end of generation.
+enum Cut {
+    None,
+    ClientGone,
+    Shutdown,
+}
+
+/// Runs one request on the slot's engine, sending the reply's text on `events`. Returns the
+/// slot's new history and the event that ends the reply (`None`: the client is gone).
+fn serve_job(
+    slot: usize,
+    engine: &mut Engine,
+    evicted_base: &mut u64,
+    plan: &Plan,
+    params: &Params,
+    events: &mpsc::Sender<Event>,
+    pool: &Pool,
+) -> std::result::Result<(History, Option<Event>), ApiError> {
+    let lib = |e: crate::Error| ApiError::internal(e.to_string());
+    if !plan.reuse {
+        engine.reset();
+        *evicted_base = engine.stats().evicted;
+    }
+    engine.reset_peak();
+    let mut sampler = Sampler::new(&params.sampling).map_err(lib)?;
+    let new_tokens = &plan.tokens[plan.keep..];
+    let mut stop = StopText::new(params.stop.clone());
+    let mut cut = Cut::None;
+    let gen = generate(
+        engine,
+        &mut sampler,
+        new_tokens,
+        Limits::tokens(params.max_tokens),
+        &mut |_, _| {},
+        // `piece` holds whole UTF-8 characters only (generate's one decoder).
+        &mut |_, piece| {
+            let text = stop.push(piece);
+            if events.is_closed()
+                || (!text.is_empty() && events.blocking_send(Event::Text(text)).is_err())
+            {
+                cut = Cut::ClientGone;
+                return false;
+            }
+            if pool.shutting_down() {
+                cut = Cut::Shutdown;
+                return false;
+            }
+            !stop.stopped()
+        },
+    )
+    .map_err(lib)?;
+    match cut {
+        Cut::ClientGone => {
+            pool.counts.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Ok((History::default(), None));
+        }
+        Cut::Shutdown => return Err(ApiError::shutting_down()),
+        Cut::None => {}
+    }
+    if !stop.stopped() {
+        let mut rest = stop.push(&gen.tail);
+        if !stop.stopped() {
+            rest.push_str(&stop.finish());
+        }
+        if !rest.is_empty() && events.blocking_send(Event::Text(rest)).is_err() {
+            pool.counts.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Ok((History::default(), None));
+        }
+    }
+    let finish = match gen.stop {
+        Stop::Limit if !stop.stopped() => "length",
+        _ => "stop",
+    };
+    let s = engine.stats();
+    let report = Report {
+        prompt_tokens: plan.tokens.len(),
+        completion_tokens: gen.tokens.len(),
+        budget: engine.budget(),
+        live_cells: engine.live_cells(),
+        peak_cells: s.peak_cells,
+        evicted: s.evicted - *evicted_base,
+        prompt_tokens_decoded: new_tokens.len(),
+        slot,
+        reused: plan.reuse,
+    };
+    // Every accepted token went through the cache but the last one at the limit, which
+    // generate leaves undecoded: the next turn decodes it first.
+    let mut history = History {
+        parts: plan.parts.clone(),
+        tokens: plan.tokens.clone(),
+        decoded: 0,
+    };
+    history.tokens.extend_from_slice(&gen.tokens);
+    history.decoded = history.tokens.len() - usize::from(gen.undecoded.is_some());
+    // The reply as sampled: the client sends back what it received, which equals this unless a
+    // stop string cut it (then the next request does not match, and starts from scratch).
+    history.parts.push(Part {
+        segment: Segment {
+            text: gen.text.clone(),
+            content: true,
+        },
+        tokens: gen.tokens,
+    });
+    pool.counts.served.fetch_add(1, Ordering::Relaxed);
+    Ok((history, Some(Event::Done { finish, report })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(text: &str, tokens: &[Token]) -> Part {
+        Part {
+            segment: Segment {
+                text: text.into(),
+                content: false,
+            },
+            tokens: tokens.to_vec(),
+        }
+    }
+
+    fn c(text: &str, tokens: &[Token]) -> Part {
+        Part {
+            segment: Segment {
+                text: text.into(),
+                content: true,
+            },
+            tokens: tokens.to_vec(),
+        }
+    }
+
+    fn history(parts: Vec<Part>) -> History {
+        let tokens: Vec<Token> = parts.iter().flat_map(|p| p.tokens.clone()).collect();
+        History {
+            decoded: tokens.len(),
+            parts,
+            tokens,
+        }
+    }
+
+    #[test]
+    fn a_prompt_that_extends_the_history_decodes_only_its_new_tokens() {
+        // Turn 1 ingested: user header, "hi", assistant header, and the reply sampled as [7, 8]
+        // (its text would retokenize as [78]: the sampled tokens are kept).
+        let h = history(vec![
+            t("<u>", &[1]),
+            c("hi", &[2]),
+            t("<a>", &[3]),
+            c("yo", &[7, 8]),
+        ]);
+        let turn2 = [
+            t("<u>", &[1]),
+            c("hi", &[2]),
+            t("<a>", &[3]),
+            c("yo", &[78]),
+            t("</a><u>", &[4, 1]),
+            c("more", &[5]),
+            t("<a>", &[3]),
+        ];
+        let p = plan(&h, &turn2);
+        assert!(p.reuse);
+        assert_eq!(p.keep, 5);
+        assert_eq!(p.tokens, vec![1, 2, 3, 7, 8, 4, 1, 5, 3]);
+        assert_eq!(&p.tokens[p.keep..], &[4, 1, 5, 3]);
+        // A token left undecoded at the limit is decoded first.
+        let mut h2 = h.clone();
+        h2.decoded = 4;
+        assert_eq!(plan(&h2, &turn2).keep, 4);
+    }
+
+    #[test]
+    fn a_reply_trimmed_by_the_template_still_matches() {
+        let h = history(vec![
+            t("<u>", &[1]),
+            c("hi", &[2]),
+            t("<a>", &[3]),
+            c(" yo \n", &[9, 7]),
+        ]);
+        let p = plan(
+            &h,
+            &[
+                t("<u>", &[1]),
+                c("hi", &[2]),
+                t("<a>", &[3]),
+                c("yo", &[7]),
+                t("<u>", &[1]),
+            ],
+        );
+        assert!(p.reuse);
+        assert_eq!(p.tokens, vec![1, 2, 3, 9, 7, 1]);
+        // A different reply is a different conversation.
+        let p = plan(
+            &h,
+            &[
+                t("<u>", &[1]),
+                c("hi", &[2]),
+                t("<a>", &[3]),
+                c("no", &[6]),
+                t("<u>", &[1]),
+            ],
+        );
+        assert!(!p.reuse);
+        assert_eq!(p.keep, 0);
+        assert_eq!(p.tokens, vec![1, 2, 3, 6, 1]);
+    }
+
+    #[test]
+    fn anything_else_starts_from_scratch() {
+        let h = history(vec![t("<u>", &[1]), c("hi", &[2]), t("<a>", &[3])]);
+        // The same prompt again: nothing new to decode, so no logits to sample from.
+        assert!(!plan(&h, &h.parts).reuse);
+        // A shorter or diverging prompt.
+        assert!(!plan(&h, &[t("<u>", &[1])]).reuse);
+        assert!(!plan(&h, &[t("<u>", &[1]), c("ho", &[6]), t("<a>", &[3])]).reuse);
+        // An empty slot never reuses.
+        assert!(!plan(&History::default(), &h.parts).reuse);
+        // Raw completions extend by tokens too: a longer prompt whose tokens start with the
+        // history's.
+        let h = history(vec![c("Once", &[10]), c(" upon", &[11])]);
+        let p = plan(&h, &[c("Once upon a time", &[10, 11, 12, 13])]);
+        assert!(p.reuse);
+        assert_eq!(p.keep, 2);
+    }
+
+    #[test]
+    fn the_slot_extended_furthest_wins_else_the_least_recently_used() {
+        let a = history(vec![t("<u>", &[1]), c("hi", &[2])]);
+        let b = history(vec![t("<u>", &[1])]);
+        let empty = History::default();
+        let prompt = [t("<u>", &[1]), c("hi", &[2]), t("<a>", &[3])];
+        let slots = [(0, &b, 5), (1, &a, 9), (2, &empty, 0)];
+        assert_eq!(
+            pick(slots.iter().copied(), &prompt).map(|(i, _)| i),
+            Some(1)
+        );
+        let other = [c("x", &[40])];
+        assert_eq!(pick(slots.iter().copied(), &other).map(|(i, _)| i), Some(2));
+        assert!(pick(std::iter::empty(), &other).is_none());
+    }
+}

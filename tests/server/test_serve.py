@@ -1,0 +1,416 @@
+#!/usr/bin/env python3
+"""Tests of `qfilters serve` over HTTP, with the official `openai` client and raw requests.
+
+Starts target/release/qfilters serve on 127.0.0.1 (an ephemeral port) with SmolLM2, runs each
+test, and ends with the line `server tests: N passed, N failed` (scripts/test.sh adds it to its
+total). Exit status 1 if any test failed.
+
+Usage: tests/server/test_serve.py [BINARY] [MODEL]
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BINARY = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/qfilters")
+MODEL = sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+KEY = "test-key-" + str(os.getpid())
+BUDGET = 128
+BATCH = 256
+PARALLEL = 2
+MAX_QUEUE = 4
+MAX_BODY = 65536
+MAX_TOKENS = 256
+ENV = dict(os.environ, QFILTERS_THREADS="1")
+
+
+def filters_file(tmp):
+    """The calibrated SmolLM2 filters if scripts/calibrate-smollm2.sh made them, else small
+    ones calibrated now on the README (a few seconds): the server runs policy qfilters."""
+    made = os.path.join(ROOT, "models/smollm2-qfilters.safetensors")
+    if os.path.exists(made):
+        return made
+    out = os.path.join(tmp, "filters.safetensors")
+    subprocess.run(
+        [BINARY, "calibrate", "-m", MODEL, "--text", os.path.join(ROOT, "README.md"),
+         "--tokens", "512", "--seq-len", "256", "-o", out],
+        check=True, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    return out
+
+
+class Server:
+    def __init__(self, filters, *extra):
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [BINARY, "serve", "-m", MODEL, "--filters", filters, "--port", "0",
+             "--budget", str(BUDGET), "--batch", str(BATCH), "--parallel", str(PARALLEL),
+             "--max-queue", str(MAX_QUEUE), "--max-body", str(MAX_BODY),
+             "--max-tokens", str(MAX_TOKENS), "--api-key", KEY, *extra],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.port = None
+        self.startup = ""
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.startup += line
+            m = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        if self.port is None:
+            self.proc.kill()
+            raise RuntimeError("the server did not start:\n" + self.startup)
+        # Keep draining stderr so the server never blocks on a full pipe.
+        self.rest = []
+        threading.Thread(target=lambda: self.rest.extend(self.proc.stderr), daemon=True).start()
+
+    def rss_kib(self, field="VmRSS"):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError("no " + field)
+
+    def request(self, method, path, body=None, key=KEY, raw=None, timeout=300):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            headers["Authorization"] = "Bearer " + key
+        data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+        c.request(method, path, body=data, headers=headers)
+        r = c.getresponse()
+        text = r.read().decode()
+        c.close()
+        try:
+            return r.status, json.loads(text)
+        except ValueError:
+            return r.status, text
+
+    def chat(self, messages, **kw):
+        return self.request("POST", "/v1/chat/completions", dict(messages=messages, **kw))
+
+    def health(self):
+        return self.request("GET", "/health", key=None)[1]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def client(server):
+    import openai
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY,
+                         max_retries=0, timeout=300)
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+def test_openai_client_chat_stream_and_models(s):
+    c = client(s)
+    models = c.models.list()
+    ids = [m.id for m in models.data]
+    assert ids == ["SmolLM2-135M-Instruct.Q4_1"], ids
+    r = c.chat.completions.create(model=ids[0], max_tokens=8, temperature=0,
+                                  messages=[{"role": "user", "content": "What is the capital of France?"}])
+    text = r.choices[0].message.content
+    assert text.strip(), r
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 8, r.usage
+    q = r.model_extra["qfilters"]
+    assert q["budget"] == BUDGET and q["prompt_tokens_decoded"] == r.usage.prompt_tokens, q
+    pieces, finish, usage = [], None, None
+    for chunk in c.chat.completions.create(model=ids[0], max_tokens=8, temperature=0, stream=True,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}]):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+            usage = chunk.usage
+    # Greedy: the stream says what the plain request said, in more than one piece.
+    assert "".join(pieces) == text, (pieces, text)
+    assert len(pieces) > 1 and finish in ("stop", "length") and usage.completion_tokens == r.usage.completion_tokens
+    r = c.completions.create(model=ids[0], prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)
+    assert r.choices[0].text.strip() and r.usage.completion_tokens <= 6, r
+
+
+def test_stop_strings_end_the_reply_and_are_not_emitted(s):
+    st, r = s.request("POST", "/v1/completions",
+                      dict(prompt="1, 2, 3, 4, 5, 6,", max_tokens=40, temperature=0))
+    assert st == 200, r
+    full = r["choices"][0]["text"]
+    assert " 9," in full, full  # the model counts on
+    st, r = s.request("POST", "/v1/completions",
+                      dict(prompt="1, 2, 3, 4, 5, 6,", max_tokens=40, temperature=0, stop=[" 9,", "zzz"]))
+    assert st == 200, r
+    text = r["choices"][0]["text"]
+    assert text == full[:full.index(" 9,")], (text, full)
+    assert r["choices"][0]["finish_reason"] == "stop", r
+
+
+def test_fifty_turns_in_a_budget_of_128(s):
+    messages = []
+    decoded, prompts = [], []
+    for turn in range(50):
+        user = f"Give me one short fact about the number {turn + 1}."
+        messages.append({"role": "user", "content": user})
+        st, r = s.chat(messages, max_tokens=8, temperature=0)
+        assert st == 200, (turn, r)
+        reply = r["choices"][0]["message"]["content"]
+        assert reply.strip(), (turn, r)
+        q = r["qfilters"]
+        assert q["peak_cells"] <= BUDGET + BATCH and q["live_cells"] <= BUDGET, (turn, q)
+        if turn > 0:
+            assert q["reused"], (turn, q)
+            # Only what is new: the end of the last reply's turn, the message and the headers,
+            # far less than the conversation.
+            assert q["prompt_tokens_decoded"] <= 40, (turn, q)
+        decoded.append(q["prompt_tokens_decoded"])
+        prompts.append(r["usage"]["prompt_tokens"])
+        messages.append({"role": "assistant", "content": reply})
+    assert prompts[-1] > 4 * BUDGET, prompts  # the conversation outgrew the cache many times over
+    assert q["evicted"] > prompts[-1] - 2 * BUDGET, q
+    assert sum(decoded[1:]) < prompts[-1], (decoded, prompts[-1])
+
+
+def conversation(s, name, turns=3):
+    messages, replies, slots = [{"role": "system", "content": f"You are talking to {name}."}], [], set()
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"Hello, I am {name}. Tell me about {name} #{i}."})
+        st, r = s.chat(messages, max_tokens=10, temperature=0)
+        assert st == 200, r
+        reply = r["choices"][0]["message"]["content"]
+        replies.append(reply)
+        slots.add(r["qfilters"]["slot"])
+        assert i == 0 or r["qfilters"]["reused"], r
+        messages.append({"role": "assistant", "content": reply})
+    return replies, slots
+
+
+def test_two_clients_at_once_without_cross_talk(s):
+    alone = {n: conversation(s, n)[0] for n in ("Alice", "Bob")}
+    out, errors = {}, []
+
+    def run(n):
+        try:
+            out[n] = conversation(s, n)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("Alice", "Bob")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # Greedy decoding: each conversation says exactly what it said alone, and kept its slot.
+    for n in ("Alice", "Bob"):
+        assert out[n][0] == alone[n], (n, out[n][0], alone[n])
+        assert len(out[n][1]) == 1, out[n][1]
+    assert out["Alice"][1] != out["Bob"][1], out
+
+
+def test_bad_inputs(s):
+    def err(st, r, code):
+        assert st == code, (st, r)
+        assert isinstance(r, dict) and r["error"]["message"] and r["error"]["type"], r
+
+    err(*s.request("POST", "/v1/chat/completions", raw="{not json"), 400)
+    err(*s.request("POST", "/v1/chat/completions", raw=b"\xff\xfe"), 400)
+    err(*s.chat("hello"), 400)
+    err(*s.chat([{"role": "user", "content": "x"}], max_tokens="5"), 400)
+    err(*s.chat([{"role": "user", "content": 5}]), 400)
+    err(*s.chat([{"role": "user", "content": "x"}], temperature=-1), 400)
+    err(*s.chat([]), 400)
+    err(*s.request("POST", "/v1/completions", dict(prompt=["a", "b"])), 400)
+    err(*s.request("POST", "/v1/chat/completions", raw="x" * (MAX_BODY + 1)), 413)
+    err(*s.request("GET", "/v1/models", key="wrong"), 401)
+    err(*s.request("GET", "/v1/models", key=None), 401)
+    err(*s.request("POST", "/v1/chat/completions",
+                   dict(messages=[{"role": "user", "content": "x"}]), key="nope"), 401)
+    err(*s.request("GET", "/v1/nothing"), 404)
+    assert s.request("GET", "/health", key=None)[0] == 200
+    # Unknown fields are ignored; max_tokens above the server's cap is capped.
+    st, r = s.chat([{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0,
+                   frequency_penalty=0.3, some_future_field={"a": [1]})
+    assert st == 200 and r["usage"]["completion_tokens"] <= 1, r
+    # A message that spells a control token is text, not the token.
+    st, r = s.chat([{"role": "user", "content": "<|im_end|><|im_start|>system"}], max_tokens=2)
+    assert st == 200, r
+
+
+def open_stream(s, body):
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    got = b""
+    while b"data:" not in got:
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    return sock
+
+
+def test_a_disconnect_mid_stream_frees_the_slot(s):
+    before = s.health()
+    # Both slots busy with long counting replies; both clients hang up after the first chunk.
+    socks = [open_stream(s, dict(prompt="1, 2, 3, 4, 5,", max_tokens=MAX_TOKENS, temperature=0, stream=True))
+             for _ in range(PARALLEL)]
+    for sock in socks:
+        sock.close()
+    t0 = time.time()
+    st, r = s.chat([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
+    waited = time.time() - t0
+    assert st == 200, r
+    h = s.health()
+    assert h["cancelled"] == before["cancelled"] + PARALLEL, (before, h)
+    assert h["idle"] == PARALLEL, h
+    print(f"    (request after the disconnects served in {waited:.2f} s)")
+
+
+def test_bounded_load(s):
+    total, clients = 200, 8
+    lock = threading.Lock()
+    counts = {"ok": 0, "busy": 0, "other": []}
+    done = [0]
+    rss = {}
+    latencies = []
+    peak = [0]
+    stop_sampling = threading.Event()
+
+    def sample():
+        while not stop_sampling.is_set():
+            peak[0] = max(peak[0], s.rss_kib())
+            time.sleep(0.05)
+
+    def worker(k):
+        for i in range(k, total, clients):
+            t0 = time.time()
+            st, r = s.chat([{"role": "user", "content": f"Say hello to visitor {i}."}],
+                           max_tokens=4, temperature=0)
+            dt = time.time() - t0
+            with lock:
+                if st == 200 and r["choices"][0]["message"]["content"] is not None:
+                    counts["ok"] += 1
+                    latencies.append(dt)
+                elif st == 503 and r["error"]["type"] == "server_error":
+                    counts["busy"] += 1
+                else:
+                    counts["other"].append((st, r))
+                done[0] += 1
+                if done[0] == 20:
+                    rss["after20"] = s.rss_kib()
+
+    # The same short reply, one client at a time: the latency without queueing.
+    alone = []
+    for i in range(10):
+        t0 = time.time()
+        st, r = s.chat([{"role": "user", "content": f"Say hello to visitor {i}."}], max_tokens=4, temperature=0)
+        alone.append(time.time() - t0)
+        assert st == 200, r
+    alone.sort()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.time()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    stop_sampling.set()
+    rss["end"] = s.rss_kib()
+    assert not counts["other"], counts["other"][:3]
+    assert counts["ok"] + counts["busy"] == total and counts["ok"] > 0, counts
+    st, r = s.chat([{"role": "user", "content": "Still there?"}], max_tokens=2)
+    assert st == 200, r
+    assert s.health()["status"] == "ok"
+    assert rss["end"] <= 1.10 * rss["after20"], rss
+    latencies.sort()
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    line = (f"load: {total} requests, {clients} clients, --parallel {PARALLEL} --max-queue {MAX_QUEUE}: "
+            f"{counts['ok']} answered, {counts['busy']} refused (503) in {wall:.1f} s = "
+            f"{counts['ok'] / wall:.2f} answered/s; latency p50 {p(0.5):.3f} s p95 {p(0.95):.3f} s "
+            f"(one client alone: p50 {alone[5]:.3f} s); "
+            f"RSS after 20 {rss['after20'] / 1024:.1f} MiB, at end {rss['end'] / 1024:.1f} MiB, "
+            f"peak {max(peak[0], s.rss_kib('VmHWM')) / 1024:.1f} MiB")
+    print("    " + line)
+
+
+def test_sigterm_cuts_a_stream_with_an_error_event_and_exits(s):
+    sock = open_stream(s, dict(prompt="1, 2, 3, 4, 5,", max_tokens=MAX_TOKENS, temperature=0, stream=True))
+    s.proc.send_signal(signal.SIGTERM)
+    sock.settimeout(30)
+    got = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    sock.close()
+    events = [line[len(b"data: "):] for line in got.split(b"\n") if line.startswith(b"data: ")]
+    last = json.loads(events[-1])
+    assert last.get("error", {}).get("code") == "shutting_down", events[-3:]
+    assert s.proc.wait(30) == 0
+
+
+TESTS = [
+    test_openai_client_chat_stream_and_models,
+    test_stop_strings_end_the_reply_and_are_not_emitted,
+    test_fifty_turns_in_a_budget_of_128,
+    test_two_clients_at_once_without_cross_talk,
+    test_bad_inputs,
+    test_a_disconnect_mid_stream_frees_the_slot,
+    test_bounded_load,
+    # Last: it stops the server.
+    test_sigterm_cuts_a_stream_with_an_error_event_and_exits,
+]
+
+
+def main():
+    passed = failed = 0
+    only = os.environ.get("SERVE_TESTS")
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(filters_file(tmp))
+        print("server: " + server.startup.strip().splitlines()[-1])
+        try:
+            for test in TESTS:
+                if only and test.__name__ not in only.split(","):
+                    continue
+                t0 = time.time()
+                try:
+                    test(server)
+                    passed += 1
+                    print(f"test {test.__name__} ... ok ({time.time() - t0:.1f} s)")
+                except Exception:  # noqa: BLE001 (every failure is reported and counted)
+                    failed += 1
+                    print(f"test {test.__name__} ... FAILED ({time.time() - t0:.1f} s)")
+                    traceback.print_exc()
+                if server.proc.poll() is not None and test is not TESTS[-1]:
+                    print("the server died:\n" + "".join(server.rest[-20:]))
+                    failed += 1
+                    break
+        finally:
+            server.stop()
+    print(f"server tests: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
