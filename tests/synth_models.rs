@@ -79,20 +79,34 @@ fn version_names_the_llama_cpp_patch_set() {
     let out = run_ok(qfilters().arg("--version"));
     let text = String::from_utf8_lossy(&out.stdout);
     let expected = if qfilters::LLAMA_SOURCE == "pinned" {
-        // The pinned source carries exactly the patch in the tree, by content.
+        // The pinned source carries exactly the patches in the tree, by content, sorted by name.
         use sha2::Digest;
-        let patch = std::fs::read(root().join("vendor/patches/sched-eval-callback.patch")).unwrap();
-        let hex: String = sha2::Sha256::digest(&patch)
-            .iter()
-            .map(|b| format!("{b:02x}"))
+        let mut patches: Vec<_> = std::fs::read_dir(root().join("vendor/patches"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "patch"))
             .collect();
-        format!("sched-eval-callback@{}", &hex[..8])
+        patches.sort();
+        assert!(!patches.is_empty(), "vendor/patches holds no patch");
+        let ids: Vec<String> = patches
+            .iter()
+            .map(|p| {
+                let hex: String = sha2::Sha256::digest(std::fs::read(p).unwrap())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let name = p.file_stem().unwrap().to_string_lossy();
+                format!("{name}@{}", &hex[..8])
+            })
+            .collect();
+        ids.join("+")
     } else {
         // A user's checkout is never patched.
         "none".to_string()
     };
     assert!(
-        text.contains(&format!("(llama.cpp patches: {expected})")),
+        // The CPU backend follows after "; " (`cpu: dispatch, variant zen4`).
+        text.contains(&format!("(llama.cpp patches: {expected};")),
         "{text}"
     );
 }
