@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::{Engine, Logits};
+use crate::cache::TrackedLayer;
+use crate::engine::{Engine, Logits, Stats};
 use crate::error::{Error, Result};
 use crate::ffi::{Model, Sampler, SamplingParams, Token};
 use crate::generate::{generate, Limits};
@@ -40,25 +41,28 @@ pub fn synthetic_prompt(model: &Model, n: usize, seed: u64) -> Result<Vec<Token>
     Ok(out)
 }
 
-/// What one pass of the workload measured.
+/// What one pass of the workload measured: the engine's counters over the pass, and the
+/// speed of its last steps.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunMeasure {
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub prefill_seconds: f64,
-    pub decode_seconds: f64,
+    /// [`Stats::since`] the pass began: tokens, peak cells, evictions, prefill and decode times.
+    #[serde(flatten)]
+    pub stats: Stats,
+    /// Live cells after the pass.
+    pub live_cells: usize,
     /// The last `tail_tokens` decode steps (the end of the stream).
     pub tail_tokens: usize,
     pub tail_seconds: f64,
-    pub prefill_tok_s: f64,
-    pub decode_tok_s: f64,
     pub tail_decode_tok_s: f64,
-    /// Live cells after the run, and the most ever live (engine counters).
-    pub live_cells: usize,
-    pub peak_cells: usize,
-    pub evicted: u64,
-    pub kv_bytes: usize,
-    pub n_ctx: usize,
+}
+
+impl RunMeasure {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.stats.prefill_tok_s()
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        self.stats.decode_tok_s()
+    }
 }
 
 /// Runs `prompt` then `gen` greedy decode steps on a fresh cache (the engine is reset first),
@@ -79,8 +83,8 @@ pub fn run_workload(
     let tail = tail.min(gen);
     // The callback runs once per sampled token: the first after the prefill, each later one
     // after one more decode step. `gen + 1` samples make `gen` decodes (the last sample is
-    // left undecoded).
-    let started = Instant::now();
+    // left undecoded). Prefill and decode times are the engine's; the tail is timed here,
+    // between samples, since the engine cannot be read while it generates.
     let mut marks: Vec<Instant> = Vec::with_capacity(gen + 1);
     generate(
         engine,
@@ -96,28 +100,16 @@ pub fn run_workload(
             true
         },
     )?;
-    let (Some(&first), Some(&end)) = (marks.first(), marks.last()) else {
+    let Some(&end) = marks.last() else {
         return Err(Error::invalid("the benchmark sampled no token"));
     };
-    let prefill_seconds = (first - started).as_secs_f64();
-    let decode_seconds = (end - first).as_secs_f64();
     let tail_seconds = (end - marks[marks.len() - 1 - tail]).as_secs_f64();
-    let s = engine.stats().since(&before);
     Ok(RunMeasure {
-        prompt_tokens: prompt.len(),
-        generated_tokens: gen,
-        prefill_seconds,
-        decode_seconds,
+        stats: engine.stats().since(&before),
+        live_cells: engine.live_cells(),
         tail_tokens: tail,
         tail_seconds,
-        prefill_tok_s: rate(prompt.len() as u64, prefill_seconds),
-        decode_tok_s: rate(gen as u64, decode_seconds),
         tail_decode_tok_s: rate(tail as u64, tail_seconds),
-        live_cells: engine.live_cells(),
-        peak_cells: s.peak_cells,
-        evicted: s.evicted,
-        kv_bytes: s.kv_bytes,
-        n_ctx: s.n_ctx,
     })
 }
 
@@ -319,7 +311,6 @@ pub fn compare_key_paths(
     let (Some(a), Some(b)) = (graph.book(), cache.book()) else {
         return Err(Error::KvCache("no cache book (nothing was scored)".into()));
     };
-    let n_layer = graph.tracked_layers();
     let n_head = graph.model().n_head_kv();
     for cell in 0..a.n_cells().min(b.n_cells()) {
         if a.cell_position(cell).is_none() {
@@ -332,7 +323,7 @@ pub fn compare_key_paths(
                 b.cell_position(cell)
             )));
         }
-        for l in 0..n_layer {
+        for l in a.layers() {
             for h in 0..n_head {
                 let (x, y) = (a.slot_score(l, h, cell), b.slot_score(l, h, cell));
                 let d = (x - y).abs();
@@ -427,7 +418,7 @@ pub fn check_head_moves(
         let v = evicting.context_mut().read_cache_row(0, true, cell)?;
         for h in 0..h_kv {
             let p = book
-                .slot_position(0, h, cell)
+                .slot_position(TrackedLayer(0), h, cell)
                 .ok_or_else(|| Error::KvCache(format!("live cell {cell} has an empty slot")))?;
             if Some(p) != book.cell_position(cell) {
                 r.moved += 1;

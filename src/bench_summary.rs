@@ -75,23 +75,24 @@ impl Summary {
     /// `evicting`: the budget is below the input; `weight_bytes`: what a decode step reads
     /// as weights ([`crate::bench::weight_bytes_per_step`]).
     pub fn new(cmp: &Comparison, evicting: bool, weight_bytes: u64) -> Summary {
-        let prefill = cmp.ratios(|m| m.prefill_tok_s);
-        let decode = cmp.ratios(|m| m.decode_tok_s);
+        let prefill = cmp.ratios(|m| m.prefill_tok_s());
+        let decode = cmp.ratios(|m| m.decode_tok_s());
         let tail = cmp.ratios(|m| m.tail_decode_tok_s);
         let mut off = cmp.a.last().cloned().unwrap_or_default();
         let on = cmp.b.last().cloned().unwrap_or_default();
         // Without the hook the cache tensors are never seen; same layers and types as the
         // hook-on context, so its KV bytes scale with the cells allocated.
-        if off.kv_bytes == 0 && on.n_ctx > 0 {
-            off.kv_bytes = (on.kv_bytes as f64 * off.n_ctx as f64 / on.n_ctx as f64) as usize;
+        if off.stats.kv_bytes == 0 && on.stats.n_ctx > 0 {
+            off.stats.kv_bytes = (on.stats.kv_bytes as f64 * off.stats.n_ctx as f64
+                / on.stats.n_ctx as f64) as usize;
         }
-        let kv_bytes_ratio = if on.kv_bytes > 0 {
-            off.kv_bytes as f64 / on.kv_bytes as f64
+        let kv_bytes_ratio = if on.stats.kv_bytes > 0 {
+            off.stats.kv_bytes as f64 / on.stats.kv_bytes as f64
         } else {
             0.0
         };
-        let kv_per_cell = if on.n_ctx > 0 {
-            on.kv_bytes as f64 / on.n_ctx as f64
+        let kv_per_cell = if on.stats.n_ctx > 0 {
+            on.stats.kv_bytes as f64 / on.stats.n_ctx as f64
         } else {
             0.0
         };
@@ -100,10 +101,10 @@ impl Summary {
         Summary {
             reps: prefill.len(),
             evicting,
-            prefill_tok_s_off: med(&cmp.a, |m| m.prefill_tok_s),
-            prefill_tok_s_on: med(&cmp.b, |m| m.prefill_tok_s),
-            decode_tok_s_off: med(&cmp.a, |m| m.decode_tok_s),
-            decode_tok_s_on: med(&cmp.b, |m| m.decode_tok_s),
+            prefill_tok_s_off: med(&cmp.a, |m| m.prefill_tok_s()),
+            prefill_tok_s_on: med(&cmp.b, |m| m.prefill_tok_s()),
+            decode_tok_s_off: med(&cmp.a, |m| m.decode_tok_s()),
+            decode_tok_s_on: med(&cmp.b, |m| m.decode_tok_s()),
             tail_decode_tok_s_off: med(&cmp.a, |m| m.tail_decode_tok_s),
             tail_decode_tok_s_on: med(&cmp.b, |m| m.tail_decode_tok_s),
             prefill_ratio: median(&prefill),
@@ -111,14 +112,14 @@ impl Summary {
             tail_decode_ratio: median(&tail),
             prefill_overhead: overhead(median(&prefill)),
             decode_overhead: overhead(median(&decode)),
-            kv_bytes_off: off.kv_bytes,
-            kv_bytes_on: on.kv_bytes,
+            kv_bytes_off: off.stats.kv_bytes,
+            kv_bytes_on: on.stats.kv_bytes,
             kv_bytes_ratio,
-            n_ctx_off: off.n_ctx,
-            n_ctx_on: on.n_ctx,
-            peak_cells_off: off.peak_cells,
-            peak_cells: on.peak_cells,
-            evicted_on: on.evicted,
+            n_ctx_off: off.stats.n_ctx,
+            n_ctx_on: on.stats.n_ctx,
+            peak_cells_off: off.stats.peak_cells,
+            peak_cells: on.stats.peak_cells,
+            evicted_on: on.stats.evicted,
             live_cells_off: off.live_cells,
             live_cells_on: on.live_cells,
             weight_bytes_per_step: bound.weight_bytes,
@@ -131,10 +132,10 @@ impl Summary {
                 prefill_ratio: prefill,
                 decode_ratio: decode,
                 tail_decode_ratio: tail,
-                prefill_tok_s_off: column(&cmp.a, |m| m.prefill_tok_s),
-                prefill_tok_s_on: column(&cmp.b, |m| m.prefill_tok_s),
-                decode_tok_s_off: column(&cmp.a, |m| m.decode_tok_s),
-                decode_tok_s_on: column(&cmp.b, |m| m.decode_tok_s),
+                prefill_tok_s_off: column(&cmp.a, |m| m.prefill_tok_s()),
+                prefill_tok_s_on: column(&cmp.b, |m| m.prefill_tok_s()),
+                decode_tok_s_off: column(&cmp.a, |m| m.decode_tok_s()),
+                decode_tok_s_on: column(&cmp.b, |m| m.decode_tok_s()),
                 tail_decode_tok_s_off: column(&cmp.a, |m| m.tail_decode_tok_s),
                 tail_decode_tok_s_on: column(&cmp.b, |m| m.tail_decode_tok_s),
             },
@@ -187,14 +188,20 @@ mod tests {
         n_ctx: usize,
         live: usize,
     ) -> RunMeasure {
+        // One second of prefill and of decode: the token counts are the rates.
         RunMeasure {
-            prefill_tok_s: prefill,
-            decode_tok_s: decode,
+            stats: crate::engine::Stats {
+                prompt_tokens: prefill as u64,
+                generated_tokens: decode as u64,
+                prefill_seconds: 1.0,
+                decode_seconds: 1.0,
+                kv_bytes,
+                n_ctx,
+                peak_cells: live,
+                ..Default::default()
+            },
             tail_decode_tok_s: decode,
-            kv_bytes,
-            n_ctx,
             live_cells: live,
-            peak_cells: live,
             ..RunMeasure::default()
         }
     }

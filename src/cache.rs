@@ -164,20 +164,25 @@ impl CacheBook {
         self.n_cells
     }
 
+    /// The layers the book tracks, in order.
+    pub fn layers(&self) -> impl Iterator<Item = TrackedLayer> {
+        (0..self.n_layer).map(TrackedLayer)
+    }
+
     pub fn cell_position(&self, cell: usize) -> Option<i32> {
         self.cell_pos.get(cell).copied().filter(|&p| p != FREE)
     }
 
     /// Position of the token held by (layer, head) in `cell`.
-    pub fn slot_position(&self, layer: usize, head: usize, cell: usize) -> Option<i32> {
+    pub fn slot_position(&self, layer: TrackedLayer, head: usize, cell: usize) -> Option<i32> {
         self.slot_pos
-            .get(self.slot(layer, head, cell))
+            .get(self.slot(layer.0, head, cell))
             .copied()
             .filter(|&p| p != FREE)
     }
 
-    pub fn slot_score(&self, layer: usize, head: usize, cell: usize) -> f32 {
-        self.slot_score[self.slot(layer, head, cell)]
+    pub fn slot_score(&self, layer: TrackedLayer, head: usize, cell: usize) -> f32 {
+        self.slot_score[self.slot(layer.0, head, cell)]
     }
 
     #[inline]
@@ -585,14 +590,16 @@ mod tests {
         assert_eq!(plan.remove.len(), 2);
         b.apply(&plan);
         for (head, want) in [(0, vec![0, 1, 2, 5]), (1, vec![2, 3, 4, 5])] {
-            let mut held: Vec<i32> = (0..8).filter_map(|c| b.slot_position(0, head, c)).collect();
+            let mut held: Vec<i32> = (0..8)
+                .filter_map(|c| b.slot_position(TrackedLayer(0), head, c))
+                .collect();
             held.sort();
             assert_eq!(held, want, "head {head}");
         }
         // Every live cell holds, for each head, a token with that head's own score.
         for c in 0..8 {
-            if let Some(p) = b.slot_position(0, 1, c) {
-                assert_eq!(b.slot_score(0, 1, c), head1[p as usize]);
+            if let Some(p) = b.slot_position(TrackedLayer(0), 1, c) {
+                assert_eq!(b.slot_score(TrackedLayer(0), 1, c), head1[p as usize]);
             }
         }
         assert_eq!(b.live(), 4);
@@ -621,7 +628,9 @@ mod tests {
         // Protected positions (sink 0, window 8, 9) are held by every head.
         for l in 0..2 {
             for h in 0..2 {
-                let held: Vec<i32> = (0..16).filter_map(|c| b.slot_position(l, h, c)).collect();
+                let held: Vec<i32> = (0..16)
+                    .filter_map(|c| b.slot_position(TrackedLayer(l), h, c))
+                    .collect();
                 assert_eq!(held.len(), 6);
                 for p in [0, 8, 9] {
                     assert!(held.contains(&p), "layer {l} head {h} lost protected {p}");

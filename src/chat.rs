@@ -299,38 +299,19 @@ fn describe(t: &str) -> String {
     }
 }
 
-/// Counters of one turn (the engine's are cumulative).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct TurnStats {
-    pub turn: usize,
-    /// Tokens decoded before the reply: end of the previous turn, the user message, headers.
-    pub prompt_tokens: u64,
-    pub reply_tokens: u64,
-    /// Cells in use after the turn.
-    pub live_cells: usize,
-    /// Most cells in use at any point of the turn (measured after each decode, before eviction).
-    pub peak_cells: usize,
-    /// `None` for the full cache (policy `none`).
-    pub budget: Option<usize>,
-    pub evicted: u64,
-    pub evicted_total: u64,
-    /// Tokens the conversation has gone through so far (the next position).
-    pub positions: i64,
-    pub kv_bytes: usize,
-    pub prefill_seconds: f64,
-    pub decode_seconds: f64,
-    pub prefill_tok_s: f64,
-    pub decode_tok_s: f64,
-    /// `eog`, `limit` or `interrupted`.
-    pub stop: &'static str,
-}
-
 /// A finished turn.
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub text: String,
     pub stop: Stop,
-    pub stats: TurnStats,
+    /// The turn's number, from 1 (a reset does not restart it).
+    pub turn: usize,
+    /// Tokens of the reply, a last one left undecoded for the next turn included.
+    pub tokens: usize,
+    /// The engine's counters over the turn ([`Stats::since`] its start): `prompt_tokens` is
+    /// what was decoded before the reply (end of the previous turn, the user message,
+    /// headers), `peak_cells` the most cells in use during the turn.
+    pub stats: Stats,
 }
 
 /// A conversation with a model through an [`Engine`].
@@ -349,7 +330,7 @@ pub struct Chat {
     /// The tokens the last turn decoded before its reply, as given to the engine.
     last_prompt: Vec<Token>,
     turns: usize,
-    last: Option<TurnStats>,
+    last: Option<Reply>,
     /// Set when a turn failed half-way: the cache no longer matches the transcript.
     broken: bool,
 }
@@ -404,7 +385,7 @@ impl Chat {
         &self.last_prompt
     }
 
-    pub fn last_turn(&self) -> Option<&TurnStats> {
+    pub fn last_turn(&self) -> Option<&Reply> {
         self.last.as_ref()
     }
 
@@ -505,35 +486,15 @@ impl Chat {
         // first.
         self.pending.extend(gen.undecoded);
         self.turns += 1;
-        let stats = self.turn_stats(&before, gen.tokens.len(), gen.stop);
-        self.last = Some(stats.clone());
-        Ok(Reply {
+        let reply = Reply {
             text: gen.text,
             stop: gen.stop,
-            stats,
-        })
-    }
-
-    fn turn_stats(&self, before: &Stats, reply_tokens: usize, stop: Stop) -> TurnStats {
-        let now = self.engine.stats();
-        let turn = now.since(before);
-        TurnStats {
             turn: self.turns,
-            prompt_tokens: turn.prompt_tokens,
-            reply_tokens: reply_tokens as u64,
-            live_cells: self.engine.live_cells(),
-            peak_cells: turn.peak_cells,
-            budget: self.engine.budget(),
-            evicted: turn.evicted,
-            evicted_total: now.evicted,
-            positions: i64::from(self.engine.next_position()),
-            kv_bytes: turn.kv_bytes,
-            prefill_seconds: turn.prefill_seconds,
-            decode_seconds: turn.decode_seconds,
-            prefill_tok_s: turn.prefill_tok_s(),
-            decode_tok_s: turn.decode_tok_s(),
-            stop: stop.as_str(),
-        }
+            tokens: gen.tokens.len(),
+            stats: self.engine.stats().since(&before),
+        };
+        self.last = Some(reply.clone());
+        Ok(reply)
     }
 
     /// The transcript as Markdown.

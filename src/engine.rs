@@ -161,8 +161,9 @@ impl Chunk<'_> {
     }
 }
 
-/// Counters every command reports.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// Counters every command reports: the one stats type. A report of part of a job (a chat
+/// turn, a benchmark pass) is [`Stats::since`] an earlier snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
@@ -214,6 +215,43 @@ impl Stats {
             prefill_seconds: self.prefill_seconds - before.prefill_seconds,
             decode_seconds: self.decode_seconds - before.decode_seconds,
         }
+    }
+}
+
+/// The counters, then the two rates derived from them, so every report (`run --json-stats`,
+/// chat's turn log, `bench --json`) carries them under the same names.
+impl serde::Serialize for Stats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        // Destructured so that a new field cannot be left out of the reports unnoticed.
+        let Stats {
+            prompt_tokens,
+            generated_tokens,
+            peak_cells,
+            evicted,
+            head_slices_moved,
+            device_score_batches,
+            device_move_rounds,
+            kv_bytes,
+            n_ctx,
+            prefill_seconds,
+            decode_seconds,
+        } = self;
+        let mut m = s.serialize_struct("Stats", 13)?;
+        m.serialize_field("prompt_tokens", prompt_tokens)?;
+        m.serialize_field("generated_tokens", generated_tokens)?;
+        m.serialize_field("peak_cells", peak_cells)?;
+        m.serialize_field("evicted", evicted)?;
+        m.serialize_field("head_slices_moved", head_slices_moved)?;
+        m.serialize_field("device_score_batches", device_score_batches)?;
+        m.serialize_field("device_move_rounds", device_move_rounds)?;
+        m.serialize_field("kv_bytes", kv_bytes)?;
+        m.serialize_field("n_ctx", n_ctx)?;
+        m.serialize_field("prefill_seconds", prefill_seconds)?;
+        m.serialize_field("decode_seconds", decode_seconds)?;
+        m.serialize_field("prefill_tok_s", &self.prefill_tok_s())?;
+        m.serialize_field("decode_tok_s", &self.decode_tok_s())?;
+        m.end()
     }
 }
 
@@ -618,10 +656,9 @@ impl Engine {
             .cfg
             .eviction()
             .is_some_and(|e| e.granularity == Granularity::Head);
-        if head_mode && !self.ctx.can_move_heads(self.n_head_kv * self.head_dim) {
-            return Err(Error::KvCache(
-                "per-head retention needs V stored one row per cell (flash attention on): use --granularity position".into(),
-            ));
+        let row = self.n_head_kv * self.head_dim;
+        if head_mode && !self.ctx.can_move_heads(row) {
+            return Err(Error::HeadMovesUnsupported { row_values: row });
         }
         self.book = Some(CacheBook::new(self.tracked.len(), self.n_head_kv, full));
         Ok(())
@@ -790,7 +827,7 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::{context_cells, CacheSize};
+    use super::{context_cells, CacheSize, Stats};
     use crate::cache::{Combiner, EvictionConfig, Granularity};
 
     fn bounded(budget: usize) -> CacheSize {
@@ -851,5 +888,41 @@ mod tests {
             0
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_part_of_a_job_is_the_difference_of_two_snapshots_with_its_rates() {
+        let before = Stats {
+            prompt_tokens: 100,
+            generated_tokens: 4,
+            evicted: 10,
+            prefill_seconds: 1.0,
+            decode_seconds: 0.5,
+            ..Stats::default()
+        };
+        let now = Stats {
+            prompt_tokens: 150,
+            generated_tokens: 24,
+            peak_cells: 300,
+            evicted: 40,
+            kv_bytes: 1 << 20,
+            n_ctx: 336,
+            prefill_seconds: 1.5,
+            decode_seconds: 2.5,
+            ..Stats::default()
+        };
+        let d = now.since(&before);
+        assert_eq!(
+            (d.prompt_tokens, d.generated_tokens, d.evicted),
+            (50, 20, 30)
+        );
+        // Levels (not counters) are taken as they are now.
+        assert_eq!((d.peak_cells, d.kv_bytes, d.n_ctx), (300, 1 << 20, 336));
+        assert_eq!((d.prefill_tok_s(), d.decode_tok_s()), (100.0, 10.0));
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["prompt_tokens"], 50);
+        assert_eq!(v["decode_tok_s"], 10.0);
+        assert_eq!(v["prefill_tok_s"], 100.0);
+        assert_eq!(v.as_object().unwrap().len(), 13, "{v}");
     }
 }

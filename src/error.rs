@@ -49,6 +49,8 @@ pub enum Error {
         window: usize,
         sinks: usize,
     },
+    #[error("per-head retention needs V stored as one row of {row_values} values per cell (flash attention on); this context stores it otherwise")]
+    HeadMovesUnsupported { row_values: usize },
     #[error("KV cache: {0}")]
     KvCache(String),
     #[error("chat template: {0}")]

@@ -76,7 +76,7 @@ fn main() {
         Command::Bench(args) => cli::bench::run(args),
         Command::Serve(args) => cli::serve::run(args),
     };
-    if let Err(e) = result {
+    if let Err(e) = result.map_err(cli::name_flags) {
         if e.is_broken_pipe() {
             // The reader of stdout is gone (`| head`); that is how such a run ends.
             std::process::exit(0);

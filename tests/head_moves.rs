@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use qfilters::cache::{Combiner, EvictionConfig, Granularity};
+use qfilters::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
 use qfilters::engine::{Engine, EngineConfig, Logits};
 use qfilters::ffi::{
     Batch, Context, ContextParams, GraphObserver, Model, ModelParams, NodeInfo, Token,
@@ -226,7 +226,7 @@ fn per_head_moves(model: &Arc<Model>) {
             .expect("v row");
         for h in 0..model.n_head_kv() {
             let p = book
-                .slot_position(0, h, cell)
+                .slot_position(TrackedLayer(0), h, cell)
                 .expect("live cell, filled slot") as usize;
             if Some(p as i32) != book.cell_position(cell) {
                 moved += 1;

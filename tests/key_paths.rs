@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qfilters::bench::{compare_key_paths, random_filters, synthetic_prompt};
-use qfilters::cache::{Combiner, EvictionConfig, Granularity};
+use qfilters::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
 use qfilters::engine::{Engine, EngineConfig, KeySource, Logits};
 use qfilters::ffi::{Model, ModelParams};
 use qfilters::policy::{self, PolicyInputs};
@@ -104,8 +104,8 @@ fn check(policy: &str, recency: f64) {
     );
     // The scores are not all equal (a broken read would give zeros on one side).
     let book = cache.book().expect("book");
-    let s0 = book.slot_score(0, 0, 0);
-    assert!((1..prompt.len()).any(|c| (book.slot_score(0, 0, c) - s0).abs() > 1e-3));
+    let s0 = book.slot_score(TrackedLayer(0), 0, 0);
+    assert!((1..prompt.len()).any(|c| (book.slot_score(TrackedLayer(0), 0, c) - s0).abs() > 1e-3));
 }
 
 #[test]
@@ -153,7 +153,7 @@ fn scores_by_position(
     // By position, so the comparison does not assume both engines fill cells alike.
     for cell in 0..book.n_cells() {
         if let Some(pos) = book.cell_position(cell) {
-            for l in 0..e.tracked_layers() {
+            for l in book.layers() {
                 for h in 0..model.n_head_kv() {
                     s[pos as usize].push(book.slot_score(l, h, cell));
                 }
@@ -254,7 +254,7 @@ fn lazy_scores_survive_eviction_rounds() {
     let prompt = synthetic_prompt(&model, 160, 5).expect("prompt");
     let mut e = engine_with_slack(&model, "qfilters", KeySource::Cache, 64, 8);
     let m = qfilters::bench::run_workload(&mut e, &prompt, 24, 8).expect("runs");
-    assert!(m.evicted > 0);
+    assert!(m.stats.evicted > 0);
     assert!(m.live_cells <= 64, "live {} over the budget", m.live_cells);
     e.flush_scores().expect("flush");
     let book = e.book().expect("book");

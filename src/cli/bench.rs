@@ -138,12 +138,12 @@ impl BenchArgs {
 fn line(label: &str, m: &RunMeasure) -> String {
     format!(
         "{label:>4}: prefill {:>9.1} tok/s | decode {:>8.2} tok/s | last {} steps {:>8.2} tok/s | peak cells {} | cells allocated {}",
-        m.prefill_tok_s,
-        m.decode_tok_s,
+        m.prefill_tok_s(),
+        m.decode_tok_s(),
         m.tail_tokens,
         m.tail_decode_tok_s,
-        m.peak_cells,
-        m.n_ctx
+        m.stats.peak_cells,
+        m.stats.n_ctx
     )
 }
 
@@ -286,8 +286,8 @@ fn measure_on(args: &BenchArgs, on: &mut Engine, prompt: &[i32], setup: &Setup) 
     let med = |f: fn(&RunMeasure) -> f64| Comparison::median_of(&runs, f);
     println!(
         "median: prefill {:.1} tok/s | decode {:.2} tok/s | last {} steps {:.2} tok/s",
-        med(|m| m.prefill_tok_s),
-        med(|m| m.decode_tok_s),
+        med(|m| m.prefill_tok_s()),
+        med(|m| m.decode_tok_s()),
         setup.tail,
         med(|m| m.tail_decode_tok_s)
     );

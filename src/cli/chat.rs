@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use qfilters::chat::{Chat, ChatTemplate, Reply, TurnStats};
+use qfilters::chat::{Chat, ChatTemplate, Reply};
 use qfilters::ffi::Sampler;
 use qfilters::generate::Stop;
 use qfilters::policy::{self, PolicyInfo};
@@ -246,10 +246,7 @@ impl Session {
         // The reply was given: a log that cannot be written is worth a warning, not the end
         // of the conversation.
         if let Err(e) = self.record(message, &reply) {
-            eprintln!(
-                "qfilters: warning: turn {} not logged: {e}",
-                reply.stats.turn
-            );
+            eprintln!("qfilters: warning: turn {} not logged: {e}", reply.turn);
         }
         Ok(reply)
     }
@@ -260,7 +257,16 @@ impl Session {
         };
         let mut value =
             serde_json::to_value(&reply.stats).map_err(|e| Error::invalid(e.to_string()))?;
+        let e = self.chat.engine();
         if let Some(obj) = value.as_object_mut() {
+            obj.insert("turn".into(), reply.turn.into());
+            obj.insert("reply_tokens".into(), reply.tokens.into());
+            obj.insert("stop".into(), reply.stop.as_str().into());
+            // The cache right after the turn (the log is written before the next one starts).
+            obj.insert("live_cells".into(), e.live_cells().into());
+            obj.insert("budget".into(), e.budget().into());
+            obj.insert("evicted_total".into(), e.stats().evicted.into());
+            obj.insert("positions".into(), e.next_position().into());
             obj.insert("policy".into(), self.policy.name.into());
             obj.insert("user".into(), message.into());
             obj.insert("reply".into(), reply.text.clone().into());
@@ -342,10 +348,14 @@ impl Session {
     }
 }
 
-fn last_turn_text(t: &TurnStats) -> String {
+fn last_turn_text(t: &Reply) -> String {
     format!(
         "last turn: {} + {} tok, peak {} cells, prefill {:.1} tok/s, decode {:.1} tok/s",
-        t.prompt_tokens, t.reply_tokens, t.peak_cells, t.prefill_tok_s, t.decode_tok_s
+        t.stats.prompt_tokens,
+        t.tokens,
+        t.stats.peak_cells,
+        t.stats.prefill_tok_s(),
+        t.stats.decode_tok_s()
     )
 }
 
@@ -453,7 +463,7 @@ fn interactive(session: &mut Session, args: &ChatArgs) -> Result<()> {
                 return Err(e);
             }
             let _ = writeln!(out);
-            eprintln!("qfilters: {e}");
+            eprintln!("qfilters: {}", super::name_flags(e));
             if session.chat.needs_reset() {
                 session.chat.reset();
                 eprintln!("qfilters: the conversation was reset");

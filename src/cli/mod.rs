@@ -348,20 +348,31 @@ impl EvictionCli for EvictionArgs {
         let config = self.engine_config(capacity, margs.threads())?;
         let evicting = self.policy.evicts;
         Engine::new(model, scorer, config).map_err(|e| match e {
-            // The library gives the numbers; the flags are the CLI's.
-            Error::BudgetTooSmall {
-                budget,
-                window,
-                sinks,
-            } => Error::invalid(format!(
-                "--budget {budget} is smaller than --window {window} + --sinks {sinks} + 1: raise the budget or shrink the window"
-            )),
             // Only commands with a --budget can be told to lower it.
             Error::ContextCreate { .. } if evicting => {
                 Error::invalid(format!("{e}: lower --budget"))
             }
             e => e,
         })
+    }
+}
+
+/// The library's errors carry the numbers; the flags that change them are the CLI's, named
+/// here, once, for every command (each command with eviction flags declares them through
+/// [`EvictionArgs`]).
+pub fn name_flags(e: Error) -> Error {
+    match e {
+        Error::BudgetTooSmall {
+            budget,
+            window,
+            sinks,
+        } => Error::invalid(format!(
+            "--budget {budget} is smaller than --window {window} + --sinks {sinks} + 1: raise the budget or shrink the window"
+        )),
+        e @ Error::HeadMovesUnsupported { .. } => {
+            Error::invalid(format!("{e}: use --granularity position"))
+        }
+        e => e,
     }
 }
 
