@@ -122,28 +122,27 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         s.decode_tok_s()
     );
     if let Some(path) = &args.json_stats {
-        let value = json!({
-            "policy": args.eviction.policy,
-            "prompt_tokens": s.prompt_tokens,
-            "generated_tokens": generated.len(),
-            "peak_cells": s.peak_cells,
-            "live_cells": engine.live_cells(),
-            "evicted": s.evicted,
-            "head_slices_moved": s.head_slices_moved,
-            "budget": budget,
-            "n_batch": args.eviction.n_batch,
-            "threads": args.model.threads(),
-            "cpu_backend": qfilters::ffi::cpu_backend(),
-            "window": args.eviction.window,
-            "sinks": args.eviction.sinks,
-            "granularity": args.eviction.granularity.to_string(),
-            "recency": args.eviction.recency,
-            "kv_bytes": s.kv_bytes,
-            "n_ctx": s.n_ctx,
-            "prefill_tok_s": s.prefill_tok_s(),
-            "decode_tok_s": s.decode_tok_s(),
-            "text": model.detokenize(&generated, false),
-        });
+        // The engine's counters (with their rates) as every report has them, then the run's
+        // settings. Every printed token was decoded, so `generated_tokens` counts them all.
+        let mut value = serde_json::to_value(s).map_err(|e| Error::invalid(e.to_string()))?;
+        if let Some(obj) = value.as_object_mut() {
+            let run = json!({
+                "policy": args.eviction.policy,
+                "live_cells": engine.live_cells(),
+                "budget": budget,
+                "n_batch": args.eviction.n_batch,
+                "threads": args.model.threads(),
+                "cpu_backend": qfilters::ffi::cpu_backend(),
+                "window": args.eviction.window,
+                "sinks": args.eviction.sinks,
+                "granularity": args.eviction.granularity.to_string(),
+                "recency": args.eviction.recency,
+                "text": model.detokenize(&generated, false),
+            });
+            if let serde_json::Value::Object(extra) = run {
+                obj.extend(extra);
+            }
+        }
         write_json(path, &value)?;
     }
     Ok(())
