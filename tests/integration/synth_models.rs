@@ -1,9 +1,7 @@
 //! `gguf-tools synth` models of every weight type load and run in llama.cpp (CPU), and the
 //! binary says which llama.cpp patches it carries.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_tools::synth::{self, Shape, SynthOptions, WeightType};
 
 #[test]

@@ -3,16 +3,11 @@
 //!
 //! Every check is on token ids: the ids of each segment, and the ids `Chat` sends to llama.cpp.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use common::model_path;
 use qfilters::chat::{tokenize_segments, Chat, ChatTemplate, Segment};
-use qfilters::engine::{Engine, EngineConfig};
-use qfilters::ffi::{builtin_chat_templates, Model, ModelParams, Sampler, SamplingParams, Token};
-use qfilters::policy::{self, PolicyInputs};
+use qfilters::ffi::{builtin_chat_templates, Model, Sampler, SamplingParams, Token};
 
 /// The built-in templates the issue names, besides the model's own.
 const REQUIRED: &[&str] = &[
@@ -24,9 +19,7 @@ const REQUIRED: &[&str] = &[
     "mistral-v7",
 ];
 
-fn model() -> Arc<Model> {
-    Model::load(&model_path(), &ModelParams::default()).expect("model loads")
-}
+use crate::common::smollm2 as model;
 
 /// The text of every control and user-defined token of the vocabulary.
 fn special_texts(model: &Model) -> Vec<String> {
@@ -208,25 +201,7 @@ fn trimming_templates_trim_contents_not_template_text() {
 }
 
 fn chat_with(model: &Arc<Model>, template: ChatTemplate, system: Option<String>) -> Chat {
-    let scorer = policy::build(
-        "none",
-        &PolicyInputs {
-            filters: None,
-            seed: 0,
-            recency: 0.0,
-        },
-    )
-    .expect("policy");
-    let engine = Engine::new(
-        model,
-        scorer,
-        EngineConfig {
-            n_batch: 256,
-            threads: 1,
-            ..EngineConfig::full(2048)
-        },
-    )
-    .expect("engine");
+    let engine = crate::common::full_engine(model, 2048, 256);
     let sampler = Sampler::new(&SamplingParams::default()).expect("sampler");
     Chat::new(engine, sampler, template, system)
 }

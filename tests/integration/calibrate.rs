@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use gguf_tools::filters::QFilters;
 
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+use crate::common::{bin, data_file as data, MODEL};
+
 const CAL_ARGS: [&str; 8] = [
     "--tokens",
     "2048",
@@ -21,13 +22,8 @@ const CAL_ARGS: [&str; 8] = [
     "7",
 ];
 
-fn data(name: &str) -> PathBuf {
-    let dir = std::env::var("QFILTERS_DATA_DIR").unwrap_or_else(|_| "../shared/data".into());
-    Path::new(&dir).join(name)
-}
-
 fn qfilters(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qfilters"))
+    Command::new(bin())
         .args(args)
         .args(["-t", "2"])
         .output()

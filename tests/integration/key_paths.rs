@@ -2,24 +2,15 @@
 //! give the scores of the simple path (the `Kcur` ROPE nodes, scored while the graph runs),
 //! within f16 rounding of the cache, for the prompt and for generated tokens.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use qfilters::bench::{compare_key_paths, random_filters, synthetic_prompt};
 use qfilters::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
 use qfilters::engine::{Engine, EngineConfig, KeySource, Logits};
-use qfilters::ffi::{Model, ModelParams};
+use qfilters::ffi::Model;
 use qfilters::policy::{self, PolicyInputs};
 
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn model() -> Arc<Model> {
-    assert!(
-        Path::new(MODEL).is_file(),
-        "{MODEL} is missing: run scripts/fetch-model.sh"
-    );
-    Model::load(Path::new(MODEL), &ModelParams::default()).expect("model loads")
-}
+use crate::common::smollm2 as model;
 
 fn engine(
     model: &Arc<Model>,

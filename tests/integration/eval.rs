@@ -1,52 +1,16 @@
 //! The evaluation harness on the real model: the streaming full-cache reference agrees with a
 //! plain full-context computation, and passkey documents are what they claim to be.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
 use qfilters::engine::{Engine, EngineConfig};
 use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
-use qfilters::ffi::{Model, ModelParams};
+use qfilters::ffi::Model;
 use qfilters::policy::{self, PolicyInputs};
 
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn data(name: &str) -> PathBuf {
-    let dir = std::env::var("QFILTERS_DATA_DIR").unwrap_or_else(|_| "../shared/data".into());
-    Path::new(&dir).join(name)
-}
-
-fn model() -> Arc<Model> {
-    assert!(
-        Path::new(MODEL).exists(),
-        "test model missing: run scripts/fetch-model.sh"
-    );
-    Model::load(Path::new(MODEL), &ModelParams { gpu_layers: 0 }).expect("model loads")
-}
-
-fn full_engine(model: &Arc<Model>, capacity: usize, n_batch: usize) -> Engine {
-    let scorer = policy::build(
-        "none",
-        &PolicyInputs {
-            filters: None,
-            seed: 0,
-            recency: 0.0,
-        },
-    )
-    .expect("none");
-    Engine::new(
-        model,
-        scorer,
-        EngineConfig {
-            n_batch,
-            threads: 1,
-            ..EngineConfig::full(capacity)
-        },
-    )
-    .expect("engine")
-}
+use crate::common::{data_file as data, full_engine, smollm2 as model};
 
 #[test]
 fn streaming_full_cache_matches_one_batch_full_context() {

@@ -1,27 +1,16 @@
 //! Per-head retention rewrites KV cache rows; these tests prove that doing so keeps what each
 //! head attends to, on the real model (CPU).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
 use qfilters::engine::{Engine, EngineConfig, Logits};
-use qfilters::ffi::{
-    Batch, Context, ContextParams, GraphObserver, Model, ModelParams, NodeInfo, Token,
-};
+use qfilters::ffi::{Batch, Context, ContextParams, GraphObserver, Model, NodeInfo, Token};
 use qfilters::policy::{self, PolicyInputs};
 
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-const QWEN_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
-const TEXT: &str = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. All that glitters is not gold, and not all those who wander are lost. Knowledge is power, and time is money, or so they say in the old books that nobody reads any more.";
+use crate::common::{qwen, smollm2 as model};
 
-fn model() -> Arc<Model> {
-    assert!(
-        Path::new(MODEL).exists(),
-        "test model missing: run scripts/fetch-model.sh"
-    );
-    Model::load(Path::new(MODEL), &ModelParams { gpu_layers: 0 }).expect("model loads")
-}
+const TEXT: &str = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. All that glitters is not gold, and not all those who wander are lost. Knowledge is power, and time is money, or so they say in the old books that nobody reads any more.";
 
 /// Captures each layer's attention output for the last decode.
 #[derive(Default)]
@@ -144,13 +133,7 @@ fn per_head_eviction_moves_the_slices_the_book_says() {
 /// token and position only in layer 0) and whose 2 KV heads each serve 7 query heads.
 #[test]
 fn per_head_eviction_moves_the_slices_the_book_says_on_qwen2() {
-    assert!(
-        Path::new(QWEN_MODEL).exists(),
-        "{QWEN_MODEL} missing: run scripts/fetch-model.sh qwen05"
-    );
-    let qwen =
-        Model::load(Path::new(QWEN_MODEL), &ModelParams { gpu_layers: 0 }).expect("qwen loads");
-    per_head_moves(&qwen);
+    per_head_moves(&qwen());
 }
 
 fn per_head_moves(model: &Arc<Model>) {

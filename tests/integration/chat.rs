@@ -8,10 +8,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use qfilters::chat::{delta_tokens, ChatTemplate, Segment};
-use qfilters::ffi::{Model, ModelParams};
+use qfilters::ffi::Model;
 
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-const QWEN_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+use crate::common::{bin, model_path, qwen, smollm2};
 
 /// The tests share two cores: one model at a time, on one thread (llama.cpp's threads spin
 /// while waiting, and collapse when the cores are oversubscribed).
@@ -19,14 +18,6 @@ static HEAVY: Mutex<()> = Mutex::new(());
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qfilters")
-}
-
-fn model_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL)
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -89,28 +80,21 @@ fn check_success(out: &Output) -> (String, String) {
 
 #[test]
 fn delta_of_formatted_turns_equals_formatting_all_at_once() {
-    check_delta(&model_path());
+    check_delta(&smollm2(), crate::common::MODEL);
 }
 
 /// Qwen2.5's own template (ChatML with a default system message and tool blocks).
 #[test]
 fn delta_of_formatted_turns_on_qwen2() {
-    let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join(QWEN_MODEL);
-    assert!(
-        qwen.is_file(),
-        "{QWEN_MODEL} missing: run scripts/fetch-model.sh qwen05"
-    );
-    check_delta(&qwen);
+    check_delta(&qwen(), crate::common::QWEN_MODEL);
 }
 
-fn check_delta(path: &Path) {
+fn check_delta(model: &Model, name: &str) {
     let _guard = lock();
-    let model = Model::load(path, &ModelParams::default()).expect("model loads");
-    let (template, notice) = ChatTemplate::resolve(&model, None);
+    let (template, notice) = ChatTemplate::resolve(model, None);
     assert!(
         notice.is_none(),
-        "{}: the model's own template is supported: {notice:?}",
-        path.display()
+        "{name}: the model's own template is supported: {notice:?}",
     );
     let turns = [
         ("Hello!", "Hi! How can I help you today?"),
@@ -128,7 +112,7 @@ fn check_delta(path: &Path) {
     for (user, reply) in turns {
         messages.push(("user".into(), user.to_string()));
         let full = template.segments(&messages, true).expect("segments");
-        incremental.extend(delta_tokens(&model, &cached, &full).expect("delta"));
+        incremental.extend(delta_tokens(model, &cached, &full).expect("delta"));
         // What the model would have generated, then kept in the cache.
         incremental.extend(model.tokenize(reply, false, false).expect("tokenize"));
         cached = full;
@@ -141,7 +125,7 @@ fn check_delta(path: &Path) {
     // One more user turn: the last reply must get its end-of-turn text.
     messages.push(("user".into(), "?".into()));
     let segments = template.segments(&messages, true).expect("segments");
-    incremental.extend(delta_tokens(&model, &cached, &segments).expect("delta"));
+    incremental.extend(delta_tokens(model, &cached, &segments).expect("delta"));
     let full = template.format(&messages, true).expect("format");
     let whole = model.tokenize(&full, true, true).expect("tokenize");
     assert_eq!(
@@ -158,7 +142,7 @@ fn check_delta(path: &Path) {
 
 #[test]
 fn user_text_that_looks_like_a_control_token_stays_text() {
-    let model = Model::load(&model_path(), &ModelParams::default()).expect("model loads");
+    let model = smollm2();
     let (template, _) = ChatTemplate::resolve(&model, None);
     let user = "say <|im_end|> please";
     let segments = template

@@ -77,7 +77,7 @@ fn variant_files() -> Vec<(String, PathBuf)> {
 /// ggml/llama shared libraries it loads when built with `dynamic-link` or dispatch, and every
 /// CPU variant ggml may load.
 fn code_files() -> Vec<PathBuf> {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_qfilters"));
+    let bin = PathBuf::from(crate::common::bin());
     let mut files = vec![bin.clone()];
     if let Ok(out) = Command::new("ldd").arg(&bin).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -214,7 +214,7 @@ fn dispatch_loads_the_best_variant_for_this_cpu() {
     let flags = cpu_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let want = best_variant(&flags);
-    let out = Command::new(env!("CARGO_BIN_EXE_qfilters"))
+    let out = Command::new(crate::common::bin())
         .arg("--version")
         .output()
         .unwrap();
@@ -250,19 +250,11 @@ fn a_missing_cpu_backend_fails_with_one_clear_line() {
         return;
     }
     let empty = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_qfilters"))
-        .args([
-            "run",
-            "-m",
-            "models/SmolLM2-135M-Instruct.Q4_1.gguf",
-            "-p",
-            "hi",
-            "-n",
-            "1",
-        ])
+    let out = Command::new(crate::common::bin())
+        .args(["run", "-m", crate::common::MODEL, "-p", "hi", "-n", "1"])
         .env("QFILTERS_BACKEND_DIR", empty.path())
         .env("QFILTERS_THREADS", "1")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::common::root())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

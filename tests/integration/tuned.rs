@@ -2,9 +2,7 @@
 //! metadata and the GGUF, used by `run` and `eval` when no flag is given (and said so on
 //! stderr), overridden by an explicit flag.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_tools::filters::QFilters;
 use serde_json::Value;
 

@@ -2,8 +2,6 @@
 //! files as inputs, numbers out of range, a closed stdout. Each reproduction is a test; every
 //! refusal must come before the model is loaded or anything generated, as one line.
 
-mod common;
-
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::FileTypeExt;
@@ -11,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 
-use common::{assert_one_line_error, model_path, qfilters, run_ok};
+use crate::common::{assert_one_line_error, model_path, qfilters, run_ok};
 use gguf_tools::filters::QFilters;
 
 fn p(path: &Path) -> &str {
@@ -78,7 +76,7 @@ fn stats_and_logs_written_over_the_model_are_refused_and_the_model_is_unchanged(
         "-m",
         p(model),
         "--text",
-        p(&common::data_file("tinyshakespeare.txt")),
+        p(&crate::common::data_file("tinyshakespeare.txt")),
         "--json",
         p(&soft),
     ]));
@@ -123,7 +121,7 @@ fn calibrate_refuses_outputs_that_collide_or_name_inputs_before_any_work() {
     // A private copy of the text: a regression may only damage that. Its name makes it a
     // valid -o too.
     let text = dir.path().join("t.safetensors");
-    fs::write(&text, common::data_text("tinyshakespeare.txt", 2000)).unwrap();
+    fs::write(&text, crate::common::data_text("tinyshakespeare.txt", 2000)).unwrap();
     let before = fs::read(&text).unwrap();
     let st = dir.path().join("x.safetensors");
     let calibrate = |output: &Path, embed: Option<&Path>| {
@@ -246,7 +244,7 @@ fn numbers_out_of_range_are_one_line_errors() {
         "-m",
         p(&model),
         "--filler",
-        p(&common::data_file("tinyshakespeare.txt")),
+        p(&crate::common::data_file("tinyshakespeare.txt")),
         "--lengths",
         "100000000",
     ]));
@@ -284,7 +282,7 @@ fn a_large_budget_on_a_short_job_allocates_only_what_the_job_holds() {
 fn calibrate_windows_are_capped_by_the_tokens_at_hand() {
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("t.txt");
-    fs::write(&text, common::data_text("tinyshakespeare.txt", 600)).unwrap();
+    fs::write(&text, crate::common::data_text("tinyshakespeare.txt", 600)).unwrap();
     let out = dir.path().join("f.safetensors");
     run_ok(qfilters().args([
         "calibrate",

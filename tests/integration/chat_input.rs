@@ -1,13 +1,11 @@
 //! Piped chat input a careless or hostile user sends: a bad line is skipped with one warning
 //! and the rest goes on; `--no-commands` sends every line as a message (issue 14, defect 8).
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{model_path, qfilters};
+use crate::common::{model_path, qfilters};
 
 fn chat(args: &[&str], input: &[u8]) -> Output {
     let mut cmd: Command = qfilters();

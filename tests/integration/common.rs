@@ -1,10 +1,14 @@
-//! Shared helpers for the integration tests: the default model, data files, the binary.
-#![allow(dead_code)]
+//! Shared helpers for the integration tests: the models, the data files, the binary. The one
+//! place that says where each of them is.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, OnceLock};
 
 use gguf_tools::filters::QFilters;
+use qfilters::engine::{Engine, EngineConfig};
+use qfilters::ffi::{Model, ModelParams};
+use qfilters::policy::{self, PolicyInputs};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -12,7 +16,7 @@ pub fn root() -> PathBuf {
 
 /// The test model; the suite needs it (`scripts/test.sh` fetches it first).
 pub fn model_path() -> PathBuf {
-    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = root().join(MODEL);
     assert!(
         p.is_file(),
         "{} missing: run scripts/fetch-model.sh (scripts/test.sh does)",
@@ -33,13 +37,57 @@ pub fn qwen_path() -> PathBuf {
     p
 }
 
+/// The default model (SmolLM2-135M-Instruct Q4_1), relative to the repository root.
+pub const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
+/// The default model on the CPU, loaded once for the whole test binary: tests only read it,
+/// and each builds its own context.
+pub fn smollm2() -> Arc<Model> {
+    static LOADED: OnceLock<Arc<Model>> = OnceLock::new();
+    Arc::clone(LOADED.get_or_init(|| load(&model_path())))
+}
+
+/// Qwen2.5-Coder-0.5B on the CPU, loaded once like [`smollm2`].
+pub fn qwen() -> Arc<Model> {
+    static LOADED: OnceLock<Arc<Model>> = OnceLock::new();
+    Arc::clone(LOADED.get_or_init(|| load(&qwen_path())))
+}
+
+fn load(path: &Path) -> Arc<Model> {
+    Model::load(path, &ModelParams::default())
+        .unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()))
+}
+
+/// An engine that never evicts (policy `none`): `capacity` cells, batches of `n_batch`, one
+/// thread.
+pub fn full_engine(model: &Arc<Model>, capacity: usize, n_batch: usize) -> Engine {
+    let inputs = PolicyInputs {
+        filters: None,
+        seed: 0,
+        recency: 0.0,
+    };
+    let scorer = policy::build("none", &inputs).expect("policy none");
+    let config = EngineConfig {
+        n_batch,
+        threads: 1,
+        ..EngineConfig::full(capacity)
+    };
+    Engine::new(model, scorer, config).expect("full-cache engine")
+}
+
+/// The development data: `$QFILTERS_DATA_DIR`, else `../shared/data/` beside the repository.
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("QFILTERS_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/data"))
+}
+
 pub fn data_file(name: &str) -> PathBuf {
-    let p = root().join("../shared/data").join(name);
+    let p = data_dir().join(name);
     assert!(
         p.is_file(),
-        "{} missing: the tests read ../shared/data/ beside the repository",
+        "{} missing: the tests read ../shared/data/ beside the repository (or $QFILTERS_DATA_DIR)",
         p.display()
     );
     p
@@ -51,10 +99,15 @@ pub fn data_text(name: &str, chars: usize) -> String {
     text.chars().take(chars).collect()
 }
 
+/// The CLI binary cargo built for this test run.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_qfilters")
+}
+
 /// The CLI. Tests run side by side on few cores, and llama.cpp's worker threads spin while
 /// they wait, so each process gets one thread (set `-t` again to override).
 pub fn qfilters() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qfilters"));
+    let mut cmd = Command::new(bin());
     cmd.env("QFILTERS_THREADS", "1");
     cmd
 }

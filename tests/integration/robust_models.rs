@@ -1,18 +1,14 @@
 //! Models llama.cpp would abort on are refused with one line, and a broken model that loads
 //! gives a typed error instead of an empty completion (issue 14, defect 6).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{assert_one_line_error, model_path, qfilters};
+use crate::common::{assert_one_line_error, model_path, qfilters};
 use gguf_tools::gguf::{self, Value};
 use gguf_tools::synth::{self, SynthOptions, WeightType};
-use qfilters::engine::{Engine, EngineConfig};
 use qfilters::ffi::{Model, ModelParams, Sampler, SamplingParams};
 use qfilters::generate::{generate, Limits};
-use qfilters::policy::{self, PolicyInputs};
 use qfilters::Error;
 
 fn tiny(dir: &Path) -> PathBuf {
@@ -107,25 +103,7 @@ fn nan_logits_are_an_error_not_an_empty_completion() {
     std::fs::write(&broken, bytes).expect("write");
 
     let model = Model::load(&broken, &ModelParams::default()).expect("hyper-parameters are valid");
-    let scorer = policy::build(
-        "none",
-        &PolicyInputs {
-            filters: None,
-            seed: 0,
-            recency: 0.0,
-        },
-    )
-    .expect("policy");
-    let mut engine = Engine::new(
-        &model,
-        scorer,
-        EngineConfig {
-            n_batch: 16,
-            threads: 1,
-            ..EngineConfig::full(64)
-        },
-    )
-    .expect("engine");
+    let mut engine = crate::common::full_engine(&model, 64, 16);
     let mut sampler = Sampler::new(&SamplingParams::default()).expect("sampler");
     let result = generate(
         &mut engine,
@@ -162,7 +140,7 @@ fn huge_prompt_under_a_memory_limit_is_an_error_not_an_abort() {
     std::fs::write(&prompt, &text).expect("write prompt");
     let out = std::process::Command::new("prlimit")
         .arg("--as=1500000000")
-        .arg(env!("CARGO_BIN_EXE_qfilters"))
+        .arg(crate::common::bin())
         .args(["run", "-t", "1", "-n", "1", "-f"])
         .arg(&prompt)
         .arg("-m")

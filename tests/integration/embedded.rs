@@ -1,9 +1,7 @@
 //! Filters carried inside the GGUF: llama.cpp still loads the model unchanged, and `run` finds
 //! the filters without `--filters`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 #[test]
