@@ -164,6 +164,11 @@ impl CacheBook {
         self.n_cells
     }
 
+    /// KV heads per tracked layer.
+    pub fn n_head(&self) -> usize {
+        self.n_head
+    }
+
     /// The layers the book tracks, in order.
     pub fn layers(&self) -> impl Iterator<Item = TrackedLayer> {
         (0..self.n_layer).map(TrackedLayer)

@@ -13,9 +13,10 @@ use qfilters::engine::KeySource;
 use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::sweep::{
-    passkey_rates, Budget, PasskeyAnswer, PasskeyRecord, PplRecord, Sweep,
+    mean_by_layer, passkey_rates, Budget, PasskeyAnswer, PasskeyRecord, PplRecord, Sweep,
 };
 use qfilters::eval::windowed_mean;
+use qfilters::math::mean;
 use qfilters::policy::{PolicyInfo, REGISTRY};
 use qfilters::{Error, Result};
 
@@ -398,8 +399,8 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     let mut records = Vec::new();
     let mut panels: Vec<Heatmap> = Vec::new();
     println!(
-        "{:<40} {:>7} {:>6} {:>6} {:>8} {:>10}",
-        "policy", "budget", "length", "depth", "accuracy", "answer NLL"
+        "{:<40} {:>7} {:>6} {:>6} {:>8} {:>10} {:>8}",
+        "policy", "budget", "length", "depth", "accuracy", "answer NLL", "key kept"
     );
     for (si, &setting) in settings.iter().enumerate() {
         // Setting by setting, so the table reads budget by budget; the full cache once.
@@ -428,6 +429,7 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                 for (di, &depth) in args.depths.iter().enumerate() {
                     let (mut hits, mut nll_sum, mut peak) = (0usize, 0.0, 0);
                     let mut answers = Vec::new();
+                    let mut kept = Vec::new();
                     let mine = docs
                         .iter()
                         .filter(|(l, d, _)| *l == len && *d == depth)
@@ -441,15 +443,22 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                             key: doc.key,
                             greedy: out.greedy,
                             answer_nll: out.answer_nll,
+                            key_kept: out.key_kept.as_ref().and_then(|k| mean(k.iter().copied())),
                         });
+                        kept.extend(out.key_kept);
                     }
                     let n = answers.len();
                     let (acc, nll) = passkey_rates(hits, nll_sum, n);
+                    let key_kept_by_layer = mean_by_layer(&kept);
+                    let key_kept = key_kept_by_layer
+                        .as_ref()
+                        .and_then(|k| mean(k.iter().copied()));
                     grid[li][di] = acc;
                     println!(
-                        "{label:<40} {:>7} {len:>6} {depth:>6.2} {:>7.0}% {nll:>10.3}",
+                        "{label:<40} {:>7} {len:>6} {depth:>6.2} {:>7.0}% {nll:>10.3} {:>8}",
                         eviction.budget,
-                        acc * 100.0
+                        acc * 100.0,
+                        key_kept.map_or("-".into(), |k| format!("{:.0}%", k * 100.0))
                     );
                     records.push(PasskeyRecord {
                         ratio: point.budget.and_then(Budget::ratio),
@@ -462,6 +471,8 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                         chunk,
                         peak_cells: peak,
                         model: model_name(&args.model),
+                        key_kept,
+                        key_kept_by_layer,
                         answers,
                     });
                 }

@@ -2,6 +2,8 @@
 //! end. The whole document (question included) goes through the engine under the policy; the
 //! answer is then read greedily and scored under teacher forcing, still under the policy.
 
+use std::ops::Range;
+
 use crate::engine::{Engine, Logits};
 use crate::error::{Error, Result};
 use crate::ffi::{apply_chat_template, Model, Token};
@@ -89,6 +91,9 @@ pub struct PasskeyDoc {
     pub key: u32,
     /// Index of the first token of the key sentence in `tokens`.
     pub key_at: usize,
+    /// Positions of the key's first occurrence in `tokens` (the answer's tokens inside the key
+    /// sentence; the whole sentence where the tokenizer split the digits otherwise).
+    pub key_span: Range<usize>,
 }
 
 /// Builds a document of exactly `length` tokens: intro, filler from a seeded random line of
@@ -158,6 +163,11 @@ pub fn build_document(
     tokens.extend_from_slice(&intro);
     tokens.extend_from_slice(&body[..split]);
     let key_at = tokens.len();
+    let key_span = sentence
+        .windows(answer.len())
+        .position(|w| w == answer.as_slice())
+        .map(|i| key_at + i..key_at + i + answer.len())
+        .unwrap_or(key_at..key_at + sentence.len());
     tokens.extend_from_slice(&sentence);
     tokens.extend_from_slice(&body[split..]);
     tokens.extend_from_slice(&question);
@@ -166,6 +176,7 @@ pub fn build_document(
         answer,
         key,
         key_at,
+        key_span,
     })
 }
 
@@ -179,6 +190,33 @@ pub struct TrialOutcome {
     /// Greedy text up to and including the first wrong token.
     pub greedy: String,
     pub peak_cells: usize,
+    /// When the question has been read: per tracked layer, the share of (KV head, key token)
+    /// slots that still hold the key (see [`key_survival`]); `None` for a cache that never
+    /// evicts.
+    pub key_kept: Option<Vec<f64>>,
+}
+
+/// Per tracked layer of `engine`'s book, the share of (KV head, position in `span`) slots that
+/// hold their token now: 1 when every head of that layer still has all of the key, 0 when none
+/// has any of it. `None` without a book (the full cache keeps everything). This is what tells
+/// "the policy evicted the key" from "the model could not use it".
+pub fn key_survival(engine: &Engine, span: &Range<usize>) -> Option<Vec<f64>> {
+    let book = engine.book()?;
+    let want = (book.n_head() * span.len()).max(1) as f64;
+    Some(
+        book.layers()
+            .map(|layer| {
+                let mut held = 0usize;
+                for head in 0..book.n_head() {
+                    held += (0..book.n_cells())
+                        .filter_map(|cell| book.slot_position(layer, head, cell))
+                        .filter(|&p| p >= 0 && span.contains(&(p as usize)))
+                        .count();
+                }
+                held as f64 / want
+            })
+            .collect(),
+    )
 }
 
 /// Runs one document through `engine` from an empty cache, then teacher-forces the answer.
@@ -192,6 +230,7 @@ pub fn run_trial(engine: &mut Engine, doc: &PasskeyDoc) -> Result<TrialOutcome> 
     }
     engine.reset();
     engine.ingest(&doc.tokens, Logits::Last, &mut |_| Ok(()))?;
+    let key_kept = key_survival(engine, &doc.key_span);
     let mut logits: Vec<f32> = engine.last_logits()?.to_vec();
     let model = std::sync::Arc::clone(engine.model());
     let mut nll = 0.0;
@@ -217,5 +256,6 @@ pub fn run_trial(engine: &mut Engine, doc: &PasskeyDoc) -> Result<TrialOutcome> 
         answer_nll: nll / doc.answer.len() as f64,
         greedy: model.detokenize(&greedy, false),
         peak_cells: engine.stats().peak_cells,
+        key_kept,
     })
 }

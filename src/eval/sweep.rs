@@ -227,6 +227,9 @@ pub struct PasskeyAnswer {
     pub key: u32,
     pub greedy: String,
     pub answer_nll: f64,
+    /// Share of the key's (layer, KV head, token) slots still cached when the question was
+    /// read; `null` for the full cache.
+    pub key_kept: Option<f64>,
 }
 
 /// One row of `qfilters eval passkey --json`: one (point, length, depth) cell.
@@ -244,7 +247,28 @@ pub struct PasskeyRecord {
     pub chunk: usize,
     pub peak_cells: usize,
     pub model: String,
+    /// Mean over the trials of their `key_kept`; `null` for the full cache.
+    pub key_kept: Option<f64>,
+    /// The same per tracked layer (the book's layers, in order).
+    pub key_kept_by_layer: Option<Vec<f64>>,
     pub answers: Vec<PasskeyAnswer>,
+}
+
+/// Mean over trials of per-layer key survival ([`crate::eval::passkey::key_survival`]):
+/// `None` when no trial has it (the full cache).
+pub fn mean_by_layer<'a>(trials: impl IntoIterator<Item = &'a Vec<f64>>) -> Option<Vec<f64>> {
+    let mut sum: Vec<f64> = Vec::new();
+    let mut n = 0usize;
+    for t in trials {
+        if sum.is_empty() {
+            sum = vec![0.0; t.len()];
+        }
+        for (s, v) in sum.iter_mut().zip(t) {
+            *s += v;
+        }
+        n += 1;
+    }
+    (n > 0).then(|| sum.iter().map(|s| s / n as f64).collect())
 }
 
 /// Passkey accuracy and mean answer NLL of some trials: (hits / n, nll sum / n), 0 for none.
@@ -357,10 +381,13 @@ mod tests {
             chunk: 32,
             peak_cells: 100,
             model: "m".into(),
+            key_kept: None,
+            key_kept_by_layer: None,
             answers: vec![PasskeyAnswer {
                 key: 12345,
                 greedy: "12345".into(),
                 answer_nll: 0.25,
+                key_kept: None,
             }],
         };
         let v = serde_json::to_value(&rec).unwrap();
@@ -370,5 +397,16 @@ mod tests {
         assert_eq!(v["answers"][0]["key"], 12345);
         assert_eq!(passkey_rates(3, 1.5, 4), (0.75, 0.375));
         assert_eq!(passkey_rates(0, 0.0, 0), (0.0, 0.0));
+        assert!(
+            v["key_kept"].is_null(),
+            "the full cache evicts nothing: {v}"
+        );
+    }
+
+    #[test]
+    fn key_survival_is_averaged_layer_by_layer_over_trials() {
+        let trials = [vec![1.0, 0.0, 0.5], vec![0.0, 0.0, 1.0]];
+        assert_eq!(mean_by_layer(&trials), Some(vec![0.5, 0.0, 0.75]));
+        assert_eq!(mean_by_layer(&[] as &[Vec<f64>]), None);
     }
 }

@@ -56,8 +56,16 @@ fn passkey_documents_have_the_length_and_key_asked_for_and_the_full_cache_finds_
     let at = doc.key_at as f64 / doc.tokens.len() as f64;
     assert!((0.4..0.65).contains(&at), "key placed at {at}");
     assert_eq!(model.detokenize(&doc.answer, false).trim(), key);
+    // The span the survival diagnostic follows is the key's first occurrence.
+    assert_eq!(
+        model
+            .detokenize(&doc.tokens[doc.key_span.clone()], false)
+            .trim(),
+        key
+    );
     let mut engine = full_engine(&model, doc.tokens.len() + 16, 64);
     let out = run_trial(&mut engine, &doc).expect("trial");
+    assert_eq!(out.key_kept, None, "a full cache has no survival to report");
     // With the chat format the full cache answers the digits (the plain format got " the").
     assert!(out.exact, "greedy answer {:?} for key {key}", out.greedy);
     assert!(out.answer_nll < 0.5, "answer NLL {}", out.answer_nll);
@@ -101,6 +109,27 @@ fn evicting_engine(
         },
     )
     .expect("engine")
+}
+
+/// The key-survival diagnostic reads the book: StreamingLLM (budget 128: 4 sinks and the
+/// newest tokens) has dropped a key near the start from every head of every layer, and keeps one
+/// read just before the question in all of them.
+#[test]
+fn key_survival_says_where_streaming_kept_the_key() {
+    let model = model();
+    let filler = std::fs::read_to_string(data("tinyshakespeare.txt")).expect("tinyshakespeare");
+    let mut engine = evicting_engine(&model, "streaming", Granularity::Position, None);
+    for (depth, want) in [(0.1, 0.0), (1.0, 1.0)] {
+        let doc = build_document(&model, &filler, 512, depth, PromptFormat::Chat, &mut 3u64)
+            .expect("doc");
+        let out = run_trial(&mut engine, &doc).expect("trial");
+        let kept = out.key_kept.expect("a bounded cache reports survival");
+        assert_eq!(kept.len(), engine.book().expect("book").layers().count());
+        assert!(
+            kept.iter().all(|&k| k == want),
+            "depth {depth}: key kept {kept:?}, want {want} in every layer"
+        );
+    }
 }
 
 /// StreamingLLM scores every head of a token alike, so per-head selection keeps the same tokens
