@@ -64,7 +64,10 @@ fn main() {
         // those chosen above: LLAMA_CPP_DIR, else the pinned package with its patches,
         // unpacked under vendor/ from cargo's registry cache. Without network (docs.rs), that
         // package must already be in the registry cache; when it is not, the build stops with
-        // the message of `locate_or_fetch_crate`. bindgen still needs libclang.
+        // the message of `locate_or_fetch_crate`. bindgen still needs libclang. The values
+        // the code reads with `env!` name the build it describes: none here.
+        println!("cargo::rustc-env=QFILTERS_CPU_BUILD=docs");
+        println!("cargo::rustc-env=QFILTERS_BUILD_BACKEND_DIR=");
         generate_bindings(&source);
         return;
     }

@@ -1,4 +1,4 @@
-//! The OpenAI wire format: request bodies parsed and validated into [`Job`] parameters, and the
+//! The OpenAI wire format: request bodies parsed and validated into `Job` parameters, and the
 //! JSON of responses, stream chunks and errors. Pure functions, no I/O, so every rule here is
 //! unit-tested without a model.
 
