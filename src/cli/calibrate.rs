@@ -37,8 +37,9 @@ pub struct CalibrateArgs {
     pub filters: Option<PathBuf>,
     /// Development text for choosing this model's eviction defaults: a short streaming-
     /// perplexity sweep of policy qfilters (recency prior, then granularity, then window, each
-    /// at the best of the previous); the choice and its evidence go into the filters' metadata.
-    /// Use text you will not evaluate on.
+    /// at the best of the previous; a value listed later must beat the earlier ones by more than
+    /// 1% of PPL to be chosen); the choice and its evidence go into the filters' metadata. Use
+    /// text you will not evaluate on.
     #[arg(long)]
     pub tune: Option<PathBuf>,
     /// Tokens of the --tune text.
@@ -282,6 +283,26 @@ struct Point {
     objective: f64,
 }
 
+/// How much lower (objective units: ln PPL) a setting must score to replace one listed before
+/// it. The same setting's objective moved by up to 0.0063 between two CPUs (SmolLM2 and
+/// Qwen-0.5B sweeps, a 2-core Intel Xeon against a 2-core AMD EPYC, where ggml runs other
+/// kernels), and SmolLM2's choice flipped between head and position granularity on such a
+/// difference; closer than this is a tie, which keeps the earlier value, so the lists start
+/// with the plainer settings (no prior, per-head scores as scored).
+pub const TUNE_TIE: f64 = 0.01;
+
+/// The candidate a stage keeps: the first, replaced by a later one only when that one beats
+/// the current choice by more than [`TUNE_TIE`]. Non-empty input; NaN never wins.
+fn pick(objectives: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &o) in objectives.iter().enumerate().skip(1) {
+        if o < objectives[best] - TUNE_TIE || (objectives[best].is_nan() && !o.is_nan()) {
+            best = i;
+        }
+    }
+    best
+}
+
 /// Coordinate descent over recency, then granularity, then window (each stage at the best of
 /// the previous ones), minimising the mean over budgets of (ln PPL all + ln PPL 2nd half) / 2:
 /// both halves count, and the second half is where eviction has run longest. Writes the
@@ -355,7 +376,7 @@ fn tune(
         granularity: args.tune_granularity[0],
     };
     let mut best_obj = f64::INFINITY;
-    // Stage by stage; ties keep the earlier (listed first) value.
+    // Stage by stage; ties (within TUNE_TIE) keep the earlier listed value.
     for stage in 0..3 {
         let candidates: Vec<Setting> = match stage {
             0 => args
@@ -377,14 +398,12 @@ fn tune(
                 .map(|&window| Setting { window, ..best })
                 .collect(),
         };
-        let mut stage_best = (best, f64::INFINITY);
-        for c in candidates {
-            let obj = measure(c, &mut points)?;
-            if obj < stage_best.1 {
-                stage_best = (c, obj);
-            }
+        let mut objectives = Vec::with_capacity(candidates.len());
+        for &c in &candidates {
+            objectives.push(measure(c, &mut points)?);
         }
-        (best, best_obj) = stage_best;
+        let i = pick(&objectives);
+        (best, best_obj) = (candidates[i], objectives[i]);
     }
     let secs = started.elapsed().as_secs_f64();
     let name = path
@@ -409,7 +428,7 @@ fn tune(
         })
         .collect();
     let evidence = format!(
-        "qfilters calibrate --tune {name} (sha256 {sha}…): first {} tokens, chunk {}, budgets {}, policy qfilters, sinks {}; objective mean over budgets of (ln PPL all + ln PPL 2nd half)/2; PPL all/2nd half: {}; chosen: {}",
+        "qfilters calibrate --tune {name} (sha256 {sha}…): first {} tokens, chunk {}, budgets {}, policy qfilters, sinks {}; objective mean over budgets of (ln PPL all + ln PPL 2nd half)/2, a later setting replacing an earlier one only when lower by more than {TUNE_TIE}; PPL all/2nd half: {}; chosen: {}",
         tokens.len(),
         args.tune_chunk,
         budgets.join(","),
@@ -485,4 +504,23 @@ fn peak_memory() -> Option<String> {
         .parse()
         .ok()?;
     Some(format!("{:.0} MiB", kb as f64 / 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_keeps_the_earlier_setting_unless_a_later_one_is_clearly_better() {
+        assert_eq!(pick(&[3.8303]), 0);
+        // SmolLM2's recency stage on two CPUs: 128 ties with 32 (within 0.01) on both.
+        assert_eq!(pick(&[3.8575, 3.8303, 3.8293, 3.8507]), 1);
+        assert_eq!(pick(&[3.8541, 3.8333, 3.8283, 3.8566]), 1);
+        // Qwen-0.5B: recency 512 wins by 0.027 over the plain setting.
+        assert_eq!(pick(&[4.5472, 4.5412, 4.5401, 4.5200]), 3);
+        // Compared with the current choice: a chain of small steps is no reason to move.
+        assert_eq!(pick(&[1.0, 0.995, 0.991, 0.9905]), 0);
+        assert_eq!(pick(&[f64::NAN, 2.0]), 1);
+        assert_eq!(pick(&[2.0, f64::NAN]), 0);
+    }
 }
