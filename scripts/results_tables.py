@@ -31,6 +31,14 @@ def cfg(r):
     return f's{r["sinks"]} recent'
 
 
+def kept_cell(policy, kept):
+    """Mean key survival over the trials that measured it; 100% for the full cache."""
+    if policy == "none":
+        return "100%"
+    n = sum(t for _, t in kept)
+    return f"{100 * sum(k * t for k, t in kept) / n:.0f}%" if n else ""
+
+
 def wilson(hits, n, z=1.96):
     """Wilson score interval for a binomial rate (95%)."""
     if n == 0:
@@ -131,20 +139,24 @@ for prefix, title in MODELS:
     if pk:
         out.append("### Passkey retrieval\n")
         out.append("Exact match of the greedy 5-digit answer (rate with its Wilson 95% interval), and mean NLL per "
-                   "answer token under teacher forcing (same policy). Budget = document tokens / ratio; chat prompt.\n")
-        out.append("| policy | setting | ratio | length | depth | exact | 95% interval | answer NLL | documents |")
-        out.append("|---|---|---:|---:|---:|---:|---|---:|---:|")
+                   "answer token under teacher forcing (same policy). Budget = document tokens / ratio; chat prompt. "
+                   "Key kept: share of the key's (layer, KV head, digit token) slots still cached when the question "
+                   "has been read (blank where the run predates that measure).\n")
+        out.append("| policy | setting | ratio | length | depth | exact | 95% interval | answer NLL | key kept | documents |")
+        out.append("|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
         agg = {}
         for r in pk:
             k = (r["policy"], cfg(r), r.get("ratio") or 0, r["length"], r["depth"])
-            a = agg.setdefault(k, [0, 0.0, 0])
+            a = agg.setdefault(k, [0, 0.0, 0, []])
             a[0] += round(r["accuracy"] * r["trials"]); a[1] += r["answer_nll"] * r["trials"]; a[2] += r["trials"]
+            if r.get("key_kept") is not None:
+                a[3].append((r["key_kept"], r["trials"]))
         order = {"none": 0, "streaming": 1, "knorm": 2, "qfilters": 3}
-        for (p, c, ratio, length, depth), (hits, nll, n) in sorted(
+        for (p, c, ratio, length, depth), (hits, nll, n, kept) in sorted(
                 agg.items(), key=lambda kv: (kv[0][3], kv[0][4], kv[0][2], order.get(kv[0][0], 9))):
             lo, hi = wilson(hits, n)
             out.append(f'| {p} | {c} | {ratio or "–"} | {length} | {depth:g} | {hits}/{n} = {100 * hits / n:.0f}% | '
-                       f'{100 * lo:.0f}–{100 * hi:.0f}% | {nll / n:.2f} | {n} |')
+                       f'{100 * lo:.0f}–{100 * hi:.0f}% | {nll / n:.2f} | {kept_cell(p, kept)} | {n} |')
         out.append("")
 
 notes = os.path.join(d, "notes.md")
