@@ -206,13 +206,13 @@ pub fn key_survival(engine: &Engine, span: &Range<usize>) -> Option<Vec<f64>> {
     Some(
         book.layers()
             .map(|layer| {
-                let mut held = 0usize;
-                for head in 0..book.n_head() {
-                    held += (0..book.n_cells())
-                        .filter_map(|cell| book.slot_position(layer, head, cell))
-                        .filter(|&p| p >= 0 && span.contains(&(p as usize)))
-                        .count();
-                }
+                let held = (0..book.n_head())
+                    .flat_map(|head| {
+                        (0..book.n_cells())
+                            .filter_map(move |cell| book.slot_position(layer, head, cell))
+                    })
+                    .filter(|&p| usize::try_from(p).is_ok_and(|p| span.contains(&p)))
+                    .count();
                 held as f64 / want
             })
             .collect(),
