@@ -112,6 +112,17 @@ pub fn qfilters() -> Command {
     cmd
 }
 
+/// `qfilters run -m MODEL -p PROMPT -n N`, the start every generation test shares; the caller
+/// adds its policy and outputs.
+pub fn run_prompt(model: &Path, prompt: &str, n_predict: usize) -> Command {
+    let mut cmd = qfilters();
+    cmd.arg("run")
+        .arg("-m")
+        .arg(model)
+        .args(["-p", prompt, "-n", &n_predict.to_string()]);
+    cmd
+}
+
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn qfilters");
     assert!(

@@ -26,19 +26,12 @@ fn check_embedded(model: &std::path::Path, shape: [usize; 3], chars: usize) {
     let mut texts = Vec::new();
     for model in [model_path(), embedded.clone()] {
         let stats = dir.path().join("stats.json");
-        run_ok(
-            qfilters()
-                .args([
-                    "run",
-                    "-m",
-                    model.to_str().unwrap(),
-                    "-p",
-                    &prompt,
-                    "-n",
-                    "16",
-                ])
-                .args(["--policy", "none", "--json-stats", stats.to_str().unwrap()]),
-        );
+        run_ok(run_prompt(&model, &prompt, 16).args([
+            "--policy",
+            "none",
+            "--json-stats",
+            stats.to_str().unwrap(),
+        ]));
         let s: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
         texts.push(s["text"].as_str().unwrap().to_string());
     }
@@ -50,16 +43,7 @@ fn check_embedded(model: &std::path::Path, shape: [usize; 3], chars: usize) {
 
     // No --filters: the policy finds the filters in the GGUF and says so.
     let out = run_ok(
-        qfilters()
-            .args([
-                "run",
-                "-m",
-                embedded.to_str().unwrap(),
-                "-p",
-                &prompt,
-                "-n",
-                "4",
-            ])
+        run_prompt(&embedded, &prompt, 4)
             .args(["--policy", "qfilters", "--budget", "40", "--batch", "32"]),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -69,16 +53,7 @@ fn check_embedded(model: &std::path::Path, shape: [usize; 3], chars: usize) {
     );
 
     // The original model has none: the same command is a clear error.
-    let out = qfilters()
-        .args([
-            "run",
-            "-m",
-            model_path().to_str().unwrap(),
-            "-p",
-            &prompt,
-            "-n",
-            "4",
-        ])
+    let out = run_prompt(&model_path(), &prompt, 4)
         .args(["--policy", "qfilters", "--budget", "40", "--batch", "32"])
         .output()
         .unwrap();

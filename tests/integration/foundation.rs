@@ -19,16 +19,7 @@ fn qfilters_with_room_for_everything_generates_what_the_full_cache_generates() {
     ] {
         let stats = dir.path().join(format!("{policy}.json"));
         run_ok(
-            qfilters()
-                .args([
-                    "run",
-                    "-m",
-                    model_path().to_str().unwrap(),
-                    "-p",
-                    &prompt,
-                    "-n",
-                    "24",
-                ])
+            run_prompt(&model_path(), &prompt, 24)
                 .args([
                     "--policy",
                     policy,

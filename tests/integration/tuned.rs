@@ -77,16 +77,7 @@ fn tuned_defaults_are_chosen_carried_and_used_unless_a_flag_overrides() {
     let run = |extra: &[&str]| {
         let stats = dir.path().join("stats.json");
         let out = run_ok(
-            qfilters()
-                .args([
-                    "run",
-                    "-m",
-                    gguf.to_str().unwrap(),
-                    "-p",
-                    &prompt,
-                    "-n",
-                    "2",
-                ])
+            run_prompt(&gguf, &prompt, 2)
                 .args(["--policy", "qfilters", "--budget", "48", "--batch", "16"])
                 .args(["--json-stats", stats.to_str().unwrap()])
                 .args(extra),
@@ -147,16 +138,7 @@ fn tuned_defaults_are_chosen_carried_and_used_unless_a_flag_overrides() {
     // Filters without tuned defaults keep the built-in ones, silently.
     let stats = dir.path().join("plain.json");
     let out = run_ok(
-        qfilters()
-            .args([
-                "run",
-                "-m",
-                model_path().to_str().unwrap(),
-                "-p",
-                &prompt,
-                "-n",
-                "2",
-            ])
+        run_prompt(&model_path(), &prompt, 2)
             .args(["--filters", filters.to_str().unwrap(), "--budget", "48"])
             .args(["--json-stats", stats.to_str().unwrap()]),
     );
