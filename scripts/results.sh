@@ -58,10 +58,10 @@ prepare() { # model: filters (calibrated once) and tuned defaults
   step "$(filters "$m")" "$BIN" calibrate -m "$g" -t "$THREADS" --text "$DEV" --tokens "${CAL_TOKENS[$m]}" -o "$(filters "$m")"
   # The tuned copy must be redone if the sweep's JSON is missing, and vice versa.
   [ "${LIST:-0}" = 1 ] || [ -s "$(tuned "$m")" ] || rm -f "$OUT/${m}_tune.json"
-  # Window fixed at 32: on SmolLM2 windows 8/32/64 gave the same PPL (16.80/16.74/16.81), and
-  # each extra setting costs ~2 minutes of this CPU for a 0.5B model.
+  # calibrate's default grid: recency 0/32/128/512 x window 32/64/128, then granularity (13
+  # settings, ~1 min each for a 0.5B model on one core).
   step "$OUT/${m}_tune.json" "$BIN" calibrate -m "$g" -t "$THREADS" --filters "$(filters "$m")" --tune "$DEV" \
-    --tune-tokens 1024 --tune-budget 256 --tune-chunk 32 --tune-window 32 \
+    --tune-tokens 1024 --tune-budget 256 --tune-chunk 32 \
     --tune-json "$OUT/${m}_tune.json" -o "$(tuned "$m")"
 }
 

@@ -91,8 +91,9 @@ for prefix, title in MODELS:
         t = tune[0]
         out.append(f"### Tuned defaults (`calibrate --tune`)\n")
         out.append(f'Policy qfilters, first {t["tokens"]} tokens of `{t["text"]}` (development text), chunks of '
-                   f'{t["chunk"]}; objective = mean of ln PPL all and ln PPL 2nd half; coordinate descent: recency, '
-                   f'then granularity, then window.\n')
+                   f'{t["chunk"]}; objective = mean of ln PPL all and ln PPL 2nd half; every recency with every '
+                   f'window, then granularity at the best pair; a later setting wins only when its objective is '
+                   f'lower by more than 0.01.\n')
         out.append("| recency | window | granularity | budget | PPL | PPL 2nd half | objective | chosen |")
         out.append("|---:|---:|---|---:|---:|---:|---:|---|")
         for r in tune:

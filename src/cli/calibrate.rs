@@ -36,10 +36,10 @@ pub struct CalibrateArgs {
     #[arg(long, conflicts_with = "text")]
     pub filters: Option<PathBuf>,
     /// Development text for choosing this model's eviction defaults: a short streaming-
-    /// perplexity sweep of policy qfilters (recency prior, then granularity, then window, each
-    /// at the best of the previous; a value listed later must beat the earlier ones by more than
-    /// 1% of PPL to be chosen); the choice and its evidence go into the filters' metadata. Use
-    /// text you will not evaluate on.
+    /// perplexity sweep of policy qfilters (every recency prior with every recent window, then
+    /// granularity at the best pair; a setting listed later must beat the earlier ones by more
+    /// than 1% of PPL to be chosen); the choice and its evidence go into the filters' metadata.
+    /// Use text you will not evaluate on.
     #[arg(long)]
     pub tune: Option<PathBuf>,
     /// Tokens of the --tune text.
@@ -51,7 +51,7 @@ pub struct CalibrateArgs {
     /// Tokens per decode (and eviction round) of the sweep.
     #[arg(long = "tune-chunk", default_value_t = 32)]
     pub tune_chunk: usize,
-    /// Recency priors tried (0 = off), at the first window and granularity.
+    /// Recency priors tried (0 = off), each with every --tune-window, at the first granularity.
     #[arg(
         long = "tune-recency",
         value_delimiter = ',',
@@ -65,11 +65,12 @@ pub struct CalibrateArgs {
         default_value = "head,position"
     )]
     pub tune_granularity: Vec<Granularity>,
-    /// Recent windows tried last (the first is used by the earlier stages).
+    /// Recent windows tried with every recency prior; each must leave room for scored tokens
+    /// in the smallest --tune-budget (window + sinks < budget).
     #[arg(
         long = "tune-window",
         value_delimiter = ',',
-        default_value = "32,16,64"
+        default_value = "32,64,128"
     )]
     pub tune_window: Vec<usize>,
     /// Write every point of the sweep as JSON.
@@ -256,6 +257,16 @@ fn check_tune_args(args: &CalibrateArgs) -> Result<()> {
             "--tune-recency values must be finite and >= 0",
         ));
     }
+    let smallest = args.tune_budget.iter().copied().min().unwrap_or(0);
+    if let Some(w) = args
+        .tune_window
+        .iter()
+        .find(|&&w| w.saturating_add(DEFAULT_SINKS) >= smallest)
+    {
+        return Err(Error::invalid(format!(
+            "--tune-window {w} leaves no scored cells in --tune-budget {smallest} ({DEFAULT_SINKS} sinks): give smaller windows or larger budgets"
+        )));
+    }
     Ok(())
 }
 
@@ -303,8 +314,25 @@ fn pick(objectives: &[f64]) -> usize {
     best
 }
 
-/// Coordinate descent over recency, then granularity, then window (each stage at the best of
-/// the previous ones), minimising the mean over budgets of (ln PPL all + ln PPL 2nd half) / 2:
+/// Every recency with every window, recency-major in the order given, so that on a tie the
+/// plainer setting listed first (no prior, the shortest window) stays.
+fn grid(recency: &[f64], window: &[usize], granularity: Granularity) -> Vec<Setting> {
+    recency
+        .iter()
+        .flat_map(|&recency| {
+            window.iter().map(move |&window| Setting {
+                recency,
+                window,
+                granularity,
+            })
+        })
+        .collect()
+}
+
+/// A grid over recency × window (the two trade against each other: a long window with no
+/// prior and a short one with a strong prior both favour recent tokens, so tuning one at a
+/// fixed value of the other misses the better corner), then granularity at the best pair,
+/// minimising the mean over budgets of (ln PPL all + ln PPL 2nd half) / 2:
 /// both halves count, and the second half is where eviction has run longest. Writes the
 /// choice and its evidence into the filters' metadata.
 fn tune(
@@ -376,26 +404,17 @@ fn tune(
         granularity: args.tune_granularity[0],
     };
     let mut best_obj = f64::INFINITY;
-    // Stage by stage; ties (within TUNE_TIE) keep the earlier listed value.
-    for stage in 0..3 {
+    // Stage by stage; ties (within TUNE_TIE) keep the earlier listed setting.
+    for stage in 0..2 {
         let candidates: Vec<Setting> = match stage {
-            0 => args
-                .tune_recency
-                .iter()
-                .map(|&recency| Setting { recency, ..best })
-                .collect(),
-            1 => args
+            0 => grid(&args.tune_recency, &args.tune_window, best.granularity),
+            _ => args
                 .tune_granularity
                 .iter()
                 .map(|&granularity| Setting {
                     granularity,
                     ..best
                 })
-                .collect(),
-            _ => args
-                .tune_window
-                .iter()
-                .map(|&window| Setting { window, ..best })
                 .collect(),
         };
         let mut objectives = Vec::with_capacity(candidates.len());
@@ -522,5 +541,51 @@ mod tests {
         assert_eq!(pick(&[1.0, 0.995, 0.991, 0.9905]), 0);
         assert_eq!(pick(&[f64::NAN, 2.0]), 1);
         assert_eq!(pick(&[2.0, f64::NAN]), 0);
+    }
+
+    #[test]
+    fn the_first_stage_tries_every_recency_with_every_window() {
+        let g = grid(&[0.0, 512.0], &[32, 128], Granularity::Head);
+        let pairs: Vec<(f64, usize)> = g.iter().map(|s| (s.recency, s.window)).collect();
+        assert_eq!(pairs, [(0.0, 32), (0.0, 128), (512.0, 32), (512.0, 128)]);
+        assert!(g.iter().all(|s| s.granularity == Granularity::Head));
+        // Qwen-0.5B on its development text: no prior with a long window beats the strong
+        // prior with the short one that a recency-first descent stops at.
+        assert_eq!(pick(&[4.5472, 4.5130, 4.5200, 4.5190]), 1);
+    }
+
+    #[test]
+    fn a_window_the_smallest_budget_cannot_hold_is_refused() {
+        #[derive(clap::Parser)]
+        struct One {
+            #[command(flatten)]
+            args: CalibrateArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let base = [
+                "calibrate",
+                "--filters",
+                "f.safetensors",
+                "-o",
+                "o.safetensors",
+            ];
+            <One as clap::Parser>::try_parse_from(base.iter().chain(extra))
+                .expect("calibrate args parse")
+                .args
+        };
+        assert!(check_tune_args(&parse(&[])).is_ok());
+        let e = check_tune_args(&parse(&[
+            "--tune-budget",
+            "512,128",
+            "--tune-window",
+            "32,124",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--tune-window 124") && e.contains("--tune-budget 128"),
+            "{e}"
+        );
+        assert!(check_tune_args(&parse(&["--tune-budget", "128", "--tune-window", "123"])).is_ok());
     }
 }

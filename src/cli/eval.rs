@@ -77,11 +77,15 @@ pub struct SweepArgs {
 
 impl SweepArgs {
     /// Takes the tuned defaults of the filters in use where no flag was given, for every
-    /// policy of the sweep (so baselines get the same tuning as Q-Filters).
-    fn apply_tuned(&mut self, model_path: &std::path::Path) -> Result<()> {
+    /// policy of the sweep (so baselines get the same tuning as Q-Filters). `budgets`: every
+    /// budget in cells the sweep will evict to.
+    fn apply_tuned(&mut self, model_path: &std::path::Path, budgets: &[usize]) -> Result<()> {
         if let Some((t, origin)) = super::Tuned::find(self.filters.as_deref(), model_path)? {
             let (mut r, mut w, mut g) = (None, None, None);
-            let used = t.apply(|x| r = Some(x), |x| w = Some(x), |x| g = Some(x));
+            let smallest = budgets.iter().copied().min();
+            let sinks = self.sinks.iter().copied().max().unwrap_or(DEFAULT_SINKS);
+            let budget = smallest.map(|b| (b, sinks));
+            let used = t.apply(budget, |x| r = Some(x), |x| w = Some(x), |x| g = Some(x));
             if let Some(r) = r {
                 self.recency = vec![r];
             }
@@ -243,7 +247,7 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
         check_cells("--budget", b)?;
     }
     check_eval_outputs(&args.json, &args.plot, &args.model, &args.text, &args.sweep)?;
-    args.sweep.apply_tuned(&args.model.model)?;
+    args.sweep.apply_tuned(&args.model.model, &args.budget)?;
     let chunk = args.sweep.chunk.unwrap_or(16);
     let model = args.model.load()?;
     let text = read_text(&args.text)?;
@@ -340,7 +344,17 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
 
 fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     check_lists(&args.sweep)?;
-    args.sweep.apply_tuned(&args.model.model)?;
+    // The budgets the documents will get: each length at each ratio, else --budget.
+    let budgets: Vec<usize> = if args.ratio.is_empty() {
+        args.budget.clone()
+    } else {
+        let lengths = &args.lengths;
+        args.ratio
+            .iter()
+            .flat_map(|&r| lengths.iter().map(move |&n| Budget::Ratio(r).cells(n)))
+            .collect()
+    };
+    args.sweep.apply_tuned(&args.model.model, &budgets)?;
     let chunk = args.sweep.chunk.unwrap_or(32);
     if args.lengths.is_empty() || args.depths.is_empty() || args.trials == 0 {
         return Err(Error::invalid(

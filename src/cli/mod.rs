@@ -111,9 +111,14 @@ impl Tuned {
     }
 
     /// Sets each tuned value the user did not give a flag for, through `set`; returns what
-    /// was set, for the stderr line.
+    /// was set, for the stderr line. `budget`: the smallest budget the command will evict to,
+    /// with its sinks. A tuned window is used as it is wherever it fits (the setting the sweep
+    /// measured); where the smallest budget cannot hold it with the sinks, it is shortened to
+    /// half of that budget's non-sink cells (and the line says so) rather than failing a
+    /// budget the built-in window fits.
     fn apply(
         &self,
+        budget: Option<(usize, usize)>,
         mut set_recency: impl FnMut(f64),
         mut set_window: impl FnMut(usize),
         mut set_granularity: impl FnMut(Granularity),
@@ -124,8 +129,19 @@ impl Tuned {
             used.push(format!("recency {r}"));
         }
         if let Some(w) = self.window.filter(|_| !given("window")) {
-            set_window(w);
-            used.push(format!("window {w}"));
+            match budget {
+                Some((b, sinks)) if b < w.saturating_add(sinks).saturating_add(1) => {
+                    let half = b.saturating_sub(sinks) / 2;
+                    set_window(half);
+                    used.push(format!(
+                        "window {half} (tuned {w} does not fit budget {b}; half its cells)"
+                    ));
+                }
+                _ => {
+                    set_window(w);
+                    used.push(format!("window {w}"));
+                }
+            }
         }
         if let Some(g) = self.granularity.filter(|_| !given("granularity")) {
             set_granularity(g);
@@ -285,7 +301,8 @@ impl EvictionCli for EvictionArgs {
     fn apply_tuned(&mut self, model_path: &Path) -> Result<()> {
         if let Some((t, origin)) = Tuned::find(self.filters.as_deref(), model_path)? {
             let (mut r, mut w, mut g) = (self.recency, self.window, self.granularity);
-            let used = t.apply(|x| r = x, |x| w = x, |x| g = x);
+            let budget = self.policy.evicts.then_some((self.budget, self.sinks));
+            let used = t.apply(budget, |x| r = x, |x| w = x, |x| g = x);
             (self.recency, self.window, self.granularity) = (r, w, g);
             announce(&used, &origin);
         }
@@ -477,6 +494,27 @@ mod tests {
             poll: 0,
             verbose: false,
         }
+    }
+
+    #[test]
+    fn a_tuned_window_is_kept_where_it_fits_and_halved_where_it_does_not() {
+        let t = Tuned {
+            window: Some(128),
+            ..Tuned::default()
+        };
+        let window = |budget| {
+            let mut w = 0;
+            let used = t.apply(budget, |_| {}, |x| w = x, |_| {});
+            (w, used.join(", "))
+        };
+        // The tuning budget (256, 4 sinks) holds window 128: the measured setting is used.
+        assert_eq!(window(Some((256, 4))), (128, "window 128".to_string()));
+        assert_eq!(window(Some((133, 4))).0, 128);
+        assert_eq!(window(None).0, 128);
+        // 132 cells cannot hold 128 + 4 sinks + 1 scored cell: half of the 128 non-sink cells.
+        let (w, line) = window(Some((132, 4)));
+        assert_eq!(w, 64);
+        assert!(line.contains("tuned 128 does not fit budget 132"), "{line}");
     }
 
     #[test]
