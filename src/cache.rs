@@ -89,8 +89,15 @@ pub struct EvictionConfig {
 }
 
 impl EvictionConfig {
+    /// Whether `budget` cells hold `window` recent tokens and `sinks` first tokens with at
+    /// least one cell left to score: the one rule for `validate`, the tuning sweep's windows
+    /// and tuned windows applied at another budget.
+    pub fn window_fits(budget: usize, window: usize, sinks: usize) -> bool {
+        budget > window.saturating_add(sinks)
+    }
+
     pub fn validate(&self) -> Result<()> {
-        if self.budget < self.window.saturating_add(self.sinks).saturating_add(1) {
+        if !Self::window_fits(self.budget, self.window, self.sinks) {
             return Err(Error::BudgetTooSmall {
                 budget: self.budget,
                 window: self.window,

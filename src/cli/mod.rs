@@ -19,7 +19,7 @@ use gguf_tools::filters::{
 };
 
 pub use qfilters::args::{EvictionArgs, SamplingArgs};
-use qfilters::cache::Granularity;
+use qfilters::cache::{EvictionConfig, Granularity};
 use qfilters::engine::Engine;
 use qfilters::ffi::{Model, ModelParams};
 use qfilters::{Error, Result};
@@ -130,7 +130,7 @@ impl Tuned {
         }
         if let Some(w) = self.window.filter(|_| !given("window")) {
             match budget {
-                Some((b, sinks)) if b < w.saturating_add(sinks).saturating_add(1) => {
+                Some((b, sinks)) if !EvictionConfig::window_fits(b, w, sinks) => {
                     let half = b.saturating_sub(sinks) / 2;
                     set_window(half);
                     used.push(format!(
