@@ -344,16 +344,21 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
 
 fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     check_lists(&args.sweep)?;
-    // The budgets the documents will get: each length at each ratio, else --budget.
-    let budgets: Vec<usize> = if args.ratio.is_empty() {
-        args.budget.clone()
+    // Settings: budgets, or ratios (resolved per length), or the full cache only (budget 0:
+    // the evicting policies are skipped).
+    let settings: Vec<Budget> = if !args.ratio.is_empty() {
+        args.ratio.iter().map(|&r| Budget::Ratio(r)).collect()
+    } else if !args.budget.is_empty() {
+        args.budget.iter().map(|&b| Budget::Cells(b)).collect()
     } else {
-        let lengths = &args.lengths;
-        args.ratio
-            .iter()
-            .flat_map(|&r| lengths.iter().map(move |&n| Budget::Ratio(r).cells(n)))
-            .collect()
+        vec![Budget::Cells(0)]
     };
+    // The budgets the documents will evict to: each setting at each length.
+    let budgets: Vec<usize> = settings
+        .iter()
+        .flat_map(|&s| args.lengths.iter().map(move |&n| s.cells(n)))
+        .filter(|&b| b > 0)
+        .collect();
     args.sweep.apply_tuned(&args.model.model, &budgets)?;
     let chunk = args.sweep.chunk.unwrap_or(32);
     if args.lengths.is_empty() || args.depths.is_empty() || args.trials == 0 {
@@ -382,15 +387,6 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     )?;
     let model = args.model.load()?;
     let filler = read_text(&args.filler)?;
-    // Settings: budgets, or ratios (resolved per length), or the full cache only (budget 0:
-    // the evicting policies are skipped).
-    let settings: Vec<Budget> = if !args.ratio.is_empty() {
-        args.ratio.iter().map(|&r| Budget::Ratio(r)).collect()
-    } else if !args.budget.is_empty() {
-        args.budget.iter().map(|&b| Budget::Cells(b)).collect()
-    } else {
-        vec![Budget::Cells(0)]
-    };
     // The same documents for every policy: one seeded stream per (length, depth, trial).
     let mut docs = Vec::new();
     for &len in &args.lengths {
