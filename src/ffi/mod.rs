@@ -40,7 +40,7 @@ mod tensor;
 mod threadpool;
 
 pub use batch::Batch;
-pub use context::{Context, ContextParams};
+pub use context::{CacheType, Context, ContextParams};
 pub use graph::{GraphObserver, NodeInfo, NodeOp};
 pub use kv_tensors::{HeadMoveGroup, KeyReduce};
 pub use model::{Model, ModelParams};

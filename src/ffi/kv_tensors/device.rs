@@ -217,6 +217,20 @@ impl Context {
                 "filters do not match the layers and heads".into(),
             ));
         }
+        // Keys of a rotated cache are scored against filters rotated the same way: the rotation
+        // is orthonormal, so <H k, H f> = <k, f>, and nothing per key has to be undone.
+        let mut filters = filters.to_vec();
+        for (i, &l) in layers.iter().enumerate() {
+            let rot = self.k_rotation(l);
+            if rot > 1 {
+                if head_dim % rot != 0 {
+                    return Err(Error::KvCache(format!(
+                        "heads of {head_dim} values are not whole rotation blocks of {rot}"
+                    )));
+                }
+                crate::math::hadamard_in_place(&mut filters[i * per..(i + 1) * per], rot);
+            }
+        }
         let Some(dev) = self.device_for(layers, false)? else {
             return Ok(false);
         };
