@@ -68,12 +68,12 @@ prepare() { # model: filters (calibrated once) and tuned defaults
 
 ppl() { # model: full cache and StreamingLLM (no filters), then K-norm and Q-Filters (tuned)
   local m=$1 g=${GGUF[$1]}
-  step "$OUT/${m}_ppl_base.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
+  step "$OUT/${m}_ppl_base.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --batch 16 \
     --budget 256,512 --policy none,streaming --check-full --json "$OUT/${m}_ppl_base.json"
   # One JSON per budget, so a cut-short run keeps what finished.
   local b
   for b in 256 512; do
-    step "$OUT/${m}_ppl_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
+    step "$OUT/${m}_ppl_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --batch 16 \
       --budget "$b" --policy knorm,qfilters --filters "$(tuned "$m")" --json "$OUT/${m}_ppl_b$b.json"
   done
 }
