@@ -78,6 +78,19 @@ ppl() { # model: full cache and StreamingLLM (no filters), then K-norm and Q-Fil
   done
 }
 
+# The quality-per-byte frontier: the full cache and each policy on f16, q8_0 and q4_0 K/V caches
+# (llama.cpp's -ctk/-ctv; K and V pair up), perplexity against the KV MiB llama.cpp allocated,
+# with the Pareto front (eval --frontier). llama.cpp rounds a context up to 256 cells, so each
+# budget fills one: budget + batch 16 + 16 margin = 256, 512, 1024 cells; and 2047 tokens make
+# the full cache (tokens + 1 cells) exactly 2048.
+FRONTIER_TOKENS=${FRONTIER_TOKENS:-2047}
+frontier() { # model
+  local m=$1 g=${GGUF[$1]}
+  step "$OUT/${m}_frontier_ppl.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens "$FRONTIER_TOKENS" \
+    --batch 16 --budget 224,480,992 --policy none,streaming,qfilters -ctk f16,q8_0,q4_0 -ctv f16,q8_0,q4_0 \
+    --filters "$(tuned "$m")" --json "$OUT/${m}_frontier_ppl.json" --frontier "$OUT/${m}_frontier_ppl.svg"
+}
+
 passkey() { # model length depth ratios policies: 10 documents per cell, one JSON per piece
   local m=$1 len=$2 depth=$3 ratios=$4 policies=$5
   local json="$OUT/${m}_passkey_L${len}_d${depth}_r${ratios//,/-}_${policies//,/-}.json"
@@ -100,6 +113,9 @@ passkey qwen05 1024 0.2 2 knorm
 passkey qwen05 1024 0.2 4 streaming,qfilters,knorm
 passkey smollm2 1024 0.2 2,4 none,streaming,knorm,qfilters
 if [ -f "${GGUF[gemma3]}" ]; then prepare gemma3 && ppl gemma3; fi
+frontier smollm2
+frontier qwen05
+if [ -f "${GGUF[gemma3]}" ]; then frontier gemma3; fi
 for m in qwen05 smollm2; do
   for len in 1024 2048 4096; do
     for depth in 0.1 0.2 0.3 0.4; do

@@ -287,11 +287,16 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
             nll_windows: windows.iter().map(|w| w.1).collect(),
             full_context_ppl: full.map(|f| f.0),
             full_context_ppl_second_half: full.map(|f| f.1),
+            pareto: false,
         });
         series.push(Series {
             label,
             points: windows,
         });
+    }
+    let xy: Vec<(f64, f64)> = records.iter().map(|r| (r.kv.mib(), r.ppl)).collect();
+    for (r, on) in records.iter_mut().zip(pareto_front(&xy, false)) {
+        r.pareto = on;
     }
     if let Some(path) = &args.json {
         write_json(path, &records)?;
@@ -315,10 +320,15 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
         write_svg(path, &svg)?;
     }
     if let Some(path) = &args.frontier {
-        let points: Vec<(String, f64, f64)> = records
+        let points: Vec<FrontPoint> = records
             .iter()
             .zip(&series)
-            .map(|(r, s)| (s.label.clone(), r.kv.mib(), r.ppl))
+            .map(|(r, s)| FrontPoint {
+                label: s.label.clone(),
+                mib: r.kv.mib(),
+                quality: r.ppl,
+                on_front: r.pareto,
+            })
             .collect();
         let title = format!(
             "Perplexity against KV memory, {} tokens of {} ({})",
@@ -329,46 +339,48 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
                 .unwrap_or_default(),
             model_name(&args.model)
         );
-        let svg = frontier_svg(&title, "perplexity (lower is better)", &points, false);
+        let svg = frontier_svg(&title, "perplexity (lower is better)", &points);
         write_svg(path, &svg)?;
     }
     Ok(())
 }
 
-/// The frontier chart of `(label, KV MiB, quality)` points: one series per setting without
-/// its budget (so a policy's budgets form a line), the Pareto front drawn over them.
-fn frontier_svg(
-    title: &str,
-    y_label: &str,
-    points: &[(String, f64, f64)],
-    higher_is_better: bool,
-) -> String {
-    let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.1, p.2)).collect();
-    let on_front = pareto_front(&xy, higher_is_better);
+/// A point of a frontier chart: a sweep point's label, its KV MiB, its quality, and whether
+/// it is on the Pareto front.
+struct FrontPoint {
+    label: String,
+    mib: f64,
+    quality: f64,
+    on_front: bool,
+}
+
+/// The frontier chart: one series per setting without its budget (so a policy's budgets form
+/// a line), the Pareto front drawn over them.
+fn frontier_svg(title: &str, y_label: &str, points: &[FrontPoint]) -> String {
     let mut series: Vec<Series> = Vec::new();
-    for (label, x, y) in points {
+    for p in points {
         // "knorm q8_0 b256" and "knorm q8_0 b512" are one line.
-        let setting: Vec<&str> = label
+        let setting: Vec<&str> = p
+            .label
             .split(' ')
             .filter(|w| !(w.starts_with('b') && w[1..].parse::<usize>().is_ok()))
             .collect();
         let setting = setting.join(" ");
         match series.iter_mut().find(|s| s.label == setting) {
-            Some(s) => s.points.push((*x, *y)),
+            Some(s) => s.points.push((p.mib, p.quality)),
             None => series.push(Series {
                 label: setting,
-                points: vec![(*x, *y)],
+                points: vec![(p.mib, p.quality)],
             }),
         }
     }
     for s in &mut series {
         s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    let mut front: Vec<(f64, f64)> = xy
+    let mut front: Vec<(f64, f64)> = points
         .iter()
-        .zip(&on_front)
-        .filter(|(_, &f)| f)
-        .map(|(&p, _)| p)
+        .filter(|p| p.on_front)
+        .map(|p| (p.mib, p.quality))
         .collect();
     front.sort_by(|a, b| a.0.total_cmp(&b.0));
     frontier_chart(title, "KV cache allocated (MiB)", y_label, &series, &front)
@@ -436,8 +448,9 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
     let base = &args.sweep.base;
     let mut records = Vec::new();
     let mut panels: Vec<Heatmap> = Vec::new();
-    // (label, KV MiB, accuracy over the depths) per point and length, for --frontier.
-    let mut front_points: Vec<(String, f64, f64)> = Vec::new();
+    // Accuracy over the depths against KV MiB, per point and length (with the indices of its
+    // rows), for the Pareto front.
+    let mut front_points: Vec<(FrontPoint, std::ops::Range<usize>)> = Vec::new();
     println!(
         "{:<40} {:>7} {:>6} {:>6} {:>8} {:>10} {:>8} {:>8}",
         "policy", "budget", "length", "depth", "accuracy", "answer NLL", "key kept", "KV MiB"
@@ -449,6 +462,7 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
                 continue;
             }
             let label = sweep.label(&point);
+            let first_row = records.len();
             let mut grid = vec![vec![f64::NAN; args.depths.len()]; args.lengths.len()];
             for (li, &len) in args.lengths.iter().enumerate() {
                 let eviction = point.at(len);
@@ -518,20 +532,29 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
                         key_kept,
                         key_kept_by_layer,
                         answers,
+                        pareto: false,
                     });
                 }
             }
             for (li, &len) in args.lengths.iter().enumerate() {
-                // This point's rows were the last ones pushed at this length.
-                let row = grid[li].iter().copied().filter(|a| a.is_finite());
-                let last = records.iter().rev().find(|r| r.length == len);
-                if let (Some(acc), Some(r)) = (mean(row), last) {
+                // This point's rows at this length: the last ones pushed with it.
+                let rows: Vec<usize> = (first_row..records.len())
+                    .filter(|&i| records[i].length == len)
+                    .collect();
+                let acc = mean(grid[li].iter().copied().filter(|a| a.is_finite()));
+                if let (Some(acc), Some(&i), Some(&j)) = (acc, rows.first(), rows.last()) {
                     let at = if args.lengths.len() > 1 {
                         format!(" L{len}")
                     } else {
                         String::new()
                     };
-                    front_points.push((format!("{label}{at}"), r.kv.mib(), acc));
+                    let point = FrontPoint {
+                        label: format!("{label}{at}"),
+                        mib: records[i].kv.mib(),
+                        quality: acc,
+                        on_front: false,
+                    };
+                    front_points.push((point, i..j + 1));
                 }
             }
             panels.push(Heatmap {
@@ -540,6 +563,16 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
                 cols: args.depths.iter().map(|d| format!("{d}")).collect(),
                 values: grid,
             });
+        }
+    }
+    let xy: Vec<(f64, f64)> = front_points
+        .iter()
+        .map(|(p, _)| (p.mib, p.quality))
+        .collect();
+    for ((p, rows), on) in front_points.iter_mut().zip(pareto_front(&xy, true)) {
+        p.on_front = on;
+        for r in &mut records[rows.clone()] {
+            r.pareto = on;
         }
     }
     if let Some(path) = &args.json {
@@ -564,7 +597,8 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
             model_name(&args.model),
             args.trials
         );
-        let svg = frontier_svg(&title, "passkey accuracy (higher is better)", &front_points, true);
+        let points: Vec<FrontPoint> = front_points.into_iter().map(|(p, _)| p).collect();
+        let svg = frontier_svg(&title, "passkey accuracy (higher is better)", &points);
         write_svg(path, &svg)?;
     }
     Ok(())

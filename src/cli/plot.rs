@@ -104,6 +104,10 @@ fn chart(
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
+    if markers {
+        // Room for the rightmost marker and its ring.
+        x1 += (x1 - x0) * 0.03;
+    }
     let sx = |x: f64| left + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| top + ph - (y - y0) / (y1 - y0) * ph;
     let mut s = String::new();

@@ -291,6 +291,10 @@ pub struct PplRecord {
     pub full_context_ppl: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_context_ppl_second_half: Option<f64>,
+    /// Whether the point is on the sweep's perplexity-per-byte Pareto front
+    /// ([`crate::eval::frontier::pareto_front`]): no other point of the same run has at most
+    /// its KV bytes and at most its perplexity, one of them strictly.
+    pub pareto: bool,
 }
 
 /// One trial's answer, in a [`PasskeyRecord`].
@@ -326,6 +330,9 @@ pub struct PasskeyRecord {
     /// The same per tracked layer (the book's layers, in order).
     pub key_kept_by_layer: Option<Vec<f64>>,
     pub answers: Vec<PasskeyAnswer>,
+    /// Whether the point, at this length, is on the run's accuracy-per-byte Pareto front
+    /// (accuracy over the depths against KV bytes).
+    pub pareto: bool,
 }
 
 /// Mean over trials of per-layer key survival ([`crate::eval::passkey::key_survival`]):
@@ -466,6 +473,7 @@ mod tests {
                 answer_nll: 0.25,
                 key_kept: None,
             }],
+            pareto: true,
         };
         let v = serde_json::to_value(&rec).unwrap();
         assert_eq!(v["policy"], "none");
