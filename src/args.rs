@@ -514,7 +514,13 @@ mod tests {
         assert_eq!((s.temp, s.top_k, s.top_p), (0.0, 40, 0.95));
         let l = LlamaArgs::default();
         assert_eq!(
-            (l.cache_type_k, l.cache_type_v, l.flash_attn, l.ctx_size, l.seed),
+            (
+                l.cache_type_k,
+                l.cache_type_v,
+                l.flash_attn,
+                l.ctx_size,
+                l.seed
+            ),
             (CacheType::F16, CacheType::F16, FlashAttn::Auto, 0, 42)
         );
     }
@@ -608,7 +614,10 @@ mod tests {
             "7",
         ])
         .unwrap();
-        assert_eq!((l.cache_type_k, l.cache_type_v), (CacheType::Q8_0, CacheType::Q4_0));
+        assert_eq!(
+            (l.cache_type_k, l.cache_type_v),
+            (CacheType::Q8_0, CacheType::Q4_0)
+        );
         // `-fa` alone turns it on, as in llama.cpp.
         assert_eq!((l.flash_attn, l.ctx_size, l.seed), (FlashAttn::On, 4096, 7));
         assert!(parse_group::<LlamaArgs>(&["--cache-type-k", "q3_k"]).is_err());
@@ -616,10 +625,16 @@ mod tests {
             parse_group::<LlamaArgs>(&["--cache-type-v", v, "--flash-attn", "off"]).unwrap()
         };
         let e = off("q8_0").check(false).unwrap_err().to_string();
-        assert!(e.contains("quantized V cache") && e.contains("-fa on"), "{e}");
+        assert!(
+            e.contains("quantized V cache") && e.contains("-fa on"),
+            "{e}"
+        );
         assert!(off("f16").check(false).is_ok());
         let e = off("f16").check(true).unwrap_err().to_string();
-        assert!(e.contains("per-head eviction") && e.contains("--granularity position"), "{e}");
+        assert!(
+            e.contains("per-head eviction") && e.contains("--granularity position"),
+            "{e}"
+        );
         // A quantized K cache works without flash attention.
         let k = parse_group::<LlamaArgs>(&["--cache-type-k", "q4_0", "--flash-attn", "off"]);
         assert!(k.unwrap().check(false).is_ok());
@@ -636,10 +651,16 @@ mod tests {
         let parse = |argv: &[&str]| Eval::try_parse_from(argv).map(|e| e.sweep);
         let d = parse(&[]).unwrap();
         assert_eq!(d.sweep.policies, crate::policy::REGISTRY.to_vec());
-        assert_eq!((d.sweep.window.clone(), d.sweep.recency.clone()), (vec![32], vec![128.0]));
+        assert_eq!(
+            (d.sweep.window.clone(), d.sweep.recency.clone()),
+            (vec![32], vec![128.0])
+        );
         assert_eq!(d.sweep.cache_type_k, [CacheType::F16]);
         assert_eq!(d.budgets, [DEFAULT_BUDGET]);
-        assert_eq!((&d.base, &d.llama), (&EvictionArgs::default(), &LlamaArgs::default()));
+        assert_eq!(
+            (&d.base, &d.llama),
+            (&EvictionArgs::default(), &LlamaArgs::default())
+        );
         let a = parse(&[
             "--policy",
             "knorm,none",

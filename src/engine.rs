@@ -7,8 +7,8 @@ use std::time::Instant;
 use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity, TrackedLayer};
 use crate::error::{Error, Result};
 use crate::ffi::{
-    Batch, CacheType, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Sampler,
-    Token,
+    Batch, CacheType, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo,
+    NodeOp, Sampler, Token,
 };
 use crate::math::rate;
 use crate::policy::{KeyReduce, NewKeys, Scorer};
@@ -368,11 +368,7 @@ pub fn context_cells(
 /// llama.cpp sees it: a quantized V cache without flash attention (llama.cpp creates no
 /// context), and per-head eviction without it (V is then stored transposed, and head slices
 /// cannot move). `flash_attn`: `Some(false)` forced off; on or llama.cpp's choice pass.
-pub fn check_cache(
-    type_v: CacheType,
-    flash_attn: Option<bool>,
-    per_head: bool,
-) -> Result<()> {
+pub fn check_cache(type_v: CacheType, flash_attn: Option<bool>, per_head: bool) -> Result<()> {
     if flash_attn != Some(false) {
         return Ok(());
     }
@@ -395,7 +391,7 @@ pub fn check_cache(
 /// eviction, since llama.cpp's flash attention refuses the type for this model anyway.
 pub fn check_head_blocks(type_k: CacheType, type_v: CacheType, head_dim: usize) -> Result<()> {
     for (flag, t) in [("-ctk", type_k), ("-ctv", type_v)] {
-        if head_dim % t.block_size() != 0 {
+        if !crate::math::whole_blocks(head_dim, t.block_size()) {
             return Err(Error::invalid(format!(
                 "{flag} {t}: its blocks of {} values do not tile this model's heads of {head_dim} values; use f16, bf16 or f32",
                 t.block_size()

@@ -32,7 +32,8 @@ enum Command {
     /// Check how well filters predict attention (`filters check`).
     Filters(cli::filters::FiltersArgs),
     /// Measure quality under compression: streaming perplexity, passkey retrieval.
-    Eval(cli::eval::EvalArgs),
+    // Boxed: its sweep lists make it several times the size of the other commands.
+    Eval(Box<cli::eval::EvalArgs>),
     /// Measure speed: prefill and decode tok/s, hook overhead.
     Bench(cli::bench::BenchArgs),
     /// Serve an OpenAI-compatible API; each conversation lives in a cache bounded by --budget.
@@ -64,7 +65,7 @@ fn main() {
         Command::Chat(args) => cli::chat::run(args, &given),
         Command::Calibrate(args) => cli::calibrate::run(args),
         Command::Filters(args) => cli::filters::run(args),
-        Command::Eval(args) => cli::eval::run(args, &given),
+        Command::Eval(args) => cli::eval::run(*args, &given),
         Command::Bench(args) => cli::bench::run(args),
         Command::Serve(args) => cli::serve::run(args, &given),
     };

@@ -112,12 +112,18 @@ pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
     sab / (saa * sbb).sqrt()
 }
 
+/// Whether `n` values are a whole number of blocks of `block` (false for empty blocks). Written
+/// without `usize::is_multiple_of`, which is newer than the crate's minimum Rust.
+pub fn whole_blocks(n: usize, block: usize) -> bool {
+    block != 0 && n / block * block == n
+}
+
 /// Applies the orthonormal Walsh-Hadamard transform to each consecutive run of `n` values of
 /// `x` (`n` a power of two dividing `x.len()`), in place. The matrix is Sylvester's,
 /// `H[i][j] = (-1)^popcount(i & j) / sqrt(n)`, the one llama.cpp rotates quantized K and V
 /// caches with: symmetric and orthonormal, so it is its own inverse.
 pub fn hadamard_in_place(x: &mut [f32], n: usize) {
-    if n < 2 || !n.is_power_of_two() || x.len() % n != 0 {
+    if n < 2 || !n.is_power_of_two() || !whole_blocks(x.len(), n) {
         return;
     }
     let scale = 1.0 / (n as f32).sqrt();
@@ -153,7 +159,11 @@ mod tests {
             for i in 0..n {
                 let want: f32 = (0..n)
                     .map(|j| {
-                        let sign = if (i & j).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                        let sign = if (i & j).count_ones() % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        };
                         sign * block[j] / (n as f32).sqrt()
                     })
                     .sum();

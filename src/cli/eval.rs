@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use qfilters::args::{SweepArgs, DEFAULT_SINKS};
+use qfilters::eval::frontier::pareto_front;
 use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
-use qfilters::eval::frontier::pareto_front;
 use qfilters::eval::sweep::{
     mean_by_layer, passkey_rates, Budget, KvRecord, PasskeyAnswer, PasskeyRecord, PplRecord,
 };
@@ -186,10 +186,7 @@ fn check_eval_outputs(
     text: &std::path::Path,
     sweep: &SweepArgs,
 ) -> Result<()> {
-    let outputs: Vec<&std::path::Path> = outputs
-        .iter()
-        .filter_map(|o| o.as_deref())
-        .collect();
+    let outputs: Vec<&std::path::Path> = outputs.iter().filter_map(|o| o.as_deref()).collect();
     let filters: Vec<PathBuf> = sweep
         .base
         .filters
@@ -393,7 +390,11 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
     let settings: Vec<Budget> = if !args.ratio.is_empty() {
         args.ratio.iter().map(|&r| Budget::Ratio(r)).collect()
     } else if !args.sweep.budgets.is_empty() {
-        args.sweep.budgets.iter().map(|&b| Budget::Cells(b)).collect()
+        args.sweep
+            .budgets
+            .iter()
+            .map(|&b| Budget::Cells(b))
+            .collect()
     } else {
         vec![Budget::Cells(0)]
     };
@@ -468,19 +469,14 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
                 let eviction = point.at(len);
                 let answer_max = 16;
                 let llama = point.llama(&args.sweep.llama);
-                let mut engine = match eviction.engine(
-                    &args.model,
-                    &llama,
-                    &model,
-                    len + answer_max,
-                    true,
-                ) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        eprintln!("qfilters: skipping {label} at length {len}: {e}");
-                        continue;
-                    }
-                };
+                let mut engine =
+                    match eviction.engine(&args.model, &llama, &model, len + answer_max, true) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            eprintln!("qfilters: skipping {label} at length {len}: {e}");
+                            continue;
+                        }
+                    };
                 for (di, &depth) in args.depths.iter().enumerate() {
                     let (mut hits, mut nll_sum, mut peak) = (0usize, 0.0, 0);
                     let mut answers = Vec::new();

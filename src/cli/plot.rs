@@ -187,7 +187,11 @@ fn chart(
             esc(&ser.label)
         );
         if markers {
-            for &(x, y) in ser.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()) {
+            for &(x, y) in ser
+                .points
+                .iter()
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+            {
                 let _ = writeln!(
                     s,
                     r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"/>"#,

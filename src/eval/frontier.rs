@@ -31,8 +31,18 @@ mod tests {
     fn the_front_keeps_what_nothing_beats_on_both_axes() {
         // (MiB, ppl): 1 is beaten by 0 (fewer bytes, lower ppl); 3 ties 2 on bytes with a
         // higher ppl; NaN never counts.
-        let pts = [(7.0, 20.0), (8.0, 21.0), (14.0, 17.0), (14.0, 18.0), (28.0, 16.5), (f64::NAN, 1.0)];
-        assert_eq!(pareto_front(&pts, false), [true, false, true, false, true, false]);
+        let pts = [
+            (7.0, 20.0),
+            (8.0, 21.0),
+            (14.0, 17.0),
+            (14.0, 18.0),
+            (28.0, 16.5),
+            (f64::NAN, 1.0),
+        ];
+        assert_eq!(
+            pareto_front(&pts, false),
+            [true, false, true, false, true, false]
+        );
         // Passkey rate: higher is better.
         let rates = [(7.0, 0.2), (8.0, 0.1), (14.0, 0.9), (28.0, 0.9)];
         assert_eq!(pareto_front(&rates, true), [true, false, true, false]);

@@ -126,54 +126,55 @@ impl Sweep {
             }
         };
         for &cache in &pairs {
-        for &policy in &self.policies {
-            if !policy.evicts {
-                push(Point {
-                    eviction: EvictionArgs {
-                        policy,
-                        window: self.window[0],
-                        sinks: self.sinks[0],
-                        granularity: Granularity::Position,
-                        combiner: Combiner::MeanZ,
-                        slack: 0,
-                        recency: 0.0,
-                        ..base.clone()
-                    },
-                    budget: None,
-                    cache,
-                });
-                continue;
-            }
-            for &budget in budgets {
-                for &window in &self.window {
-                    for &sinks in &self.sinks {
-                        for &granularity in &self.granularity {
-                            for &combiner in &self.combiner {
-                                for &slack in &self.slack {
-                                    for &recency in &self.recency {
-                                        let (granularity, combiner, recency) =
-                                            if !policy.scores_vary_by_head {
-                                                (Granularity::Position, first_combiner, 0.0)
-                                            } else if granularity == Granularity::Head {
-                                                (granularity, first_combiner, recency)
-                                            } else {
-                                                (granularity, combiner, recency)
-                                            };
-                                        push(Point {
-                                            eviction: EvictionArgs {
-                                                policy,
-                                                budget: budget.cells(0),
-                                                window,
-                                                sinks,
-                                                granularity,
-                                                combiner,
-                                                slack,
-                                                recency,
-                                                ..base.clone()
-                                            },
-                                            budget: Some(budget),
-                                            cache,
-                                        });
+            for &policy in &self.policies {
+                if !policy.evicts {
+                    push(Point {
+                        eviction: EvictionArgs {
+                            policy,
+                            window: self.window[0],
+                            sinks: self.sinks[0],
+                            granularity: Granularity::Position,
+                            combiner: Combiner::MeanZ,
+                            slack: 0,
+                            recency: 0.0,
+                            ..base.clone()
+                        },
+                        budget: None,
+                        cache,
+                    });
+                    continue;
+                }
+                for &budget in budgets {
+                    for &window in &self.window {
+                        for &sinks in &self.sinks {
+                            for &granularity in &self.granularity {
+                                for &combiner in &self.combiner {
+                                    for &slack in &self.slack {
+                                        for &recency in &self.recency {
+                                            let (granularity, combiner, recency) =
+                                                if !policy.scores_vary_by_head {
+                                                    (Granularity::Position, first_combiner, 0.0)
+                                                } else if granularity == Granularity::Head {
+                                                    (granularity, first_combiner, recency)
+                                                } else {
+                                                    (granularity, combiner, recency)
+                                                };
+                                            push(Point {
+                                                eviction: EvictionArgs {
+                                                    policy,
+                                                    budget: budget.cells(0),
+                                                    window,
+                                                    sinks,
+                                                    granularity,
+                                                    combiner,
+                                                    slack,
+                                                    recency,
+                                                    ..base.clone()
+                                                },
+                                                budget: Some(budget),
+                                                cache,
+                                            });
+                                        }
                                     }
                                 }
                             }
@@ -181,7 +182,6 @@ impl Sweep {
                     }
                 }
             }
-        }
         }
         out
     }
@@ -524,7 +524,10 @@ mod tests {
         // One value pairs with each of the other list.
         s.cache_type_v = vec![f16];
         assert_eq!(s.cache_pairs().unwrap(), [(f16, f16), (q8, f16), (q4, f16)]);
-        assert_eq!(s.label(&s.points(&[], &EvictionArgs::default())[1]), "none kq8_0/vf16 (full cache)");
+        assert_eq!(
+            s.label(&s.points(&[], &EvictionArgs::default())[1]),
+            "none kq8_0/vf16 (full cache)"
+        );
         s.cache_type_v = vec![f16, q8];
         let e = s.cache_pairs().unwrap_err().to_string();
         assert!(e.contains("--cache-type-k lists 3"), "{e}");

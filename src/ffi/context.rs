@@ -117,7 +117,7 @@ impl CacheType {
 
     /// Bytes that `n` values take, `n` a multiple of [`CacheType::block_size`] (else `None`).
     pub fn bytes(self, n: usize) -> Option<usize> {
-        if n % self.block_size() != 0 {
+        if !crate::math::whole_blocks(n, self.block_size()) {
             return None;
         }
         // SAFETY: a plain table lookup for a valid type.

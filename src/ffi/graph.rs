@@ -194,7 +194,11 @@ unsafe fn key_rotation(mut src: *mut sys::ggml_tensor) -> usize {
             sys::GGML_OP_MUL_MAT => {
                 let rot = (*src).src[0];
                 let named = !rot.is_null() && tensor_name(rot).starts_with("attn_inp_k_rot");
-                return if named { (*rot).ne[0].max(0) as usize } else { 0 };
+                return if named {
+                    (*rot).ne[0].max(0) as usize
+                } else {
+                    0
+                };
             }
             sys::GGML_OP_VIEW | sys::GGML_OP_RESHAPE | sys::GGML_OP_CONT => src = (*src).src[0],
             _ => return 0,

@@ -190,7 +190,7 @@ impl Context {
                     ));
                 }
                 if l.k_rot > 1 {
-                    if dst.len() % l.k_rot != 0 {
+                    if !crate::math::whole_blocks(dst.len(), l.k_rot) {
                         return Err(Error::KvCache(format!(
                             "K rows of {} values are not whole rotation blocks of {}",
                             dst.len(),
@@ -286,7 +286,12 @@ impl Context {
 
     /// The bytes of one K or V cache row of `layer`, as stored (quantized blocks stay blocks;
     /// tests use this to check that moves copy them exactly).
-    pub fn read_cache_row_bytes(&mut self, layer: usize, value: bool, cell: usize) -> Result<Vec<u8>> {
+    pub fn read_cache_row_bytes(
+        &mut self,
+        layer: usize,
+        value: bool,
+        cell: usize,
+    ) -> Result<Vec<u8>> {
         let l = self.layer_kv(layer)?;
         let t = if value { l.v } else { l.k };
         if t.is_null() {

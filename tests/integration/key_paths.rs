@@ -312,7 +312,10 @@ fn quantized_key_cache_scores_match_the_graph_keys() {
             "{source}: scored where it should be"
         );
         let rot = cache.context().k_rotation(0);
-        assert!(rot >= 64 && model.head_dim() % rot == 0, "rotation blocks {rot}");
+        assert!(
+            rot >= 64 && qfilters::math::whole_blocks(model.head_dim(), rot),
+            "rotation blocks {rot}"
+        );
         // The stored row of position 10 against the keys the host path reads for it.
         let stored = cache
             .context_mut()

@@ -223,7 +223,7 @@ impl Context {
         for (i, &l) in layers.iter().enumerate() {
             let rot = self.k_rotation(l);
             if rot > 1 {
-                if head_dim % rot != 0 {
+                if !crate::math::whole_blocks(head_dim, rot) {
                     return Err(Error::KvCache(format!(
                         "heads of {head_dim} values are not whole rotation blocks of {rot}"
                     )));
