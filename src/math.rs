@@ -119,12 +119,13 @@ pub fn whole_blocks(n: usize, block: usize) -> bool {
 }
 
 /// Applies the orthonormal Walsh-Hadamard transform to each consecutive run of `n` values of
-/// `x` (`n` a power of two dividing `x.len()`), in place. The matrix is Sylvester's,
-/// `H[i][j] = (-1)^popcount(i & j) / sqrt(n)`, the one llama.cpp rotates quantized K and V
-/// caches with: symmetric and orthonormal, so it is its own inverse.
-pub fn hadamard_in_place(x: &mut [f32], n: usize) {
-    if n < 2 || !n.is_power_of_two() || !whole_blocks(x.len(), n) {
-        return;
+/// `x`, in place; false (and `x` untouched) unless `n` is a power of two that divides
+/// `x.len()`. The matrix is Sylvester's, `H[i][j] = (-1)^popcount(i & j) / sqrt(n)`, the one
+/// llama.cpp rotates quantized K and V caches with: symmetric and orthonormal, so it is its own
+/// inverse.
+pub fn hadamard_in_place(x: &mut [f32], n: usize) -> bool {
+    if !n.is_power_of_two() || !whole_blocks(x.len(), n) {
+        return false;
     }
     let scale = 1.0 / (n as f32).sqrt();
     for block in x.chunks_exact_mut(n) {
@@ -143,6 +144,7 @@ pub fn hadamard_in_place(x: &mut [f32], n: usize) {
             *v *= scale;
         }
     }
+    true
 }
 
 #[cfg(test)]
@@ -154,7 +156,7 @@ mod tests {
         let n = 8;
         let x: Vec<f32> = (0..2 * n).map(|i| (i as f32 * 0.7).sin()).collect();
         let mut y = x.clone();
-        hadamard_in_place(&mut y, n);
+        assert!(hadamard_in_place(&mut y, n));
         for (b, block) in x.chunks(n).enumerate() {
             for i in 0..n {
                 let want: f32 = (0..n)
@@ -170,7 +172,10 @@ mod tests {
                 assert!((y[b * n + i] - want).abs() < 1e-5, "row {i} of block {b}");
             }
         }
-        hadamard_in_place(&mut y, n);
+        assert!(hadamard_in_place(&mut y, n));
+        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
+        // Blocks that are not a power of two, or do not divide the row: refused, untouched.
+        assert!(!hadamard_in_place(&mut y, 6) && !hadamard_in_place(&mut y[..12], 8));
         assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 

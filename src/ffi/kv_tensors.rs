@@ -189,15 +189,12 @@ impl Context {
                         "the K cache type cannot be read as floats".into(),
                     ));
                 }
-                if l.k_rot > 1 {
-                    if !crate::math::whole_blocks(dst.len(), l.k_rot) {
-                        return Err(Error::KvCache(format!(
-                            "K rows of {} values are not whole rotation blocks of {}",
-                            dst.len(),
-                            l.k_rot
-                        )));
-                    }
-                    crate::math::hadamard_in_place(dst, l.k_rot);
+                if l.k_rot > 1 && !crate::math::hadamard_in_place(dst, l.k_rot) {
+                    return Err(Error::KvCache(format!(
+                        "K rows of {} values are not whole rotation blocks of {}",
+                        dst.len(),
+                        l.k_rot
+                    )));
                 }
             }
             i += run;

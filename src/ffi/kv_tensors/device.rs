@@ -218,17 +218,19 @@ impl Context {
             ));
         }
         // Keys of a rotated cache are scored against filters rotated the same way: the rotation
-        // is orthonormal, so <H k, H f> = <k, f>, and nothing per key has to be undone.
+        // is orthonormal and stays within a head, so <H k, H f> = <k, f> head by head, and
+        // nothing per key has to be undone.
         let mut filters = filters.to_vec();
         for (i, &l) in layers.iter().enumerate() {
             let rot = self.k_rotation(l);
-            if rot > 1 {
-                if !crate::math::whole_blocks(head_dim, rot) {
-                    return Err(Error::KvCache(format!(
-                        "heads of {head_dim} values are not whole rotation blocks of {rot}"
-                    )));
-                }
-                crate::math::hadamard_in_place(&mut filters[i * per..(i + 1) * per], rot);
+            let layer_filters = &mut filters[i * per..(i + 1) * per];
+            if rot > 1
+                && !(crate::math::whole_blocks(head_dim, rot)
+                    && crate::math::hadamard_in_place(layer_filters, rot))
+            {
+                return Err(Error::KvCache(format!(
+                    "heads of {head_dim} values are not whole rotation blocks of {rot}"
+                )));
             }
         }
         let Some(dev) = self.device_for(layers, false)? else {
