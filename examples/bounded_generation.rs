@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use gguf_tools::filters::QFilters;
-use qfilters::args::{EvictionArgs, SamplingArgs};
+use qfilters::args::{EvictionArgs, LlamaArgs, SamplingArgs};
 use qfilters::engine::Engine;
 use qfilters::ffi::{Model, ModelParams, Sampler};
 use qfilters::generate::{generate, Limits};
@@ -42,10 +42,12 @@ fn run() -> qfilters::Result<()> {
 
     let tokens = model.tokenize(&prompt, true, false)?;
     let n_predict = 200;
-    let scorer = eviction.scorer(filters, 42)?;
-    let config = eviction.engine_config(tokens.len() + n_predict, 1)?;
+    // llama.cpp's own flags (cache types, flash attention, seed) at llama.cpp's defaults.
+    let llama = LlamaArgs::default();
+    let scorer = eviction.scorer(filters, llama.seed)?;
+    let config = eviction.engine_config(&llama, tokens.len() + n_predict, 1)?;
     let mut engine = Engine::new(&model, scorer, config)?;
-    let mut sampler = Sampler::new(&SamplingArgs::default().params()?)?;
+    let mut sampler = Sampler::new(&SamplingArgs::default().params(llama.seed)?)?;
 
     let out = generate(
         &mut engine,

@@ -118,6 +118,9 @@ run overhead-1b -m "$M1" --compare --prompt $P --gen $G --reps "$REPS"
 run overhead-8b -m "$M8" --compare --prompt $P --gen $G --reps "$REPS"
 # 4. The long-context win: a 32K-token stream, budget 4096 vs the full cache.
 run long-8b -m "$M8" --compare --prompt $LP --gen $LG --budget $LB --slack 32 --reps $LR --batch 256
+# 5. The same on a q8_0 K and V cache (both arms; llama.cpp's -ctk/-ctv): does the win survive
+# quantization? Per-head eviction copies whole q8_0 blocks (a host round trip per slice).
+run long-8b-q8 -m "$M8" --compare --prompt $LP --gen $LG --budget $LB --slack 32 --reps $LR --batch 256 -ctk q8_0 -ctv q8_0
 
 say "done"
 python3 - "$OUT" "$TYPE" <<'EOF' | tee "$OUT/summary.txt"
@@ -158,7 +161,7 @@ print(f"CUDA graphs reused in 64 decodes (hook on): {reuse}  (exit {rc('graph-re
 print()
 hdr = ["run", "prompt", "gen", "budget", "prefill off", "on", "ratio", "decode off", "on", "ratio", "tail ratio", "bound", "share", "KV MiB off", "on", "goal"]
 rows = []
-for n in ["overhead-1b", "overhead-8b", "long-8b"]:
+for n in ["overhead-1b", "overhead-8b", "long-8b", "long-8b-q8"]:
     j = load(n)
     if not j:
         rows.append([n, f"no result (exit {rc(n)})"]); continue

@@ -21,7 +21,7 @@ OUT=docs/results
 DEV=$DATA/tinyshakespeare.txt
 EVAL=$DATA/wikitext2-valid.txt
 mkdir -p "$OUT"
-[ -x "$BIN" ] || cargo build --release
+[ "${LIST:-0}" = 1 ] || [ -x "$BIN" ] || cargo build --release
 
 # name -> GGUF, filters folder, calibration tokens
 declare -A GGUF=(
@@ -53,8 +53,8 @@ step() {
 
 prepare() { # model: filters (calibrated once) and tuned defaults
   local m=$1 g=${GGUF[$1]}
-  [ -f "$g" ] || { echo "$g missing: scripts/fetch-model.sh $m" >&2; return 1; }
-  mkdir -p "models/$m-qfilters"
+  [ "${LIST:-0}" = 1 ] || [ -f "$g" ] || { echo "$g missing: scripts/fetch-model.sh $m" >&2; return 1; }
+  [ "${LIST:-0}" = 1 ] || mkdir -p "models/$m-qfilters"
   step "$(filters "$m")" "$BIN" calibrate -m "$g" -t "$THREADS" --text "$DEV" --tokens "${CAL_TOKENS[$m]}" -o "$(filters "$m")"
   # The tuned copy must be redone if the sweep's JSON is missing, and vice versa.
   [ "${LIST:-0}" = 1 ] || [ -s "$(tuned "$m")" ] || rm -f "$OUT/${m}_tune.json"
@@ -68,14 +68,27 @@ prepare() { # model: filters (calibrated once) and tuned defaults
 
 ppl() { # model: full cache and StreamingLLM (no filters), then K-norm and Q-Filters (tuned)
   local m=$1 g=${GGUF[$1]}
-  step "$OUT/${m}_ppl_base.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
+  step "$OUT/${m}_ppl_base.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --batch 16 \
     --budget 256,512 --policy none,streaming --check-full --json "$OUT/${m}_ppl_base.json"
   # One JSON per budget, so a cut-short run keeps what finished.
   local b
   for b in 256 512; do
-    step "$OUT/${m}_ppl_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
+    step "$OUT/${m}_ppl_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --batch 16 \
       --budget "$b" --policy knorm,qfilters --filters "$(tuned "$m")" --json "$OUT/${m}_ppl_b$b.json"
   done
+}
+
+# The quality-per-byte frontier: the full cache and each policy on f16, q8_0 and q4_0 K/V caches
+# (llama.cpp's -ctk/-ctv; K and V pair up), perplexity against the KV MiB llama.cpp allocated,
+# with the Pareto front (eval --frontier). llama.cpp rounds a context up to 256 cells, so each
+# budget fills one: budget + batch 16 + 16 margin = 256, 512, 1024 cells; and 2^k - 1 tokens
+# make the full cache (tokens + 1 cells) exactly 2^k. The 0.5B model gets a shorter stream
+# (about 15 min on one core instead of an hour).
+frontier() { # model tokens budgets
+  local m=$1 tokens=$2 budgets=$3 g=${GGUF[$1]}
+  step "$OUT/${m}_frontier_ppl.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens "$tokens" \
+    --batch 16 --budget "$budgets" --policy none,streaming,qfilters -ctk f16,q8_0,q4_0 -ctv f16,q8_0,q4_0 \
+    --filters "$(tuned "$m")" --json "$OUT/${m}_frontier_ppl.json" --frontier "$OUT/${m}_frontier_ppl.svg"
 }
 
 passkey() { # model length depth ratios policies: 10 documents per cell, one JSON per piece
@@ -99,7 +112,12 @@ ppl smollm2
 passkey qwen05 1024 0.2 2 knorm
 passkey qwen05 1024 0.2 4 streaming,qfilters,knorm
 passkey smollm2 1024 0.2 2,4 none,streaming,knorm,qfilters
-if [ -f "${GGUF[gemma3]}" ]; then prepare gemma3 && ppl gemma3; fi
+# Gemma only where it was fetched (scripts/fetch-model.sh gemma3); always listed.
+has_gemma() { [ "${LIST:-0}" = 1 ] || [ -f "${GGUF[gemma3]}" ]; }
+if has_gemma; then prepare gemma3 && ppl gemma3; fi
+frontier smollm2 2047 224,480,992
+frontier qwen05 1023 224,480
+if has_gemma; then frontier gemma3 2047 224,480,992; fi
 for m in qwen05 smollm2; do
   for len in 1024 2048 4096; do
     for depth in 0.1 0.2 0.3 0.4; do

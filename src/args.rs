@@ -1,6 +1,9 @@
 //! The flag groups every command that runs a model shares, each declared once: [`EvictionArgs`]
-//! (the policy and its knobs) and [`SamplingArgs`]. `run`, `chat`, `bench` and `serve` flatten
-//! them (`#[command(flatten)]`); the evaluation sweep yields one `EvictionArgs` per point.
+//! (the policy and its knobs), [`LlamaArgs`] (llama.cpp's own flags: cache types, flash
+//! attention, context size, seed) and [`SamplingArgs`]. `run`, `chat`, `bench` and `serve`
+//! flatten them (`#[command(flatten)]`); `eval` flattens [`SweepArgs`], which reads the same
+//! declarations with the swept flags ([`SWEPT`]) as comma-separated lists, and its sweep yields
+//! one `EvictionArgs` per point.
 //!
 //! A command whose job needs other defaults changes them where it flattens the group, with
 //! `#[command(mut_arg(..))]`, so that its `--help` shows what it really uses (`bench` does).
@@ -18,7 +21,8 @@ use serde::Serialize;
 use crate::cache::{Combiner, EvictionConfig, Granularity};
 use crate::engine::{CacheSize, EngineConfig, KeySource};
 use crate::error::{Error, Result};
-use crate::ffi::SamplingParams;
+use crate::eval::sweep::Sweep;
+use crate::ffi::{CacheType, SamplingParams};
 use crate::policy::{self, PolicyInfo, PolicyInputs, Scorer};
 
 // Built-in eviction defaults, the fallback for filters without tuned ones (chosen on SmolLM2 by
@@ -118,9 +122,218 @@ pub struct SamplingArgs {
     /// Keep the most likely tokens whose probabilities sum to P (0 < P <= 1).
     #[arg(long = "top-p", default_value_t = 0.95)]
     pub top_p: f32,
-    /// Seed for sampling and for the random policy.
-    #[arg(long, default_value_t = 42)]
+}
+
+/// Flash attention, as llama.cpp's `-fa` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FlashAttn {
+    On,
+    Off,
+    /// llama.cpp decides (on where the backend supports it).
+    #[default]
+    Auto,
+}
+
+impl FlashAttn {
+    /// `Some(true)` forced on, `Some(false)` off, `None` llama.cpp's choice.
+    pub fn forced(self) -> Option<bool> {
+        match self {
+            FlashAttn::On => Some(true),
+            FlashAttn::Off => Some(false),
+            FlashAttn::Auto => None,
+        }
+    }
+}
+
+impl std::fmt::Display for FlashAttn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FlashAttn::On => "on",
+            FlashAttn::Off => "off",
+            FlashAttn::Auto => "auto",
+        })
+    }
+}
+
+impl clap::ValueEnum for CacheType {
+    fn value_variants<'a>() -> &'a [Self] {
+        &CacheType::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
+/// The flags qfilters shares with llama.cpp's programs, under llama.cpp's names (the one-dash
+/// `-ctk`, `-ctv`, `-fa` too: `main` spells them out for clap) and with its defaults.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct LlamaArgs {
+    /// K cache storage type (llama.cpp's -ctk). A quantized K cache is scored as llama.cpp
+    /// stores it: dequantized, its Hadamard rotation undone.
+    #[arg(
+        long = "cache-type-k",
+        value_enum,
+        value_name = "TYPE",
+        default_value_t = CacheType::F16
+    )]
+    pub cache_type_k: CacheType,
+    /// V cache storage type (llama.cpp's -ctv); a quantized V cache needs flash attention.
+    #[arg(
+        long = "cache-type-v",
+        value_enum,
+        value_name = "TYPE",
+        default_value_t = CacheType::F16
+    )]
+    pub cache_type_v: CacheType,
+    /// Flash attention: on, off or auto (llama.cpp's -fa; `-fa` alone is on). Per-head
+    /// eviction and a quantized V cache need it; auto turns it on for them.
+    #[arg(
+        long = "flash-attn",
+        value_enum,
+        value_name = "MODE",
+        default_value_t = FlashAttn::Auto,
+        num_args = 0..=1,
+        default_missing_value = "on"
+    )]
+    pub flash_attn: FlashAttn,
+    /// Cells of a cache that never evicts (policy none; llama.cpp's -c); 0: what the job
+    /// needs. An evicting policy's cache is sized by --budget.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    pub ctx_size: usize,
+    /// Seed for sampling, the random policy and generated inputs (llama.cpp's -s).
+    #[arg(short = 's', long, default_value_t = 42)]
     pub seed: u64,
+}
+
+impl Default for LlamaArgs {
+    fn default() -> Self {
+        parse_group(&[]).expect("the defaults parse")
+    }
+}
+
+impl LlamaArgs {
+    /// Refuses what llama.cpp would refuse, or abort on, before any model is loaded:
+    /// `per_head` says whether eviction moves head slices.
+    pub fn check(&self, per_head: bool) -> Result<()> {
+        check_cells("--ctx-size", self.ctx_size)?;
+        crate::engine::check_cache(self.cache_type_v, self.flash_attn.forced(), per_head)
+    }
+}
+
+/// The flags `eval` sweeps: there each takes a comma-separated list, and the sweep runs their
+/// product (the two cache types pair up instead, see [`Sweep::cache_pairs`]). Declared once,
+/// in [`EvictionArgs`] and [`LlamaArgs`]; [`SweepArgs`] changes how they are read, not what
+/// they are.
+pub const SWEPT: &[&str] = &[
+    "policy",
+    "budget",
+    "window",
+    "sinks",
+    "granularity",
+    "combiner",
+    "slack",
+    "recency",
+    "cache_type_k",
+    "cache_type_v",
+];
+
+/// What `eval` parses: every flag of [`EvictionArgs`] and [`LlamaArgs`], those in [`SWEPT`]
+/// as lists. `policy` lists every policy by default; a command changes other defaults where it
+/// flattens this (as `eval ppl` does for `budget` and `n_batch`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepArgs {
+    /// The lists of knobs.
+    pub sweep: Sweep,
+    /// `--budget`: cells kept (empty when not given and without a default).
+    pub budgets: Vec<usize>,
+    /// The flags not swept (filters, key source, batch), the swept ones at their defaults.
+    pub base: EvictionArgs,
+    /// The same for llama.cpp's flags (flash attention, context size, seed).
+    pub llama: LlamaArgs,
+}
+
+impl Args for SweepArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let cmd = LlamaArgs::augment_args(EvictionArgs::augment_args(cmd));
+        let every: Vec<&'static str> = crate::policy::REGISTRY.iter().map(|p| p.name).collect();
+        SWEPT
+            .iter()
+            .fold(cmd, |cmd, id| {
+                cmd.mut_arg(*id, |a| {
+                    let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    a.action(clap::ArgAction::Append)
+                        .value_delimiter(',')
+                        .help(format!("{help} [eval: a comma-separated list]"))
+                })
+            })
+            .mut_arg("policy", |a| a.default_values(every))
+            // eval's name for --batch until the flags were declared once; the commands
+            // recorded in docs/results use it.
+            .mut_arg("n_batch", |a| a.alias("chunk"))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for SweepArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> std::result::Result<Self, clap::Error> {
+        fn list<T: Clone + Send + Sync + 'static>(
+            m: &clap::ArgMatches,
+            id: &str,
+        ) -> std::result::Result<Vec<T>, clap::Error> {
+            let values = m.try_get_many::<T>(id).map_err(|e| {
+                clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, e.to_string())
+            })?;
+            Ok(values.map(|v| v.cloned().collect()).unwrap_or_default())
+        }
+        fn one<T: Clone + Send + Sync + 'static>(
+            m: &clap::ArgMatches,
+            id: &str,
+        ) -> std::result::Result<Option<T>, clap::Error> {
+            Ok(list(m, id)?.into_iter().next())
+        }
+        let (e, l) = (EvictionArgs::default(), LlamaArgs::default());
+        let sweep = Sweep {
+            policies: list(m, "policy")?,
+            window: list(m, "window")?,
+            sinks: list(m, "sinks")?,
+            granularity: list(m, "granularity")?,
+            combiner: list(m, "combiner")?,
+            slack: list(m, "slack")?,
+            recency: list(m, "recency")?,
+            cache_type_k: list(m, "cache_type_k")?,
+            cache_type_v: list(m, "cache_type_v")?,
+        };
+        let base = EvictionArgs {
+            filters: one(m, "filters")?,
+            key_source: one(m, "key_source")?.unwrap_or(e.key_source),
+            n_batch: one(m, "n_batch")?.unwrap_or(e.n_batch),
+            ..e
+        };
+        let llama = LlamaArgs {
+            flash_attn: one(m, "flash_attn")?.unwrap_or(l.flash_attn),
+            ctx_size: one(m, "ctx_size")?.unwrap_or(l.ctx_size),
+            seed: one(m, "seed")?.unwrap_or(l.seed),
+            ..l
+        };
+        Ok(SweepArgs {
+            sweep,
+            budgets: list(m, "budget")?,
+            base,
+            llama,
+        })
+    }
+
+    fn update_from_arg_matches(
+        &mut self,
+        m: &clap::ArgMatches,
+    ) -> std::result::Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
 }
 
 /// Parses one group alone from `argv` (no program name), for the defaults and for tests.
@@ -209,18 +422,36 @@ impl EvictionArgs {
         })
     }
 
-    /// The engine configuration: `capacity` is the full-cache size for a policy that does not
-    /// evict, and for one that does the most tokens the job feeds (0: unknown), which caps
-    /// the context.
-    pub fn engine_config(&self, capacity: usize, threads: i32) -> Result<EngineConfig> {
+    /// Whether eviction moves head slices (per-head granularity, for a policy that evicts).
+    pub fn per_head(&self) -> bool {
+        self.policy.evicts && self.granularity == Granularity::Head
+    }
+
+    /// The engine configuration, with llama.cpp's flags `llama`: `capacity` is the full-cache
+    /// size for a policy that does not evict (unless --ctx-size gives one), and for one that
+    /// does the most tokens the job feeds (0: unknown), which caps the context.
+    pub fn engine_config(
+        &self,
+        llama: &LlamaArgs,
+        capacity: usize,
+        threads: i32,
+    ) -> Result<EngineConfig> {
         self.check()?;
+        llama.check(self.per_head())?;
+        let full = match llama.ctx_size {
+            0 => capacity,
+            n => n,
+        };
         Ok(EngineConfig {
-            cache: self.cache_size(capacity),
+            cache: self.cache_size(full),
             job_tokens: (capacity > 0).then_some(capacity),
             n_batch: self.n_batch,
             threads,
             key_source: self.key_source,
-            ..EngineConfig::full(capacity)
+            flash_attn: llama.flash_attn.forced(),
+            type_k: llama.cache_type_k,
+            type_v: llama.cache_type_v,
+            ..EngineConfig::full(full)
         })
     }
 }
@@ -248,14 +479,15 @@ impl SamplingArgs {
         Ok(())
     }
 
-    pub fn params(&self) -> Result<SamplingParams> {
+    /// The sampler's parameters, with `seed` (the command's --seed).
+    pub fn params(&self, seed: u64) -> Result<SamplingParams> {
         self.check()?;
         Ok(SamplingParams {
             temperature: self.temp,
             top_k: self.top_k,
             top_p: self.top_p,
             // llama.cpp's sampler seed is 32 bits.
-            seed: self.seed as u32,
+            seed: seed as u32,
         })
     }
 }
@@ -279,7 +511,18 @@ mod tests {
         assert_eq!(e.recency, 128.0);
         assert_eq!(e.key_source, KeySource::Cache);
         let s = SamplingArgs::default();
-        assert_eq!((s.temp, s.top_k, s.top_p, s.seed), (0.0, 40, 0.95, 42));
+        assert_eq!((s.temp, s.top_k, s.top_p), (0.0, 40, 0.95));
+        let l = LlamaArgs::default();
+        assert_eq!(
+            (
+                l.cache_type_k,
+                l.cache_type_v,
+                l.flash_attn,
+                l.ctx_size,
+                l.seed
+            ),
+            (CacheType::F16, CacheType::F16, FlashAttn::Auto, 0, 42)
+        );
     }
 
     #[test]
@@ -292,6 +535,9 @@ mod tests {
         }
         for k in [KeySource::Cache, KeySource::Host, KeySource::Graph] {
             assert_eq!(k.to_string().parse::<KeySource>().unwrap(), k);
+        }
+        for t in CacheType::ALL {
+            assert_eq!(t.to_string().parse::<CacheType>().unwrap(), t);
         }
         for f in [
             crate::eval::passkey::PromptFormat::Chat,
@@ -352,5 +598,105 @@ mod tests {
             ..SamplingArgs::default()
         };
         assert!(s.check().unwrap_err().to_string().contains("--top-p"));
+    }
+
+    #[test]
+    fn llama_flags_parse_with_llama_cpps_names_and_refuse_bad_combinations() {
+        let l: LlamaArgs = parse_group(&[
+            "--cache-type-k",
+            "q8_0",
+            "--cache-type-v",
+            "q4_0",
+            "--flash-attn",
+            "-c",
+            "4096",
+            "-s",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(
+            (l.cache_type_k, l.cache_type_v),
+            (CacheType::Q8_0, CacheType::Q4_0)
+        );
+        // `-fa` alone turns it on, as in llama.cpp.
+        assert_eq!((l.flash_attn, l.ctx_size, l.seed), (FlashAttn::On, 4096, 7));
+        assert!(parse_group::<LlamaArgs>(&["--cache-type-k", "q3_k"]).is_err());
+        let off = |v: &str| {
+            parse_group::<LlamaArgs>(&["--cache-type-v", v, "--flash-attn", "off"]).unwrap()
+        };
+        let e = off("q8_0").check(false).unwrap_err().to_string();
+        assert!(
+            e.contains("quantized V cache") && e.contains("-fa on"),
+            "{e}"
+        );
+        assert!(off("f16").check(false).is_ok());
+        let e = off("f16").check(true).unwrap_err().to_string();
+        assert!(
+            e.contains("per-head eviction") && e.contains("--granularity position"),
+            "{e}"
+        );
+        // A quantized K cache works without flash attention.
+        let k = parse_group::<LlamaArgs>(&["--cache-type-k", "q4_0", "--flash-attn", "off"]);
+        assert!(k.unwrap().check(false).is_ok());
+    }
+
+    #[test]
+    fn eval_reads_the_same_flags_as_lists() {
+        #[derive(Parser)]
+        #[command(no_binary_name = true)]
+        struct Eval {
+            #[command(flatten)]
+            sweep: SweepArgs,
+        }
+        let parse = |argv: &[&str]| Eval::try_parse_from(argv).map(|e| e.sweep);
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.sweep.policies, crate::policy::REGISTRY.to_vec());
+        assert_eq!(
+            (d.sweep.window.clone(), d.sweep.recency.clone()),
+            (vec![32], vec![128.0])
+        );
+        assert_eq!(d.sweep.cache_type_k, [CacheType::F16]);
+        assert_eq!(d.budgets, [DEFAULT_BUDGET]);
+        assert_eq!(
+            (&d.base, &d.llama),
+            (&EvictionArgs::default(), &LlamaArgs::default())
+        );
+        let a = parse(&[
+            "--policy",
+            "knorm,none",
+            "--window",
+            "16,32",
+            "--window",
+            "64",
+            "--budget",
+            "64,128",
+            "--cache-type-k",
+            "f16,q8_0",
+            "--cache-type-v",
+            "f16,q8_0",
+            "--chunk",
+            "8",
+            "--seed",
+            "9",
+            "--flash-attn",
+            "on",
+            "--filters",
+            "f.safetensors",
+        ])
+        .unwrap();
+        assert_eq!(a.sweep.policies.len(), 2);
+        assert_eq!(a.sweep.window, [16, 32, 64]);
+        assert_eq!(a.budgets, [64, 128]);
+        assert_eq!(a.sweep.cache_type_v, [CacheType::F16, CacheType::Q8_0]);
+        assert_eq!((a.base.n_batch, a.llama.seed), (8, 9));
+        assert_eq!(a.llama.flash_attn, FlashAttn::On);
+        assert_eq!(a.base.filters, Some(PathBuf::from("f.safetensors")));
+        // One declaration: eval's help is the single-value help, with the list noted.
+        let help = <Eval as clap::CommandFactory>::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "window")
+            .and_then(|a| a.get_help().map(|h| h.to_string()))
+            .unwrap();
+        assert!(help.starts_with("Most recent tokens never evicted") && help.contains("list"));
     }
 }

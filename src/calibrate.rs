@@ -346,6 +346,7 @@ pub fn calibrate(
             threads: cfg.threads,
             flash_attn: None,
             hook: true,
+            ..ContextParams::default()
         },
     )?;
     let mut batch = Batch::new(n_batch);

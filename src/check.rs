@@ -198,6 +198,7 @@ pub fn check_filters(
             // Attention probabilities exist as a graph node only without flash attention.
             flash_attn: Some(false),
             hook: true,
+            ..ContextParams::default()
         },
     )?;
     let mut batch = Batch::new(n);

@@ -7,8 +7,8 @@ use std::time::Instant;
 use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity, TrackedLayer};
 use crate::error::{Error, Result};
 use crate::ffi::{
-    Batch, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo, NodeOp, Sampler,
-    Token,
+    Batch, CacheType, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo,
+    NodeOp, Sampler, Token,
 };
 use crate::math::rate;
 use crate::policy::{KeyReduce, NewKeys, Scorer};
@@ -76,6 +76,9 @@ pub struct EngineConfig {
     pub threads: i32,
     pub key_source: KeySource,
     pub flash_attn: Option<bool>,
+    /// Storage types of the K and V caches (llama.cpp's -ctk, -ctv).
+    pub type_k: CacheType,
+    pub type_v: CacheType,
     /// Install the graph hook; only a benchmark's "hook off" baseline turns it off (then
     /// nothing can be evicted by score).
     pub hook: bool,
@@ -104,6 +107,8 @@ impl EngineConfig {
             threads: crate::threads::default_threads(),
             key_source: KeySource::Cache,
             flash_attn: None,
+            type_k: CacheType::F16,
+            type_v: CacheType::F16,
             hook: true,
         }
     }
@@ -359,6 +364,43 @@ pub fn context_cells(
     }
 }
 
+/// Refuses a KV cache llama.cpp would refuse, or that eviction could not keep exact, before
+/// llama.cpp sees it: a quantized V cache without flash attention (llama.cpp creates no
+/// context), and per-head eviction without it (V is then stored transposed, and head slices
+/// cannot move). `flash_attn`: `Some(false)` forced off; on or llama.cpp's choice pass.
+pub fn check_cache(type_v: CacheType, flash_attn: Option<bool>, per_head: bool) -> Result<()> {
+    if flash_attn != Some(false) {
+        return Ok(());
+    }
+    if type_v.is_quantized() {
+        return Err(Error::invalid(format!(
+            "a quantized V cache (-ctv {type_v}) needs flash attention: use -fa on or -fa auto, or -ctv f16"
+        )));
+    }
+    if per_head {
+        return Err(Error::invalid(
+            "per-head eviction (--granularity head) needs flash attention, which stores V one row per cell: use -fa on or -fa auto, or --granularity position",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a quantized cache type whose blocks do not tile one head of `head_dim` values:
+/// llama.cpp refuses it with flash attention, and a head slice that is not whole blocks could
+/// not be moved without requantizing. A clear error rather than a fallback to whole-position
+/// eviction, since llama.cpp's flash attention refuses the type for this model anyway.
+pub fn check_head_blocks(type_k: CacheType, type_v: CacheType, head_dim: usize) -> Result<()> {
+    for (flag, t) in [("-ctk", type_k), ("-ctv", type_v)] {
+        if !crate::math::whole_blocks(head_dim, t.block_size()) {
+            return Err(Error::invalid(format!(
+                "{flag} {t}: its blocks of {} values do not tile this model's heads of {head_dim} values; use f16, bf16 or f32",
+                t.block_size()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub struct Engine {
     ctx: Context,
     scorer: Box<dyn Scorer>,
@@ -410,6 +452,8 @@ impl Engine {
         let head_mode = cfg
             .eviction()
             .is_some_and(|e| e.granularity == Granularity::Head);
+        check_cache(cfg.type_v, cfg.flash_attn, head_mode)?;
+        check_head_blocks(cfg.type_k, cfg.type_v, model.head_dim())?;
         let params = ContextParams {
             n_ctx: u32::try_from(n_ctx).map_err(|_| Error::invalid("context too large"))?,
             n_batch: n_batch as u32,
@@ -421,6 +465,8 @@ impl Engine {
                 cfg.flash_attn
             },
             hook: cfg.hook,
+            type_k: cfg.type_k,
+            type_v: cfg.type_v,
         };
         let ctx = Context::new(model, &params)?;
         let keys_from = if evicting && cfg.key_source == KeySource::Graph && scorer.needs_keys() {

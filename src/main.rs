@@ -32,7 +32,8 @@ enum Command {
     /// Check how well filters predict attention (`filters check`).
     Filters(cli::filters::FiltersArgs),
     /// Measure quality under compression: streaming perplexity, passkey retrieval.
-    Eval(cli::eval::EvalArgs),
+    // Boxed: its sweep lists make it several times the size of the other commands.
+    Eval(Box<cli::eval::EvalArgs>),
     /// Measure speed: prefill and decode tok/s, hook overhead.
     Bench(cli::bench::BenchArgs),
     /// Serve an OpenAI-compatible API; each conversation lives in a cache bounded by --budget.
@@ -53,28 +54,20 @@ fn main() {
         // clap keeps a version for the life of the program; this runs once, then exits.
         command = command.version(&*Box::leak(version.into_boxed_str()));
     }
-    // llama.cpp users type `-ngl 99`; clap reads a one-dash word as a cluster of short flags.
-    let matches =
-        command
-            .try_get_matches_from(std::env::args_os().map(|a| {
-                if a == "-ngl" {
-                    "--ngl".into()
-                } else {
-                    a
-                }
-            }))
-            .unwrap_or_else(|e| usage_error(e));
+    let matches = command
+        .try_get_matches_from(std::env::args_os().map(llama_spelling))
+        .unwrap_or_else(|e| usage_error(e));
     // Tuned defaults carried with the filters apply only where the user gave no flag.
-    cli::record_given(&matches);
+    let given = cli::Given::from_matches(&matches);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Run(args) => cli::run::run(args),
-        Command::Chat(args) => cli::chat::run(args),
+        Command::Run(args) => cli::run::run(args, &given),
+        Command::Chat(args) => cli::chat::run(args, &given),
         Command::Calibrate(args) => cli::calibrate::run(args),
         Command::Filters(args) => cli::filters::run(args),
-        Command::Eval(args) => cli::eval::run(args),
+        Command::Eval(args) => cli::eval::run(*args, &given),
         Command::Bench(args) => cli::bench::run(args),
-        Command::Serve(args) => cli::serve::run(args),
+        Command::Serve(args) => cli::serve::run(args, &given),
     };
     if let Err(e) = result.map_err(cli::name_flags) {
         if e.is_broken_pipe() {
@@ -83,6 +76,21 @@ fn main() {
         }
         eprintln!("qfilters: {e}");
         std::process::exit(1);
+    }
+}
+
+/// llama.cpp's one-dash long flags (`-ngl 99`, `-ctk q8_0`, `-fa on`), which clap would read
+/// as clusters of short flags, spelled the way clap reads them.
+fn llama_spelling(arg: std::ffi::OsString) -> std::ffi::OsString {
+    const LONG: &[(&str, &str)] = &[
+        ("-ngl", "--ngl"),
+        ("-ctk", "--cache-type-k"),
+        ("-ctv", "--cache-type-v"),
+        ("-fa", "--flash-attn"),
+    ];
+    match LONG.iter().find(|(one, _)| arg == *one) {
+        Some((_, two)) => (*two).into(),
+        None => arg,
     }
 }
 
@@ -101,11 +109,11 @@ fn usage_error(e: clap::Error) -> ! {
             text(ContextKind::InvalidValue),
             text(ContextKind::ValidValue),
         ) {
-            // `--policy <POLICY>` → "policy".
+            // `--policy <POLICY>` → "policy"; `--flash-attn [<MODE>]` → "mode".
             let what = arg
                 .split_once(' ')
                 .map_or(arg.as_str(), |(_, n)| n)
-                .trim_matches(|c| c == '<' || c == '>')
+                .trim_matches(|c| matches!(c, '<' | '>' | '[' | ']'))
                 .to_lowercase();
             eprintln!("qfilters: unknown {what} '{value}' for {arg}: choose one of {valid}");
             std::process::exit(1);

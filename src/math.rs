@@ -112,9 +112,72 @@ pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
     sab / (saa * sbb).sqrt()
 }
 
+/// Whether `n` values are a whole number of blocks of `block` (false for empty blocks). Written
+/// without `usize::is_multiple_of`, which is newer than the crate's minimum Rust.
+pub fn whole_blocks(n: usize, block: usize) -> bool {
+    block != 0 && n / block * block == n
+}
+
+/// Applies the orthonormal Walsh-Hadamard transform to each consecutive run of `n` values of
+/// `x`, in place; false (and `x` untouched) unless `n` is a power of two that divides
+/// `x.len()`. The matrix is Sylvester's, `H[i][j] = (-1)^popcount(i & j) / sqrt(n)`, the one
+/// llama.cpp rotates quantized K and V caches with: symmetric and orthonormal, so it is its own
+/// inverse.
+pub fn hadamard_in_place(x: &mut [f32], n: usize) -> bool {
+    if !n.is_power_of_two() || !whole_blocks(x.len(), n) {
+        return false;
+    }
+    let scale = 1.0 / (n as f32).sqrt();
+    for block in x.chunks_exact_mut(n) {
+        let mut h = 1;
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (block[j], block[j + h]);
+                    block[j] = a + b;
+                    block[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        for v in block.iter_mut() {
+            *v *= scale;
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hadamard_matches_the_sylvester_matrix_and_undoes_itself() {
+        let n = 8;
+        let x: Vec<f32> = (0..2 * n).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut y = x.clone();
+        assert!(hadamard_in_place(&mut y, n));
+        for (b, block) in x.chunks(n).enumerate() {
+            for i in 0..n {
+                let want: f32 = (0..n)
+                    .map(|j| {
+                        let sign = if (i & j).count_ones() % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        };
+                        sign * block[j] / (n as f32).sqrt()
+                    })
+                    .sum();
+                assert!((y[b * n + i] - want).abs() < 1e-5, "row {i} of block {b}");
+            }
+        }
+        assert!(hadamard_in_place(&mut y, n));
+        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
+        // Blocks that are not a power of two, or do not divide the row: refused, untouched.
+        assert!(!hadamard_in_place(&mut y, 6) && !hadamard_in_place(&mut y[..12], 8));
+        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
 
     #[test]
     fn dot_matches_naive_sum() {

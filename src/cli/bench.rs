@@ -15,7 +15,7 @@ use qfilters::ffi::Model;
 use qfilters::policy::{self, PolicyInfo, PolicyInputs};
 use qfilters::{Error, Result};
 
-use super::{write_json, EvictionArgs, EvictionCli, ModelArgs};
+use super::{write_json, EvictionArgs, EvictionCli, LlamaArgs, ModelArgs};
 
 #[derive(Args, Debug, Clone)]
 // The benchmark's own defaults, shown by its --help: its published numbers were measured with
@@ -37,6 +37,9 @@ pub struct BenchArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub eviction: EvictionArgs,
+    /// llama.cpp's flags; --seed also seeds the synthetic prompt and stand-in filters.
+    #[command(flatten)]
+    pub llama: LlamaArgs,
     /// Prompt tokens (random token ids from the vocabulary, seeded).
     #[arg(long, default_value_t = 4096)]
     pub prompt: usize,
@@ -52,9 +55,6 @@ pub struct BenchArgs {
     /// Decode steps at the end of the stream timed on their own.
     #[arg(long, default_value_t = 64)]
     pub tail: usize,
-    /// Seed of the synthetic prompt, the random policy and stand-in filters.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -86,7 +86,7 @@ impl BenchArgs {
                 eprintln!(
                     "qfilters: no Q-Filters for this model: using random unit filters (same cost)"
                 );
-                Ok(Arc::new(bench::random_filters(model, self.seed)?))
+                Ok(Arc::new(bench::random_filters(model, self.llama.seed)?))
             }
         }
     }
@@ -110,14 +110,14 @@ impl BenchArgs {
         };
         // The workload's tokens cap the context, as in `run`.
         let job = self.prompt.saturating_add(self.gen).saturating_add(1);
-        eviction.engine_with_filters(&self.model, model, job, filters, self.seed)
+        eviction.engine_with_filters(&self.model, &self.llama, model, job, filters)
     }
 
     /// The hook-off engine: full cache of `capacity` cells, no callback at all.
     fn engine_off(&self, model: &Arc<Model>, capacity: usize) -> Result<Engine> {
         let scorer = policy::FULL_CACHE.scorer(&PolicyInputs {
             filters: None,
-            seed: self.seed,
+            seed: self.llama.seed,
             recency: 0.0,
         })?;
         Engine::new(
@@ -127,7 +127,13 @@ impl BenchArgs {
                 n_batch: self.eviction.n_batch,
                 threads: self.model.threads(),
                 // The hook-on engine forces flash attention for head granularity; match it.
-                flash_attn: (self.eviction.granularity == Granularity::Head).then_some(true),
+                flash_attn: if self.eviction.granularity == Granularity::Head {
+                    Some(true)
+                } else {
+                    self.llama.flash_attn.forced()
+                },
+                type_k: self.llama.cache_type_k,
+                type_v: self.llama.cache_type_v,
                 hook: false,
                 ..EngineConfig::full(capacity)
             },
@@ -136,8 +142,13 @@ impl BenchArgs {
 }
 
 fn line(label: &str, m: &RunMeasure) -> String {
+    // The KV bytes come from the cache tensors the hook found: the hook-off arm has none.
+    let kv = match m.stats.kv_bytes {
+        0 => "not seen (hook off)".to_string(),
+        b => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+    };
     format!(
-        "{label:>4}: prefill {:>9.1} tok/s | decode {:>8.2} tok/s | last {} steps {:>8.2} tok/s | peak cells {} | cells allocated {}",
+        "{label:>4}: prefill {:>9.1} tok/s | decode {:>8.2} tok/s | last {} steps {:>8.2} tok/s | peak cells {} | cells allocated {} | KV {kv}",
         m.prefill_tok_s(),
         m.decode_tok_s(),
         m.tail_tokens,
@@ -152,6 +163,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Err(Error::invalid("--prompt must be at least 1"));
     }
     args.eviction.check()?;
+    args.llama.check(args.eviction.per_head())?;
     if !args.eviction.policy.evicts {
         return Err(Error::invalid(format!(
             "bench measures an eviction policy against the hook-off full cache: pick --policy {}",
@@ -167,7 +179,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         super::check_outputs(&[out], &inputs, true)?;
     }
     let model = args.model.load()?;
-    let prompt = bench::synthetic_prompt(&model, args.prompt, args.seed)?;
+    let prompt = bench::synthetic_prompt(&model, args.prompt, args.llama.seed)?;
     let input = prompt.len() + args.gen;
     let budget = args.budget(input);
     eprintln!(
@@ -191,7 +203,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let mut on = args.engine_on(&model, budget, args.eviction.key_source)?;
-    let setup = Setup {
+    let mut setup = Setup {
         model: &args.model.model,
         gpu_layers: args.model.gpu_layers,
         policy: args.eviction.policy,
@@ -203,6 +215,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         budget,
         slack: args.eviction.slack,
         n_batch: args.eviction.n_batch,
+        cache_type_k: args.llama.cache_type_k.to_string(),
+        cache_type_v: args.llama.cache_type_v.to_string(),
+        kv_bytes: 0,
     };
     if !args.compare {
         return measure_on(&args, &mut on, &prompt, &setup);
@@ -227,6 +242,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("rep {rep} {}", line("on", b));
         },
     )?;
+    setup.kv_bytes = on.stats().kv_bytes;
     let weights = bench::weight_bytes_per_step(&args.model.model)?;
     let summary = Summary::new(&cmp, budget < input, weights);
     for l in summary.lines(setup.tail, budget, input) {
@@ -253,6 +269,10 @@ struct Setup<'a> {
     budget: usize,
     slack: usize,
     n_batch: usize,
+    cache_type_k: String,
+    cache_type_v: String,
+    /// Bytes of the hook-on arm's K and V caches.
+    kv_bytes: usize,
 }
 
 /// `bench --compare --json`.

@@ -23,7 +23,7 @@ use qfilters::{Error, Result};
 use qfilters::args::DEFAULT_SINKS;
 use qfilters::policy;
 
-use super::{read_text, write_json, EvictionArgs, EvictionCli, ModelArgs, Progress};
+use super::{read_text, write_json, EvictionArgs, EvictionCli, LlamaArgs, ModelArgs, Progress};
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
@@ -377,12 +377,13 @@ fn tune(
                 key_source: KeySource::Cache,
                 n_batch: args.tune_chunk,
             };
+            // Tuned on llama.cpp's default cache (f16, flash attention auto).
             let mut engine = pa.engine_with_filters(
                 &args.model,
+                &LlamaArgs::default(),
                 model,
                 tokens.len(),
                 Some(Arc::clone(&shared)),
-                42,
             )?;
             let out = streaming_nll(&mut engine, &tokens)?;
             let (ppl, ppl2) = perplexities(&out.nll);

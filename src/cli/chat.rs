@@ -24,7 +24,9 @@ use qfilters::{Error, Result};
 
 use gguf_tools::safe_io::{self, AppendLog};
 
-use super::{check_outputs, EvictionArgs, EvictionCli, ModelArgs, Progress, SamplingArgs};
+use super::{
+    check_outputs, EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs, Progress, SamplingArgs,
+};
 
 #[derive(Args, Debug)]
 // A conversation samples a little by default: greedy replies to a chat loop on themselves.
@@ -34,6 +36,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub eviction: EvictionArgs,
+    #[command(flatten)]
+    pub llama: LlamaArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// System message sent first.
@@ -69,7 +73,7 @@ const HELP: &str = "commands:
   //text       send a message that starts with '/'
 Ctrl-C stops a reply.";
 
-pub fn run(args: ChatArgs) -> Result<()> {
+pub fn run(args: ChatArgs, given: &Given) -> Result<()> {
     let tty = std::io::stdin().is_terminal();
     if tty {
         // Ctrl-C stops a reply there; the temporary-file cleanup (installed by the first
@@ -78,6 +82,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
     args.sampling.check()?;
     args.eviction.check()?;
+    args.llama.check(args.eviction.per_head())?;
     let filters = args.eviction.input_paths();
     let mut inputs: Vec<PathBuf> = vec![args.model.model.clone()];
     inputs.extend(filters);
@@ -101,24 +106,26 @@ pub fn run(args: ChatArgs) -> Result<()> {
         return Ok(());
     }
     let mut eviction = args.eviction.clone();
-    eviction.apply_tuned(&args.model.model)?;
+    eviction.apply_tuned(&args.model.model, given)?;
     let filters = eviction.resolve_filters(&args.model.model, &model, false)?;
-    if let Some(fallback) = fallback_policy(&eviction, filters.is_some(), &args.model.model) {
+    if let Some(fallback) = fallback_policy(&eviction, filters.is_some(), &args.model.model, given)
+    {
         eviction.policy = fallback;
     }
-    if !eviction.policy.evicts {
-        // The full cache is --budget cells; llama.cpp refuses batches larger than its context.
-        eviction.n_batch = eviction.n_batch.min(eviction.budget.max(1));
-    }
-    // A conversation has no known length: a bounded cache is sized by its budget alone.
-    let capacity = if eviction.policy.evicts {
-        0
-    } else {
-        eviction.budget
+    // A conversation has no known length: a bounded cache is sized by its budget alone, a
+    // full one by --ctx-size, else --budget.
+    let capacity = match (eviction.policy.evicts, args.llama.ctx_size) {
+        (true, _) => 0,
+        (false, 0) => eviction.budget,
+        (false, c) => c,
     };
+    if !eviction.policy.evicts {
+        // llama.cpp refuses batches larger than its context.
+        eviction.n_batch = eviction.n_batch.min(capacity.max(1));
+    }
     let engine =
-        eviction.engine_with_filters(&args.model, &model, capacity, filters, args.sampling.seed)?;
-    let sampler = Sampler::new(&args.sampling.params()?)?;
+        eviction.engine_with_filters(&args.model, &args.llama, &model, capacity, filters)?;
+    let sampler = Sampler::new(&args.sampling.params(args.llama.seed)?)?;
     let mut session = Session {
         chat: Chat::new(engine, sampler, template, args.system.clone()),
         policy: eviction.policy,
@@ -140,9 +147,14 @@ pub fn run(args: ChatArgs) -> Result<()> {
 /// The policy to use instead of the chosen one, if any: the default policy falls back to
 /// [`policy::WITHOUT_FILTERS`] when it needs filters and none are at hand, unless the user typed
 /// `--policy` (clap's value source, recorded by `main`).
-fn fallback_policy(e: &EvictionArgs, have_filters: bool, path: &Path) -> Option<PolicyInfo> {
+fn fallback_policy(
+    e: &EvictionArgs,
+    have_filters: bool,
+    path: &Path,
+    given: &Given,
+) -> Option<PolicyInfo> {
     let fallback = policy::WITHOUT_FILTERS;
-    if e.policy.needs_filters && !have_filters && !super::given("policy") {
+    if e.policy.needs_filters && !have_filters && !given.has("policy") {
         eprintln!(
             "qfilters: policy {fallback} ({}): no --filters given and {} embeds no Q-Filters; make filters with `qfilters calibrate` to use policy {}",
             fallback.help,
@@ -229,7 +241,7 @@ impl Session {
         }
         let reply = result.map_err(|e| match e {
             e @ Error::FullCacheOverflow { .. } => Error::invalid(format!(
-                "{e} (in chat the full cache is --budget cells: raise --budget, or /reset)"
+                "{e} (in chat the full cache is --ctx-size, else --budget, cells: raise it, or /reset)"
             )),
             e => e,
         })?;

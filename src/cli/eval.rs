@@ -5,25 +5,19 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use qfilters::args::{
-    DEFAULT_COMBINER, DEFAULT_GRANULARITY, DEFAULT_RECENCY, DEFAULT_SINKS, DEFAULT_WINDOW,
-};
-use qfilters::cache::{Combiner, Granularity};
-use qfilters::engine::KeySource;
+use qfilters::args::{SweepArgs, DEFAULT_SINKS};
+use qfilters::eval::frontier::pareto_front;
 use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::sweep::{
-    mean_by_layer, passkey_rates, Budget, PasskeyAnswer, PasskeyRecord, PplRecord, Sweep,
+    mean_by_layer, passkey_rates, Budget, KvRecord, PasskeyAnswer, PasskeyRecord, PplRecord,
 };
 use qfilters::eval::windowed_mean;
 use qfilters::math::mean;
-use qfilters::policy::{PolicyInfo, REGISTRY};
 use qfilters::{Error, Result};
 
-use super::plot::{heatmaps, line_chart, Heatmap, Series};
-use super::{
-    check_cells, check_outputs, read_text, write_json, EvictionArgs, EvictionCli, ModelArgs,
-};
+use super::plot::{frontier_chart, heatmaps, line_chart, Heatmap, Series};
+use super::{check_cells, check_outputs, read_text, write_json, EvictionCli, Given, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -39,91 +33,47 @@ pub enum EvalCommand {
     Passkey(PasskeyArgs),
 }
 
-/// Policies and knobs to sweep; every list is comma-separated and the sweep is their product.
-#[derive(Args, Debug, Clone)]
-pub struct SweepArgs {
-    /// Policies (default: every one).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = REGISTRY.to_vec())]
-    pub policy: Vec<PolicyInfo>,
-    /// Q-Filters file (default: the filters embedded in the model).
-    #[arg(long)]
-    pub filters: Option<PathBuf>,
-    /// Most recent tokens never evicted.
-    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_WINDOW])]
-    pub window: Vec<usize>,
-    /// First tokens never evicted.
-    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_SINKS])]
-    pub sinks: Vec<usize>,
-    /// head or position (policies whose heads score alike always run per position).
-    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_GRANULARITY])]
-    pub granularity: Vec<Granularity>,
-    /// mean-z, mean-rank, max-z (position granularity only).
-    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_COMBINER])]
-    pub combiner: Vec<Combiner>,
-    /// Each eviction round goes this many cells below the budget, so rounds run once per
-    /// slack+1 generated tokens; the cache never exceeds the budget. 0 evicts just enough.
-    #[arg(long, value_delimiter = ',', default_value = "0")]
-    pub slack: Vec<usize>,
-    /// Recency prior (tokens of age per standard deviation of score; 0 off), for the policies
-    /// that score each head.
-    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_RECENCY])]
-    pub recency: Vec<f64>,
-    /// Tokens per decode call while feeding the input; eviction runs after each chunk.
-    #[arg(long)]
-    pub chunk: Option<usize>,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-}
-
-impl SweepArgs {
-    /// Takes the tuned defaults of the filters in use where no flag was given, for every
-    /// policy of the sweep (so baselines get the same tuning as Q-Filters). `budgets`: every
-    /// budget in cells the sweep will evict to.
-    fn apply_tuned(&mut self, model_path: &std::path::Path, budgets: &[usize]) -> Result<()> {
-        if let Some((t, origin)) = super::Tuned::find(self.filters.as_deref(), model_path)? {
-            let (mut r, mut w, mut g) = (None, None, None);
-            let smallest = budgets.iter().copied().min();
-            let sinks = self.sinks.iter().copied().max().unwrap_or(DEFAULT_SINKS);
-            let budget = smallest.map(|b| (b, sinks));
-            let used = t.apply(budget, |x| r = Some(x), |x| w = Some(x), |x| g = Some(x));
-            if let Some(r) = r {
-                self.recency = vec![r];
-            }
-            if let Some(w) = w {
-                self.window = vec![w];
-            }
-            if let Some(g) = g {
-                self.granularity = vec![g];
-            }
-            super::announce(&used, &origin);
+/// Takes the tuned defaults of the filters in use where no flag was given, for every policy of
+/// the sweep (so baselines get the same tuning as Q-Filters). `budgets`: every budget in cells
+/// the sweep will evict to.
+fn apply_tuned(
+    args: &mut SweepArgs,
+    model_path: &std::path::Path,
+    budgets: &[usize],
+    given: &Given,
+) -> Result<()> {
+    if let Some((t, origin)) = super::Tuned::find(args.base.filters.as_deref(), model_path)? {
+        let (mut r, mut w, mut g) = (None, None, None);
+        let smallest = budgets.iter().copied().min();
+        let sweep = &mut args.sweep;
+        let sinks = sweep.sinks.iter().copied().max().unwrap_or(DEFAULT_SINKS);
+        let budget = smallest.map(|b| (b, sinks));
+        let used = t.apply(
+            given,
+            budget,
+            |x| r = Some(x),
+            |x| w = Some(x),
+            |x| g = Some(x),
+        );
+        if let Some(r) = r {
+            sweep.recency = vec![r];
         }
-        Ok(())
-    }
-
-    fn sweep(&self) -> Sweep {
-        Sweep {
-            policies: self.policy.clone(),
-            window: self.window.clone(),
-            sinks: self.sinks.clone(),
-            granularity: self.granularity.clone(),
-            combiner: self.combiner.clone(),
-            slack: self.slack.clone(),
-            recency: self.recency.clone(),
+        if let Some(w) = w {
+            sweep.window = vec![w];
         }
-    }
-
-    /// What every point shares: the filters, keys from the cache, input in chunks of `chunk`.
-    fn base(&self, chunk: usize) -> EvictionArgs {
-        EvictionArgs {
-            filters: self.filters.clone(),
-            key_source: KeySource::Cache,
-            n_batch: chunk,
-            ..EvictionArgs::default()
+        if let Some(g) = g {
+            sweep.granularity = vec![g];
         }
+        super::announce(&used, &origin);
     }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("budget", |a| a.default_values(["256", "512"])),
+    mut_arg("n_batch", |a| a.default_value("16")),
+)]
 pub struct PplArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -133,9 +83,6 @@ pub struct PplArgs {
     /// Tokens of the text to use (from its start).
     #[arg(long, default_value_t = 4096)]
     pub tokens: usize,
-    /// KV budgets (cells kept after each eviction round).
-    #[arg(long, value_delimiter = ',', default_value = "256,512")]
-    pub budget: Vec<usize>,
     #[command(flatten)]
     pub sweep: SweepArgs,
     /// Also compute the full-context NLLs the plain way (one context, large batches) and
@@ -150,9 +97,17 @@ pub struct PplArgs {
     /// SVG chart of mean NLL per window against position.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// SVG chart of perplexity against the KV MiB llama.cpp allocated, every point of the
+    /// sweep, with the Pareto front (no other point has fewer bytes and a lower perplexity).
+    #[arg(long)]
+    pub frontier: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("budget", |a| a.default_value(None::<&str>).conflicts_with("ratio")),
+    mut_arg("n_batch", |a| a.default_value("32")),
+)]
 pub struct PasskeyArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -172,9 +127,6 @@ pub struct PasskeyArgs {
     /// Documents per (length, depth); the same documents for every policy.
     #[arg(long, default_value_t = 2)]
     pub trials: usize,
-    /// KV budgets in cells.
-    #[arg(long, value_delimiter = ',', conflicts_with = "ratio")]
-    pub budget: Vec<usize>,
     /// Compression ratios: budget = document tokens / ratio.
     #[arg(long, value_delimiter = ',')]
     pub ratio: Vec<f64>,
@@ -185,21 +137,39 @@ pub struct PasskeyArgs {
     /// SVG heatmaps of accuracy by length × depth, one per policy setting.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// SVG chart of passkey accuracy (over depths) against the KV MiB llama.cpp allocated,
+    /// per point of the sweep and document length, with the Pareto front.
+    #[arg(long)]
+    pub frontier: Option<PathBuf>,
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
+pub fn run(args: EvalArgs, given: &Given) -> Result<()> {
     match args.command {
-        EvalCommand::Ppl(a) => run_ppl(a),
-        EvalCommand::Passkey(a) => run_passkey(a),
+        EvalCommand::Ppl(a) => run_ppl(a, given),
+        EvalCommand::Passkey(a) => run_passkey(a, given),
     }
 }
 
-fn check_lists(sweep: &SweepArgs) -> Result<()> {
-    if sweep.policy.is_empty() || sweep.window.is_empty() || sweep.sinks.is_empty() {
+/// Refuses empty lists and what no point of the sweep could run, before the model loads.
+fn check_lists(args: &SweepArgs) -> Result<()> {
+    let s = &args.sweep;
+    if s.policies.is_empty() || s.window.is_empty() || s.sinks.is_empty() {
         return Err(Error::invalid("empty --policy, --window or --sinks list"));
     }
-    if sweep.chunk == Some(0) {
-        return Err(Error::invalid("--chunk must be at least 1"));
+    args.base.check()?;
+    for &b in &args.budgets {
+        check_cells("--budget", b)?;
+    }
+    for (_, type_v) in s.cache_pairs()? {
+        for &granularity in &s.granularity {
+            let per_head = granularity == qfilters::cache::Granularity::Head
+                && s.policies.iter().any(|p| p.evicts && p.scores_vary_by_head);
+            let llama = qfilters::args::LlamaArgs {
+                cache_type_v: type_v,
+                ..args.llama.clone()
+            };
+            llama.check(per_head)?;
+        }
     }
     Ok(())
 }
@@ -211,18 +181,14 @@ fn write_svg(path: &std::path::Path, svg: &str) -> Result<()> {
 
 /// Checks --json and --plot before the sweep: writable, not an input, not each other.
 fn check_eval_outputs(
-    json: &Option<PathBuf>,
-    plot: &Option<PathBuf>,
+    outputs: &[&Option<PathBuf>],
     model: &ModelArgs,
     text: &std::path::Path,
     sweep: &SweepArgs,
 ) -> Result<()> {
-    let outputs: Vec<&std::path::Path> = json
-        .iter()
-        .chain(plot.iter())
-        .map(|p| p.as_path())
-        .collect();
+    let outputs: Vec<&std::path::Path> = outputs.iter().filter_map(|o| o.as_deref()).collect();
     let filters: Vec<PathBuf> = sweep
+        .base
         .filters
         .iter()
         .map(|f| gguf_tools::filters::resolve_file(f).unwrap_or_else(|_| f.clone()))
@@ -240,15 +206,18 @@ fn model_name(model: &ModelArgs) -> String {
         .unwrap_or_default()
 }
 
-fn run_ppl(mut args: PplArgs) -> Result<()> {
+fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
     check_lists(&args.sweep)?;
     check_cells("--tokens", args.tokens)?;
-    for &b in &args.budget {
-        check_cells("--budget", b)?;
-    }
-    check_eval_outputs(&args.json, &args.plot, &args.model, &args.text, &args.sweep)?;
-    args.sweep.apply_tuned(&args.model.model, &args.budget)?;
-    let chunk = args.sweep.chunk.unwrap_or(16);
+    check_eval_outputs(
+        &[&args.json, &args.plot, &args.frontier],
+        &args.model,
+        &args.text,
+        &args.sweep,
+    )?;
+    let budget_cells = args.sweep.budgets.clone();
+    apply_tuned(&mut args.sweep, &args.model.model, &budget_cells, given)?;
+    let chunk = args.sweep.base.n_batch;
     let model = args.model.load()?;
     let text = read_text(&args.text)?;
     let mut tokens = model.tokenize(&text, true, false)?;
@@ -263,25 +232,27 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
     if tokens.len() < 2 {
         return Err(Error::invalid("the text has fewer than 2 tokens"));
     }
-    let budgets: Vec<Budget> = args.budget.iter().map(|&b| Budget::Cells(b)).collect();
-    let sweep = args.sweep.sweep();
+    let budgets: Vec<Budget> = budget_cells.iter().map(|&b| Budget::Cells(b)).collect();
+    let sweep = &args.sweep.sweep;
     let mut records = Vec::new();
     let mut series = Vec::new();
     println!(
-        "{:<44} {:>9} {:>11} {:>9} {:>6}",
-        "policy", "ppl", "ppl 2nd half", "tok/s", "peak"
+        "{:<44} {:>9} {:>11} {:>9} {:>6} {:>8}",
+        "policy", "ppl", "ppl 2nd half", "tok/s", "peak", "KV MiB"
     );
-    for point in sweep.points(&budgets, &args.sweep.base(chunk)) {
+    for point in sweep.points(&budgets, &args.sweep.base) {
         let eviction = point.at(tokens.len());
-        let mut engine =
-            eviction.engine(&args.model, &model, tokens.len(), args.sweep.seed, true)?;
+        let llama = point.llama(&args.sweep.llama);
+        let mut engine = eviction.engine(&args.model, &llama, &model, tokens.len(), true)?;
         let out = streaming_nll(&mut engine, &tokens)?;
         let (ppl, ppl2) = perplexities(&out.nll);
         let tok_s = tokens.len() as f64 / out.seconds.max(1e-9);
         let label = sweep.label(&point);
+        let kv = KvRecord::new(point.cache, engine.stats().kv_bytes);
         println!(
-            "{label:<44} {ppl:>9.3} {ppl2:>11.3} {tok_s:>9.1} {:>6}",
-            out.peak_cells
+            "{label:<44} {ppl:>9.3} {ppl2:>11.3} {tok_s:>9.1} {:>6} {:>8.2}",
+            out.peak_cells,
+            kv.mib()
         );
         let windows = windowed_mean(&out.nll, args.plot_window);
         let full = if !eviction.policy.evicts && args.check_full {
@@ -298,6 +269,7 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
         };
         records.push(PplRecord {
             eviction,
+            kv,
             ppl,
             ppl_second_half: ppl2,
             tok_s,
@@ -312,11 +284,16 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
             nll_windows: windows.iter().map(|w| w.1).collect(),
             full_context_ppl: full.map(|f| f.0),
             full_context_ppl_second_half: full.map(|f| f.1),
+            pareto: false,
         });
         series.push(Series {
             label,
             points: windows,
         });
+    }
+    let xy: Vec<(f64, f64)> = records.iter().map(|r| (r.kv.mib(), r.ppl)).collect();
+    for (r, on) in records.iter_mut().zip(pareto_front(&xy, false)) {
+        r.pareto = on;
     }
     if let Some(path) = &args.json {
         write_json(path, &records)?;
@@ -339,17 +316,85 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
         );
         write_svg(path, &svg)?;
     }
+    if let Some(path) = &args.frontier {
+        let points: Vec<FrontPoint> = records
+            .iter()
+            .zip(&series)
+            .map(|(r, s)| FrontPoint {
+                label: s.label.clone(),
+                mib: r.kv.mib(),
+                quality: r.ppl,
+                on_front: r.pareto,
+            })
+            .collect();
+        let title = format!(
+            "Perplexity against KV memory, {} tokens of {} ({})",
+            tokens.len(),
+            args.text
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            model_name(&args.model)
+        );
+        let svg = frontier_svg(&title, "perplexity (lower is better)", &points);
+        write_svg(path, &svg)?;
+    }
     Ok(())
 }
 
-fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
+/// A point of a frontier chart: a sweep point's label, its KV MiB, its quality, and whether
+/// it is on the Pareto front.
+struct FrontPoint {
+    label: String,
+    mib: f64,
+    quality: f64,
+    on_front: bool,
+}
+
+/// The frontier chart: one series per setting without its budget (so a policy's budgets form
+/// a line), the Pareto front drawn over them.
+fn frontier_svg(title: &str, y_label: &str, points: &[FrontPoint]) -> String {
+    let mut series: Vec<Series> = Vec::new();
+    for p in points {
+        // "knorm q8_0 b256" and "knorm q8_0 b512" are one line.
+        let setting: Vec<&str> = p
+            .label
+            .split(' ')
+            .filter(|w| !(w.starts_with('b') && w[1..].parse::<usize>().is_ok()))
+            .collect();
+        let setting = setting.join(" ");
+        match series.iter_mut().find(|s| s.label == setting) {
+            Some(s) => s.points.push((p.mib, p.quality)),
+            None => series.push(Series {
+                label: setting,
+                points: vec![(p.mib, p.quality)],
+            }),
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    let mut front: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|p| p.on_front)
+        .map(|p| (p.mib, p.quality))
+        .collect();
+    front.sort_by(|a, b| a.0.total_cmp(&b.0));
+    frontier_chart(title, "KV cache allocated (MiB)", y_label, &series, &front)
+}
+
+fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
     check_lists(&args.sweep)?;
     // Settings: budgets, or ratios (resolved per length), or the full cache only (budget 0:
     // the evicting policies are skipped).
     let settings: Vec<Budget> = if !args.ratio.is_empty() {
         args.ratio.iter().map(|&r| Budget::Ratio(r)).collect()
-    } else if !args.budget.is_empty() {
-        args.budget.iter().map(|&b| Budget::Cells(b)).collect()
+    } else if !args.sweep.budgets.is_empty() {
+        args.sweep
+            .budgets
+            .iter()
+            .map(|&b| Budget::Cells(b))
+            .collect()
     } else {
         vec![Budget::Cells(0)]
     };
@@ -359,8 +404,8 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
         .flat_map(|&s| args.lengths.iter().map(move |&n| s.cells(n)))
         .filter(|&b| b > 0)
         .collect();
-    args.sweep.apply_tuned(&args.model.model, &budgets)?;
-    let chunk = args.sweep.chunk.unwrap_or(32);
+    apply_tuned(&mut args.sweep, &args.model.model, &budgets, given)?;
+    let chunk = args.sweep.base.n_batch;
     if args.lengths.is_empty() || args.depths.is_empty() || args.trials == 0 {
         return Err(Error::invalid(
             "give at least one length, one depth and one trial",
@@ -372,15 +417,11 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     for &len in &args.lengths {
         check_cells("--lengths", len)?;
     }
-    for &b in &args.budget {
-        check_cells("--budget", b)?;
-    }
     if args.depths.iter().any(|d| !(0.0..=1.0).contains(d)) {
         return Err(Error::invalid("--depths values must be between 0 and 1"));
     }
     check_eval_outputs(
-        &args.json,
-        &args.plot,
+        &[&args.json, &args.plot, &args.frontier],
         &args.model,
         &args.filler,
         &args.sweep,
@@ -392,7 +433,7 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     for &len in &args.lengths {
         for &depth in &args.depths {
             for t in 0..args.trials {
-                let mut rng = args.sweep.seed
+                let mut rng = args.sweep.llama.seed
                     ^ (len as u64).wrapping_mul(0x9E37_79B9)
                     ^ ((depth * 1000.0) as u64).wrapping_mul(0x85EB_CA6B)
                     ^ (t as u64).wrapping_mul(0xC2B2_AE35);
@@ -404,38 +445,38 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
             }
         }
     }
-    let sweep = args.sweep.sweep();
-    let base = args.sweep.base(chunk);
+    let sweep = &args.sweep.sweep;
+    let base = &args.sweep.base;
     let mut records = Vec::new();
     let mut panels: Vec<Heatmap> = Vec::new();
+    // Accuracy over the depths against KV MiB, per point and length (with the indices of its
+    // rows), for the Pareto front.
+    let mut front_points: Vec<(FrontPoint, std::ops::Range<usize>)> = Vec::new();
     println!(
-        "{:<40} {:>7} {:>6} {:>6} {:>8} {:>10} {:>8}",
-        "policy", "budget", "length", "depth", "accuracy", "answer NLL", "key kept"
+        "{:<40} {:>7} {:>6} {:>6} {:>8} {:>10} {:>8} {:>8}",
+        "policy", "budget", "length", "depth", "accuracy", "answer NLL", "key kept", "KV MiB"
     );
     for (si, &setting) in settings.iter().enumerate() {
         // Setting by setting, so the table reads budget by budget; the full cache once.
-        for point in sweep.points(&[setting], &base) {
+        for point in sweep.points(&[setting], base) {
             if point.budget.is_none() && si > 0 {
                 continue;
             }
             let label = sweep.label(&point);
+            let first_row = records.len();
             let mut grid = vec![vec![f64::NAN; args.depths.len()]; args.lengths.len()];
             for (li, &len) in args.lengths.iter().enumerate() {
                 let eviction = point.at(len);
                 let answer_max = 16;
-                let mut engine = match eviction.engine(
-                    &args.model,
-                    &model,
-                    len + answer_max,
-                    args.sweep.seed,
-                    true,
-                ) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        eprintln!("qfilters: skipping {label} at length {len}: {e}");
-                        continue;
-                    }
-                };
+                let llama = point.llama(&args.sweep.llama);
+                let mut engine =
+                    match eviction.engine(&args.model, &llama, &model, len + answer_max, true) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            eprintln!("qfilters: skipping {label} at length {len}: {e}");
+                            continue;
+                        }
+                    };
                 for (di, &depth) in args.depths.iter().enumerate() {
                     let (mut hits, mut nll_sum, mut peak) = (0usize, 0.0, 0);
                     let mut answers = Vec::new();
@@ -464,15 +505,18 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                         .as_ref()
                         .and_then(|k| mean(k.iter().copied()));
                     grid[li][di] = acc;
+                    let kv = KvRecord::new(point.cache, engine.stats().kv_bytes);
                     println!(
-                        "{label:<40} {:>7} {len:>6} {depth:>6.2} {:>7.0}% {nll:>10.3} {:>8}",
+                        "{label:<40} {:>7} {len:>6} {depth:>6.2} {:>7.0}% {nll:>10.3} {:>8} {:>8.2}",
                         eviction.budget,
                         acc * 100.0,
-                        key_kept.map_or("-".into(), |k| format!("{:.0}%", k * 100.0))
+                        key_kept.map_or("-".into(), |k| format!("{:.0}%", k * 100.0)),
+                        kv.mib()
                     );
                     records.push(PasskeyRecord {
                         ratio: point.budget.and_then(Budget::ratio),
                         eviction: eviction.clone(),
+                        kv,
                         length: len,
                         depth,
                         accuracy: acc,
@@ -484,7 +528,29 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                         key_kept,
                         key_kept_by_layer,
                         answers,
+                        pareto: false,
                     });
+                }
+            }
+            for (li, &len) in args.lengths.iter().enumerate() {
+                // This point's rows at this length: the last ones pushed with it.
+                let rows: Vec<usize> = (first_row..records.len())
+                    .filter(|&i| records[i].length == len)
+                    .collect();
+                let acc = mean(grid[li].iter().copied().filter(|a| a.is_finite()));
+                if let (Some(acc), Some(&i), Some(&j)) = (acc, rows.first(), rows.last()) {
+                    let at = if args.lengths.len() > 1 {
+                        format!(" L{len}")
+                    } else {
+                        String::new()
+                    };
+                    let point = FrontPoint {
+                        label: format!("{label}{at}"),
+                        mib: records[i].kv.mib(),
+                        quality: acc,
+                        on_front: false,
+                    };
+                    front_points.push((point, i..j + 1));
                 }
             }
             panels.push(Heatmap {
@@ -493,6 +559,16 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                 cols: args.depths.iter().map(|d| format!("{d}")).collect(),
                 values: grid,
             });
+        }
+    }
+    let xy: Vec<(f64, f64)> = front_points
+        .iter()
+        .map(|(p, _)| (p.mib, p.quality))
+        .collect();
+    for ((p, rows), on) in front_points.iter_mut().zip(pareto_front(&xy, true)) {
+        p.on_front = on;
+        for r in &mut records[rows.clone()] {
+            r.pareto = on;
         }
     }
     if let Some(path) = &args.json {
@@ -509,6 +585,16 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
             "key depth",
             &panels,
         );
+        write_svg(path, &svg)?;
+    }
+    if let Some(path) = &args.frontier {
+        let title = format!(
+            "Passkey accuracy against KV memory ({}, {} trial(s) per depth)",
+            model_name(&args.model),
+            args.trials
+        );
+        let points: Vec<FrontPoint> = front_points.into_iter().map(|(p, _)| p).collect();
+        let svg = frontier_svg(&title, "passkey accuracy (higher is better)", &points);
         write_svg(path, &svg)?;
     }
     Ok(())

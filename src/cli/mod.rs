@@ -10,7 +10,7 @@ pub mod run;
 pub mod serve;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
@@ -18,7 +18,7 @@ use gguf_tools::filters::{
     QFilters, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY, META_DEFAULT_WINDOW,
 };
 
-pub use qfilters::args::{EvictionArgs, SamplingArgs};
+pub use qfilters::args::{EvictionArgs, LlamaArgs, SamplingArgs};
 use qfilters::cache::{EvictionConfig, Granularity};
 use qfilters::engine::Engine;
 use qfilters::ffi::{Model, ModelParams};
@@ -26,26 +26,32 @@ use qfilters::{Error, Result};
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// Argument ids the user gave on the command line (of the subcommand that runs).
-static GIVEN: OnceLock<Vec<String>> = OnceLock::new();
+/// Which arguments the user typed on the command line (clap ids of the subcommand that runs,
+/// e.g. "recency"), as opposed to those at their defaults: tuned defaults apply only where no
+/// flag was typed. `main` reads it once from the parsed command line and hands it to the
+/// command that asks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Given(Vec<String>);
 
-/// Records which arguments of the leaf subcommand came from the command line (not defaults).
-pub fn record_given(matches: &ArgMatches) {
-    let mut m = matches;
-    while let Some((_, sub)) = m.subcommand() {
-        m = sub;
+impl Given {
+    /// The arguments of the leaf subcommand whose values came from the command line.
+    pub fn from_matches(matches: &ArgMatches) -> Given {
+        let mut m = matches;
+        while let Some((_, sub)) = m.subcommand() {
+            m = sub;
+        }
+        Given(
+            m.ids()
+                .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+                .map(|id| id.as_str().to_string())
+                .collect(),
+        )
     }
-    let ids = m
-        .ids()
-        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
-        .map(|id| id.as_str().to_string())
-        .collect();
-    let _ = GIVEN.set(ids);
-}
 
-/// Whether the user gave argument `id` (a field name, e.g. "recency") on the command line.
-pub fn given(id: &str) -> bool {
-    GIVEN.get().is_some_and(|ids| ids.iter().any(|i| i == id))
+    /// Whether the user typed argument `id` (a field name, e.g. "recency").
+    pub fn has(&self, id: &str) -> bool {
+        self.0.iter().any(|i| i == id)
+    }
 }
 
 /// Eviction defaults measured for one model (`qfilters calibrate --tune`), carried in the
@@ -118,17 +124,18 @@ impl Tuned {
     /// budget the built-in window fits.
     fn apply(
         &self,
+        given: &Given,
         budget: Option<(usize, usize)>,
         mut set_recency: impl FnMut(f64),
         mut set_window: impl FnMut(usize),
         mut set_granularity: impl FnMut(Granularity),
     ) -> Vec<String> {
         let mut used = Vec::new();
-        if let Some(r) = self.recency.filter(|_| !given("recency")) {
+        if let Some(r) = self.recency.filter(|_| !given.has("recency")) {
             set_recency(r);
             used.push(format!("recency {r}"));
         }
-        if let Some(w) = self.window.filter(|_| !given("window")) {
+        if let Some(w) = self.window.filter(|_| !given.has("window")) {
             match budget {
                 Some((b, sinks)) if !EvictionConfig::window_fits(b, w, sinks) => {
                     let half = b.saturating_sub(sinks) / 2;
@@ -143,7 +150,7 @@ impl Tuned {
                 }
             }
         }
-        if let Some(g) = self.granularity.filter(|_| !given("granularity")) {
+        if let Some(g) = self.granularity.filter(|_| !given.has("granularity")) {
             set_granularity(g);
             used.push(format!("granularity {g}"));
         }
@@ -261,7 +268,7 @@ pub use qfilters::args::check_cells;
 /// name the flag to change.
 pub trait EvictionCli {
     /// Takes the tuned defaults of the filters in use (see [`Tuned`]) where no flag was given.
-    fn apply_tuned(&mut self, model_path: &Path) -> Result<()>;
+    fn apply_tuned(&mut self, model_path: &Path, given: &Given) -> Result<()>;
 
     /// Filters from --filters, else from the GGUF, for a policy that needs them; says on
     /// stderr which are used unless `quiet`.
@@ -273,36 +280,37 @@ pub trait EvictionCli {
     ) -> Result<Option<Arc<QFilters>>>;
 
     /// The engine for this policy with the filters the caller resolved (or a benchmark's
-    /// stand-in filters); `capacity` as in [`EvictionArgs::engine_config`].
+    /// stand-in filters) and llama.cpp's flags; `capacity` as in
+    /// [`EvictionArgs::engine_config`].
     fn engine_with_filters(
         &self,
         margs: &ModelArgs,
+        llama: &LlamaArgs,
         model: &Arc<Model>,
         capacity: usize,
         filters: Option<Arc<QFilters>>,
-        seed: u64,
     ) -> Result<Engine>;
 
     /// [`EvictionCli::engine_with_filters`] with the filters resolved here.
     fn engine(
         &self,
         margs: &ModelArgs,
+        llama: &LlamaArgs,
         model: &Arc<Model>,
         capacity: usize,
-        seed: u64,
         quiet: bool,
     ) -> Result<Engine> {
         let filters = self.resolve_filters(&margs.model, model, quiet)?;
-        self.engine_with_filters(margs, model, capacity, filters, seed)
+        self.engine_with_filters(margs, llama, model, capacity, filters)
     }
 }
 
 impl EvictionCli for EvictionArgs {
-    fn apply_tuned(&mut self, model_path: &Path) -> Result<()> {
+    fn apply_tuned(&mut self, model_path: &Path, given: &Given) -> Result<()> {
         if let Some((t, origin)) = Tuned::find(self.filters.as_deref(), model_path)? {
             let (mut r, mut w, mut g) = (self.recency, self.window, self.granularity);
             let budget = self.policy.evicts.then_some((self.budget, self.sinks));
-            let used = t.apply(budget, |x| r = x, |x| w = x, |x| g = x);
+            let used = t.apply(given, budget, |x| r = x, |x| w = x, |x| g = x);
             (self.recency, self.window, self.granularity) = (r, w, g);
             announce(&used, &origin);
         }
@@ -356,13 +364,13 @@ impl EvictionCli for EvictionArgs {
     fn engine_with_filters(
         &self,
         margs: &ModelArgs,
+        llama: &LlamaArgs,
         model: &Arc<Model>,
         capacity: usize,
         filters: Option<Arc<QFilters>>,
-        seed: u64,
     ) -> Result<Engine> {
-        let scorer = self.scorer(filters, seed)?;
-        let config = self.engine_config(capacity, margs.threads())?;
+        let scorer = self.scorer(filters, llama.seed)?;
+        let config = self.engine_config(llama, capacity, margs.threads())?;
         let evicting = self.policy.evicts;
         Engine::new(model, scorer, config).map_err(|e| match e {
             // Only commands with a --budget can be told to lower it.
@@ -504,7 +512,7 @@ mod tests {
         };
         let window = |budget| {
             let mut w = 0;
-            let used = t.apply(budget, |_| {}, |x| w = x, |_| {});
+            let used = t.apply(&Given::default(), budget, |_| {}, |x| w = x, |_| {});
             (w, used.join(", "))
         };
         // The tuning budget (256, 4 sinks) holds window 128: the measured setting is used.

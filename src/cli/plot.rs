@@ -1,4 +1,5 @@
-//! Small hand-written SVG charts: a line chart (NLL against position) and accuracy heatmaps.
+//! Small hand-written SVG charts: a line chart (NLL against position), the same with markers
+//! and a Pareto front (quality against KV memory), and accuracy heatmaps.
 //! No plotting dependency: the charts are a few rectangles, lines and labels.
 
 use std::fmt::Write;
@@ -53,6 +54,29 @@ pub struct Series {
 
 /// A line chart with axes, ticks, grid, a legend on the right and a title.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    chart(title, x_label, y_label, series, false, &[])
+}
+
+/// The line chart with a marker at every point, and `front` (points sorted by x) drawn over
+/// the series as a thick dashed black line through hollow rings, labelled "Pareto front".
+pub fn frontier_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    front: &[(f64, f64)],
+) -> String {
+    chart(title, x_label, y_label, series, true, front)
+}
+
+fn chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    markers: bool,
+    front: &[(f64, f64)],
+) -> String {
     let (w, h) = (960.0, 540.0);
     let (left, right, top, bottom) = (70.0, 250.0, 50.0, 60.0);
     let pw = w - left - right;
@@ -79,6 +103,10 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     y1 += pad;
     if x1 <= x0 {
         x1 = x0 + 1.0;
+    }
+    if markers {
+        // Room for the rightmost marker and its ring.
+        x1 += (x1 - x0) * 0.03;
     }
     let sx = |x: f64| left + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| top + ph - (y - y0) / (y1 - y0) * ph;
@@ -157,6 +185,53 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
             lx + 34.0,
             ly + 4.0,
             esc(&ser.label)
+        );
+        if markers {
+            for &(x, y) in ser
+                .points
+                .iter()
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+            {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"/>"#,
+                    sx(x),
+                    sy(y)
+                );
+            }
+        }
+    }
+    let front: Vec<(f64, f64)> = front
+        .iter()
+        .copied()
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
+    if !front.is_empty() {
+        let pts: Vec<String> = front
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="black" stroke-width="2.5" stroke-dasharray="7,4" points="{}"/>"#,
+            pts.join(" ")
+        );
+        for &(x, y) in &front {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="7" fill="none" stroke="black" stroke-width="1.8"/>"#,
+                sx(x),
+                sy(y)
+            );
+        }
+        let ly = top + 10.0 + series.len() as f64 * 20.0;
+        let lx = left + pw + 15.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="black" stroke-width="2.5" stroke-dasharray="7,4"/><text x="{}" y="{}">Pareto front</text>"#,
+            lx + 28.0,
+            lx + 34.0,
+            ly + 4.0
         );
     }
     s.push_str("</svg>\n");
@@ -319,5 +394,20 @@ mod tests {
             }],
         );
         assert!(hm.contains(">100<") && hm.contains("#dddddd"));
+        let fr = frontier_chart(
+            "f",
+            "MiB",
+            "ppl",
+            &[Series {
+                label: "none".into(),
+                points: vec![(7.0, 20.0), (14.0, 17.0)],
+            }],
+            &[(7.0, 20.0), (14.0, 17.0)],
+        );
+        assert!(fr.starts_with("<svg") && fr.trim_end().ends_with("</svg>"));
+        // Two filled markers, two front rings, and the front's legend entry.
+        assert_eq!(fr.matches("r=\"3.5\"").count(), 2);
+        assert_eq!(fr.matches("r=\"7\"").count(), 2);
+        assert!(fr.contains("Pareto front"));
     }
 }

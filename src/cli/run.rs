@@ -11,8 +11,8 @@ use qfilters::generate::{generate, Limits};
 use qfilters::{Error, Result};
 
 use super::{
-    check_outputs, read_text, write_json, EvictionArgs, EvictionCli, ModelArgs, Progress,
-    SamplingArgs,
+    check_outputs, read_text, write_json, EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs,
+    Progress, SamplingArgs,
 };
 
 #[derive(Args, Debug)]
@@ -21,6 +21,8 @@ pub struct RunArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub eviction: EvictionArgs,
+    #[command(flatten)]
+    pub llama: LlamaArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Prompt text.
@@ -41,9 +43,10 @@ pub struct RunArgs {
     pub json_stats: Option<PathBuf>,
 }
 
-pub fn run(mut args: RunArgs) -> Result<()> {
+pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
     args.sampling.check()?;
     args.eviction.check()?;
+    args.llama.check(args.eviction.per_head())?;
     super::check_cells("--n-predict", args.n_predict)?;
     // The stats file is checked now, not after the generation it would report.
     if let Some(out) = &args.json_stats {
@@ -58,7 +61,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         (None, Some(f)) => read_text(f)?,
         (None, None) => return Err(Error::invalid("give a prompt with -p TEXT or -f FILE")),
     };
-    args.eviction.apply_tuned(&args.model.model)?;
+    args.eviction.apply_tuned(&args.model.model, given)?;
     let model = args.model.load()?;
     let tokens = model.tokenize(&text, true, args.special)?;
     if tokens.is_empty() {
@@ -66,12 +69,12 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     }
     let mut engine = args.eviction.engine(
         &args.model,
+        &args.llama,
         &model,
         tokens.len() + args.n_predict,
-        args.sampling.seed,
         false,
     )?;
-    let mut sampler = Sampler::new(&args.sampling.params()?)?;
+    let mut sampler = Sampler::new(&args.sampling.params(args.llama.seed)?)?;
     let progress = Progress::new(tokens.len(), "prompt");
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -110,7 +113,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let s = engine.stats();
     let budget = engine.budget();
     eprintln!(
-        "qfilters: policy {} | prompt {} tok | generated {} | peak cells {} (budget {}) | evicted {} | KV {:.1} MiB | prefill {:.1} tok/s | decode {:.1} tok/s",
+        "qfilters: policy {} | prompt {} tok | generated {} | peak cells {} (budget {}) | evicted {} | KV {:.1} MiB (K {}, V {}) | prefill {:.1} tok/s | decode {:.1} tok/s",
         args.eviction.policy,
         s.prompt_tokens,
         generated.len(),
@@ -118,6 +121,8 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         budget.map(|b| b.to_string()).unwrap_or_else(|| "none".into()),
         s.evicted,
         s.kv_bytes as f64 / (1024.0 * 1024.0),
+        args.llama.cache_type_k,
+        args.llama.cache_type_v,
         s.prefill_tok_s(),
         s.decode_tok_s()
     );
@@ -137,6 +142,10 @@ pub fn run(mut args: RunArgs) -> Result<()> {
                 "sinks": args.eviction.sinks,
                 "granularity": args.eviction.granularity.to_string(),
                 "recency": args.eviction.recency,
+                "cache_type_k": args.llama.cache_type_k.to_string(),
+                "cache_type_v": args.llama.cache_type_v.to_string(),
+                "flash_attn": args.llama.flash_attn.to_string(),
+                "seed": args.llama.seed,
                 "text": model.detokenize(&generated, false),
             });
             if let serde_json::Value::Object(extra) = run {

@@ -8,7 +8,7 @@ use qfilters::chat::ChatTemplate;
 use qfilters::server::{self, api::Defaults, ServerConfig};
 use qfilters::{Error, Result};
 
-use super::{EvictionArgs, EvictionCli, ModelArgs, SamplingArgs};
+use super::{EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs, SamplingArgs};
 
 #[derive(Args, Debug)]
 // A chat's default temperature, as `qfilters chat`; a request's own temperature, top_p and seed
@@ -19,6 +19,8 @@ pub struct ServeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub eviction: EvictionArgs,
+    #[command(flatten)]
+    pub llama: LlamaArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Address to listen on. The default answers this machine only; another address exposes
@@ -51,9 +53,10 @@ pub struct ServeArgs {
     pub template: Option<String>,
 }
 
-pub fn run(mut args: ServeArgs) -> Result<()> {
-    let sampling = args.sampling.params()?;
+pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
+    let sampling = args.sampling.params(args.llama.seed)?;
     args.eviction.check()?;
+    args.llama.check(args.eviction.per_head())?;
     super::check_cells("--max-tokens", args.max_tokens)?;
     if args.parallel == 0 || args.parallel > 64 {
         return Err(Error::invalid(format!(
@@ -67,7 +70,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     if args.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::invalid("--api-key is empty"));
     }
-    args.eviction.apply_tuned(&args.model.model)?;
+    args.eviction.apply_tuned(&args.model.model, given)?;
     let model = args.model.load()?;
     let (template, notice) = ChatTemplate::resolve(&model, args.template.as_deref());
     if let Some(n) = notice {
@@ -78,12 +81,12 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         .resolve_filters(&args.model.model, &model, false)?;
     let evicting = args.eviction.policy.evicts;
     let (budget, n_batch) = (args.eviction.budget, args.eviction.n_batch);
-    // A policy that does not evict: a full cache of budget + batch cells, and a conversation
-    // that outgrows it is refused.
-    let capacity = if evicting {
-        0
-    } else {
-        budget.saturating_add(n_batch)
+    // A policy that does not evict: a full cache of --ctx-size, else budget + batch, cells,
+    // and a conversation that outgrows it is refused.
+    let capacity = match (evicting, args.llama.ctx_size) {
+        (true, _) => 0,
+        (false, 0) => budget.saturating_add(n_batch),
+        (false, c) => c,
     };
     // Each slot gets its share of the default threads (at least one), so K slots do not
     // contend for the same cores; -t / QFILTERS_THREADS give each slot that many.
@@ -96,10 +99,10 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     let mut margs = args.model.clone();
     margs.threads = Some(per_slot);
     let eviction = args.eviction.clone();
-    let seed = args.sampling.seed;
+    let llama = args.llama.clone();
     let m = Arc::clone(&model);
     let make = Arc::new(move |_slot: usize| {
-        eviction.engine_with_filters(&margs, &m, capacity, filters.clone(), seed)
+        eviction.engine_with_filters(&margs, &llama, &m, capacity, filters.clone())
     });
     let model_id = args
         .model

@@ -1,10 +1,12 @@
 //! Quality under compression, measured like the Q-Filters paper: streaming perplexity
-//! ([`ppl`]) and passkey retrieval ([`passkey`]), swept over policies and knobs ([`sweep`]).
+//! ([`ppl`]) and passkey retrieval ([`passkey`]), swept over policies, knobs and cache types
+//! ([`sweep`]), and the quality-per-byte front of such a sweep ([`frontier`]).
 //!
 //! The evaluations drive an [`crate::engine::Engine`] the way a user's run would: the input is
 //! fed in chunks, the cache is brought back to its budget after each chunk, and quality is read
 //! from the logits the model produced with whatever the policy left in the cache.
 
+pub mod frontier;
 pub mod passkey;
 pub mod ppl;
 pub mod sweep;

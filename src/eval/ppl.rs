@@ -84,6 +84,7 @@ pub fn full_context_nll(
             threads,
             flash_attn: None,
             hook: false,
+            ..ContextParams::default()
         },
     )?;
     let mut batch = Batch::new(n_batch);

@@ -4,11 +4,15 @@
 
 use serde::Serialize;
 
-use crate::args::EvictionArgs;
+use crate::args::{EvictionArgs, LlamaArgs};
 use crate::cache::{Combiner, Granularity};
+use crate::error::{Error, Result};
+use crate::ffi::CacheType;
 use crate::policy::PolicyInfo;
 
-/// The lists swept over (each non-empty; the sweep is their product).
+/// The lists swept over (each non-empty; the sweep is their product, except the cache types,
+/// which pair up: see [`Sweep::cache_pairs`]). Parsed from the command line by
+/// [`crate::args::SweepArgs`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sweep {
     pub policies: Vec<PolicyInfo>,
@@ -18,6 +22,8 @@ pub struct Sweep {
     pub combiner: Vec<Combiner>,
     pub slack: Vec<usize>,
     pub recency: Vec<f64>,
+    pub cache_type_k: Vec<CacheType>,
+    pub cache_type_v: Vec<CacheType>,
 }
 
 /// How a point's cache is sized.
@@ -46,12 +52,14 @@ impl Budget {
     }
 }
 
-/// One point of the sweep: the eviction settings, and the budget they run at (`None` for a
-/// policy that does not evict: its cache holds the whole input).
+/// One point of the sweep: the eviction settings, the budget they run at (`None` for a
+/// policy that does not evict: its cache holds the whole input), and the cache's K and V
+/// storage types.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
     pub eviction: EvictionArgs,
     pub budget: Option<Budget>,
+    pub cache: (CacheType, CacheType),
 }
 
 impl Point {
@@ -61,6 +69,15 @@ impl Point {
         EvictionArgs {
             budget: self.budget.map_or(tokens, |b| b.cells(tokens)),
             ..self.eviction.clone()
+        }
+    }
+
+    /// llama.cpp's flags for this point: `base` with the point's cache types.
+    pub fn llama(&self, base: &LlamaArgs) -> LlamaArgs {
+        LlamaArgs {
+            cache_type_k: self.cache.0,
+            cache_type_v: self.cache.1,
+            ..base.clone()
         }
     }
 }
@@ -74,15 +91,33 @@ struct Varies {
     combiner: bool,
     slack: bool,
     recency: bool,
+    cache: bool,
 }
 
 impl Sweep {
+    /// The (K, V) cache types of the sweep: the two lists pair up in order, as llama.cpp users
+    /// give `-ctk q8_0 -ctv q8_0`; a list of one pairs with every value of the other. Lists of
+    /// other, different lengths are an error.
+    pub fn cache_pairs(&self) -> Result<Vec<(CacheType, CacheType)>> {
+        let (k, v) = (&self.cache_type_k, &self.cache_type_v);
+        match (k.len(), v.len()) {
+            (0, _) | (_, 0) => Err(Error::invalid("empty --cache-type-k or --cache-type-v list")),
+            (1, _) => Ok(v.iter().map(|&v| (k[0], v)).collect()),
+            (_, 1) => Ok(k.iter().map(|&k| (k, v[0])).collect()),
+            (a, b) if a == b => Ok(k.iter().copied().zip(v.iter().copied()).collect()),
+            (a, b) => Err(Error::invalid(format!(
+                "--cache-type-k lists {a} types and --cache-type-v {b}: they pair up in order, so give as many of each (or one)"
+            ))),
+        }
+    }
+
     /// The points at each of `budgets`, policy by policy; settings not swept (filters, key
     /// source, batch) come from `base`. A policy that does not evict appears once, without a
     /// budget; for a policy whose heads all score alike, granularity is per position, the
     /// combiner the first one and the recency prior off (they cannot change what it keeps);
     /// at head granularity the combiner is the first one (it combines nothing there).
     pub fn points(&self, budgets: &[Budget], base: &EvictionArgs) -> Vec<Point> {
+        let pairs = self.cache_pairs().unwrap_or_default();
         let first_combiner = self.combiner.first().copied().unwrap_or(Combiner::MeanZ);
         let mut out: Vec<Point> = Vec::new();
         let mut push = |p: Point| {
@@ -90,52 +125,56 @@ impl Sweep {
                 out.push(p);
             }
         };
-        for &policy in &self.policies {
-            if !policy.evicts {
-                push(Point {
-                    eviction: EvictionArgs {
-                        policy,
-                        window: self.window[0],
-                        sinks: self.sinks[0],
-                        granularity: Granularity::Position,
-                        combiner: Combiner::MeanZ,
-                        slack: 0,
-                        recency: 0.0,
-                        ..base.clone()
-                    },
-                    budget: None,
-                });
-                continue;
-            }
-            for &budget in budgets {
-                for &window in &self.window {
-                    for &sinks in &self.sinks {
-                        for &granularity in &self.granularity {
-                            for &combiner in &self.combiner {
-                                for &slack in &self.slack {
-                                    for &recency in &self.recency {
-                                        let (granularity, combiner, recency) =
-                                            if !policy.scores_vary_by_head {
-                                                (Granularity::Position, first_combiner, 0.0)
-                                            } else if granularity == Granularity::Head {
-                                                (granularity, first_combiner, recency)
-                                            } else {
-                                                (granularity, combiner, recency)
-                                            };
-                                        push(Point {
-                                            eviction: EvictionArgs {
-                                                policy,
-                                                budget: budget.cells(0),
-                                                window,
-                                                sinks,
-                                                granularity,
-                                                combiner,
-                                                slack,
-                                                recency,
-                                                ..base.clone()
-                                            },
-                                            budget: Some(budget),
-                                        });
+        for &cache in &pairs {
+            for &policy in &self.policies {
+                if !policy.evicts {
+                    push(Point {
+                        eviction: EvictionArgs {
+                            policy,
+                            window: self.window[0],
+                            sinks: self.sinks[0],
+                            granularity: Granularity::Position,
+                            combiner: Combiner::MeanZ,
+                            slack: 0,
+                            recency: 0.0,
+                            ..base.clone()
+                        },
+                        budget: None,
+                        cache,
+                    });
+                    continue;
+                }
+                for &budget in budgets {
+                    for &window in &self.window {
+                        for &sinks in &self.sinks {
+                            for &granularity in &self.granularity {
+                                for &combiner in &self.combiner {
+                                    for &slack in &self.slack {
+                                        for &recency in &self.recency {
+                                            let (granularity, combiner, recency) =
+                                                if !policy.scores_vary_by_head {
+                                                    (Granularity::Position, first_combiner, 0.0)
+                                                } else if granularity == Granularity::Head {
+                                                    (granularity, first_combiner, recency)
+                                                } else {
+                                                    (granularity, combiner, recency)
+                                                };
+                                            push(Point {
+                                                eviction: EvictionArgs {
+                                                    policy,
+                                                    budget: budget.cells(0),
+                                                    window,
+                                                    sinks,
+                                                    granularity,
+                                                    combiner,
+                                                    slack,
+                                                    recency,
+                                                    ..base.clone()
+                                                },
+                                                budget: Some(budget),
+                                                cache,
+                                            });
+                                        }
                                     }
                                 }
                             }
@@ -155,6 +194,7 @@ impl Sweep {
             combiner: self.combiner.len() > 1,
             slack: self.slack.len() > 1,
             recency: self.recency.len() > 1,
+            cache: self.cache_pairs().is_ok_and(|p| p.len() > 1),
         }
     }
 
@@ -162,14 +202,20 @@ impl Sweep {
     /// sweep varies and that matter for this policy.
     pub fn label(&self, p: &Point) -> String {
         let e = &p.eviction;
+        let v = self.varies();
         let mut s = e.policy.name.to_string();
+        if v.cache {
+            s += &match p.cache {
+                (k, v) if k == v => format!(" {k}"),
+                (k, v) => format!(" k{k}/v{v}"),
+            };
+        }
         if let Some(Budget::Cells(b)) = p.budget {
             s += &format!(" b{b}");
         }
         if !e.policy.evicts {
             return s + " (full cache)";
         }
-        let v = self.varies();
         let by_head = e.policy.scores_vary_by_head;
         if v.window {
             s += &format!(" w{}", e.window);
@@ -196,11 +242,37 @@ impl Sweep {
     }
 }
 
+/// What a result row says about the KV cache: its storage types and the bytes llama.cpp
+/// allocated for it (K and V, every layer: [`crate::engine::Stats::kv_bytes`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct KvRecord {
+    pub cache_type_k: String,
+    pub cache_type_v: String,
+    pub kv_bytes: usize,
+}
+
+impl KvRecord {
+    pub fn new(cache: (CacheType, CacheType), kv_bytes: usize) -> KvRecord {
+        KvRecord {
+            cache_type_k: cache.0.to_string(),
+            cache_type_v: cache.1.to_string(),
+            kv_bytes,
+        }
+    }
+
+    /// The bytes in MiB, as tables print them.
+    pub fn mib(&self) -> f64 {
+        self.kv_bytes as f64 / (1024.0 * 1024.0)
+    }
+}
+
 /// One row of `qfilters eval ppl --json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PplRecord {
     #[serde(flatten)]
     pub eviction: EvictionArgs,
+    #[serde(flatten)]
+    pub kv: KvRecord,
     pub ppl: f64,
     pub ppl_second_half: f64,
     pub tok_s: f64,
@@ -219,6 +291,10 @@ pub struct PplRecord {
     pub full_context_ppl: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_context_ppl_second_half: Option<f64>,
+    /// Whether the point is on the sweep's perplexity-per-byte Pareto front
+    /// ([`crate::eval::frontier::pareto_front`]): no other point of the same run has at most
+    /// its KV bytes and at most its perplexity, one of them strictly.
+    pub pareto: bool,
 }
 
 /// One trial's answer, in a [`PasskeyRecord`].
@@ -238,6 +314,8 @@ pub struct PasskeyRecord {
     /// Its budget is the one used at this length (`null` for the full cache).
     #[serde(flatten)]
     pub eviction: EvictionArgs,
+    #[serde(flatten)]
+    pub kv: KvRecord,
     pub ratio: Option<f64>,
     pub length: usize,
     pub depth: f64,
@@ -252,6 +330,9 @@ pub struct PasskeyRecord {
     /// The same per tracked layer (the book's layers, in order).
     pub key_kept_by_layer: Option<Vec<f64>>,
     pub answers: Vec<PasskeyAnswer>,
+    /// Whether the point, at this length, is on the run's accuracy-per-byte Pareto front
+    /// (accuracy over the depths against KV bytes).
+    pub pareto: bool,
 }
 
 /// Mean over trials of per-layer key survival ([`crate::eval::passkey::key_survival`]):
@@ -290,6 +371,8 @@ mod tests {
             combiner: vec![Combiner::MeanZ],
             slack: vec![0],
             recency: vec![128.0],
+            cache_type_k: vec![CacheType::F16],
+            cache_type_v: vec![CacheType::F16],
         }
     }
 
@@ -372,6 +455,7 @@ mod tests {
         let full = points.last().unwrap().at(100);
         let rec = PasskeyRecord {
             eviction: full,
+            kv: KvRecord::new((CacheType::Q8_0, CacheType::F16), 1 << 20),
             ratio: None,
             length: 100,
             depth: 0.5,
@@ -389,12 +473,17 @@ mod tests {
                 answer_nll: 0.25,
                 key_kept: None,
             }],
+            pareto: true,
         };
         let v = serde_json::to_value(&rec).unwrap();
         assert_eq!(v["policy"], "none");
         assert!(v["budget"].is_null(), "the full cache has no budget: {v}");
         assert_eq!(v["granularity"], "position");
         assert_eq!(v["answers"][0]["key"], 12345);
+        assert_eq!(
+            (&v["cache_type_k"], &v["cache_type_v"], &v["kv_bytes"]),
+            (&"q8_0".into(), &"f16".into(), &(1 << 20).into())
+        );
         assert_eq!(passkey_rates(3, 1.5, 4), (0.75, 0.375));
         assert_eq!(passkey_rates(0, 0.0, 0), (0.0, 0.0));
         assert!(
@@ -408,5 +497,39 @@ mod tests {
         let trials = [vec![1.0, 0.0, 0.5], vec![0.0, 0.0, 1.0]];
         assert_eq!(mean_by_layer(&trials), Some(vec![0.5, 0.0, 0.75]));
         assert_eq!(mean_by_layer(&[] as &[Vec<f64>]), None);
+    }
+
+    #[test]
+    fn cache_types_pair_up_in_order_and_label_the_points_when_they_vary() {
+        let mut s = sweep();
+        s.policies = vec![crate::policy::FULL_CACHE, REGISTRY[1]];
+        let (f16, q8, q4) = (CacheType::F16, CacheType::Q8_0, CacheType::Q4_0);
+        s.cache_type_k = vec![f16, q8, q4];
+        s.cache_type_v = vec![f16, q8, q4];
+        assert_eq!(s.cache_pairs().unwrap(), [(f16, f16), (q8, q8), (q4, q4)]);
+        assert_eq!(
+            labels(&s, &[Budget::Cells(64)]),
+            [
+                "none f16 (full cache)",
+                "knorm f16 b64",
+                "none q8_0 (full cache)",
+                "knorm q8_0 b64",
+                "none q4_0 (full cache)",
+                "knorm q4_0 b64",
+            ]
+        );
+        let points = s.points(&[Budget::Cells(64)], &EvictionArgs::default());
+        let llama = points[3].llama(&LlamaArgs::default());
+        assert_eq!((llama.cache_type_k, llama.cache_type_v), (q8, q8));
+        // One value pairs with each of the other list.
+        s.cache_type_v = vec![f16];
+        assert_eq!(s.cache_pairs().unwrap(), [(f16, f16), (q8, f16), (q4, f16)]);
+        assert_eq!(
+            s.label(&s.points(&[], &EvictionArgs::default())[1]),
+            "none kq8_0/vf16 (full cache)"
+        );
+        s.cache_type_v = vec![f16, q8];
+        let e = s.cache_pairs().unwrap_err().to_string();
+        assert!(e.contains("--cache-type-k lists 3"), "{e}");
     }
 }

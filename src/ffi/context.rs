@@ -25,6 +25,9 @@ pub struct ContextParams {
     /// Install the graph hook (eval callback). Without it nothing can be observed or evicted
     /// by score; benchmarks compare against this.
     pub hook: bool,
+    /// Storage types of the K and V caches.
+    pub type_k: CacheType,
+    pub type_v: CacheType,
 }
 
 impl Default for ContextParams {
@@ -35,7 +38,113 @@ impl Default for ContextParams {
             threads: crate::threads::default_threads(),
             flash_attn: None,
             hook: true,
+            type_k: CacheType::F16,
+            type_v: CacheType::F16,
         }
+    }
+}
+
+/// Storage type of the K or V cache: the values of llama.cpp's `--cache-type-k/-v`, with its
+/// names. Quantized types store blocks of values with a scale; llama.cpp keeps such a cache
+/// Hadamard-rotated (see `Context::k_rotation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum CacheType {
+    F32,
+    #[default]
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Iq4Nl,
+    Q5_0,
+    Q5_1,
+}
+
+impl CacheType {
+    /// Every type, in llama.cpp's order (common/arg.cpp's `kv_cache_types`).
+    pub const ALL: [CacheType; 9] = [
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Bf16,
+        CacheType::Q8_0,
+        CacheType::Q4_0,
+        CacheType::Q4_1,
+        CacheType::Iq4Nl,
+        CacheType::Q5_0,
+        CacheType::Q5_1,
+    ];
+
+    /// llama.cpp's name (ggml's type name).
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheType::F32 => "f32",
+            CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+            CacheType::Q4_1 => "q4_1",
+            CacheType::Iq4Nl => "iq4_nl",
+            CacheType::Q5_0 => "q5_0",
+            CacheType::Q5_1 => "q5_1",
+        }
+    }
+
+    pub(super) fn ggml(self) -> sys::ggml_type {
+        match self {
+            CacheType::F32 => sys::GGML_TYPE_F32,
+            CacheType::F16 => sys::GGML_TYPE_F16,
+            CacheType::Bf16 => sys::GGML_TYPE_BF16,
+            CacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            CacheType::Q4_0 => sys::GGML_TYPE_Q4_0,
+            CacheType::Q4_1 => sys::GGML_TYPE_Q4_1,
+            CacheType::Iq4Nl => sys::GGML_TYPE_IQ4_NL,
+            CacheType::Q5_0 => sys::GGML_TYPE_Q5_0,
+            CacheType::Q5_1 => sys::GGML_TYPE_Q5_1,
+        }
+    }
+
+    /// Values per storage block: 1 for the float types, 32 for the quantized ones (ggml's).
+    pub fn block_size(self) -> usize {
+        // SAFETY: a plain table lookup for a valid type.
+        let b = unsafe { sys::ggml_blck_size(self.ggml()) };
+        usize::try_from(b).unwrap_or(1).max(1)
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
+    /// Bytes that `n` values take, `n` a multiple of [`CacheType::block_size`] (else `None`).
+    pub fn bytes(self, n: usize) -> Option<usize> {
+        if !crate::math::whole_blocks(n, self.block_size()) {
+            return None;
+        }
+        // SAFETY: a plain table lookup for a valid type.
+        let size = unsafe { sys::ggml_type_size(self.ggml()) };
+        Some(n / self.block_size() * size)
+    }
+}
+
+impl std::fmt::Display for CacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        CacheType::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = CacheType::ALL.iter().map(|t| t.name()).collect();
+                Error::invalid(format!(
+                    "unknown cache type '{s}' (known: {})",
+                    known.join(", ")
+                ))
+            })
     }
 }
 
@@ -88,6 +197,8 @@ impl Context {
         // size, and SWA layers prune old positions themselves, so a full-size SWA cache would
         // be mistaken for the full one.
         cp.swa_full = false;
+        cp.type_k = params.type_k.ggml();
+        cp.type_v = params.type_v.ggml();
         cp.flash_attn_type = match params.flash_attn {
             Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
             Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,

@@ -161,6 +161,7 @@ unsafe fn note_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor) {
     }
     state.layers[layer].k = dest;
     state.layers[layer].k_idx = idx;
+    state.layers[layer].k_rot = key_rotation((*t).src[0]);
     if idx.is_null() || state.batch_cells.iter().any(|(p, _)| *p == idx) {
         return;
     }
@@ -174,4 +175,34 @@ unsafe fn note_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor) {
     // device-to-host copy on a GPU).
     sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr() as *mut c_void, 0, n * 8);
     state.batch_cells.push((idx, cells));
+}
+
+/// The size of the Hadamard blocks llama.cpp rotated the keys of a K cache write with, 0 when
+/// they are stored as computed. llama.cpp rotates the keys (and queries) of a quantized K cache
+/// (llama-kv-cache.cpp: `n_rot_k`, unless LLAMA_ATTN_ROT_DISABLE is set), which makes the write's
+/// rows a view or reshape of `MUL_MAT(attn_inp_k_rot, keys)` (llama-graph.cpp's
+/// `llama_mul_mat_hadamard`): found here in the graph itself, not re-derived from its rules.
+///
+/// SAFETY (caller): `src` is null or a live node of the graph being computed.
+unsafe fn key_rotation(mut src: *mut sys::ggml_tensor) -> usize {
+    // view(reshape(mul_mat)): a few hops at most.
+    for _ in 0..4 {
+        if src.is_null() {
+            return 0;
+        }
+        match (*src).op {
+            sys::GGML_OP_MUL_MAT => {
+                let rot = (*src).src[0];
+                let named = !rot.is_null() && tensor_name(rot).starts_with("attn_inp_k_rot");
+                return if named {
+                    (*rot).ne[0].max(0) as usize
+                } else {
+                    0
+                };
+            }
+            sys::GGML_OP_VIEW | sys::GGML_OP_RESHAPE | sys::GGML_OP_CONT => src = (*src).src[0],
+            _ => return 0,
+        }
+    }
+    0
 }

@@ -27,6 +27,8 @@ pub(super) struct LayerKv {
     pub(super) v: *mut sys::ggml_tensor,
     /// Cell indices of the last graph's K write (a graph input, valid until the next decode).
     pub(super) k_idx: *mut sys::ggml_tensor,
+    /// Hadamard block size the stored keys are rotated by (0: not rotated; see graph.rs).
+    pub(super) k_rot: usize,
 }
 
 impl Default for LayerKv {
@@ -35,6 +37,7 @@ impl Default for LayerKv {
             k: std::ptr::null_mut(),
             v: std::ptr::null_mut(),
             k_idx: std::ptr::null_mut(),
+            k_rot: 0,
         }
     }
 }
@@ -139,7 +142,15 @@ impl Context {
         }
     }
 
-    /// Reads the K rows of `cells` (each n_head_kv * head_dim values) for `layer`, as f32.
+    /// The size of the Hadamard blocks llama.cpp rotates `layer`'s stored keys by (a quantized
+    /// K cache), 0 when it stores them as the model computed them. Known after a decode.
+    pub fn k_rotation(&self, layer: usize) -> usize {
+        self.hook.layers.get(layer).map_or(0, |l| l.k_rot)
+    }
+
+    /// Reads the K rows of `cells` (each n_head_kv * head_dim values) for `layer`, as f32, as
+    /// the model computed them: dequantized, and with llama.cpp's rotation of a quantized
+    /// cache undone (the rotation is its own inverse), so scores need not know about it.
     pub fn read_k_rows(&mut self, layer: usize, cells: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let l = self.layer_kv(layer)?;
         self.synchronize();
@@ -177,6 +188,13 @@ impl Context {
                     return Err(Error::KvCache(
                         "the K cache type cannot be read as floats".into(),
                     ));
+                }
+                if l.k_rot > 1 && !crate::math::hadamard_in_place(dst, l.k_rot) {
+                    return Err(Error::KvCache(format!(
+                        "K rows of {} values are not whole rotation blocks of {}",
+                        dst.len(),
+                        l.k_rot
+                    )));
                 }
             }
             i += run;
@@ -261,6 +279,32 @@ impl Context {
             // SAFETY: persistent cache tensors owned by the context.
             !l.v.is_null() && unsafe { (*l.v).ne[0] } as usize == n_embd_v_gqa
         })
+    }
+
+    /// The bytes of one K or V cache row of `layer`, as stored (quantized blocks stay blocks;
+    /// tests use this to check that moves copy them exactly).
+    pub fn read_cache_row_bytes(
+        &mut self,
+        layer: usize,
+        value: bool,
+        cell: usize,
+    ) -> Result<Vec<u8>> {
+        let l = self.layer_kv(layer)?;
+        let t = if value { l.v } else { l.k };
+        if t.is_null() {
+            return Err(Error::KvCache("no such cache tensor".into()));
+        }
+        self.synchronize();
+        // SAFETY: persistent cache tensor; the row range is checked against ne[1].
+        unsafe {
+            if cell as i64 >= (*t).ne[1] {
+                return Err(Error::KvCache(format!("cell {cell} out of range")));
+            }
+            let nb1 = (*t).nb[1];
+            let mut raw = vec![0u8; nb1];
+            sys::ggml_backend_tensor_get(t, raw.as_mut_ptr() as *mut c_void, cell * nb1, nb1);
+            Ok(raw)
+        }
     }
 
     /// Reads one K or V cache row of `layer` (tests use this to check moves).

@@ -18,7 +18,9 @@
 //! - `kv_tensors.rs` (with `kv_tensors/device.rs`): the KV cache tensors themselves, i.e. their
 //!   names `cache_k_l<layer>` / `cache_v_l<layer>`, the layout `[n_head_kv * head_dim, n_cells]`
 //!   (one row per cell, heads contiguous within a row), V stored the same way only with flash
-//!   attention, and the rule that every layer of one cache writes through the same cell indices.
+//!   attention, and the rule that every layer of one cache writes through the same cell indices;
+//!   and, for a quantized K cache, its Hadamard rotation: the graph input `attn_inp_k_rot` (an
+//!   orthonormal Sylvester matrix, llama-kv-cache.cpp) whose product with the keys is written.
 //!
 //! The CPU threadpool and the CPU backend qfilters creates live in `threadpool.rs`.
 
@@ -40,7 +42,7 @@ mod tensor;
 mod threadpool;
 
 pub use batch::Batch;
-pub use context::{Context, ContextParams};
+pub use context::{CacheType, Context, ContextParams};
 pub use graph::{GraphObserver, NodeInfo, NodeOp};
 pub use kv_tensors::{HeadMoveGroup, KeyReduce};
 pub use model::{Model, ModelParams};

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
 use qfilters::engine::{Engine, EngineConfig, Logits};
-use qfilters::ffi::{Batch, Context, ContextParams, GraphObserver, Model, NodeInfo, Token};
+use qfilters::ffi::{
+    Batch, CacheType, Context, ContextParams, GraphObserver, Model, NodeInfo, Token,
+};
 use qfilters::policy::{self, PolicyInputs};
 
 use crate::common::{qwen, smollm2 as model};
@@ -64,6 +66,7 @@ fn swapping_one_heads_slices_between_cells_keeps_attention_outputs() {
             threads: 1,
             flash_attn: Some(true),
             hook: true,
+            ..ContextParams::default()
         },
     )
     .expect("context");
@@ -121,22 +124,29 @@ fn swapping_one_heads_slices_between_cells_keeps_attention_outputs() {
 }
 
 /// After real per-head eviction rounds, every (layer 0, head, cell) slot the book says holds
-/// position p holds exactly p's key and value, as a cache that never evicted has them.
-/// Layer 0's K and V depend only on the token and its position, so they are comparable
-/// across the two runs.
+/// position p holds exactly the bytes of p's key and value slices, as a cache that never
+/// evicted has them. Layer 0's K and V depend only on the token and its position, so they are
+/// comparable across the two runs; a quantized slice is whole blocks, copied as they are.
 #[test]
 fn per_head_eviction_moves_the_slices_the_book_says() {
-    per_head_moves(&model());
+    per_head_moves(&model(), CacheType::F16);
 }
 
 /// The same bookkeeping on qwen2, whose K and V projections add a bias (still a function of
 /// token and position only in layer 0) and whose 2 KV heads each serve 7 query heads.
 #[test]
 fn per_head_eviction_moves_the_slices_the_book_says_on_qwen2() {
-    per_head_moves(&qwen());
+    per_head_moves(&qwen(), CacheType::F16);
 }
 
-fn per_head_moves(model: &Arc<Model>) {
+/// On a q8_0 cache (K and V), a kept slice is never requantized: its blocks are the bytes the
+/// decode wrote.
+#[test]
+fn per_head_eviction_keeps_the_exact_bytes_of_q8_0_slices() {
+    per_head_moves(&model(), CacheType::Q8_0);
+}
+
+fn per_head_moves(model: &Arc<Model>, cache_type: CacheType) {
     let model = Arc::clone(model);
     let text = TEXT.repeat(3);
     let tokens = model.tokenize(&text, true, false).expect("tokenize");
@@ -160,6 +170,8 @@ fn per_head_moves(model: &Arc<Model>) {
                 n_batch: chunk,
                 threads: 1,
                 flash_attn: Some(true),
+                type_k: cache_type,
+                type_v: cache_type,
                 ..cache
             },
         )
@@ -186,12 +198,14 @@ fn per_head_moves(model: &Arc<Model>) {
         evicting.stats().head_slices_moved > 0,
         "the test must exercise moves"
     );
-    assert!(
-        evicting.stats().device_move_rounds > 0,
-        "the moves must run as one graph per round on the cache's backend"
-    );
+    if !cache_type.is_quantized() {
+        assert!(
+            evicting.stats().device_move_rounds > 0,
+            "the moves must run as one graph per round on the cache's backend"
+        );
+    }
     assert!(evicting.live_cells() <= 48 + chunk);
-    let d = model.head_dim();
+    let slice = cache_type.bytes(model.head_dim()).expect("whole blocks");
     let book = evicting.book().expect("book").clone();
     let mut checked = 0;
     let mut moved = 0;
@@ -199,45 +213,37 @@ fn per_head_moves(model: &Arc<Model>) {
         if book.cell_position(cell).is_none() {
             continue;
         }
-        let k = evicting
-            .context_mut()
-            .read_cache_row(0, false, cell)
-            .expect("k row");
-        let v = evicting
-            .context_mut()
-            .read_cache_row(0, true, cell)
-            .expect("v row");
-        for h in 0..model.n_head_kv() {
-            let p = book
-                .slot_position(TrackedLayer(0), h, cell)
-                .expect("live cell, filled slot") as usize;
-            if Some(p as i32) != book.cell_position(cell) {
-                moved += 1;
+        for value in [false, true] {
+            let row = evicting
+                .context_mut()
+                .read_cache_row_bytes(0, value, cell)
+                .expect("row");
+            assert_eq!(row.len(), slice * model.n_head_kv());
+            for h in 0..model.n_head_kv() {
+                let p = book
+                    .slot_position(TrackedLayer(0), h, cell)
+                    .expect("live cell, filled slot") as usize;
+                if Some(p as i32) != book.cell_position(cell) {
+                    moved += 1;
+                }
+                // A cache that never evicted holds position p in cell p.
+                let reference = full
+                    .context_mut()
+                    .read_cache_row_bytes(0, value, p)
+                    .expect("reference row");
+                let s = h * slice..(h + 1) * slice;
+                assert!(
+                    row[s.clone()] == reference[s],
+                    "{} of position {p}, head {h}, cell {cell}: other bytes than the decode wrote",
+                    if value { "V" } else { "K" }
+                );
+                checked += 1;
             }
-            // A cache that never evicted holds position p in cell p.
-            let rk = full
-                .context_mut()
-                .read_cache_row(0, false, p)
-                .expect("ref k");
-            let rv = full
-                .context_mut()
-                .read_cache_row(0, true, p)
-                .expect("ref v");
-            let s = h * d..(h + 1) * d;
-            assert!(
-                max_diff(&k[s.clone()], &rk[s.clone()]) < 1e-3,
-                "K of position {p}, head {h}, cell {cell}"
-            );
-            assert!(
-                max_diff(&v[s.clone()], &rv[s]) < 1e-3,
-                "V of position {p}, head {h}, cell {cell}"
-            );
-            checked += 1;
         }
     }
     assert!(
         moved > 0,
         "some layer-0 head must hold a token other than its cell's label"
     );
-    assert!(checked >= 48 * model.n_head_kv());
+    assert!(checked >= 2 * 48 * model.n_head_kv());
 }

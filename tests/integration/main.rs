@@ -15,6 +15,7 @@ mod foundation;
 mod head_moves;
 mod key_paths;
 mod portable;
+mod quantized;
 mod robust_models;
 mod synth_models;
 mod tuned;

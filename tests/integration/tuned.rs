@@ -120,7 +120,7 @@ fn tuned_defaults_are_chosen_carried_and_used_unless_a_flag_overrides() {
         wiki.to_str().unwrap(),
         "--tokens",
         "80",
-        "--chunk",
+        "--batch",
         "16",
         "--budget",
         "48",

@@ -217,6 +217,22 @@ impl Context {
                 "filters do not match the layers and heads".into(),
             ));
         }
+        // Keys of a rotated cache are scored against filters rotated the same way: the rotation
+        // is orthonormal and stays within a head, so <H k, H f> = <k, f> head by head, and
+        // nothing per key has to be undone.
+        let mut filters = filters.to_vec();
+        for (i, &l) in layers.iter().enumerate() {
+            let rot = self.k_rotation(l);
+            let layer_filters = &mut filters[i * per..(i + 1) * per];
+            if rot > 1
+                && !(crate::math::whole_blocks(head_dim, rot)
+                    && crate::math::hadamard_in_place(layer_filters, rot))
+            {
+                return Err(Error::KvCache(format!(
+                    "heads of {head_dim} values are not whole rotation blocks of {rot}"
+                )));
+            }
+        }
         let Some(dev) = self.device_for(layers, false)? else {
             return Ok(false);
         };
