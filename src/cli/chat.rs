@@ -19,7 +19,7 @@ use clap::Args;
 use qfilters::chat::{Chat, ChatTemplate, Reply};
 use qfilters::ffi::Sampler;
 use qfilters::generate::Stop;
-use qfilters::policy::{self, PolicyInfo};
+use qfilters::policy::PolicyInfo;
 use qfilters::{Error, Result};
 
 use gguf_tools::safe_io::{self, AppendLog};
@@ -103,9 +103,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let mut eviction = args.eviction.clone();
     eviction.apply_tuned(&args.model.model)?;
     let filters = eviction.resolve_filters(&args.model.model, &model, false)?;
-    if let Some(fallback) = fallback_policy(&eviction, filters.is_some(), &args.model.model) {
-        eviction.policy = fallback;
-    }
+    super::fall_back_without_filters(&mut eviction, filters.is_some(), &args.model.model);
     if !eviction.policy.evicts {
         // The full cache is --budget cells; llama.cpp refuses batches larger than its context.
         eviction.n_batch = eviction.n_batch.min(eviction.budget.max(1));
@@ -135,23 +133,6 @@ pub fn run(args: ChatArgs) -> Result<()> {
     } else {
         piped(&mut session, !args.no_commands)
     }
-}
-
-/// The policy to use instead of the chosen one, if any: the default policy falls back to
-/// [`policy::WITHOUT_FILTERS`] when it needs filters and none are at hand, unless the user typed
-/// `--policy` (clap's value source, recorded by `main`).
-fn fallback_policy(e: &EvictionArgs, have_filters: bool, path: &Path) -> Option<PolicyInfo> {
-    let fallback = policy::WITHOUT_FILTERS;
-    if e.policy.needs_filters && !have_filters && !super::given("policy") {
-        eprintln!(
-            "qfilters: policy {fallback} ({}): no --filters given and {} embeds no Q-Filters; make filters with `qfilters calibrate` to use policy {}",
-            fallback.help,
-            path.display(),
-            e.policy
-        );
-        return Some(fallback);
-    }
-    None
 }
 
 struct Session {

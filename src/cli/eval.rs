@@ -10,7 +10,7 @@ use qfilters::args::{
 };
 use qfilters::cache::{Combiner, Granularity};
 use qfilters::engine::KeySource;
-use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
+use qfilters::eval::passkey::{build_task_document, run_trial, PromptFormat, Task};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::sweep::{
     mean_by_layer, passkey_rates, Budget, PasskeyAnswer, PasskeyRecord, PplRecord, Sweep,
@@ -37,14 +37,20 @@ pub enum EvalCommand {
     Ppl(PplArgs),
     /// Passkey retrieval: a 5-digit key hidden in filler text, asked for at the end.
     Passkey(PasskeyArgs),
+    /// Needle in a haystack: a sentence ("The best thing to do in CITY is to ...") hidden in
+    /// prose filler, asked for at the end; found when the greedy reply contains its answer.
+    Needle(NeedleArgs),
 }
 
 /// Policies and knobs to sweep; every list is comma-separated and the sweep is their product.
 #[derive(Args, Debug, Clone)]
 pub struct SweepArgs {
     /// Policies (default: every one).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = REGISTRY.to_vec())]
+    #[arg(long, value_parser = qfilters::policy::PolicyParser, value_delimiter = ',', default_values_t = REGISTRY.to_vec())]
     pub policy: Vec<PolicyInfo>,
+    /// For combined policies A+B: the weight of B's standardised score (A's is 1).
+    #[arg(long = "mix-weight", default_value_t = 1.0)]
+    pub mix_weight: f64,
     /// Q-Filters file (default: the filters embedded in the model).
     #[arg(long)]
     pub filters: Option<PathBuf>,
@@ -118,6 +124,7 @@ impl SweepArgs {
             filters: self.filters.clone(),
             key_source: KeySource::Cache,
             n_batch: chunk,
+            mix_weight: self.mix_weight,
             ..EvictionArgs::default()
         }
     }
@@ -187,10 +194,23 @@ pub struct PasskeyArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// The passkey's flags, with the filler a prose text (e.g. wikitext2-valid.txt), and how many
+/// needles each document hides.
+#[derive(Args, Debug)]
+pub struct NeedleArgs {
+    #[command(flatten)]
+    pub doc: PasskeyArgs,
+    /// Needles per document, each about a different city; one is asked (more than 1: the
+    /// multi-key variant, the others placed at random depths).
+    #[arg(long, default_value_t = 1)]
+    pub needles: usize,
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
     match args.command {
         EvalCommand::Ppl(a) => run_ppl(a),
-        EvalCommand::Passkey(a) => run_passkey(a),
+        EvalCommand::Passkey(a) => run_passkey(a, Task::Passkey),
+        EvalCommand::Needle(a) => run_passkey(a.doc, Task::Needle { needles: a.needles }),
     }
 }
 
@@ -342,7 +362,7 @@ fn run_ppl(mut args: PplArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
+fn run_passkey(mut args: PasskeyArgs, task: Task) -> Result<()> {
     check_lists(&args.sweep)?;
     // Settings: budgets, or ratios (resolved per length), or the full cache only (budget 0:
     // the evicting policies are skipped).
@@ -399,7 +419,7 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                 docs.push((
                     len,
                     depth,
-                    build_document(&model, &filler, len, depth, args.format, &mut rng)?,
+                    build_task_document(&model, &filler, len, depth, args.format, task, &mut rng)?,
                 ));
             }
         }
@@ -446,11 +466,12 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                         .map(|(_, _, doc)| doc);
                     for doc in mine {
                         let out = run_trial(&mut engine, doc)?;
-                        hits += out.exact as usize;
+                        hits += out.found as usize;
                         nll_sum += out.answer_nll;
                         peak = peak.max(out.peak_cells);
                         answers.push(PasskeyAnswer {
-                            key: doc.key,
+                            key: (task == Task::Passkey).then_some(doc.key),
+                            expected: doc.answer_text.clone(),
                             greedy: out.greedy,
                             answer_nll: out.answer_nll,
                             key_kept: out.key_kept.as_ref().and_then(|k| mean(k.iter().copied())),
@@ -471,6 +492,7 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
                         key_kept.map_or("-".into(), |k| format!("{:.0}%", k * 100.0))
                     );
                     records.push(PasskeyRecord {
+                        task: task.name(),
                         ratio: point.budget.and_then(Budget::ratio),
                         eviction: eviction.clone(),
                         length: len,
@@ -501,7 +523,8 @@ fn run_passkey(mut args: PasskeyArgs) -> Result<()> {
     if let Some(path) = &args.plot {
         let svg = heatmaps(
             &format!(
-                "Passkey retrieval ({}, {} trial(s) per cell, chunks of {chunk})",
+                "{} retrieval ({}, {} trial(s) per cell, chunks of {chunk})",
+                task.name(),
                 model_name(&args.model),
                 args.trials
             ),

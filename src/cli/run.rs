@@ -64,12 +64,16 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::invalid("the prompt is empty"));
     }
-    let mut engine = args.eviction.engine(
+    let filters = args
+        .eviction
+        .resolve_filters(&args.model.model, &model, false)?;
+    super::fall_back_without_filters(&mut args.eviction, filters.is_some(), &args.model.model);
+    let mut engine = args.eviction.engine_with_filters(
         &args.model,
         &model,
         tokens.len() + args.n_predict,
+        filters,
         args.sampling.seed,
-        false,
     )?;
     let mut sampler = Sampler::new(&args.sampling.params()?)?;
     let progress = Progress::new(tokens.len(), "prompt");

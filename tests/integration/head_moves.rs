@@ -149,6 +149,7 @@ fn per_head_moves(model: &Arc<Model>) {
                 filters: None,
                 seed: 1,
                 recency: 0.0,
+                mix_weight: 1.0,
             },
         )
         .expect("scorer");
