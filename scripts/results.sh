@@ -99,6 +99,43 @@ passkey() { # model length depth ratios policies: 10 documents per cell, one JSO
     --filters "$(tuned "$m")" --json "$json"
 }
 
+# KeyDiff (no filters) at the tuned window and granularity of each model (what K-norm and Q-Filters
+# get from the tuned filters), with its tuned recency prior and without one; needle retrieval in
+# prose (wikitext2-valid) for every policy. Flags rather than the tuned file for KeyDiff: it reads
+# no filters, so nothing would apply the file's defaults to it.
+declare -A TUNED_FLAGS=([qwen05]="--window 128 --granularity head" [smollm2]="--window 32 --granularity head")
+declare -A TUNED_RECENCY=([qwen05]=512 [smollm2]=32)
+keydiff() { # model: perplexity at 256 and 512, passkey at 2x/4x with the key at depth 0.2
+  local m=$1 g=${GGUF[$1]} b
+  for b in 256 512; do
+    # shellcheck disable=SC2086
+    step "$OUT/${m}_ppl_keydiff_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
+      --budget "$b" --policy keydiff ${TUNED_FLAGS[$m]} --recency "0,${TUNED_RECENCY[$m]}" --json "$OUT/${m}_ppl_keydiff_b$b.json"
+  done
+  # The two combined (standardised scores, weight 1), with Q-Filters' tuned defaults.
+  step "$OUT/${m}_ppl_qfilters+keydiff_b256-512.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 \
+    --chunk 16 --budget 256,512 --policy qfilters+keydiff --filters "$(tuned "$m")" --json "$OUT/${m}_ppl_qfilters+keydiff_b256-512.json"
+}
+keydiff_passkey() { # model depth
+  local m=$1 depth=$2
+  local json="$OUT/${m}_passkey_L1024_d${depth}_r2-4_keydiff.json"
+  # shellcheck disable=SC2086
+  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format chat \
+    --lengths 1024 --depths "$depth" --trials 10 --ratio 2,4 --policy keydiff ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
+}
+needle() { # model: 1K documents, needle at depth 0.2, 2x and 4x, 10 documents per cell
+  local m=$1 g=${GGUF[$1]}
+  local pre="$OUT/${m}_needle_L1024_d0.2_r2-4"
+  # shellcheck disable=SC2086
+  step "${pre}_none-streaming.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat \
+    --lengths 1024 --depths 0.2 --trials 10 --ratio 2,4 --policy none,streaming ${TUNED_FLAGS[$m]} --json "${pre}_none-streaming.json"
+  # shellcheck disable=SC2086
+  step "${pre}_keydiff.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat \
+    --lengths 1024 --depths 0.2 --trials 10 --ratio 2,4 --policy keydiff ${TUNED_FLAGS[$m]} --recency 0 --json "${pre}_keydiff.json"
+  step "${pre}_knorm-qfilters.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat \
+    --lengths 1024 --depths 0.2 --trials 10 --ratio 2,4 --policy knorm,qfilters --filters "$(tuned "$m")" --json "${pre}_knorm-qfilters.json"
+}
+
 # Most important first: the bar's model (Qwen) and its perplexity, then its passkey cell at 2x,
 # then SmolLM2, Gemma, and the rest of the passkey grid (keys in the first half: depths 0.1-0.4,
 # lengths 1K-4K, ratios 2x and 4x, 10 documents per cell).
@@ -112,6 +149,13 @@ ppl smollm2
 passkey qwen05 1024 0.2 2 knorm
 passkey qwen05 1024 0.2 4 streaming,qfilters,knorm
 passkey smollm2 1024 0.2 2,4 none,streaming,knorm,qfilters
+for m in smollm2 qwen05; do keydiff "$m"; done
+keydiff_passkey smollm2 0.2
+keydiff_passkey qwen05 0.2
+needle smollm2
+needle qwen05
+keydiff_passkey qwen05 0.1
+keydiff_passkey qwen05 0.3
 # Gemma only where it was fetched (scripts/fetch-model.sh gemma3); always listed.
 has_gemma() { [ "${LIST:-0}" = 1 ] || [ -f "${GGUF[gemma3]}" ]; }
 if has_gemma; then prepare gemma3 && ppl gemma3; fi

@@ -24,10 +24,11 @@ def load(name):
 def cfg(r):
     if r["policy"] == "none":
         return "full cache"
-    if r["policy"] in ("qfilters", "knorm"):
+    if r["policy"] in ("qfilters", "knorm", "keydiff") or "+" in r["policy"]:
         g = r["granularity"] + ("" if r["granularity"] == "head" else " " + r["combiner"])
         rec = f' recency{r["recency"]:g}' if r.get("recency") else " recency0"
-        return f'w{r["window"]} s{r["sinks"]} {g}{rec}'
+        mix = f' mix{r["mix_weight"]:g}' if "mix_weight" in r else ""
+        return f'w{r["window"]} s{r["sinks"]} {g}{rec}{mix}'
     return f's{r["sinks"]} recent'
 
 
@@ -109,7 +110,9 @@ out.append("Per model: Q-Filters calibrated on tinyshakespeare; eviction default
            "tinyshakespeare (development text); "
            "perplexity measured on held-out wikitext2-valid; passkey filler from tinyshakespeare. K-norm runs "
            "with the same tuned settings as Q-Filters (the defaults `eval` takes from the filters when no flag "
-           "is given); StreamingLLM keeps the sinks and the most recent tokens.\n")
+           "is given); KeyDiff (no filters) runs with the tuned window and granularity, with the tuned recency prior "
+           "(the prior's value in its setting) and without it (recency0); StreamingLLM keeps the sinks and the most "
+           "recent tokens.\n")
 out.append("**Recovered** is the Q-Filters paper's metric: the share of StreamingLLM's perplexity increase over "
            "the full cache that a policy wins back, (PPL_stream − PPL_policy) / (PPL_stream − PPL_full); 0% is "
            "StreamingLLM, 100% the full cache, negative is worse than StreamingLLM.\n")
@@ -120,11 +123,13 @@ for prefix, title in MODELS:
     ppl = []
     for p in sorted(glob.glob(os.path.join(d, f"{prefix}_ppl*.json"))):
         ppl += json.load(open(p))
-    pk = []
+    pk, nd = [], []
     for p in sorted(glob.glob(os.path.join(d, f"{prefix}_passkey_*.json"))):
         pk += json.load(open(p))
+    for p in sorted(glob.glob(os.path.join(d, f"{prefix}_needle_*.json"))):
+        nd += json.load(open(p))
     front = load(f"{prefix}_frontier_ppl.json")
-    if not (tune or ppl or pk or front):
+    if not (tune or ppl or pk or nd or front):
         continue
     out.append(f"## {title}\n")
     if tune:
@@ -179,26 +184,36 @@ for prefix, title in MODELS:
         out.append("")
     if front:
         out.append(frontier_section(prefix, front))
-    if pk:
-        out.append("### Passkey retrieval\n")
-        out.append("Exact match of the greedy 5-digit answer (rate with its Wilson 95% interval), and mean NLL per "
-                   "answer token under teacher forcing (same policy). Budget = document tokens / ratio; chat prompt. "
-                   "Key kept: share of the key's (layer, KV head, digit token) slots still cached when the question "
-                   "has been read (blank where the run predates that measure).\n")
-        out.append("| policy | setting | ratio | length | depth | exact | 95% interval | answer NLL | key kept | documents |")
-        out.append("|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
+    retrieval = (
+        (pk, "Passkey retrieval", "Exact match of the greedy 5-digit answer (rate with its Wilson 95% interval), and "
+         "mean NLL per answer token under teacher forcing (same policy). Budget = document tokens / ratio; chat "
+         "prompt; filler from tinyshakespeare. Key kept: share of the key's (layer, KV head, digit token) slots "
+         "still cached when the question has been read (blank where the run predates that measure).", "exact"),
+        (nd, "Needle retrieval", "`qfilters eval needle`: a sentence \"The best thing to do in CITY is to "
+         "ACTIVITY.\" hidden in prose (wikitext2-valid), the question asks for the city's activity; found when the "
+         "greedy reply contains the activity (rate with its Wilson 95% interval). `needle-N`: N such sentences "
+         "about N cities, one asked. Answer NLL: of the answer's first token. Key kept: share of the activity's "
+         "(layer, KV head, token) slots still cached when the question has been read.", "found"),
+    )
+    for rows, heading, caption, word in retrieval:
+        if not rows:
+            continue
+        out.append(f"### {heading}\n")
+        out.append(caption + "\n")
+        out.append(f"| task | policy | setting | ratio | length | depth | {word} | 95% interval | answer NLL | key kept | documents |")
+        out.append("|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
         agg = {}
-        for r in pk:
-            k = (r["policy"], cfg(r), r.get("ratio") or 0, r["length"], r["depth"])
+        for r in rows:
+            k = (r.get("task", "passkey"), r["policy"], cfg(r), r.get("ratio") or 0, r["length"], r["depth"])
             a = agg.setdefault(k, [0, 0.0, 0, []])
             a[0] += round(r["accuracy"] * r["trials"]); a[1] += r["answer_nll"] * r["trials"]; a[2] += r["trials"]
             if r.get("key_kept") is not None:
                 a[3].append((r["key_kept"], r["trials"]))
-        order = {"none": 0, "streaming": 1, "knorm": 2, "qfilters": 3}
-        for (p, c, ratio, length, depth), (hits, nll, n, kept) in sorted(
-                agg.items(), key=lambda kv: (kv[0][3], kv[0][4], kv[0][2], order.get(kv[0][0], 9))):
+        order = {"none": 0, "streaming": 1, "knorm": 2, "qfilters": 3, "keydiff": 4}
+        for (task, p, c, ratio, length, depth), (hits, nll, n, kept) in sorted(
+                agg.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][5], kv[0][3], order.get(kv[0][1], 9), kv[0][2])):
             lo, hi = wilson(hits, n)
-            out.append(f'| {p} | {c} | {ratio or "–"} | {length} | {depth:g} | {hits}/{n} = {100 * hits / n:.0f}% | '
+            out.append(f'| {task} | {p} | {c} | {ratio or "–"} | {length} | {depth:g} | {hits}/{n} = {100 * hits / n:.0f}% | '
                        f'{100 * lo:.0f}–{100 * hi:.0f}% | {nll / n:.2f} | {kept_cell(p, kept)} | {n} |')
         out.append("")
 

@@ -52,8 +52,9 @@ pub fn check_cells(what: &str, n: usize) -> Result<()> {
 /// The eviction policy and its knobs.
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct EvictionArgs {
-    /// Eviction policy.
-    #[arg(long, value_enum, default_value_t = policy::DEFAULT)]
+    /// Eviction policy; two that evict combine as A+B (standardised scores, B weighted by
+    /// --mix-weight).
+    #[arg(long, value_parser = policy::PolicyParser, default_value_t = policy::DEFAULT)]
     pub policy: PolicyInfo,
     /// KV cells kept after each eviction round (ignored by a policy that does not evict).
     #[arg(long, default_value_t = DEFAULT_BUDGET)]
@@ -82,6 +83,9 @@ pub struct EvictionArgs {
     /// (tokens of age worth one standard deviation); 0 turns it off.
     #[arg(long, default_value_t = DEFAULT_RECENCY)]
     pub recency: f64,
+    /// For a combined policy A+B: the weight of B's standardised score (A's is 1).
+    #[arg(long = "mix-weight", default_value_t = 1.0)]
+    pub mix_weight: f64,
     /// Where keys are read: `cache` (K cache rows after the decode, scored on the cache's device),
     /// `host` (those rows scored on the host) or `graph` (Kcur nodes, one split per layer).
     #[arg(long = "key-source", default_value_t = KeySource::Cache)]
@@ -106,6 +110,11 @@ impl Serialize for EvictionArgs {
         r.serialize_field("combiner", &self.combiner.to_string())?;
         r.serialize_field("slack", &self.slack)?;
         r.serialize_field("recency", &self.recency)?;
+        if self.policy.parts().is_some() {
+            r.serialize_field("mix_weight", &self.mix_weight)?;
+        } else {
+            r.skip_field("mix_weight")?;
+        }
         r.end()
     }
 }
@@ -311,6 +320,7 @@ impl clap::FromArgMatches for SweepArgs {
             filters: one(m, "filters")?,
             key_source: one(m, "key_source")?.unwrap_or(e.key_source),
             n_batch: one(m, "n_batch")?.unwrap_or(e.n_batch),
+            mix_weight: one(m, "mix_weight")?.unwrap_or(e.mix_weight),
             ..e
         };
         let llama = LlamaArgs {
@@ -377,6 +387,12 @@ impl EvictionArgs {
         if self.n_batch == 0 {
             return Err(Error::invalid("--batch must be at least 1"));
         }
+        if !self.mix_weight.is_finite() {
+            return Err(Error::invalid(format!(
+                "--mix-weight {}: give a finite number",
+                self.mix_weight
+            )));
+        }
         if !(self.recency.is_finite() && self.recency >= 0.0) {
             return Err(Error::invalid(format!(
                 "--recency {}: give a finite value of at least 0 (0 turns it off)",
@@ -419,6 +435,7 @@ impl EvictionArgs {
             filters,
             seed,
             recency: self.recency,
+            mix_weight: self.mix_weight,
         })
     }
 

@@ -370,6 +370,7 @@ pub fn check_head_moves(
                 filters: None,
                 seed: 1,
                 recency: 0.0,
+                mix_weight: 1.0,
             },
         )?;
         Engine::new(

@@ -568,6 +568,7 @@ impl Engine {
     /// Forgets the conversation: empty cache, positions from 0, counters kept.
     pub fn reset(&mut self) {
         self.ctx.clear_memory();
+        self.scorer.reset();
         if let Some(b) = self.book.as_mut() {
             b.clear();
         }

@@ -119,6 +119,7 @@ impl BenchArgs {
             filters: None,
             seed: self.llama.seed,
             recency: 0.0,
+            mix_weight: 1.0,
         })?;
         Engine::new(
             model,

@@ -376,6 +376,7 @@ fn tune(
                 slack: 0,
                 key_source: KeySource::Cache,
                 n_batch: args.tune_chunk,
+                mix_weight: 1.0,
             };
             // Tuned on llama.cpp's default cache (f16, flash attention auto).
             let mut engine = pa.engine_with_filters(

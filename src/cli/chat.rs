@@ -19,7 +19,7 @@ use clap::Args;
 use qfilters::chat::{Chat, ChatTemplate, Reply};
 use qfilters::ffi::Sampler;
 use qfilters::generate::Stop;
-use qfilters::policy::{self, PolicyInfo};
+use qfilters::policy::PolicyInfo;
 use qfilters::{Error, Result};
 
 use gguf_tools::safe_io::{self, AppendLog};
@@ -108,10 +108,7 @@ pub fn run(args: ChatArgs, given: &Given) -> Result<()> {
     let mut eviction = args.eviction.clone();
     eviction.apply_tuned(&args.model.model, given)?;
     let filters = eviction.resolve_filters(&args.model.model, &model, false)?;
-    if let Some(fallback) = fallback_policy(&eviction, filters.is_some(), &args.model.model, given)
-    {
-        eviction.policy = fallback;
-    }
+    super::fall_back_without_filters(&mut eviction, filters.is_some(), &args.model.model, given);
     // A conversation has no known length: a bounded cache is sized by its budget alone, a
     // full one by --ctx-size, else --budget.
     let capacity = match (eviction.policy.evicts, args.llama.ctx_size) {
@@ -142,28 +139,6 @@ pub fn run(args: ChatArgs, given: &Given) -> Result<()> {
     } else {
         piped(&mut session, !args.no_commands)
     }
-}
-
-/// The policy to use instead of the chosen one, if any: the default policy falls back to
-/// [`policy::WITHOUT_FILTERS`] when it needs filters and none are at hand, unless the user typed
-/// `--policy` (clap's value source, recorded by `main`).
-fn fallback_policy(
-    e: &EvictionArgs,
-    have_filters: bool,
-    path: &Path,
-    given: &Given,
-) -> Option<PolicyInfo> {
-    let fallback = policy::WITHOUT_FILTERS;
-    if e.policy.needs_filters && !have_filters && !given.has("policy") {
-        eprintln!(
-            "qfilters: policy {fallback} ({}): no --filters given and {} embeds no Q-Filters; make filters with `qfilters calibrate` to use policy {}",
-            fallback.help,
-            path.display(),
-            e.policy
-        );
-        return Some(fallback);
-    }
-    None
 }
 
 struct Session {

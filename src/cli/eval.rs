@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use qfilters::args::{SweepArgs, DEFAULT_SINKS};
 use qfilters::eval::frontier::pareto_front;
-use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
+use qfilters::eval::passkey::{build_task_document, run_trial, PromptFormat, Task};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::sweep::{
     mean_by_layer, passkey_rates, Budget, KvRecord, PasskeyAnswer, PasskeyRecord, PplRecord,
@@ -31,6 +31,9 @@ pub enum EvalCommand {
     Ppl(PplArgs),
     /// Passkey retrieval: a 5-digit key hidden in filler text, asked for at the end.
     Passkey(PasskeyArgs),
+    /// Needle in a haystack: a sentence ("The best thing to do in CITY is to ...") hidden in
+    /// prose filler, asked for at the end; found when the greedy reply contains its answer.
+    Needle(NeedleArgs),
 }
 
 /// Takes the tuned defaults of the filters in use where no flag was given, for every policy of
@@ -143,10 +146,23 @@ pub struct PasskeyArgs {
     pub frontier: Option<PathBuf>,
 }
 
+/// The passkey's flags, with the filler a prose text (e.g. wikitext2-valid.txt), and how many
+/// needles each document hides.
+#[derive(Args, Debug)]
+pub struct NeedleArgs {
+    #[command(flatten)]
+    pub doc: PasskeyArgs,
+    /// Needles per document, each about a different city; one is asked (more than 1: the
+    /// multi-key variant, the others placed at random depths).
+    #[arg(long, default_value_t = 1)]
+    pub needles: usize,
+}
+
 pub fn run(args: EvalArgs, given: &Given) -> Result<()> {
     match args.command {
         EvalCommand::Ppl(a) => run_ppl(a, given),
-        EvalCommand::Passkey(a) => run_passkey(a, given),
+        EvalCommand::Passkey(a) => run_passkey(a, Task::Passkey, given),
+        EvalCommand::Needle(a) => run_passkey(a.doc, Task::Needle { needles: a.needles }, given),
     }
 }
 
@@ -383,7 +399,7 @@ fn frontier_svg(title: &str, y_label: &str, points: &[FrontPoint]) -> String {
     frontier_chart(title, "KV cache allocated (MiB)", y_label, &series, &front)
 }
 
-fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
+fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
     check_lists(&args.sweep)?;
     // Settings: budgets, or ratios (resolved per length), or the full cache only (budget 0:
     // the evicting policies are skipped).
@@ -440,7 +456,7 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
                 docs.push((
                     len,
                     depth,
-                    build_document(&model, &filler, len, depth, args.format, &mut rng)?,
+                    build_task_document(&model, &filler, len, depth, args.format, task, &mut rng)?,
                 ));
             }
         }
@@ -487,11 +503,12 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
                         .map(|(_, _, doc)| doc);
                     for doc in mine {
                         let out = run_trial(&mut engine, doc)?;
-                        hits += out.exact as usize;
+                        hits += out.found as usize;
                         nll_sum += out.answer_nll;
                         peak = peak.max(out.peak_cells);
                         answers.push(PasskeyAnswer {
-                            key: doc.key,
+                            key: (task == Task::Passkey).then_some(doc.key),
+                            expected: doc.answer_text.clone(),
                             greedy: out.greedy,
                             answer_nll: out.answer_nll,
                             key_kept: out.key_kept.as_ref().and_then(|k| mean(k.iter().copied())),
@@ -514,6 +531,7 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
                         kv.mib()
                     );
                     records.push(PasskeyRecord {
+                        task: task.name(),
                         ratio: point.budget.and_then(Budget::ratio),
                         eviction: eviction.clone(),
                         kv,
@@ -577,7 +595,8 @@ fn run_passkey(mut args: PasskeyArgs, given: &Given) -> Result<()> {
     if let Some(path) = &args.plot {
         let svg = heatmaps(
             &format!(
-                "Passkey retrieval ({}, {} trial(s) per cell, chunks of {chunk})",
+                "{} retrieval ({}, {} trial(s) per cell, chunks of {chunk})",
+                task.name(),
                 model_name(&args.model),
                 args.trials
             ),

@@ -382,6 +382,28 @@ impl EvictionCli for EvictionArgs {
     }
 }
 
+/// Falls back to [`qfilters::policy::WITHOUT_FILTERS`] when the policy is the default one,
+/// needs filters and none are at hand (`run`, `chat` and `serve` with a plain GGUF), and says
+/// so on stderr. A `--policy` the user typed is kept (clap's value source, recorded by
+/// `main`): it then fails with the error that says how to get filters.
+pub fn fall_back_without_filters(
+    e: &mut EvictionArgs,
+    have_filters: bool,
+    model_path: &Path,
+    given: &Given,
+) {
+    let fallback = qfilters::policy::WITHOUT_FILTERS;
+    if e.policy.needs_filters && !have_filters && !given.has("policy") {
+        eprintln!(
+            "qfilters: policy {fallback} ({}): no --filters given and {} embeds no Q-Filters; make filters with `qfilters calibrate` to use policy {}",
+            fallback.help,
+            model_path.display(),
+            e.policy
+        );
+        e.policy = fallback;
+    }
+}
+
 /// The library's errors carry the numbers; the flags that change them are the CLI's, named
 /// here, once, for every command (each command with eviction flags declares them through
 /// [`EvictionArgs`]).

@@ -67,12 +67,21 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::invalid("the prompt is empty"));
     }
-    let mut engine = args.eviction.engine(
+    let filters = args
+        .eviction
+        .resolve_filters(&args.model.model, &model, false)?;
+    super::fall_back_without_filters(
+        &mut args.eviction,
+        filters.is_some(),
+        &args.model.model,
+        given,
+    );
+    let mut engine = args.eviction.engine_with_filters(
         &args.model,
         &args.llama,
         &model,
         tokens.len() + args.n_predict,
-        false,
+        filters,
     )?;
     let mut sampler = Sampler::new(&args.sampling.params(args.llama.seed)?)?;
     let progress = Progress::new(tokens.len(), "prompt");

@@ -79,6 +79,12 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     let filters = args
         .eviction
         .resolve_filters(&args.model.model, &model, false)?;
+    super::fall_back_without_filters(
+        &mut args.eviction,
+        filters.is_some(),
+        &args.model.model,
+        given,
+    );
     let evicting = args.eviction.policy.evicts;
     let (budget, n_batch) = (args.eviction.budget, args.eviction.n_batch);
     // A policy that does not evict: a full cache of --ctx-size, else budget + batch, cells,

@@ -1,6 +1,9 @@
-//! Passkey retrieval: a 5-digit key hidden at a given depth of filler text, asked for at the
-//! end. The whole document (question included) goes through the engine under the policy; the
-//! answer is then read greedily and scored under teacher forcing, still under the policy.
+//! Retrieval under compression: a passkey (a 5-digit key in filler text) or a needle (a prose
+//! sentence in prose filler; several for the multi-key variant, one of them asked), asked for
+//! at the end. The whole document (question included) goes through the engine under the
+//! policy; the answer is then read greedily, still under the policy: a passkey must come out
+//! exactly (and its NLL is taken under teacher forcing), a needle's answer must be contained in
+//! the greedy reply (a model may word its reply around it).
 
 use std::ops::Range;
 
@@ -19,6 +22,101 @@ const CHAT_QUESTION: &str = "\n\nWhat is the pass key? Answer with the number on
 const CHAT_REPLY: &str = "The pass key is";
 /// Stands for the document inside the rendered template, to split it around the document.
 const MARKER: &str = "QFILTERSDOCUMENTMARKER";
+
+/// Needles: "The best thing to do in CITY is to ACTIVITY." (after the Paul Graham haystack
+/// test's San Francisco sentence), a city and an activity drawn per document. Every activity
+/// is a distinct phrase, so a reply that contains it names that needle and no other.
+const CITIES: &[&str] = &[
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Hanoi",
+    "Tbilisi",
+    "Quebec",
+    "Dublin",
+    "Kyoto",
+    "Valparaiso",
+    "Tallinn",
+    "Marrakesh",
+    "Reykjavik",
+    "Cusco",
+    "Porto",
+    "Krakow",
+    "Bergen",
+    "Seville",
+    "Zanzibar",
+    "Bruges",
+    "Ljubljana",
+    "Salzburg",
+    "Hobart",
+    "Windhoek",
+];
+const ACTIVITIES: &[&str] = &[
+    "eat a sandwich in the harbour park",
+    "ride the blue tram to the last stop",
+    "climb the old clock tower at noon",
+    "swim in the cold lake at dawn",
+    "buy warm bread at the corner bakery",
+    "listen to the street musicians by the fountain",
+    "visit the glass museum on a rainy day",
+    "walk along the river at sunset",
+    "play chess with strangers in the main square",
+    "drink mint tea on the hill above the market",
+    "fly a red kite on the long beach",
+    "feed the ducks in the botanical garden",
+    "paint the stone bridge from the south bank",
+    "dance at the night market on Fridays",
+    "watch the fishing boats come in",
+    "sail a small boat to the lighthouse",
+    "pick apples in the orchard outside town",
+    "collect shells on the northern shore",
+    "read old maps in the public library",
+    "ring the bell of the white chapel",
+    "cycle around the lake before breakfast",
+    "sing in the choir of the harbour church",
+    "bake pies with the baker on Sundays",
+    "count the stars from the observatory roof",
+];
+
+/// What a document hides and how its answer is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// A 5-digit key in a two-sentence line; exact match of the digits.
+    Passkey,
+    /// `needles` prose sentences about as many cities, one asked; its activity must be
+    /// contained in the greedy reply.
+    Needle { needles: usize },
+}
+
+impl Task {
+    /// The most needles a document can hold (each city and activity at most once).
+    pub const MAX_NEEDLES: usize = CITIES.len();
+
+    pub fn name(&self) -> String {
+        match self {
+            Task::Passkey => "passkey".into(),
+            Task::Needle { needles: 1 } => "needle".into(),
+            Task::Needle { needles } => format!("needle-{needles}"),
+        }
+    }
+
+    /// Whether the answer is scored by containment in a free greedy reply (else exact match
+    /// under teacher forcing).
+    fn contains_match(&self) -> bool {
+        matches!(self, Task::Needle { .. })
+    }
+}
+
+/// The question of a document, in both layouts.
+struct Ask {
+    /// Plain text after the document, ending where the answer starts.
+    plain: String,
+    /// Chat: closes the user turn.
+    chat_question: String,
+    /// Chat: starts the assistant's reply, ending where the answer starts.
+    chat_reply: String,
+}
 
 /// How the document and question are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,17 +152,17 @@ impl std::fmt::Display for PromptFormat {
 }
 
 /// Tokens before the document and after it (question and answer start included).
-fn frame(model: &Model, format: PromptFormat) -> Result<(Vec<Token>, Vec<Token>)> {
+fn frame(model: &Model, format: PromptFormat, ask: &Ask) -> Result<(Vec<Token>, Vec<Token>)> {
     match format {
         PromptFormat::Plain => Ok((
             model.tokenize(INTRO, true, false)?,
-            model.tokenize(QUESTION, false, false)?,
+            model.tokenize(&ask.plain, false, false)?,
         )),
         PromptFormat::Chat => {
             let tmpl = model.chat_template().ok_or_else(|| {
                 Error::invalid("the model has no chat template: use --format plain")
             })?;
-            let user = format!("{INTRO}{MARKER}{CHAT_QUESTION}");
+            let user = format!("{INTRO}{MARKER}{}", ask.chat_question);
             let text = apply_chat_template(&tmpl, &[("user".into(), user)], true)?;
             let at = text
                 .find(MARKER)
@@ -72,7 +170,7 @@ fn frame(model: &Model, format: PromptFormat) -> Result<(Vec<Token>, Vec<Token>)
             let (pre, post) = (&text[..at], &text[at + MARKER.len()..]);
             Ok((
                 model.tokenize(pre, true, true)?,
-                model.tokenize(&format!("{post}{CHAT_REPLY}"), false, true)?,
+                model.tokenize(&format!("{post}{}", ask.chat_reply), false, true)?,
             ))
         }
     }
@@ -85,20 +183,103 @@ fn key_sentence(key: u32) -> String {
 /// One synthetic document and the answer it asks for.
 #[derive(Debug, Clone)]
 pub struct PasskeyDoc {
+    pub task: Task,
     pub tokens: Vec<Token>,
-    /// The key's tokens as the model would continue after the question (" 48213").
+    /// The answer's tokens as the model would continue after the question (" 48213").
     pub answer: Vec<Token>,
+    /// The answer as text, without the leading space ("48213", "walk along the river at
+    /// sunset").
+    pub answer_text: String,
+    /// The passkey; 0 for a needle document.
     pub key: u32,
-    /// Index of the first token of the key sentence in `tokens`.
+    /// Index of the first token of the asked sentence (key sentence or needle) in `tokens`.
     pub key_at: usize,
-    /// Positions of the key's first occurrence in `tokens` (the answer's tokens inside the key
-    /// sentence; the whole sentence where the tokenizer split the digits otherwise).
+    /// Positions of the answer inside the asked sentence in `tokens` (the whole sentence
+    /// where the tokenizer split it otherwise): what the survival diagnostic follows.
     pub key_span: Range<usize>,
 }
 
-/// Builds a document of exactly `length` tokens: intro, filler from a seeded random line of
-/// `filler`, the key sentence at `depth` (0 = start of the filler, 1 = end), more filler, the
-/// question.
+/// What a document hides: its sentences with their depths (the asked one first), the answer
+/// and the question.
+struct Hidden {
+    sentences: Vec<(f64, String)>,
+    answer_text: String,
+    key: u32,
+    ask: Ask,
+}
+
+/// Draws `n` distinct indices below `len` (a seeded partial shuffle).
+fn distinct(n: usize, len: usize, rng: &mut u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..len).collect();
+    for i in 0..n.min(len) {
+        let j = i + (splitmix64(rng) % (len - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    idx.truncate(n);
+    idx
+}
+
+fn hidden(task: Task, depth: f64, rng: &mut u64) -> Result<Hidden> {
+    match task {
+        Task::Passkey => {
+            let key = 10_000 + (splitmix64(rng) % 90_000) as u32;
+            Ok(Hidden {
+                sentences: vec![(depth, key_sentence(key))],
+                answer_text: key.to_string(),
+                key,
+                ask: Ask {
+                    plain: QUESTION.into(),
+                    chat_question: CHAT_QUESTION.into(),
+                    chat_reply: CHAT_REPLY.into(),
+                },
+            })
+        }
+        Task::Needle { needles } => {
+            if !(1..=Task::MAX_NEEDLES).contains(&needles) {
+                return Err(Error::invalid(format!(
+                    "{needles} needles: give 1 to {}",
+                    Task::MAX_NEEDLES
+                )));
+            }
+            let cities = distinct(needles, CITIES.len(), rng);
+            let activities = distinct(needles, ACTIVITIES.len(), rng);
+            let sentences = cities
+                .iter()
+                .zip(&activities)
+                .enumerate()
+                .map(|(i, (&c, &a))| {
+                    // The asked needle at the requested depth, the others anywhere.
+                    let d = if i == 0 {
+                        depth
+                    } else {
+                        (splitmix64(rng) >> 11) as f64 / (1u64 << 53) as f64
+                    };
+                    let s = format!(
+                        " The best thing to do in {} is to {}.",
+                        CITIES[c], ACTIVITIES[a]
+                    );
+                    (d, s)
+                })
+                .collect();
+            let city = CITIES[cities[0]];
+            let reply = format!("The best thing to do in {city} is to");
+            Ok(Hidden {
+                sentences,
+                answer_text: ACTIVITIES[activities[0]].into(),
+                key: 0,
+                ask: Ask {
+                    plain: format!("\n\nWhat is the best thing to do in {city}? {reply}"),
+                    chat_question: format!(
+                        "\n\nWhat is the best thing to do in {city}? Answer in a few words."
+                    ),
+                    chat_reply: reply,
+                },
+            })
+        }
+    }
+}
+
+/// Builds a passkey document of exactly `length` tokens: see [`build_task_document`].
 pub fn build_document(
     model: &Model,
     filler: &str,
@@ -107,16 +288,35 @@ pub fn build_document(
     format: PromptFormat,
     rng: &mut u64,
 ) -> Result<PasskeyDoc> {
+    build_task_document(model, filler, length, depth, format, Task::Passkey, rng)
+}
+
+/// Builds a document of exactly `length` tokens: intro, filler from a seeded random line of
+/// `filler`, the asked sentence at `depth` (0 = start of the filler, 1 = end) and any other
+/// needles at seeded random depths, more filler, the question.
+pub fn build_task_document(
+    model: &Model,
+    filler: &str,
+    length: usize,
+    depth: f64,
+    format: PromptFormat,
+    task: Task,
+    rng: &mut u64,
+) -> Result<PasskeyDoc> {
     if !(0.0..=1.0).contains(&depth) {
         return Err(Error::invalid(format!(
             "depth {depth} is not within [0, 1]"
         )));
     }
-    let key = 10_000 + (splitmix64(rng) % 90_000) as u32;
-    let (intro, question) = frame(model, format)?;
-    let sentence = model.tokenize(&key_sentence(key), false, false)?;
-    let answer = model.tokenize(&format!(" {key}"), false, false)?;
-    let fixed = intro.len() + sentence.len() + question.len();
+    let hidden = hidden(task, depth, rng)?;
+    let (intro, question) = frame(model, format, &hidden.ask)?;
+    let sentences: Vec<Vec<Token>> = hidden
+        .sentences
+        .iter()
+        .map(|(_, s)| model.tokenize(s, false, false))
+        .collect::<Result<_>>()?;
+    let answer = model.tokenize(&format!(" {}", hidden.answer_text), false, false)?;
+    let fixed = intro.len() + sentences.iter().map(Vec::len).sum::<usize>() + question.len();
     let n_filler = length
         .checked_sub(fixed)
         .filter(|&n| n > 0)
@@ -154,27 +354,56 @@ pub fn build_document(
         ));
     }
     body.truncate(n_filler);
-    // Put the key after a line break near the requested depth so it reads as its own line.
-    let target = ((depth * n_filler as f64).round() as usize).min(n_filler);
-    let split = (target..n_filler.min(target + 64))
-        .find(|&i| i > 0 && model.token_bytes(body[i - 1], false).ends_with(b"\n"))
-        .unwrap_or(target);
+    // Each sentence goes after a boundary near its depth so it reads as its own line (a
+    // passkey) or sentence (a needle in prose, whose paragraphs are long lines).
+    let boundary = |i: usize| {
+        let prev = model.token_bytes(body[i - 1], false);
+        prev.ends_with(b"\n")
+            || (task.contains_match()
+                && prev.ends_with(b".")
+                && model.token_bytes(body[i], false).starts_with(b" "))
+    };
+    let split_at = |d: f64| {
+        let target = ((d * n_filler as f64).round() as usize).min(n_filler);
+        (target..n_filler.min(target + 64))
+            .find(|&i| i > 0 && boundary(i))
+            .unwrap_or(target)
+    };
+    // (split, sentence index), in document order; the asked sentence (index 0) first among
+    // equal splits.
+    let mut order: Vec<(usize, usize)> = hidden
+        .sentences
+        .iter()
+        .enumerate()
+        .map(|(i, (d, _))| (split_at(*d), i))
+        .collect();
+    order.sort_unstable();
     let mut tokens = Vec::with_capacity(length);
     tokens.extend_from_slice(&intro);
-    tokens.extend_from_slice(&body[..split]);
-    let key_at = tokens.len();
-    let key_span = sentence
-        .windows(answer.len())
+    let mut key_at = 0;
+    let mut done = 0;
+    for &(split, i) in &order {
+        tokens.extend_from_slice(&body[done..split]);
+        done = split;
+        if i == 0 {
+            key_at = tokens.len();
+        }
+        tokens.extend_from_slice(&sentences[i]);
+    }
+    tokens.extend_from_slice(&body[done..]);
+    tokens.extend_from_slice(&question);
+    let asked = &sentences[0];
+    let key_span = asked
+        .windows(answer.len().max(1))
         .position(|w| w == answer.as_slice())
         .map(|i| key_at + i..key_at + i + answer.len())
-        .unwrap_or(key_at..key_at + sentence.len());
-    tokens.extend_from_slice(&sentence);
-    tokens.extend_from_slice(&body[split..]);
-    tokens.extend_from_slice(&question);
+        .unwrap_or(key_at..key_at + asked.len());
     Ok(PasskeyDoc {
+        task,
         tokens,
         answer,
-        key,
+        answer_text: hidden.answer_text,
+        key: hidden.key,
         key_at,
         key_span,
     })
@@ -183,11 +412,13 @@ pub fn build_document(
 /// What the model answered for one document.
 #[derive(Debug, Clone)]
 pub struct TrialOutcome {
-    /// Greedy decoding reproduces the key's tokens exactly.
-    pub exact: bool,
-    /// Mean NLL per answer token under teacher forcing.
+    /// The answer was found: greedy decoding reproduces the key's tokens exactly (passkey), or
+    /// the greedy reply contains the needle's answer (needle).
+    pub found: bool,
+    /// Passkey: mean NLL per answer token under teacher forcing. Needle: NLL of the answer's
+    /// first token (the rest of the reply is free, not forced).
     pub answer_nll: f64,
-    /// Greedy text up to and including the first wrong token.
+    /// Greedy text: up to and including the first wrong token (passkey), the reply (needle).
     pub greedy: String,
     pub peak_cells: usize,
     /// When the question has been read: per tracked layer, the share of (KV head, key token)
@@ -219,11 +450,12 @@ pub fn key_survival(engine: &Engine, span: &Range<usize>) -> Option<Vec<f64>> {
     )
 }
 
-/// Runs one document through `engine` from an empty cache, then teacher-forces the answer.
+/// Runs one document through `engine` from an empty cache, then reads the answer: see
+/// [`TrialOutcome`].
 ///
-/// Greedy decoding follows the teacher-forced path for as long as the argmax equals the true
-/// token, so "greedy reproduces the key" is read from the same pass: exact match means the
-/// argmax was right at every answer token.
+/// Passkey: greedy decoding follows the teacher-forced path for as long as the argmax equals
+/// the true token, so "greedy reproduces the key" is read from the same pass: exact match means
+/// the argmax was right at every answer token.
 pub fn run_trial(engine: &mut Engine, doc: &PasskeyDoc) -> Result<TrialOutcome> {
     if doc.answer.is_empty() || doc.tokens.is_empty() {
         return Err(Error::invalid("empty passkey document"));
@@ -233,6 +465,17 @@ pub fn run_trial(engine: &mut Engine, doc: &PasskeyDoc) -> Result<TrialOutcome> 
     let key_kept = key_survival(engine, &doc.key_span);
     let mut logits: Vec<f32> = engine.last_logits()?.to_vec();
     let model = std::sync::Arc::clone(engine.model());
+    if doc.task.contains_match() {
+        let nll = -log_prob(&logits, doc.answer[0] as usize);
+        let reply = greedy_reply(engine, &model, &mut logits, doc.answer.len() + 8)?;
+        return Ok(TrialOutcome {
+            found: normalise(&reply).contains(&normalise(&doc.answer_text)),
+            answer_nll: nll,
+            greedy: reply,
+            peak_cells: engine.stats().peak_cells,
+            key_kept,
+        });
+    }
     let mut nll = 0.0;
     let mut exact = true;
     let mut greedy: Vec<Token> = Vec::new();
@@ -252,10 +495,98 @@ pub fn run_trial(engine: &mut Engine, doc: &PasskeyDoc) -> Result<TrialOutcome> 
         }
     }
     Ok(TrialOutcome {
-        exact,
+        found: exact,
         answer_nll: nll / doc.answer.len() as f64,
         greedy: model.detokenize(&greedy, false),
         peak_cells: engine.stats().peak_cells,
         key_kept,
     })
+}
+
+/// The greedy reply from `logits` on: at most `max_tokens`, ending at an end-of-generation
+/// token or a line break.
+fn greedy_reply(
+    engine: &mut Engine,
+    model: &Model,
+    logits: &mut Vec<f32>,
+    max_tokens: usize,
+) -> Result<String> {
+    let mut reply: Vec<Token> = Vec::new();
+    for t in 0..max_tokens {
+        let got = argmax(logits) as Token;
+        if model.is_eog(got) {
+            break;
+        }
+        reply.push(got);
+        if model.token_bytes(got, false).contains(&b'\n') || t + 1 == max_tokens {
+            break;
+        }
+        engine.step(got)?;
+        logits.clear();
+        logits.extend_from_slice(engine.last_logits()?);
+    }
+    Ok(model.detokenize(&reply, false).trim().to_string())
+}
+
+/// Lower case, letters and digits only, single spaces: what containment compares, so that
+/// "Walk along the river, at sunset!" contains "walk along the river at sunset".
+fn normalise(text: &str) -> String {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containment_ignores_case_punctuation_and_spacing() {
+        let want = normalise("walk along the river at sunset");
+        assert!(normalise(" Walk along the river,  at sunset!").contains(&want));
+        assert!(!normalise("walk along the river at noon").contains(&want));
+    }
+
+    #[test]
+    fn needles_name_distinct_cities_and_activities_and_the_asked_one_sits_at_its_depth() {
+        let mut rng = 5u64;
+        let h = hidden(Task::Needle { needles: 4 }, 0.25, &mut rng).unwrap();
+        assert_eq!(h.sentences.len(), 4);
+        assert_eq!(h.sentences[0].0, 0.25);
+        assert!(h.sentences[0].1.contains(&h.answer_text));
+        assert!(h.ask.chat_reply.starts_with("The best thing to do in "));
+        let city = h
+            .ask
+            .chat_reply
+            .trim_start_matches("The best thing to do in ");
+        let city = city.trim_end_matches(" is to");
+        // The asked city and its answer appear in exactly one needle.
+        assert_eq!(
+            h.sentences
+                .iter()
+                .filter(|(_, s)| s.contains(&format!(" {city} ")))
+                .count(),
+            1
+        );
+        assert_eq!(
+            h.sentences
+                .iter()
+                .filter(|(_, s)| s.contains(&h.answer_text))
+                .count(),
+            1
+        );
+        assert!(h.sentences.iter().all(|(d, _)| (0.0..=1.0).contains(d)));
+        assert!(hidden(Task::Needle { needles: 0 }, 0.5, &mut rng).is_err());
+        assert!(hidden(
+            Task::Needle {
+                needles: Task::MAX_NEEDLES + 1
+            },
+            0.5,
+            &mut rng
+        )
+        .is_err());
+        assert_eq!(Task::Needle { needles: 4 }.name(), "needle-4");
+    }
 }

@@ -235,6 +235,9 @@ impl Sweep {
         if v.recency && by_head {
             s += &format!(" r{}", e.recency);
         }
+        if e.policy.parts().is_some() && e.mix_weight != 1.0 {
+            s += &format!(" mix{}", e.mix_weight);
+        }
         if let Some(Budget::Ratio(r)) = p.budget {
             s += &format!(" {r}x");
         }
@@ -300,7 +303,10 @@ pub struct PplRecord {
 /// One trial's answer, in a [`PasskeyRecord`].
 #[derive(Debug, Clone, Serialize)]
 pub struct PasskeyAnswer {
-    pub key: u32,
+    /// The passkey; `null` for a needle.
+    pub key: Option<u32>,
+    /// The answer looked for (the key's digits, or the needle's phrase).
+    pub expected: String,
     pub greedy: String,
     pub answer_nll: f64,
     /// Share of the key's (layer, KV head, token) slots still cached when the question was
@@ -308,9 +314,11 @@ pub struct PasskeyAnswer {
     pub key_kept: Option<f64>,
 }
 
-/// One row of `qfilters eval passkey --json`: one (point, length, depth) cell.
+/// One row of `qfilters eval passkey|needle --json`: one (point, length, depth) cell.
 #[derive(Debug, Clone, Serialize)]
 pub struct PasskeyRecord {
+    /// `passkey`, `needle`, or `needle-N` (N needles, one asked).
+    pub task: String,
     /// Its budget is the one used at this length (`null` for the full cache).
     #[serde(flatten)]
     pub eviction: EvictionArgs,
@@ -396,6 +404,8 @@ mod tests {
                 "knorm b512",
                 "streaming b256",
                 "streaming b512",
+                "keydiff b256",
+                "keydiff b512",
                 "random b256",
                 "random b512",
                 "none (full cache)"
@@ -408,8 +418,8 @@ mod tests {
         assert_eq!(streaming.recency, 0.0);
         assert_eq!(points[0].eviction.granularity, Granularity::Head);
         assert_eq!(points[0].eviction.recency, 128.0);
-        assert_eq!(points[8].budget, None);
-        assert_eq!(points[8].at(1000).budget, 1000);
+        assert_eq!(points[10].budget, None);
+        assert_eq!(points[10].at(1000).budget, 1000);
         assert_eq!(points[1].at(1000).budget, 512);
     }
 
@@ -454,6 +464,7 @@ mod tests {
         let points = s.points(&[Budget::Cells(256)], &EvictionArgs::default());
         let full = points.last().unwrap().at(100);
         let rec = PasskeyRecord {
+            task: "passkey".into(),
             eviction: full,
             kv: KvRecord::new((CacheType::Q8_0, CacheType::F16), 1 << 20),
             ratio: None,
@@ -468,7 +479,8 @@ mod tests {
             key_kept: None,
             key_kept_by_layer: None,
             answers: vec![PasskeyAnswer {
-                key: 12345,
+                key: Some(12345),
+                expected: "12345".into(),
                 greedy: "12345".into(),
                 answer_nll: 0.25,
                 key_kept: None,

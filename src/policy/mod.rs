@@ -5,8 +5,14 @@
 //! Adding a policy: one file in this folder and one line in `REGISTRY`. Everything else (the
 //! command lines' `--policy` values and their help, the sweep's default list, which knobs
 //! matter for it) is read from its [`PolicyInfo`].
+//!
+//! Any two registered policies that evict combine as `A+B` (`mix.rs`): standardised scores,
+//! the second weighted by `--mix-weight`. A combination is parsed from its name, never
+//! registered.
 
+mod keydiff;
 pub(crate) mod knorm;
+mod mix;
 mod none;
 mod qfilters;
 mod random;
@@ -58,6 +64,10 @@ pub trait Scorer: Send {
     fn needs_keys(&self) -> bool {
         true
     }
+
+    /// Forgets what the scorer learnt from the tokens so far: the engine starts a new
+    /// conversation or document ([`crate::engine::Engine::reset`]).
+    fn reset(&mut self) {}
 }
 
 /// What a policy may need to be built.
@@ -67,6 +77,8 @@ pub struct PolicyInputs {
     /// When > 0, key scores are standardised and `position / recency` is added
     /// (see `recency.rs`); policies that ignore keys are unchanged.
     pub recency: f64,
+    /// For a combination `A+B`: the weight of B's standardised score (A's is 1).
+    pub mix_weight: f64,
 }
 
 /// A policy as a value: its name, what it needs and what it does, and how to build its scorer.
@@ -92,6 +104,7 @@ pub const REGISTRY: &[PolicyInfo] = &[
     qfilters::INFO,
     knorm::INFO,
     streaming::INFO,
+    keydiff::INFO,
     random::INFO,
     none::INFO,
 ];
@@ -104,7 +117,7 @@ pub const DEFAULT: PolicyInfo = QFILTERS;
 
 /// What `chat` uses when the default policy needs filters and none are at hand: the best
 /// policy that needs none.
-pub const WITHOUT_FILTERS: PolicyInfo = knorm::INFO;
+pub const WITHOUT_FILTERS: PolicyInfo = keydiff::INFO;
 
 /// The full-cache reference, e.g. a benchmark's hook-off arm.
 pub const FULL_CACHE: PolicyInfo = none::INFO;
@@ -117,6 +130,12 @@ impl PolicyInfo {
     /// Whether the recency prior applies: scores computed from keys, per head.
     pub fn uses_recency(&self) -> bool {
         self.evicts && self.scores_vary_by_head
+    }
+
+    /// The two policies of a combination `A+B`; `None` for a registered policy.
+    pub fn parts(&self) -> Option<(&'static PolicyInfo, &'static PolicyInfo)> {
+        let (a, b) = self.name.split_once('+')?;
+        Some((registered(a).ok()?, registered(b).ok()?))
     }
 }
 
@@ -173,13 +192,80 @@ pub fn names(keep: impl Fn(&PolicyInfo) -> bool) -> String {
     names.join(", ")
 }
 
+/// The policy named `name`: a registered one, or a combination `A+B` of two registered
+/// policies that evict.
 pub fn lookup(name: &str) -> Result<&'static PolicyInfo> {
+    if let Some((a, b)) = name.split_once('+') {
+        return mix_info(registered(a)?, registered(b)?);
+    }
+    registered(name)
+}
+
+fn registered(name: &str) -> Result<&'static PolicyInfo> {
     REGISTRY.iter().find(|p| p.name == name).ok_or_else(|| {
         Error::invalid(format!(
-            "unknown policy '{name}' (known: {})",
+            "unknown policy '{name}' (known: {}; two that evict combine as A+B)",
             names(|_| true)
         ))
     })
+}
+
+/// The combination of `a` and `b`, made once per pair for the life of the process (a policy
+/// is a `'static` value, copied everywhere; there are at most `REGISTRY.len()²` of them).
+fn mix_info(a: &'static PolicyInfo, b: &'static PolicyInfo) -> Result<&'static PolicyInfo> {
+    if !a.evicts || !b.evicts || a == b {
+        return Err(Error::invalid(format!(
+            "policy '{a}+{b}': combine two different policies that evict"
+        )));
+    }
+    static MIXES: std::sync::Mutex<Vec<&'static PolicyInfo>> = std::sync::Mutex::new(Vec::new());
+    let mut mixes = MIXES.lock().unwrap_or_else(|e| e.into_inner());
+    let name = format!("{a}+{b}");
+    if let Some(m) = mixes.iter().find(|m| m.name == name) {
+        return Ok(m);
+    }
+    let info: &'static PolicyInfo = Box::leak(Box::new(PolicyInfo {
+        name: Box::leak(name.into_boxed_str()),
+        help: "standardised scores of two policies, the second weighted by --mix-weight",
+        needs_filters: a.needs_filters || b.needs_filters,
+        evicts: true,
+        scores_vary_by_head: a.scores_vary_by_head || b.scores_vary_by_head,
+        build: |_| Err(Error::invalid("a combination is built from its parts")),
+    }));
+    mixes.push(info);
+    Ok(info)
+}
+
+/// `--policy`'s parser: a registered name or a combination `A+B` (clap's value enums accept
+/// the listed names only); `--help` lists the registered ones.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyParser;
+
+impl clap::builder::TypedValueParser for PolicyParser {
+    type Value = PolicyInfo;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> std::result::Result<PolicyInfo, clap::Error> {
+        // A plain function parser, so that clap reports our message as the value's reason.
+        fn parse(s: &str) -> Result<PolicyInfo> {
+            s.parse()
+        }
+        clap::builder::TypedValueParser::parse_ref(&parse, cmd, arg, value)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            REGISTRY
+                .iter()
+                .filter_map(clap::ValueEnum::to_possible_value),
+        ))
+    }
 }
 
 impl PolicyInfo {
@@ -195,7 +281,16 @@ impl PolicyInfo {
         if !(inputs.recency >= 0.0 && inputs.recency.is_finite()) {
             return Err(Error::invalid("--recency must be a finite number >= 0"));
         }
-        let scorer = (self.build)(inputs)?;
+        let scorer = match self.parts() {
+            Some((a, b)) => {
+                if !inputs.mix_weight.is_finite() {
+                    return Err(Error::invalid("--mix-weight must be a finite number"));
+                }
+                let (a, b) = ((a.build)(inputs)?, (b.build)(inputs)?);
+                Box::new(mix::Mix::new(a, b, inputs.mix_weight))
+            }
+            None => (self.build)(inputs)?,
+        };
         if inputs.recency > 0.0 && self.uses_recency() {
             return Ok(Box::new(recency::Recency::new(scorer, inputs.recency)));
         }
@@ -231,12 +326,15 @@ mod tests {
             .map(|_| rnd())
             .collect();
         let positions: Vec<i32> = (10..10 + n_tokens as i32).collect();
+        // Every registered policy, and combinations as `--policy A+B` makes them.
+        let mixes = ["qfilters+keydiff", "knorm+streaming"].map(|n| *lookup(n).unwrap());
         for recency in [0.0, 64.0] {
-            for info in REGISTRY {
+            for info in REGISTRY.iter().chain(&mixes) {
                 let inputs = PolicyInputs {
                     filters: Some(Arc::new(filters.clone())),
                     seed: 1,
                     recency,
+                    mix_weight: 1.0,
                 };
                 let mut scorer = info.scorer(&inputs).unwrap();
                 for layer in 0..layers {
@@ -294,5 +392,81 @@ mod tests {
         }
         let e = "nope".parse::<PolicyInfo>().unwrap_err().to_string();
         assert!(e.contains("qfilters") && e.contains("none"), "{e}");
+    }
+
+    #[test]
+    fn two_evicting_policies_combine_by_name_and_nothing_else_does() {
+        let mix: PolicyInfo = "qfilters+keydiff".parse().unwrap();
+        assert_eq!(mix.to_string(), "qfilters+keydiff");
+        assert_eq!(
+            mix.parts().map(|(a, b)| (a.name, b.name)),
+            Some(("qfilters", "keydiff"))
+        );
+        assert!(mix.needs_filters && mix.evicts && mix.scores_vary_by_head);
+        // Made once: the same value each time it is named.
+        assert!(std::ptr::eq(
+            lookup("qfilters+keydiff").unwrap(),
+            lookup("qfilters+keydiff").unwrap()
+        ));
+        let plain: PolicyInfo = "knorm+streaming".parse().unwrap();
+        assert!(!plain.needs_filters);
+        assert_eq!(REGISTRY.iter().find(|p| p.parts().is_some()), None);
+        for bad in [
+            "none+knorm",
+            "keydiff+keydiff",
+            "knorm+lru",
+            "knorm+",
+            "a+b+c",
+        ] {
+            assert!(bad.parse::<PolicyInfo>().is_err(), "{bad}");
+        }
+        let inputs = PolicyInputs {
+            filters: None,
+            seed: 1,
+            recency: 0.0,
+            mix_weight: f64::NAN,
+        };
+        assert!(plain.scorer(&inputs).is_err(), "a NaN weight is refused");
+        assert!(
+            mix.scorer(&PolicyInputs {
+                mix_weight: 1.0,
+                ..inputs
+            })
+            .is_err(),
+            "needs filters"
+        );
+    }
+
+    /// One head, dim 1, keys of growing norm: K-norm ranks the newest lowest, StreamingLLM
+    /// highest; the weight moves the combination from the first to the second.
+    #[test]
+    fn the_weight_moves_a_combination_from_its_first_policy_to_its_second() {
+        let keys: Vec<f32> = (1..=20).map(|i| i as f32).collect();
+        let positions: Vec<i32> = (0..20).collect();
+        let new = NewKeys {
+            layer: 0,
+            keys: &keys,
+            positions: &positions,
+            n_head_kv: 1,
+            head_dim: 1,
+        };
+        let scores = |w: f64| {
+            let inputs = PolicyInputs {
+                filters: None,
+                seed: 1,
+                recency: 0.0,
+                mix_weight: w,
+            };
+            let mut s = lookup("knorm+streaming").unwrap().scorer(&inputs).unwrap();
+            let mut out = vec![0f32; 20];
+            s.score(&new, &mut out);
+            out
+        };
+        let (first, second) = (scores(0.0), scores(10.0));
+        assert!(first[19] < first[10] && first[10] < first[1], "{first:?}");
+        assert!(
+            second[19] > second[10] && second[10] > second[1],
+            "{second:?}"
+        );
     }
 }

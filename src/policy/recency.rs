@@ -14,9 +14,40 @@ pub struct Recency {
     inner: Box<dyn Scorer>,
     /// Tokens of age worth one standard deviation of score.
     tau: f64,
-    /// Per (layer, head): count, mean, M2 (Welford).
-    stats: Vec<(f64, f64, f64)>,
+    z: RunningZ,
     raw: Vec<f32>,
+}
+
+/// Running standardisation per (layer, KV head): count, mean, M2 (Welford). Token by token:
+/// each value is standardised with the statistics of the values up to and including itself,
+/// so its score depends on the token stream only, not on how it was cut into decode batches
+/// or scoring rounds (the graph key path scores per decode, the cache path per eviction
+/// round). Shared by the recency prior and by combined policies (`mix.rs`).
+#[derive(Default)]
+pub(super) struct RunningZ {
+    stats: Vec<(f64, f64, f64)>,
+}
+
+impl RunningZ {
+    /// Adds `x` to the statistics of (`layer`, `head`) of a layer with `n_head` KV heads and
+    /// returns its standardised value (0 for the first value).
+    pub(super) fn push(&mut self, layer: usize, n_head: usize, head: usize, x: f64) -> f64 {
+        let need = (layer + 1) * n_head;
+        if self.stats.len() < need {
+            self.stats.resize(need, (0.0, 0.0, 0.0));
+        }
+        let st = &mut self.stats[layer * n_head + head];
+        st.0 += 1.0;
+        let d = x - st.1;
+        st.1 += d / st.0;
+        st.2 += d * (x - st.1);
+        let sd = if st.0 > 1.0 {
+            (st.2 / (st.0 - 1.0)).sqrt().max(1e-9)
+        } else {
+            1.0
+        };
+        (x - st.1) / sd
+    }
 }
 
 impl Recency {
@@ -24,7 +55,7 @@ impl Recency {
         Recency {
             inner,
             tau,
-            stats: Vec::new(),
+            z: RunningZ::default(),
             raw: Vec::new(),
         }
     }
@@ -60,33 +91,20 @@ impl Scorer for Recency {
     fn needs_keys(&self) -> bool {
         self.inner.needs_keys()
     }
+
+    /// The inner scorer forgets; the prior's own statistics carry over (a score's scale is a
+    /// property of the model and policy, and the prior was measured that way).
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
 }
 
 impl Recency {
     /// `out = z(raw) + position / tau`, updating the running statistics of (layer, head).
     fn standardise(&mut self, layer: usize, positions: &[i32], h: usize, out: &mut [f32]) {
-        let need = (layer + 1) * h;
-        if self.stats.len() < need {
-            self.stats.resize(need, (0.0, 0.0, 0.0));
-        }
         for head in 0..h {
-            let st = &mut self.stats[layer * h + head];
-            // Token by token: each key is standardised with the statistics of the keys up to
-            // and including itself, so its score depends on the token stream only, not on how
-            // it was cut into decode batches or scoring rounds (the graph key path scores per
-            // decode, the cache path per eviction round).
             for (t, &pos) in positions.iter().enumerate() {
-                let x = self.raw[t * h + head] as f64;
-                st.0 += 1.0;
-                let d = x - st.1;
-                st.1 += d / st.0;
-                st.2 += d * (x - st.1);
-                let sd = if st.0 > 1.0 {
-                    (st.2 / (st.0 - 1.0)).sqrt().max(1e-9)
-                } else {
-                    1.0
-                };
-                let z = (x - st.1) / sd;
+                let z = self.z.push(layer, h, head, self.raw[t * h + head] as f64);
                 out[t * h + head] = (z + pos as f64 / self.tau) as f32;
             }
         }

@@ -66,6 +66,7 @@ pub fn full_engine(model: &Arc<Model>, capacity: usize, n_batch: usize) -> Engin
         filters: None,
         seed: 0,
         recency: 0.0,
+        mix_weight: 1.0,
     };
     let scorer = policy::build("none", &inputs).expect("policy none");
     let config = EngineConfig {

@@ -59,3 +59,51 @@ fn check_embedded(model: &std::path::Path, shape: [usize; 3], chars: usize) {
         .unwrap();
     assert_one_line_error(&out, "needs Q-Filters");
 }
+
+/// A plain GGUF without `--filters`: `run` and `serve` use the policy that needs none, and say
+/// so, as `chat` does (a new user's first command must work).
+#[test]
+fn run_and_serve_without_filters_fall_back_to_the_policy_that_needs_none() {
+    use std::io::BufRead;
+    let fallback = qfilters::policy::WITHOUT_FILTERS.name;
+    let out =
+        run_ok(run_prompt(&model_path(), "The capital of France is", 4).args(["--budget", "40"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("policy {fallback} (")) && stderr.contains("embeds no Q-Filters"),
+        "announces the fallback: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("qfilters: policy {fallback} |")),
+        "runs it: {stderr}"
+    );
+
+    let mut child = qfilters()
+        .args(["serve", "-m"])
+        .arg(model_path())
+        .args(["--port", "0"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().expect("stderr")).lines() {
+        let line = line.expect("stderr line");
+        let ready = line.contains("serving");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = lines.join("\n");
+    assert!(
+        log.contains(&format!("policy {fallback} (")),
+        "announces the fallback: {log}"
+    );
+    assert!(
+        log.contains(&format!("| policy {fallback} |")),
+        "serves with it: {log}"
+    );
+}

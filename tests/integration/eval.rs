@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use qfilters::cache::{Combiner, EvictionConfig, Granularity};
 use qfilters::engine::{Engine, EngineConfig};
-use qfilters::eval::passkey::{build_document, run_trial, PromptFormat};
+use qfilters::eval::passkey::{build_document, build_task_document, run_trial, PromptFormat, Task};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::ffi::Model;
 use qfilters::policy::{self, PolicyInputs};
@@ -67,13 +67,72 @@ fn passkey_documents_have_the_length_and_key_asked_for_and_the_full_cache_finds_
     let out = run_trial(&mut engine, &doc).expect("trial");
     assert_eq!(out.key_kept, None, "a full cache has no survival to report");
     // With the chat format the full cache answers the digits (the plain format got " the").
-    assert!(out.exact, "greedy answer {:?} for key {key}", out.greedy);
+    assert!(out.found, "greedy answer {:?} for key {key}", out.greedy);
     assert!(out.answer_nll < 0.5, "answer NLL {}", out.answer_nll);
     // Same seed, same document; different seed, different key or text.
     let again =
         build_document(&model, &filler, 1024, 0.5, PromptFormat::Chat, &mut 7u64).expect("doc");
     assert_eq!(again.tokens, doc.tokens);
     assert!(build_document(&model, &filler, 10, 0.5, PromptFormat::Chat, &mut rng).is_err());
+}
+
+#[test]
+fn needle_documents_hide_their_sentences_in_prose_and_the_full_cache_finds_the_asked_one() {
+    let model = model();
+    let prose = std::fs::read_to_string(data("wikitext2-valid.txt")).expect("wikitext2-valid.txt");
+    let needle = |needles, rng: &mut u64| {
+        build_task_document(
+            &model,
+            &prose,
+            1024,
+            0.2,
+            PromptFormat::Chat,
+            Task::Needle { needles },
+            rng,
+        )
+        .expect("doc")
+    };
+    let doc = needle(1, &mut 3u64);
+    assert_eq!(doc.tokens.len(), 1024);
+    let text = model.detokenize(&doc.tokens, false);
+    assert_eq!(
+        text.matches("The best thing to do in").count(),
+        2,
+        "the needle, then the question"
+    );
+    assert_eq!(
+        text.matches(&doc.answer_text).count(),
+        1,
+        "the answer only in the needle"
+    );
+    let at = doc.key_at as f64 / doc.tokens.len() as f64;
+    assert!((0.15..0.35).contains(&at), "needle placed at {at}");
+    // The needle starts a sentence of the prose: it follows a full stop or a line break.
+    let before = model.detokenize(&doc.tokens[doc.key_at - 1..doc.key_at], false);
+    assert!(
+        before.ends_with('.') || before.ends_with('\n'),
+        "after {before:?}"
+    );
+    assert_eq!(
+        model
+            .detokenize(&doc.tokens[doc.key_span.clone()], false)
+            .trim(),
+        doc.answer_text
+    );
+    let mut engine = full_engine(&model, doc.tokens.len() + 32, 64);
+    let out = run_trial(&mut engine, &doc).expect("trial");
+    assert!(
+        out.found,
+        "reply {:?} for {:?}",
+        out.greedy, doc.answer_text
+    );
+    assert!(out.greedy.contains(&doc.answer_text), "{:?}", out.greedy);
+    // The multi-key variant: four needles, one answer among them asked.
+    let multi = needle(4, &mut 3u64);
+    assert_eq!(multi.tokens.len(), 1024);
+    let text = model.detokenize(&multi.tokens, false);
+    assert_eq!(text.matches("The best thing to do in").count(), 5);
+    assert_eq!(text.matches(&multi.answer_text).count(), 1);
 }
 
 fn evicting_engine(
@@ -88,6 +147,7 @@ fn evicting_engine(
             filters: None,
             seed: 0,
             recency: 0.0,
+            mix_weight: 1.0,
         },
     )
     .expect("policy");

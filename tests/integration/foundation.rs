@@ -61,6 +61,16 @@ fn long_prompt_stays_within_budget_and_accounts_for_every_position_streaming() {
     long_prompt_stays_within_budget("streaming");
 }
 
+#[test]
+fn long_prompt_stays_within_budget_and_accounts_for_every_position_keydiff() {
+    long_prompt_stays_within_budget("keydiff");
+}
+
+#[test]
+fn long_prompt_stays_within_budget_and_accounts_for_every_position_combined() {
+    long_prompt_stays_within_budget("qfilters+keydiff");
+}
+
 fn long_prompt_stays_within_budget(policy: &str) {
     let dir = tempfile::tempdir().unwrap();
     let filters = random_filters(dir.path(), 2, 30, 3, 64);

@@ -159,6 +159,7 @@ fn per_head_moves(model: &Arc<Model>, cache_type: CacheType) {
                 filters: None,
                 seed: 1,
                 recency: 0.0,
+                mix_weight: 1.0,
             },
         )
         .expect("scorer");

@@ -48,6 +48,7 @@ fn engine_with(
             filters,
             seed: 1,
             recency,
+            mix_weight: 1.0,
         },
     )
     .expect("scorer");
@@ -107,6 +108,18 @@ fn qfilters_scores_match_between_key_paths() {
 #[test]
 fn knorm_scores_match_between_key_paths() {
     check("knorm", 0.0);
+}
+
+#[test]
+fn keydiff_scores_match_between_key_paths() {
+    // KeyDiff's running anchor is updated token by token: the graph path (per decode) and the
+    // cache path (per scoring round) must see the same anchor for every key.
+    check("keydiff", 0.0);
+}
+
+#[test]
+fn combined_scores_match_between_key_paths() {
+    check("qfilters+keydiff", 0.0);
 }
 
 #[test]
@@ -271,6 +284,7 @@ fn quantized_key_cache_scores_match_the_graph_keys() {
                 filters,
                 seed: 1,
                 recency: 0.0,
+                mix_weight: 1.0,
             },
         )
         .expect("scorer");
