@@ -45,6 +45,19 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 above).
     #[arg(long = "max-body", default_value_t = 1 << 20)]
     pub max_body: usize,
+    /// Seconds a connection has to send a request's head, from when it opens and again from the
+    /// end of each reply (so also the idle keep-alive timeout), and then to send its body.
+    #[arg(long = "read-timeout", default_value_t = 10)]
+    pub read_timeout: u64,
+    /// Most connections open at once; one more is answered 503 and closed at once. Keep it well
+    /// under the process's descriptor limit (`ulimit -n`).
+    #[arg(long = "max-connections", default_value_t = 256)]
+    pub max_connections: usize,
+    /// Let browser pages from ORIGIN (e.g. `http://localhost:3000`, or `*` for any) call the
+    /// server: CORS headers on every response, and preflights answered without the API key.
+    /// Off by default.
+    #[arg(long)]
+    pub cors: Option<String>,
     /// Chat template: a llama.cpp built-in name (chatml, llama3, ...) or Jinja source.
     /// Default: the model's own (GGUF tokenizer.chat_template), else chatml.
     #[arg(long)]
@@ -63,6 +76,18 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     }
     if args.max_tokens == 0 {
         return Err(Error::invalid("--max-tokens must be at least 1"));
+    }
+    if args.read_timeout == 0 || args.read_timeout > 3600 {
+        return Err(Error::invalid(format!(
+            "--read-timeout {}: give 1 to 3600 seconds",
+            args.read_timeout
+        )));
+    }
+    if args.max_connections == 0 || args.max_connections > 1 << 20 {
+        return Err(Error::invalid(format!(
+            "--max-connections {}: give 1 to 1048576",
+            args.max_connections
+        )));
     }
     if args.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::invalid("--api-key is empty"));
@@ -119,6 +144,11 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
             max_tokens_cap: args.max_tokens,
         },
         model_id: model_id.clone(),
+        limits: server::conn::ConnLimits {
+            header_timeout: std::time::Duration::from_secs(args.read_timeout),
+            max_connections: args.max_connections,
+        },
+        cors: args.cors.clone(),
     };
     let cells = if evicting {
         format!("budget {budget} + batch {n_batch} cells")

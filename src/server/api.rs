@@ -63,6 +63,18 @@ impl ApiError {
         }
     }
 
+    pub fn too_many_connections(max: usize) -> ApiError {
+        ApiError {
+            status: 503,
+            message: format!(
+                "the server holds its most open connections ({max}, --max-connections); retry later"
+            ),
+            kind: "server_error",
+            code: Some("too_many_connections"),
+            param: None,
+        }
+    }
+
     pub fn shutting_down() -> ApiError {
         ApiError {
             status: 503,
@@ -89,6 +101,40 @@ impl ApiError {
             message: format!("no endpoint {path}: see GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health"),
             kind: "invalid_request_error",
             code: Some("unknown_url"),
+            param: None,
+        }
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> ApiError {
+        ApiError {
+            status: 405,
+            message: format!(
+                "{path} does not take {method}: GET /v1/models, GET /v1/models/ID, GET /health; POST /v1/chat/completions, POST /v1/completions"
+            ),
+            kind: "invalid_request_error",
+            code: Some("method_not_allowed"),
+            param: None,
+        }
+    }
+
+    pub fn model_not_found(id: &str) -> ApiError {
+        ApiError {
+            status: 404,
+            message: format!("no model '{id}': this server has one, listed by GET /v1/models"),
+            kind: "invalid_request_error",
+            code: Some("model_not_found"),
+            param: Some("model"),
+        }
+    }
+
+    pub fn body_timeout(secs: u64) -> ApiError {
+        ApiError {
+            status: 408,
+            message: format!(
+                "the request body did not arrive within {secs} s of its head (--read-timeout)"
+            ),
+            kind: "invalid_request_error",
+            code: Some("request_timeout"),
             param: None,
         }
     }
@@ -495,9 +541,12 @@ pub fn chunk(
 }
 
 pub fn models(id: &str, created: u64) -> Value {
-    json!({"object": "list", "data": [
-        {"id": id, "object": "model", "created": created, "owned_by": "qfilters"}
-    ]})
+    json!({"object": "list", "data": [model(id, created)]})
+}
+
+/// `GET /v1/models/{id}`, and the one entry of the list.
+pub fn model(id: &str, created: u64) -> Value {
+    json!({"id": id, "object": "model", "created": created, "owned_by": "qfilters"})
 }
 
 #[cfg(test)]

@@ -49,14 +49,20 @@ def filters_file(tmp):
 
 
 class Server:
-    def __init__(self, filters, *extra):
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [BINARY, "serve", "-m", MODEL, "--filters", filters, "--port", "0",
-             "--budget", str(BUDGET), "--batch", str(BATCH), "--parallel", str(PARALLEL),
-             "--max-queue", str(MAX_QUEUE), "--max-body", str(MAX_BODY),
-             "--max-tokens", str(MAX_TOKENS), "--api-key", KEY, *extra],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, filters, *extra, nofile=None):
+        argv = [BINARY, "serve", "-m", MODEL, "--filters", filters, "--port", "0",
+                "--budget", str(BUDGET), "--batch", str(BATCH), "--parallel", str(PARALLEL),
+                "--max-queue", str(MAX_QUEUE), "--max-body", str(MAX_BODY),
+                "--max-tokens", str(MAX_TOKENS), "--api-key", KEY, *extra]
+        self.filters = filters
+        limit = None
+        if nofile is not None:
+            import resource
+
+            def limit():
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        self.proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit)
         self.port = None
         self.startup = ""
         deadline = time.time() + 120
@@ -370,12 +376,134 @@ def test_sigterm_cuts_a_stream_with_an_error_event_and_exits(s):
     assert s.proc.wait(30) == 0
 
 
+READ_TIMEOUT = 3
+MAX_CONNECTIONS = 100
+
+
+def test_silent_and_half_sent_sockets_cannot_lock_out_health(s):
+    """2,000 sockets that never finish a request, against a server limited to 1,024
+    descriptors: /health answers again within the read timeout + 5 s, the server's descriptors
+    stay bounded, and every such socket is closed by the server."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2300:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(hard, 0), 4096) if hard != resource.RLIM_INFINITY else 4096, hard))
+    h = Server(s.filters, "--read-timeout", str(READ_TIMEOUT), "--max-connections",
+               str(MAX_CONNECTIONS), "--cors", "http://app.test", nofile=1024)
+    socks = []
+    try:
+        # --cors: a browser's preflight is answered without the key; responses name the origin.
+        c = http.client.HTTPConnection("127.0.0.1", h.port, timeout=30)
+        c.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://app.test", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        r = c.getresponse()
+        r.read()
+        assert r.status == 204, r.status
+        assert r.getheader("access-control-allow-origin") == "http://app.test", r.getheaders()
+        assert "authorization" in r.getheader("access-control-allow-headers"), r.getheaders()
+        c.close()
+        st, r = h.request("GET", "/v1/models", key=None)
+        assert st == 401, (st, r)
+        for i in range(2000):
+            try:
+                sock = socket.create_connection(("127.0.0.1", h.port), timeout=5)
+                if i % 2:
+                    sock.sendall(b"POST /v1/chat/completions HT")
+                socks.append(sock)
+            except OSError:
+                pass  # refused beyond the cap before the request line went out: fine too
+        assert len(socks) > 1000, len(socks)
+        t0 = time.time()
+        answered = None
+        while time.time() - t0 < READ_TIMEOUT + 10:
+            try:
+                st, r = h.request("GET", "/health", key=None, timeout=2)
+                if st == 200 and r["status"] == "ok":
+                    answered = time.time() - t0
+                    break
+                assert st == 503 and r["error"]["code"] == "too_many_connections", (st, r)
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert answered is not None and answered <= READ_TIMEOUT + 5, answered
+        fds = len(os.listdir(f"/proc/{h.proc.pid}/fd"))
+        assert fds <= MAX_CONNECTIONS + 64, fds
+        # Every flood socket has been closed by the server (EOF or reset), none left hanging.
+        time.sleep(max(0.0, READ_TIMEOUT + 2 - (time.time() - t0)))
+        hanging = 0
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                while sock.recv(65536):
+                    pass
+            except BlockingIOError:
+                hanging += 1
+            except OSError:
+                pass
+        assert hanging == 0, hanging
+        print(f"    (/health answered {answered:.1f} s after 2,000 stuck sockets; "
+              f"{fds} server descriptors)")
+    finally:
+        for sock in socks:
+            sock.close()
+        h.stop()
+
+
+def test_a_kept_alive_connection_is_closed_when_idle(s):
+    # The main server has the default read timeout; a connection with nothing sent is closed
+    # after it, here checked on a raw socket with a generous bound.
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    t0 = time.time()
+    got = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    waited = time.time() - t0
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200"), got[:100]
+    assert 5 <= waited <= 10 + 5, waited
+
+
+def test_every_error_is_an_error_object(s):
+    for method, path, code in [("PUT", "/v1/chat/completions", 405), ("DELETE", "/v1/models", 405),
+                               ("GET", "/v1/chat/completions", 405), ("GET", "/v1/nothing", 404),
+                               ("POST", "/health", 405), ("GET", "/v1/models/no-such-model", 404)]:
+        st, r = s.request(method, path)
+        assert st == code, (method, path, st, r)
+        assert isinstance(r, dict) and r["error"]["message"] and r["error"]["type"], (method, path, r)
+    st, r = s.request("POST", "/v1/chat/completions", raw="x" * (MAX_BODY + 1))
+    assert st == 413 and r["error"]["code"] == "request_too_large", (st, r)
+    # Without --cors a preflight is an ordinary request: the key is needed.
+    st, r = s.request("OPTIONS", "/v1/chat/completions", key=None)
+    assert st == 401 and r["error"]["type"] == "authentication_error", (st, r)
+
+
+def test_models_retrieve(s):
+    c = client(s)
+    m = c.models.retrieve("SmolLM2-135M-Instruct.Q4_1")
+    assert m.id == "SmolLM2-135M-Instruct.Q4_1" and m.object == "model", m
+    import openai
+    try:
+        c.models.retrieve("gpt-4")
+        raise AssertionError("an unknown model was found")
+    except openai.NotFoundError as e:
+        assert "gpt-4" in str(e), e
+
+
 TESTS = [
     test_openai_client_chat_stream_and_models,
     test_stop_strings_end_the_reply_and_are_not_emitted,
     test_fifty_turns_in_a_budget_of_128,
     test_two_clients_at_once_without_cross_talk,
     test_bad_inputs,
+    test_every_error_is_an_error_object,
+    test_models_retrieve,
+    test_a_kept_alive_connection_is_closed_when_idle,
+    test_silent_and_half_sent_sockets_cannot_lock_out_health,
     test_a_disconnect_mid_stream_frees_the_slot,
     test_bounded_load,
     # Last: it stops the server.
