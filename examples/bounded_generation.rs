@@ -52,8 +52,8 @@ fn run() -> qfilters::Result<()> {
         &mut sampler,
         &tokens,
         Limits::tokens(n_predict),
-        &mut |_, _| {},
         &mut |_, _| true,
+        &mut |_| true,
     )?;
     println!("{prompt}{}", out.text);
     let s = engine.stats();

@@ -94,8 +94,8 @@ pub fn run_workload(
             max_tokens: gen.saturating_add(1),
             ignore_eog: true,
         },
-        &mut |_, _| {},
-        &mut |_, _| {
+        &mut |_, _| true,
+        &mut |_| {
             marks.push(Instant::now());
             true
         },

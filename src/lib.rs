@@ -26,7 +26,7 @@
 //! let mut sampler = Sampler::new(&SamplingArgs::default().params()?)?;
 //! let limits = qfilters::generate::Limits::tokens(256);
 //! let gen = qfilters::generate::generate(
-//!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| {}, &mut |_, _| true,
+//!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| true, &mut |_| true,
 //! )?;
 //! println!("{}", gen.text);
 //! assert!(engine.stats().peak_cells <= 128 + eviction.n_batch);

@@ -82,8 +82,12 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         &mut sampler,
         &tokens,
         Limits::tokens(args.n_predict),
-        &mut |done, _| progress.set(done),
-        &mut |_, piece| {
+        &mut |done, _| {
+            progress.set(done);
+            true
+        },
+        &mut |s| {
+            let piece = s.piece;
             progress.finish();
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
                 closed = Some(e);

@@ -10,6 +10,9 @@ use qfilters::{Error, Result};
 
 use super::{EvictionArgs, EvictionCli, ModelArgs, SamplingArgs};
 
+/// The prompt cap when a GGUF does not state its trained context.
+const FALLBACK_TRAINED_CONTEXT: usize = 4096;
+
 #[derive(Args, Debug)]
 // A chat's default temperature, as `qfilters chat`; a request's own temperature, top_p and seed
 // override these per request (top-k has no OpenAI field: the flag holds for every request).
@@ -53,6 +56,12 @@ pub struct ServeArgs {
     /// under the process's descriptor limit (`ulimit -n`).
     #[arg(long = "max-connections", default_value_t = 256)]
     pub max_connections: usize,
+    /// Most tokens a request's prompt (the whole conversation, as formatted) may have; more is
+    /// refused with 400. Default: the model's trained context (positions past it are outside
+    /// what the model learnt, whatever the budget), and for a policy that does not evict, at
+    /// most the cache's budget + batch cells less one for the reply.
+    #[arg(long = "max-prompt-tokens")]
+    pub max_prompt_tokens: Option<usize>,
     /// Let browser pages from ORIGIN (e.g. `http://localhost:3000`, or `*` for any) call the
     /// server: CORS headers on every response, and preflights answered without the API key.
     /// Off by default.
@@ -126,6 +135,16 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     let make = Arc::new(move |_slot: usize| {
         eviction.engine_with_filters(&margs, &m, capacity, filters.clone(), seed)
     });
+    let trained = match model.n_ctx_train() {
+        0 => FALLBACK_TRAINED_CONTEXT,
+        n => n,
+    };
+    let max_prompt_tokens = match args.max_prompt_tokens {
+        Some(0) => return Err(Error::invalid("--max-prompt-tokens must be at least 1")),
+        Some(n) => n,
+        None if evicting => trained,
+        None => trained.min(capacity.saturating_sub(1)).max(1),
+    };
     let model_id = args
         .model
         .model
@@ -149,6 +168,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
             max_connections: args.max_connections,
         },
         cors: args.cors.clone(),
+        max_prompt_tokens,
     };
     let cells = if evicting {
         format!("budget {budget} + batch {n_batch} cells")
@@ -157,6 +177,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     };
     let policy_name = args.eviction.policy.to_string();
     let parallel = args.parallel;
+    let prompt_cap = max_prompt_tokens;
     let auth = if args.api_key.is_some() {
         "API key required"
     } else {
@@ -166,7 +187,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         let total: usize = ready.kv_bytes.iter().sum();
         let each = ready.kv_bytes.first().copied().unwrap_or(0);
         eprintln!(
-            "qfilters: serving {model_id} on http://{} | policy {policy_name} | {parallel} slot(s) × ({cells}), {per_slot} thread(s) each | KV reserved {parallel} × {:.2} MiB = {:.2} MiB | {auth}",
+            "qfilters: serving {model_id} on http://{} | policy {policy_name} | {parallel} slot(s) × ({cells}), {per_slot} thread(s) each | KV reserved {parallel} × {:.2} MiB = {:.2} MiB | prompts up to {prompt_cap} tokens | {auth}",
             ready.addr,
             each as f64 / (1024.0 * 1024.0),
             total as f64 / (1024.0 * 1024.0),

@@ -139,6 +139,18 @@ impl ApiError {
         }
     }
 
+    pub fn prompt_too_long(tokens: usize, max: usize, param: &'static str) -> ApiError {
+        ApiError {
+            status: 400,
+            message: format!(
+                "the prompt is {tokens} tokens: this server takes at most {max} (--max-prompt-tokens)"
+            ),
+            kind: "invalid_request_error",
+            code: Some("context_length_exceeded"),
+            param: Some(param),
+        }
+    }
+
     pub fn body(&self) -> Value {
         json!({"error": {
             "message": self.message,
@@ -422,6 +434,16 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
 pub enum Endpoint {
     Chat,
     Completion,
+}
+
+impl Endpoint {
+    /// The request field that holds what the model continues.
+    pub fn input_field(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completion => "prompt",
+        }
+    }
 }
 
 /// The numbers a finished request reports: OpenAI's `usage` and the `qfilters` object.

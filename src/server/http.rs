@@ -39,6 +39,7 @@ pub struct App {
     pub read_timeout: Duration,
     /// `--cors ORIGIN`: the origin browsers may call from (`*`: any).
     pub cors: Option<HeaderValue>,
+    pub max_prompt_tokens: usize,
     pub created: u64,
     pub ids: AtomicU64,
 }
@@ -203,7 +204,15 @@ async fn start(app: Arc<App>, e: Endpoint, req: Request) -> Result<Response, Api
     let prompt = tokio::task::spawn_blocking(move || prepare(&prep.model, &prep.template, &input))
         .await
         .map_err(|_| ApiError::internal("preparing the prompt failed"))?
-        .map_err(|err| ApiError::bad_request(err.to_string(), Some("messages")))?;
+        .map_err(|err| ApiError::bad_request(err.to_string(), Some(e.input_field())))?;
+    let n: usize = prompt.iter().map(|p| p.tokens.len()).sum();
+    if n > app.max_prompt_tokens {
+        return Err(ApiError::prompt_too_long(
+            n,
+            app.max_prompt_tokens,
+            e.input_field(),
+        ));
+    }
     let lease = app.pool.acquire(&prompt).await?;
     let (tx, rx) = mpsc::channel(256);
     let stream = req.params.stream;

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub limits: conn::ConnLimits,
     /// `--cors ORIGIN`: the origin browsers may call from.
     pub cors: Option<String>,
+    /// Most tokens a request's prompt may have (400 above).
+    pub max_prompt_tokens: usize,
 }
 
 /// What the server reserved, known once it listens.
@@ -92,6 +94,7 @@ pub fn serve(
         max_body: cfg.max_body,
         read_timeout: cfg.limits.header_timeout,
         cors,
+        max_prompt_tokens: cfg.max_prompt_tokens,
         created: http::now(),
         ids: AtomicU64::new(0),
     });

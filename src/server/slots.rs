@@ -416,8 +416,8 @@ fn warm_up(mut engine: Engine) -> Result<(Engine, usize)> {
         &mut sampler,
         &[first],
         Limits::tokens(0),
-        &mut |_, _| {},
-        &mut |_, _| false,
+        &mut |_, _| true,
+        &mut |_| false,
     )?;
     let bytes = engine.stats().kv_bytes;
     engine.reset();
@@ -425,8 +425,9 @@ fn warm_up(mut engine: Engine) -> Result<(Engine, usize)> {
 }
 
 fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<Job>, pool: &Pool) {
-    // Evictions counted before the slot's conversation started (engine counters are cumulative).
-    let mut evicted_base = 0;
+    // The engine's counters when the slot's conversation started: they are cumulative, and a
+    // report counts from there (`Stats::since`).
+    let mut started = engine.stats().clone();
     while let Ok(job) = jobs.recv() {
         let Job {
             plan,
@@ -437,7 +438,7 @@ fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<J
         let (history, last) = match serve_job(
             slot,
             &mut engine,
-            &mut evicted_base,
+            &mut started,
             &plan,
             &params,
             &events,
@@ -458,6 +459,7 @@ fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<J
 }
 
 /// Why a reply ended early, besides the limit and the end of generation.
+#[derive(Clone, Copy)]
 enum Cut {
     None,
     ClientGone,
@@ -469,7 +471,7 @@ enum Cut {
 fn serve_job(
     slot: usize,
     engine: &mut Engine,
-    evicted_base: &mut u64,
+    started: &mut crate::engine::Stats,
     plan: &Plan,
     params: &Params,
     events: &mpsc::Sender<Event>,
@@ -478,37 +480,43 @@ fn serve_job(
     let lib = |e: crate::Error| ApiError::internal(e.to_string());
     if !plan.reuse {
         engine.reset();
-        *evicted_base = engine.stats().evicted;
+        *started = engine.stats().clone();
     }
     engine.reset_peak();
     let mut sampler = Sampler::new(&params.sampling).map_err(lib)?;
     let new_tokens = &plan.tokens[plan.keep..];
     let mut stop = StopText::new(params.stop.clone());
-    let mut cut = Cut::None;
+    let cut = std::cell::Cell::new(Cut::None);
+    // Checked after every prefill chunk and every token: a client gone or a shutdown ends the
+    // request there, so a long prompt whose client left frees the slot within one chunk.
+    let go_on = || {
+        if events.is_closed() {
+            cut.set(Cut::ClientGone);
+        } else if pool.shutting_down() {
+            cut.set(Cut::Shutdown);
+        }
+        matches!(cut.get(), Cut::None)
+    };
     let gen = generate(
         engine,
         &mut sampler,
         new_tokens,
         Limits::tokens(params.max_tokens),
-        &mut |_, _| {},
+        &mut |_, _| go_on(),
         // `piece` holds whole UTF-8 characters only (generate's one decoder).
-        &mut |_, piece| {
-            let text = stop.push(piece);
-            if events.is_closed()
-                || (!text.is_empty() && events.blocking_send(Event::Text(text)).is_err())
-            {
-                cut = Cut::ClientGone;
-                return false;
+        &mut |s| {
+            let text = stop.push(s.piece);
+            if !text.is_empty() && events.blocking_send(Event::Text(text)).is_err() {
+                cut.set(Cut::ClientGone);
             }
-            if pool.shutting_down() {
-                cut = Cut::Shutdown;
-                return false;
-            }
-            !stop.stopped()
+            go_on() && !stop.stopped()
         },
-    )
-    .map_err(lib)?;
-    match cut {
+    );
+    let gen = match gen {
+        Err(crate::Error::Interrupted) if !matches!(cut.get(), Cut::None) => None,
+        other => Some(other.map_err(lib)?),
+    };
+    match cut.get() {
         Cut::ClientGone => {
             pool.counts.cancelled.fetch_add(1, Ordering::Relaxed);
             return Ok((History::default(), None));
@@ -516,6 +524,9 @@ fn serve_job(
         Cut::Shutdown => return Err(ApiError::shutting_down()),
         Cut::None => {}
     }
+    let Some(gen) = gen else {
+        return Err(ApiError::internal("generation stopped without a reason"));
+    };
     if !stop.stopped() {
         let mut rest = stop.push(&gen.tail);
         if !stop.stopped() {
@@ -530,14 +541,14 @@ fn serve_job(
         Stop::Limit if !stop.stopped() => "length",
         _ => "stop",
     };
-    let s = engine.stats();
+    let s = engine.stats().since(started);
     let report = Report {
         prompt_tokens: plan.tokens.len(),
         completion_tokens: gen.tokens.len(),
         budget: engine.budget(),
         live_cells: engine.live_cells(),
         peak_cells: s.peak_cells,
-        evicted: s.evicted - *evicted_base,
+        evicted: s.evicted,
         prompt_tokens_decoded: new_tokens.len(),
         slot,
         reused: plan.reuse,

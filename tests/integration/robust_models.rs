@@ -110,8 +110,8 @@ fn nan_logits_are_an_error_not_an_empty_completion() {
         &mut sampler,
         &[1, 2, 3, 4],
         Limits::tokens(4),
-        &mut |_, _| {},
         &mut |_, _| true,
+        &mut |_| true,
     );
     match result {
         Err(e @ Error::NonFiniteLogits { .. }) => {

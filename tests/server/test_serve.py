@@ -290,6 +290,46 @@ def test_a_disconnect_mid_stream_frees_the_slot(s):
     print(f"    (request after the disconnects served in {waited:.2f} s)")
 
 
+def test_a_dropped_long_prompt_frees_its_slot_within_a_chunk(s):
+    # One chunk's time: a prompt of about one --batch of tokens, one token generated.
+    sentence = "The cat sat on the mat. "
+    st, r = s.request("POST", "/v1/completions", dict(prompt=sentence * 10, max_tokens=1))
+    assert st == 200, r
+    per = r["usage"]["prompt_tokens"] / 10
+    t0 = time.time()
+    st, r = s.request("POST", "/v1/completions",
+                      dict(prompt=sentence * int(BATCH / per), max_tokens=1, temperature=0))
+    chunk = time.time() - t0
+    assert st == 200 and r["usage"]["prompt_tokens"] <= BATCH + 8, r
+    # About 24 chunks' worth, streamed, dropped after one second: the slot is free again within
+    # about one chunk (plus the polling), long before the prefill would have ended.
+    long = sentence * int(24 * BATCH / per)
+    before = s.health()
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+    data = json.dumps(dict(prompt=long, max_tokens=4, stream=True)).encode()
+    assert len(data) < MAX_BODY
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    time.sleep(1.0)
+    assert s.health()["idle"] == PARALLEL - 1
+    sock.close()
+    t0 = time.time()
+    freed = None
+    while time.time() - t0 < 120:
+        h = s.health()
+        if h["idle"] == PARALLEL and h["cancelled"] == before["cancelled"] + 1:
+            freed = time.time() - t0
+            break
+        time.sleep(0.05)
+    assert freed is not None, s.health()
+    assert freed <= 2 * chunk + 0.5, (freed, chunk)
+    print(f"    (slot freed {freed:.2f} s after the drop; one chunk of {BATCH} takes {chunk:.2f} s)")
+    # Over the prompt cap (the model's trained context, 8192 for SmolLM2): 400 with the numbers.
+    st, r = s.request("POST", "/v1/completions", dict(prompt=sentence * int(9000 / per)))
+    assert st == 400 and r["error"]["code"] == "context_length_exceeded", (st, r)
+    assert "8192" in r["error"]["message"] and r["error"]["param"] == "prompt", r
+
+
 def test_bounded_load(s):
     total, clients = 200, 8
     lock = threading.Lock()
@@ -505,6 +545,7 @@ TESTS = [
     test_a_kept_alive_connection_is_closed_when_idle,
     test_silent_and_half_sent_sockets_cannot_lock_out_health,
     test_a_disconnect_mid_stream_frees_the_slot,
+    test_a_dropped_long_prompt_frees_its_slot_within_a_chunk,
     test_bounded_load,
     # Last: it stops the server.
     test_sigterm_cuts_a_stream_with_an_error_event_and_exits,
