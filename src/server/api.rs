@@ -2,7 +2,6 @@
 //! JSON of responses, stream chunks and errors. Pure functions, no I/O, so every rule here is
 //! unit-tested without a model.
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::ffi::SamplingParams;
@@ -197,91 +196,192 @@ pub struct Request {
 /// Most stop strings per request (OpenAI's limit).
 const MAX_STOPS: usize = 4;
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
+type Object = serde_json::Map<String, Value>;
 
-#[derive(Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Message {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
-}
-
-/// The fields both endpoints share. Unknown fields are ignored (serde's default).
-#[derive(Deserialize)]
-struct Common {
-    #[serde(default)]
-    max_tokens: Option<i64>,
-    #[serde(default)]
-    max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    temperature: Option<f64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    #[serde(default)]
-    seed: Option<i64>,
-    #[serde(default)]
-    stop: Option<OneOrMany>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    n: Option<i64>,
-}
-
-#[derive(Deserialize)]
-struct ChatBody {
-    messages: Vec<Message>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Deserialize)]
-struct CompletionBody {
-    prompt: OneOrMany,
-    #[serde(flatten)]
-    common: Common,
-}
-
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            format!("the request body is not a valid request: {e}"),
+/// The body as a JSON object; syntax errors keep serde_json's line and column, which speak of
+/// the text, not of Rust types.
+fn parse_object(body: &[u8]) -> Result<Object, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
             None,
+        )),
+        Err(e) => Err(ApiError::bad_request(
+            format!("the request body is not valid JSON: {e}"),
+            None,
+        )),
+    }
+}
+
+/// A field that is absent or `null`.
+fn absent(m: &Object, name: &str) -> bool {
+    m.get(name).is_none_or(Value::is_null)
+}
+
+fn number(m: &Object, name: &'static str) -> Result<Option<f64>, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(_) => Err(ApiError::bad_request(
+            format!("{name} must be a number"),
+            Some(name),
+        )),
+    }
+}
+
+fn integer(m: &Object, name: &'static str) -> Result<Option<i64>, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!("{name} must be a whole number"), Some(name))
+        }),
+        Some(_) => Err(ApiError::bad_request(
+            format!("{name} must be a whole number"),
+            Some(name),
+        )),
+    }
+}
+
+fn boolean(m: &Object, name: &'static str) -> Result<Option<bool>, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::bad_request(
+            format!("{name} must be true or false"),
+            Some(name),
+        )),
+    }
+}
+
+/// A string, or an array of strings (`stop`, `prompt`).
+fn strings(v: &Value, name: &'static str) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            format!("{name} must be a string or an array of strings"),
+            Some(name),
         )
-    })
+    };
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string).ok_or_else(bad))
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+/// OpenAI fields this server does not implement and that change the answer when given with
+/// anything but their default: refused, named, rather than ignored (docs/server.md lists
+/// them). Each entry: the field, and whether a value leaves the answer as it would be.
+const REFUSED: &[(&str, fn(&Value) -> bool)] = &[
+    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("tool_choice", |v| v.as_str() == Some("none")),
+    ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("function_call", |v| v.as_str() == Some("none")),
+    ("response_format", |v| v["type"] == "text"),
+    ("logprobs", |v| v == &Value::Bool(false) || v == &json!(0)),
+    ("top_logprobs", |v| v == &json!(0)),
+    ("logit_bias", |v| {
+        v.as_object().is_some_and(|m| m.is_empty())
+    }),
+    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
+    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
+    ("echo", |v| v == &Value::Bool(false)),
+    ("suffix", |v| v.as_str().is_some_and(str::is_empty)),
+    ("best_of", |v| v == &json!(1)),
+    ("audio", |_| false),
+    ("modalities", |v| v == &json!(["text"])),
+    ("prediction", |_| false),
+];
+
+fn refuse_unsupported(m: &Object) -> Result<(), ApiError> {
+    for (name, harmless) in REFUSED {
+        match m.get(*name) {
+            None | Some(Value::Null) => {}
+            Some(v) if harmless(v) => {}
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    format!("{name} is not supported by this server (see docs/server.md)"),
+                    Some(name),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One message's content: a string, `null`, or an array of text parts.
+fn content(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
+    let bad = |what: String| ApiError::bad_request(what, Some("messages"));
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let kind = p.get("type").and_then(Value::as_str);
+                match (kind, p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    (Some("text"), _) => {
+                        return Err(bad(format!(
+                            "messages[{i}].content[{j}] is a text part without a string `text`"
+                        )))
+                    }
+                    (Some(other), _) => {
+                        return Err(bad(format!(
+                            "messages[{i}].content[{j}] has type '{other}': only text parts are supported"
+                        )))
+                    }
+                    (None, _) => {
+                        return Err(bad(format!(
+                            "messages[{i}].content[{j}] must be an object with a `type`"
+                        )))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        Some(_) => Err(bad(format!(
+            "messages[{i}].content must be a string, null, or an array of text parts"
+        ))),
+    }
 }
 
 /// `POST /v1/chat/completions`.
 pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
-    let b: ChatBody = parse_json(body)?;
-    if b.messages.is_empty() {
+    let m = parse_object(body)?;
+    let list = match m.get("messages") {
+        Some(Value::Array(a)) => a,
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad_request(
+                "messages is required",
+                Some("messages"),
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "messages must be an array of messages",
+                Some("messages"),
+            ))
+        }
+    };
+    if list.is_empty() {
         return Err(ApiError::bad_request(
             "messages is empty: give at least one message",
             Some("messages"),
         ));
     }
-    let mut messages = Vec::with_capacity(b.messages.len());
-    for (i, m) in b.messages.into_iter().enumerate() {
-        let role = match m.role.as_str() {
+    let mut messages = Vec::with_capacity(list.len());
+    for (i, msg) in list.iter().enumerate() {
+        let Some(role) = msg.get("role").and_then(Value::as_str) else {
+            return Err(ApiError::bad_request(
+                format!("messages[{i}] must be an object with a string `role`"),
+                Some("messages"),
+            ));
+        };
+        let role = match role {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
@@ -294,29 +394,11 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
                 ))
             }
         };
-        let content = match m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t,
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
-                            return Err(ApiError::bad_request(
-                                format!("messages[{i}] has a content part of type '{kind}': only text parts are supported"),
-                                Some("messages"),
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-        };
-        check_text(&content, &format!("messages[{i}].content"))?;
+        let content = content(msg.get("content"), i)?;
+        check_text(&content, &format!("messages[{i}].content"), "messages")?;
         messages.push((role.to_string(), content));
     }
-    let params = common(b.common, d)?;
+    let params = common(&m, d)?;
     Ok(Request {
         input: Input::Chat(messages),
         params,
@@ -325,22 +407,23 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
 
 /// `POST /v1/completions`.
 pub fn parse_completion(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
-    let b: CompletionBody = parse_json(body)?;
-    let prompt = match b.prompt {
-        OneOrMany::One(p) => p,
-        OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
-        OneOrMany::Many(_) => {
-            return Err(ApiError::bad_request(
-                "prompt must be one string (batches of prompts are not supported)",
-                Some("prompt"),
-            ))
-        }
+    let m = parse_object(body)?;
+    let Some(p) = m.get("prompt").filter(|v| !v.is_null()) else {
+        return Err(ApiError::bad_request("prompt is required", Some("prompt")));
     };
+    let mut prompts = strings(p, "prompt")?;
+    if prompts.len() != 1 {
+        return Err(ApiError::bad_request(
+            "prompt must be one string (batches of prompts are not supported)",
+            Some("prompt"),
+        ));
+    }
+    let prompt = prompts.remove(0);
     if prompt.is_empty() {
         return Err(ApiError::bad_request("prompt is empty", Some("prompt")));
     }
-    check_text(&prompt, "prompt")?;
-    let params = common(b.common, d)?;
+    check_text(&prompt, "prompt", "prompt")?;
+    let params = common(&m, d)?;
     Ok(Request {
         input: Input::Text(prompt),
         params,
@@ -348,18 +431,19 @@ pub fn parse_completion(body: &[u8], d: &Defaults) -> Result<Request, ApiError> 
 }
 
 /// llama.cpp takes C strings: a NUL byte would cut the text short without a word.
-fn check_text(text: &str, what: &str) -> Result<(), ApiError> {
+fn check_text(text: &str, what: &str, param: &'static str) -> Result<(), ApiError> {
     if text.contains('\0') {
         return Err(ApiError::bad_request(
             format!("{what} contains a NUL character"),
-            Some("messages"),
+            Some(param),
         ));
     }
     Ok(())
 }
 
-fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
-    if let Some(n) = c.n {
+fn common(m: &Object, d: &Defaults) -> Result<Params, ApiError> {
+    refuse_unsupported(m)?;
+    if let Some(n) = integer(m, "n")? {
         if n != 1 {
             return Err(ApiError::bad_request(
                 format!("n = {n}: this server returns one choice per request"),
@@ -367,7 +451,11 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
             ));
         }
     }
-    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+    let given = match integer(m, "max_completion_tokens")? {
+        Some(n) => Some(n),
+        None => integer(m, "max_tokens")?,
+    };
+    let max_tokens = match given {
         None => d.max_tokens_cap,
         Some(n) if n < 1 => {
             return Err(ApiError::bad_request(
@@ -382,7 +470,7 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
             .min(d.max_tokens_cap),
     };
     let mut sampling = d.sampling.clone();
-    if let Some(t) = c.temperature {
+    if let Some(t) = number(m, "temperature")? {
         if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
             return Err(ApiError::bad_request(
                 format!("temperature = {t}: give a value from 0 to 2"),
@@ -391,7 +479,7 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
         }
         sampling.temperature = t as f32;
     }
-    if let Some(p) = c.top_p {
+    if let Some(p) = number(m, "top_p")? {
         if !(p.is_finite() && p > 0.0 && p <= 1.0) {
             return Err(ApiError::bad_request(
                 format!("top_p = {p}: give a value above 0 and at most 1"),
@@ -400,14 +488,13 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
         }
         sampling.top_p = p as f32;
     }
-    if let Some(s) = c.seed {
+    if let Some(s) = integer(m, "seed")? {
         // llama.cpp's sampler takes 32 bits; the low 32 bits of the given seed are used.
         sampling.seed = s as u32;
     }
-    let stop = match c.stop {
-        None => Vec::new(),
-        Some(OneOrMany::One(s)) => vec![s],
-        Some(OneOrMany::Many(v)) => v,
+    let stop = match m.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => strings(v, "stop")?,
     };
     if stop.len() > MAX_STOPS {
         return Err(ApiError::bad_request(
@@ -421,11 +508,17 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
             Some("stop"),
         ));
     }
+    if !absent(m, "stream_options") && !m["stream_options"].is_object() {
+        return Err(ApiError::bad_request(
+            "stream_options must be an object",
+            Some("stream_options"),
+        ));
+    }
     Ok(Params {
         max_tokens,
         sampling,
         stop,
-        stream: c.stream.unwrap_or(false),
+        stream: boolean(m, "stream")?.unwrap_or(false),
     })
 }
 
@@ -588,7 +681,7 @@ mod tests {
 
     #[test]
     fn a_chat_request_is_parsed_with_defaults_and_unknown_fields_ignored() {
-        let r = chat(r#"{"model":"x","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"frequency_penalty":0.5,"logit_bias":{}}"#).unwrap();
+        let r = chat(r#"{"model":"x","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"frequency_penalty":0,"logit_bias":{},"user":"u"}"#).unwrap();
         assert_eq!(
             r.input,
             Input::Chat(vec![
@@ -624,16 +717,36 @@ mod tests {
     #[test]
     fn malformed_or_mistyped_bodies_are_400_with_a_message() {
         for (body, needle) in [
-            ("{", "not a valid request"),
-            ("[]", "not a valid request"),
-            (r#"{"messages":"hi"}"#, "not a valid request"),
+            ("{", "not valid JSON"),
+            ("[]", "must be a JSON object"),
+            (r#"{"messages":"hi"}"#, "messages must be an array"),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#,
-                "not a valid request",
+                "max_tokens must be a whole number",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"temperature":true}"#,
-                "not a valid request",
+                "temperature must be a number",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":5}]}"#,
+                "messages[0].content must be a string",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
+                "without a string `text`",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":[1]}"#,
+                "stop must be a string or an array of strings",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
+                "tools is not supported",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"frequency_penalty":0.5}"#,
+                "frequency_penalty is not supported",
             ),
             (r#"{"messages":[]}"#, "empty"),
             (
@@ -677,6 +790,9 @@ mod tests {
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.kind, "invalid_request_error");
             assert!(e.message.contains(needle), "{body}: {}", e.message);
+            for rust in ["enum", "struct", "i64", "OneOrMany", "variant"] {
+                assert!(!e.message.contains(rust), "{body}: {}", e.message);
+            }
             assert_eq!(e.body()["error"]["message"], e.message);
         }
     }
