@@ -176,6 +176,68 @@ pub struct Params {
     /// Generation stops when the text contains one; it is not part of the reply.
     pub stop: Vec<String>,
     pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk with `choices: []` and the usage.
+    pub include_usage: bool,
+    /// `logprobs`: each token's log-probability, with this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives per token `top_logprobs` / `logprobs` may ask for (OpenAI's limit).
+const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// A generated token's log-probability, as the response shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Where the token's text starts in the reply, in characters.
+    pub offset: usize,
+    /// The most likely tokens at its place: text, bytes, log-probability.
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
+/// The `logprobs` of a choice: chat's `{"content": [...]}` or the completions' columns;
+/// `null` when not asked for.
+pub fn logprobs(e: Endpoint, tokens: Option<&[TokenInfo]>) -> Value {
+    let Some(tokens) = tokens else {
+        return Value::Null;
+    };
+    match e {
+        Endpoint::Chat => {
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let top: Vec<Value> = t
+                        .top
+                        .iter()
+                        .map(|(s, b, lp)| json!({"token": s, "logprob": lp, "bytes": b}))
+                        .collect();
+                    json!({"token": t.text, "logprob": t.logprob, "bytes": t.bytes, "top_logprobs": top})
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+        Endpoint::Completion => {
+            let top: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let m: serde_json::Map<String, Value> = t
+                        .top
+                        .iter()
+                        .map(|(s, _, lp)| (s.clone(), json!(lp)))
+                        .collect();
+                    Value::Object(m)
+                })
+                .collect();
+            json!({
+                "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": tokens.iter().map(|t| t.offset).collect::<Vec<_>>(),
+            })
+        }
+    }
 }
 
 /// What a request asks the model to continue.
@@ -212,11 +274,6 @@ fn parse_object(body: &[u8]) -> Result<Object, ApiError> {
             None,
         )),
     }
-}
-
-/// A field that is absent or `null`.
-fn absent(m: &Object, name: &str) -> bool {
-    m.get(name).is_none_or(Value::is_null)
 }
 
 fn number(m: &Object, name: &'static str) -> Result<Option<f64>, ApiError> {
@@ -281,8 +338,6 @@ const REFUSED: &[(&str, fn(&Value) -> bool)] = &[
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.as_str() == Some("none")),
     ("response_format", |v| v["type"] == "text"),
-    ("logprobs", |v| v == &Value::Bool(false) || v == &json!(0)),
-    ("top_logprobs", |v| v == &json!(0)),
     ("logit_bias", |v| {
         v.as_object().is_some_and(|m| m.is_empty())
     }),
@@ -508,17 +563,62 @@ fn common(m: &Object, d: &Defaults) -> Result<Params, ApiError> {
             Some("stop"),
         ));
     }
-    if !absent(m, "stream_options") && !m["stream_options"].is_object() {
-        return Err(ApiError::bad_request(
-            "stream_options must be an object",
-            Some("stream_options"),
-        ));
+    // Chat sends `logprobs: true` and `top_logprobs: K`; completions `logprobs: K`.
+    let top = integer(m, "top_logprobs")?;
+    let logprobs = match m.get("logprobs") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {
+            if top.is_some_and(|k| k > 0) {
+                return Err(ApiError::bad_request(
+                    "top_logprobs needs logprobs: true",
+                    Some("top_logprobs"),
+                ));
+            }
+            None
+        }
+        Some(Value::Bool(true)) => Some(top.unwrap_or(0)),
+        Some(Value::Number(n)) => Some(n.as_i64().unwrap_or(-1)),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "logprobs must be true, false or a whole number",
+                Some("logprobs"),
+            ))
+        }
+    };
+    if let Some(k) = logprobs {
+        if !(0..=MAX_TOP_LOGPROBS).contains(&k) {
+            return Err(ApiError::bad_request(
+                format!("{k} alternatives per token: give 0 to {MAX_TOP_LOGPROBS}"),
+                Some("top_logprobs"),
+            ));
+        }
     }
+    let logprobs = logprobs.map(|k| k as usize);
+    let include_usage = match m.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "stream_options.include_usage must be true or false",
+                    Some("stream_options"),
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "stream_options must be an object",
+                Some("stream_options"),
+            ))
+        }
+    };
     Ok(Params {
         max_tokens,
         sampling,
         stop,
         stream: boolean(m, "stream")?.unwrap_or(false),
+        include_usage,
+        logprobs,
     })
 }
 
@@ -594,7 +694,7 @@ pub fn response(e: Endpoint, m: &Meta, text: &str, finish: &str, r: &Report) -> 
     let (object, choice) = match e {
         Endpoint::Chat => (
             "chat.completion",
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}),
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}),
         ),
         Endpoint::Completion => (
             "text_completion",
@@ -612,8 +712,8 @@ pub fn response(e: Endpoint, m: &Meta, text: &str, finish: &str, r: &Report) -> 
     })
 }
 
-/// One stream chunk; the first chat chunk carries the role, the last the finish reason and
-/// the report (OpenAI sends `usage` in the stream only when asked; clients ignore extra fields).
+/// One stream chunk; the first chat chunk carries the role, the last the finish reason and the
+/// `qfilters` object (clients ignore extra fields). The usage is [`usage_chunk`]'s, when asked.
 pub fn chunk(
     e: Endpoint,
     m: &Meta,
@@ -649,10 +749,26 @@ pub fn chunk(
         "choices": [choice],
     });
     if let Some((_, r)) = end {
-        v["usage"] = r.usage();
         v["qfilters"] = r.qfilters();
     }
     v
+}
+
+/// The chunk OpenAI streams last when `stream_options.include_usage` is set: no choices, the
+/// usage (the other chunks then carry `"usage": null`).
+pub fn usage_chunk(e: Endpoint, m: &Meta, r: &Report) -> Value {
+    let object = match e {
+        Endpoint::Chat => "chat.completion.chunk",
+        Endpoint::Completion => "text_completion",
+    };
+    json!({
+        "id": m.id,
+        "object": object,
+        "created": m.created,
+        "model": m.model,
+        "choices": [],
+        "usage": r.usage(),
+    })
 }
 
 pub fn models(id: &str, created: u64) -> Value {
@@ -846,6 +962,9 @@ mod tests {
         assert!(c["choices"][0]["finish_reason"].is_null());
         let c = chunk(Endpoint::Chat, &m, None, false, Some(("length", &r)));
         assert_eq!(c["choices"][0]["finish_reason"], "length");
-        assert_eq!(c["usage"]["completion_tokens"], 3);
+        assert!(c.get("usage").is_none());
+        let u = usage_chunk(Endpoint::Chat, &m, &r);
+        assert_eq!(u["choices"], json!([]));
+        assert_eq!(u["usage"]["completion_tokens"], 3);
     }
 }

@@ -216,6 +216,8 @@ async fn start(app: Arc<App>, e: Endpoint, req: Request) -> Result<Response, Api
     let lease = app.pool.acquire(&prompt).await?;
     let (tx, rx) = mpsc::channel(256);
     let stream = req.params.stream;
+    let include_usage = req.params.include_usage;
+    let logprobs = req.params.logprobs.is_some();
     app.pool.submit(lease, req.params, tx)?;
     let n = app.ids.fetch_add(1, Ordering::Relaxed);
     let prefix = match e {
@@ -228,9 +230,9 @@ async fn start(app: Arc<App>, e: Endpoint, req: Request) -> Result<Response, Api
         model: app.model_id.clone(),
     };
     if stream {
-        Ok(Sse::new(sse(e, meta, rx)).into_response())
+        Ok(Sse::new(sse(e, meta, rx, include_usage, logprobs)).into_response())
     } else {
-        collect(e, meta, rx).await
+        collect(e, meta, rx, logprobs).await
     }
 }
 
@@ -240,13 +242,20 @@ async fn collect(
     e: Endpoint,
     meta: Meta,
     mut rx: mpsc::Receiver<Event>,
+    want_logprobs: bool,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text(t, l) => {
+                text.push_str(&t);
+                lps.extend(l);
+            }
             Event::Done { finish, report } => {
-                return Ok(Json(api::response(e, &meta, &text, finish, &report)).into_response())
+                let mut v = api::response(e, &meta, &text, finish, &report);
+                v["choices"][0]["logprobs"] = api::logprobs(e, want_logprobs.then_some(&lps[..]));
+                return Ok(Json(v).into_response());
             }
             Event::Failed(err) => return Err(err),
         }
@@ -259,6 +268,8 @@ struct StreamState {
     meta: Meta,
     e: Endpoint,
     first: bool,
+    include_usage: bool,
+    logprobs: bool,
     out: VecDeque<SseEvent>,
     ended: bool,
 }
@@ -270,12 +281,16 @@ fn sse(
     e: Endpoint,
     meta: Meta,
     rx: mpsc::Receiver<Event>,
+    include_usage: bool,
+    logprobs: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let state = StreamState {
         rx,
         meta,
         e,
         first: true,
+        include_usage,
+        logprobs,
         out: VecDeque::new(),
         ended: false,
     };
@@ -287,16 +302,28 @@ fn sse(
             if st.ended {
                 return None;
             }
-            let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
+            let include_usage = st.include_usage;
+            let data = |mut v: serde_json::Value| {
+                if include_usage && v.get("choices").is_some() && v.get("usage").is_none() {
+                    v["usage"] = serde_json::Value::Null;
+                }
+                SseEvent::default().data(v.to_string())
+            };
             match st.rx.recv().await {
-                Some(Event::Text(t)) => {
-                    let c = api::chunk(st.e, &st.meta, Some(&t), st.first, None);
+                Some(Event::Text(t, l)) => {
+                    let mut c = api::chunk(st.e, &st.meta, Some(&t), st.first, None);
+                    c["choices"][0]["logprobs"] =
+                        api::logprobs(st.e, st.logprobs.then_some(&l[..]));
                     st.first = false;
                     st.out.push_back(data(c));
                 }
                 Some(Event::Done { finish, report }) => {
                     let c = api::chunk(st.e, &st.meta, None, st.first, Some((finish, &report)));
                     st.out.push_back(data(c));
+                    if st.include_usage {
+                        st.out
+                            .push_back(data(api::usage_chunk(st.e, &st.meta, &report)));
+                    }
                     st.out.push_back(SseEvent::default().data("[DONE]"));
                     st.ended = true;
                 }

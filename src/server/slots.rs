@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::ffi::{Model, Sampler, Token};
 use crate::generate::{generate, Limits, Stop};
 
-use super::api::{ApiError, Input, Params, Report};
+use super::api::{ApiError, Input, Params, Report, TokenInfo};
 use super::stop::StopText;
 
 /// A piece of a prompt and its tokens: template text (special tokens parsed), a message's
@@ -163,7 +163,9 @@ pub fn pick<'a>(
 /// What a slot sends back while it serves a request.
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// Text of the reply, and the log-probabilities of the tokens whose text starts in it
+    /// (empty unless asked for).
+    Text(String, Vec<super::api::TokenInfo>),
     Done {
         finish: &'static str,
         report: Report,
@@ -487,6 +489,16 @@ fn serve_job(
     let new_tokens = &plan.tokens[plan.keep..];
     let mut stop = StopText::new(params.stop.clone());
     let cut = std::cell::Cell::new(Cut::None);
+    let model = Arc::clone(engine.model());
+    // Log-probabilities of tokens whose text has not been released yet (stop strings hold text
+    // back), each with where its text starts; `released` counts the characters sent.
+    let mut pending: Vec<TokenInfo> = Vec::new();
+    let mut generated = 0usize;
+    let mut released = 0usize;
+    let take = |pending: &mut Vec<TokenInfo>, released: usize| -> Vec<TokenInfo> {
+        let n = pending.iter().take_while(|t| t.offset < released).count();
+        pending.drain(..n).collect()
+    };
     // Checked after every prefill chunk and every token: a client gone or a shutdown ends the
     // request there, so a long prompt whose client left frees the slot within one chunk.
     let go_on = || {
@@ -505,9 +517,17 @@ fn serve_job(
         &mut |_, _| go_on(),
         // `piece` holds whole UTF-8 characters only (generate's one decoder).
         &mut |s| {
+            if let Some(k) = params.logprobs {
+                pending.push(token_info(&model, &s.logprob(k), generated));
+            }
+            generated += s.piece.chars().count();
             let text = stop.push(s.piece);
-            if !text.is_empty() && events.blocking_send(Event::Text(text)).is_err() {
-                cut.set(Cut::ClientGone);
+            released += text.chars().count();
+            if !text.is_empty() {
+                let lps = take(&mut pending, released);
+                if events.blocking_send(Event::Text(text, lps)).is_err() {
+                    cut.set(Cut::ClientGone);
+                }
             }
             go_on() && !stop.stopped()
         },
@@ -532,7 +552,9 @@ fn serve_job(
         if !stop.stopped() {
             rest.push_str(&stop.finish());
         }
-        if !rest.is_empty() && events.blocking_send(Event::Text(rest)).is_err() {
+        released += rest.chars().count();
+        let lps = take(&mut pending, released);
+        if !rest.is_empty() && events.blocking_send(Event::Text(rest, lps)).is_err() {
             pool.counts.cancelled.fetch_add(1, Ordering::Relaxed);
             return Ok((History::default(), None));
         }
@@ -573,6 +595,29 @@ fn serve_job(
     });
     pool.counts.served.fetch_add(1, Ordering::Relaxed);
     Ok((history, Some(Event::Done { finish, report })))
+}
+
+/// A token's log-probabilities with the tokens' text and bytes.
+fn token_info(model: &Model, lp: &crate::generate::TokenLogprob, offset: usize) -> TokenInfo {
+    let text = |t: Token| {
+        let b = model.token_bytes(t, false);
+        (String::from_utf8_lossy(&b).into_owned(), b)
+    };
+    let (t, bytes) = text(lp.token);
+    TokenInfo {
+        text: t,
+        bytes,
+        logprob: lp.logprob,
+        offset,
+        top: lp
+            .top
+            .iter()
+            .map(|&(id, x)| {
+                let (s, b) = text(id);
+                (s, b, x)
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -140,19 +140,64 @@ def test_openai_client_chat_stream_and_models(s):
     assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 8, r.usage
     q = r.model_extra["qfilters"]
     assert q["budget"] == BUDGET and q["prompt_tokens_decoded"] == r.usage.prompt_tokens, q
-    pieces, finish, usage = [], None, None
-    for chunk in c.chat.completions.create(model=ids[0], max_tokens=8, temperature=0, stream=True,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}]):
+    pieces, finish = [], None
+    chunks = list(c.chat.completions.create(
+        model=ids[0], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "What is the capital of France?"}]))
+    for chunk in chunks:
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
-            usage = chunk.usage
     # Greedy: the stream says what the plain request said, in more than one piece.
     assert "".join(pieces) == text, (pieces, text)
-    assert len(pieces) > 1 and finish in ("stop", "length") and usage.completion_tokens == r.usage.completion_tokens
+    assert len(pieces) > 1 and finish in ("stop", "length"), (pieces, finish)
+    # include_usage as OpenAI streams it: a last chunk with no choices and the usage, and no
+    # usage on any other chunk.
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == r.usage.completion_tokens, last
+    assert all(ch.usage is None for ch in chunks[:-1]), chunks[:-1]
+    # Without it, no chunk carries a usage.
+    plain = list(c.chat.completions.create(model=ids[0], max_tokens=3, temperature=0, stream=True,
+                                           messages=[{"role": "user", "content": "Hi"}]))
+    assert all(ch.usage is None and ch.choices for ch in plain), plain
     r = c.completions.create(model=ids[0], prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)
     assert r.choices[0].text.strip() and r.usage.completion_tokens <= 6, r
+
+
+def test_logprobs_come_back_and_sum_sensibly(s):
+    import math
+    c = client(s)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = c.chat.completions.create(model="m", max_tokens=6, temperature=0, messages=msgs,
+                                  logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens, (content, r.usage)
+    assert "".join(t.token for t in content) == r.choices[0].message.content, content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
+        tops = [a.logprob for a in t.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and sum(math.exp(x) for x in tops) <= 1 + 1e-4, t
+        # Greedy: the chosen token is the most likely one.
+        assert t.token == t.top_logprobs[0].token and abs(t.logprob - tops[0]) < 1e-4, t
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token, t
+    # The stream carries the same tokens, spread over its chunks.
+    streamed = []
+    for ch in c.chat.completions.create(model="m", max_tokens=6, temperature=0, messages=msgs,
+                                        logprobs=True, stream=True):
+        if ch.choices and ch.choices[0].logprobs:
+            streamed.extend(t.token for t in ch.choices[0].logprobs.content)
+    assert streamed == [t.token for t in content], (streamed, content)
+    # Completions: the legacy columns.
+    r = c.completions.create(model="m", prompt="1, 2, 3, 4,", max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == len(lp.tokens), lp
+    assert all(x <= 0 for x in lp.token_logprobs) and all(len(d) <= 2 for d in lp.top_logprobs), lp
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp
+    # Without logprobs, none.
+    r = c.chat.completions.create(model="m", max_tokens=2, messages=msgs)
+    assert r.choices[0].logprobs is None, r
 
 
 def test_stop_strings_end_the_reply_and_are_not_emitted(s):
@@ -550,6 +595,7 @@ def test_models_retrieve(s):
 
 TESTS = [
     test_openai_client_chat_stream_and_models,
+    test_logprobs_come_back_and_sum_sensibly,
     test_stop_strings_end_the_reply_and_are_not_emitted,
     test_fifty_turns_in_a_budget_of_128,
     test_two_clients_at_once_without_cross_talk,
