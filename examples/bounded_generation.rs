@@ -45,7 +45,7 @@ fn run() -> qfilters::Result<()> {
     let scorer = eviction.scorer(filters, 42)?;
     let config = eviction.engine_config(tokens.len() + n_predict, 1)?;
     let mut engine = Engine::new(&model, scorer, config)?;
-    let mut sampler = Sampler::new(&SamplingArgs::default().params()?)?;
+    let mut sampler = Sampler::new(&model, &SamplingArgs::default().params()?)?;
 
     let out = generate(
         &mut engine,

@@ -75,6 +75,7 @@ pub struct Generation {
 }
 
 /// A sampled token as the caller sees it, before it is accepted.
+#[derive(Clone, Copy)]
 pub struct Sampled<'a> {
     pub token: Token,
     /// The text it completes: whole UTF-8 characters only (possibly empty).
@@ -245,7 +246,33 @@ pub fn generate(
 
 #[cfg(test)]
 mod tests {
-    use super::Utf8Pieces;
+    use super::{Sampled, Utf8Pieces};
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_is_sorted() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let s = Sampled {
+            token: 2,
+            piece: "",
+            logits: &logits,
+        };
+        let lp = s.logprob(3);
+        let norm: f64 = logits.iter().map(|&x| f64::from(x).exp()).sum::<f64>().ln();
+        assert!((f64::from(lp.logprob) - (2.0 - norm)).abs() < 1e-5);
+        let ids: Vec<i32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        let total: f64 = (0..5)
+            .map(|i| f64::from(Sampled { token: i, ..s }.logprob(0).logprob).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert!(s.logprob(0).top.is_empty());
+        assert_eq!(s.logprob(9).top.len(), 5);
+        // A token outside the logits has no probability.
+        assert_eq!(
+            Sampled { token: 7, ..s }.logprob(0).logprob,
+            f32::NEG_INFINITY
+        );
+    }
 
     #[test]
     fn pieces_hold_back_split_characters() {

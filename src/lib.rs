@@ -23,7 +23,7 @@
 //! let prompt = model.tokenize("Once upon a time", true, false)?;
 //! let config = eviction.engine_config(prompt.len() + 256, 1)?;
 //! let mut engine = Engine::new(&model, eviction.scorer(None, 42)?, config)?;
-//! let mut sampler = Sampler::new(&SamplingArgs::default().params()?)?;
+//! let mut sampler = Sampler::new(&model, &SamplingArgs::default().params()?)?;
 //! let limits = qfilters::generate::Limits::tokens(256);
 //! let gen = qfilters::generate::generate(
 //!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| true, &mut |_| true,

@@ -118,7 +118,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     };
     let engine =
         eviction.engine_with_filters(&args.model, &model, capacity, filters, args.sampling.seed)?;
-    let sampler = Sampler::new(&args.sampling.params()?)?;
+    let sampler = Sampler::new(&model, &args.sampling.params()?)?;
     let mut session = Session {
         chat: Chat::new(engine, sampler, template, args.system.clone()),
         policy: eviction.policy,

@@ -71,7 +71,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         args.sampling.seed,
         false,
     )?;
-    let mut sampler = Sampler::new(&args.sampling.params()?)?;
+    let mut sampler = Sampler::new(&model, &args.sampling.params()?)?;
     let progress = Progress::new(tokens.len(), "prompt");
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -161,6 +161,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         defaults: Defaults {
             sampling,
             max_tokens_cap: args.max_tokens,
+            n_vocab: model.n_vocab(),
         },
         model_id: model_id.clone(),
         limits: server::conn::ConnLimits {

@@ -166,6 +166,8 @@ pub struct Defaults {
     pub sampling: SamplingParams,
     /// The most tokens one reply may have (`--max-tokens`); also the default.
     pub max_tokens_cap: usize,
+    /// The model's vocabulary size, which bounds `logit_bias`'s token ids.
+    pub n_vocab: usize,
 }
 
 /// One generation request, validated.
@@ -338,11 +340,6 @@ const REFUSED: &[(&str, fn(&Value) -> bool)] = &[
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.as_str() == Some("none")),
     ("response_format", |v| v["type"] == "text"),
-    ("logit_bias", |v| {
-        v.as_object().is_some_and(|m| m.is_empty())
-    }),
-    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
-    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
     ("echo", |v| v == &Value::Bool(false)),
     ("suffix", |v| v.as_str().is_some_and(str::is_empty)),
     ("best_of", |v| v == &json!(1)),
@@ -526,23 +523,47 @@ fn common(m: &Object, d: &Defaults) -> Result<Params, ApiError> {
     };
     let mut sampling = d.sampling.clone();
     if let Some(t) = number(m, "temperature")? {
-        if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
-            return Err(ApiError::bad_request(
-                format!("temperature = {t}: give a value from 0 to 2"),
-                Some("temperature"),
-            ));
-        }
         sampling.temperature = t as f32;
     }
     if let Some(p) = number(m, "top_p")? {
-        if !(p.is_finite() && p > 0.0 && p <= 1.0) {
-            return Err(ApiError::bad_request(
-                format!("top_p = {p}: give a value above 0 and at most 1"),
-                Some("top_p"),
-            ));
-        }
         sampling.top_p = p as f32;
     }
+    if let Some(x) = number(m, "frequency_penalty")? {
+        sampling.frequency_penalty = x as f32;
+    }
+    if let Some(x) = number(m, "presence_penalty")? {
+        sampling.presence_penalty = x as f32;
+    }
+    match m.get("logit_bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            for (k, v) in o {
+                let token = k.parse::<i32>().map_err(|_| {
+                    ApiError::bad_request(
+                        format!("logit_bias key '{k}' is not a token id"),
+                        Some("logit_bias"),
+                    )
+                })?;
+                let bias = v.as_f64().ok_or_else(|| {
+                    ApiError::bad_request(
+                        format!("logit_bias['{k}'] must be a number"),
+                        Some("logit_bias"),
+                    )
+                })?;
+                sampling.logit_bias.push((token, bias as f32));
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "logit_bias must be an object of token id to bias",
+                Some("logit_bias"),
+            ))
+        }
+    }
+    // The ranges are the sampler's (one owner); the field it names is the request's.
+    sampling.check(d.n_vocab).map_err(|b| {
+        ApiError::bad_request(format!("{} = {}", b.field, b.message), Some(b.field))
+    })?;
     if let Some(s) = integer(m, "seed")? {
         // llama.cpp's sampler takes 32 bits; the low 32 bits of the given seed are used.
         sampling.seed = s as u32;
@@ -786,8 +807,9 @@ mod tests {
 
     fn d() -> Defaults {
         Defaults {
-            sampling: SamplingParams::default(),
+            sampling: crate::args::SamplingArgs::default().params().unwrap(),
             max_tokens_cap: 100,
+            n_vocab: 1000,
         }
     }
 
@@ -806,7 +828,7 @@ mod tests {
             ])
         );
         assert_eq!(r.params.max_tokens, 100);
-        let s = SamplingParams::default();
+        let s = d().sampling;
         assert_eq!(r.params.sampling.temperature, s.temperature);
         assert_eq!(r.params.sampling.seed, s.seed);
         assert!(!r.params.stream);
@@ -861,8 +883,8 @@ mod tests {
                 "tools is not supported",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"frequency_penalty":0.5}"#,
-                "frequency_penalty is not supported",
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+                "response_format is not supported",
             ),
             (r#"{"messages":[]}"#, "empty"),
             (
@@ -882,8 +904,24 @@ mod tests {
                 "at least 1",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":-1}"#,
                 "temperature",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":2.5}"#,
+                "presence_penalty",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"1000":1}}"#,
+                "not in the vocabulary",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":101}}"#,
+                "-100 to 100",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#,
+                "not a token id",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#,

@@ -412,7 +412,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn warm_up(mut engine: Engine) -> Result<(Engine, usize)> {
     let model = Arc::clone(engine.model());
     let first = model.bos().unwrap_or(0);
-    let mut sampler = Sampler::new(&crate::ffi::SamplingParams::default())?;
+    let mut sampler = Sampler::new(&model, &crate::ffi::SamplingParams::greedy())?;
     generate(
         &mut engine,
         &mut sampler,
@@ -485,7 +485,7 @@ fn serve_job(
         *started = engine.stats().clone();
     }
     engine.reset_peak();
-    let mut sampler = Sampler::new(&params.sampling).map_err(lib)?;
+    let mut sampler = Sampler::new(engine.model(), &params.sampling).map_err(lib)?;
     let new_tokens = &plan.tokens[plan.keep..];
     let mut stop = StopText::new(params.stop.clone());
     let cut = std::cell::Cell::new(Cut::None);

@@ -200,6 +200,23 @@ def test_logprobs_come_back_and_sum_sensibly(s):
     assert r.choices[0].logprobs is None, r
 
 
+def test_penalties_and_logit_bias_reach_the_sampler(s):
+    base = dict(prompt="a a a a a a a a a a", max_tokens=8, temperature=0)
+    st, plain = s.request("POST", "/v1/completions", base)
+    assert st == 200, plain
+    st, pen = s.request("POST", "/v1/completions", dict(base, presence_penalty=2, frequency_penalty=2))
+    assert st == 200 and pen["choices"][0]["text"] != plain["choices"][0]["text"], (plain, pen)
+    # A bias of +100 on one token makes greedy decoding pick it every time.
+    st, r = s.request("POST", "/v1/completions", dict(base, logit_bias={"1000": 100}, logprobs=0))
+    assert st == 200, r
+    toks = r["choices"][0]["logprobs"]["tokens"]
+    assert len(toks) == 8 and len(set(toks)) == 1, toks
+    for field, value in [("logit_bias", {"99999999": 1}), ("presence_penalty", 3),
+                         ("frequency_penalty", "x"), ("logit_bias", {"5": 1000})]:
+        st, r = s.request("POST", "/v1/completions", dict(base, **{field: value}))
+        assert st == 400 and r["error"]["param"] == field, (field, st, r)
+
+
 def test_stop_strings_end_the_reply_and_are_not_emitted(s):
     st, r = s.request("POST", "/v1/completions",
                       dict(prompt="1, 2, 3, 4, 5, 6,", max_tokens=40, temperature=0))
@@ -596,6 +613,7 @@ def test_models_retrieve(s):
 TESTS = [
     test_openai_client_chat_stream_and_models,
     test_logprobs_come_back_and_sum_sensibly,
+    test_penalties_and_logit_bias_reach_the_sampler,
     test_stop_strings_end_the_reply_and_are_not_emitted,
     test_fifty_turns_in_a_budget_of_128,
     test_two_clients_at_once_without_cross_talk,
