@@ -47,15 +47,15 @@ fn run() -> qfilters::Result<()> {
     let scorer = eviction.scorer(filters, llama.seed)?;
     let config = eviction.engine_config(&llama, tokens.len() + n_predict, 1)?;
     let mut engine = Engine::new(&model, scorer, config)?;
-    let mut sampler = Sampler::new(&SamplingArgs::default().params(llama.seed)?)?;
+    let mut sampler = Sampler::new(&model, &SamplingArgs::default().params(llama.seed)?)?;
 
     let out = generate(
         &mut engine,
         &mut sampler,
         &tokens,
         Limits::tokens(n_predict),
-        &mut |_, _| {},
         &mut |_, _| true,
+        &mut |_| true,
     )?;
     println!("{prompt}{}", out.text);
     let s = engine.stats();

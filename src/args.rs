@@ -474,38 +474,34 @@ impl EvictionArgs {
 }
 
 impl SamplingArgs {
-    /// Sampling parameters llama.cpp's samplers accept: a finite temperature ≥ 0 (0 greedy),
-    /// top-k ≥ 0 (0 off), top-p in (0, 1].
+    /// The parameters, checked by [`SamplingParams::check`] (the one owner of their ranges),
+    /// with a refusal naming the flag.
     pub fn check(&self) -> Result<()> {
-        let (temp, top_k, top_p) = (self.temp, self.top_k, self.top_p);
-        if !(temp.is_finite() && temp >= 0.0) {
-            return Err(Error::invalid(format!(
-                "--temp {temp}: give a finite temperature of at least 0 (0 is greedy)"
-            )));
-        }
-        if top_k < 0 {
-            return Err(Error::invalid(format!(
-                "--top-k {top_k}: give 0 (off) or more"
-            )));
-        }
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Error::invalid(format!(
-                "--top-p {top_p}: give a value above 0 and at most 1"
-            )));
-        }
-        Ok(())
+        self.params(0).map(|_| ())
     }
 
     /// The sampler's parameters, with `seed` (the command's --seed).
     pub fn params(&self, seed: u64) -> Result<SamplingParams> {
-        self.check()?;
-        Ok(SamplingParams {
+        let p = SamplingParams {
             temperature: self.temp,
             top_k: self.top_k,
             top_p: self.top_p,
             // llama.cpp's sampler seed is 32 bits.
             seed: seed as u32,
-        })
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
+        };
+        p.check(0).map_err(|b| {
+            let flag = match b.field {
+                "temperature" => "--temp",
+                "top_k" => "--top-k",
+                "top_p" => "--top-p",
+                other => other,
+            };
+            Error::invalid(format!("{flag} {}", b.message))
+        })?;
+        Ok(p)
     }
 }
 

@@ -79,7 +79,7 @@ pub fn run_workload(
     }
     engine.reset();
     let before = engine.stats().clone();
-    let mut greedy = Sampler::new(&SamplingParams::default())?;
+    let mut greedy = Sampler::new(engine.model(), &SamplingParams::greedy())?;
     let tail = tail.min(gen);
     // The callback runs once per sampled token: the first after the prefill, each later one
     // after one more decode step. `gen + 1` samples make `gen` decodes (the last sample is
@@ -94,8 +94,8 @@ pub fn run_workload(
             max_tokens: gen.saturating_add(1),
             ignore_eog: true,
         },
-        &mut |_, _| {},
-        &mut |_, _| {
+        &mut |_, _| true,
+        &mut |_| {
             marks.push(Instant::now());
             true
         },

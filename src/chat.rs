@@ -465,8 +465,11 @@ impl Chat {
             &mut self.sampler,
             &tokens,
             Limits::tokens(max_tokens),
-            progress,
-            &mut |_, piece| on_text(piece),
+            &mut |done, total| {
+                progress(done, total);
+                true
+            },
+            &mut |s| on_text(s.piece),
         )?;
         if !gen.tail.is_empty() {
             on_text(&gen.tail);

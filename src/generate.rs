@@ -5,7 +5,7 @@
 //! continues the conversation.
 
 use crate::engine::{Engine, Logits};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ffi::{Sampler, Token};
 
 /// Why generation stopped.
@@ -74,6 +74,58 @@ pub struct Generation {
     pub undecoded: Option<Token>,
 }
 
+/// A sampled token as the caller sees it, before it is accepted.
+#[derive(Clone, Copy)]
+pub struct Sampled<'a> {
+    pub token: Token,
+    /// The text it completes: whole UTF-8 characters only (possibly empty).
+    pub piece: &'a str,
+    /// The logits it was sampled from (the model's, before any sampler changed them).
+    pub logits: &'a [f32],
+}
+
+/// A token's log-probability under the model, and the most likely tokens at its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: Token,
+    pub logprob: f32,
+    /// Most likely first, at most the number asked for.
+    pub top: Vec<(Token, f32)>,
+}
+
+impl Sampled<'_> {
+    /// The log-softmax of the logits at this token, and the `top` most likely tokens
+    /// (`top` = 0: none). The model's distribution, before temperature, truncation, penalties
+    /// or bias, as llama-server reports it.
+    pub fn logprob(&self, top: usize) -> TokenLogprob {
+        let max = self
+            .logits
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = self.logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+        let norm = f64::from(max) + sum.ln();
+        let lp = |x: f32| (f64::from(x) - norm) as f32;
+        let mut best: Vec<(Token, f32)> = Vec::with_capacity(top + 1);
+        if top > 0 {
+            for (id, &x) in self.logits.iter().enumerate() {
+                if best.len() == top && best.last().is_some_and(|&(_, b)| x <= b) {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= x);
+                best.insert(at, (id as Token, x));
+                best.truncate(top);
+            }
+        }
+        let at = |t: Token| usize::try_from(t).ok().and_then(|i| self.logits.get(i));
+        TokenLogprob {
+            token: self.token,
+            logprob: at(self.token).map_or(f32::NEG_INFINITY, |&x| lp(x)),
+            top: best.into_iter().map(|(t, x)| (t, lp(x))).collect(),
+        }
+    }
+}
+
 /// Turns token bytes into text as it streams: whole UTF-8 characters only, a character split
 /// across tokens held back until it is complete, and bytes that can never form one replaced
 /// by U+FFFD (as `String::from_utf8_lossy` would).
@@ -124,7 +176,9 @@ impl Utf8Pieces {
 }
 
 /// Decodes `prompt` (after whatever the engine's cache holds; `progress(done, total)` follows
-/// it), then samples up to `limits.max_tokens` tokens. Each sampled token is passed to
+/// it after each chunk, and returning false stops there with [`Error::Interrupted`], the cache
+/// holding part of the prompt: a client that went away should not hold its slot through a long
+/// prefill), then samples up to `limits.max_tokens` tokens. Each sampled token is passed to
 /// `on_token` with the text it completes; returning false refuses it: the token is dropped,
 /// never decoded, and generation stops (`Stop::Interrupted`). Every accepted token but the
 /// last is decoded as it is accepted; the last one is decoded too unless generation stopped at
@@ -135,13 +189,16 @@ pub fn generate(
     sampler: &mut Sampler,
     prompt: &[Token],
     limits: Limits,
-    progress: &mut dyn FnMut(usize, usize),
-    on_token: &mut dyn FnMut(Token, &str) -> bool,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+    on_token: &mut dyn FnMut(&Sampled<'_>) -> bool,
 ) -> Result<Generation> {
     let total = prompt.len();
     engine.ingest(prompt, Logits::Last, &mut |chunk| {
-        progress(chunk.offset + chunk.len, total);
-        Ok(())
+        if progress(chunk.offset + chunk.len, total) {
+            Ok(())
+        } else {
+            Err(Error::Interrupted)
+        }
     })?;
     let model = std::sync::Arc::clone(engine.model());
     let mut pieces = Utf8Pieces::default();
@@ -158,7 +215,12 @@ pub fn generate(
         }
         let held = pieces.clone();
         let piece = pieces.push(&model.token_bytes(token, false));
-        if !on_token(token, &piece) {
+        let sampled = Sampled {
+            token,
+            piece: &piece,
+            logits: engine.last_logits()?,
+        };
+        if !on_token(&sampled) {
             // Refused: the text ends before this token, which is never decoded.
             pieces = held;
             break Stop::Interrupted;
@@ -184,7 +246,33 @@ pub fn generate(
 
 #[cfg(test)]
 mod tests {
-    use super::Utf8Pieces;
+    use super::{Sampled, Utf8Pieces};
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_is_sorted() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let s = Sampled {
+            token: 2,
+            piece: "",
+            logits: &logits,
+        };
+        let lp = s.logprob(3);
+        let norm: f64 = logits.iter().map(|&x| f64::from(x).exp()).sum::<f64>().ln();
+        assert!((f64::from(lp.logprob) - (2.0 - norm)).abs() < 1e-5);
+        let ids: Vec<i32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        let total: f64 = (0..5)
+            .map(|i| f64::from(Sampled { token: i, ..s }.logprob(0).logprob).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert!(s.logprob(0).top.is_empty());
+        assert_eq!(s.logprob(9).top.len(), 5);
+        // A token outside the logits has no probability.
+        assert_eq!(
+            Sampled { token: 7, ..s }.logprob(0).logprob,
+            f32::NEG_INFINITY
+        );
+    }
 
     #[test]
     fn pieces_hold_back_split_characters() {

@@ -23,10 +23,10 @@
 //! let prompt = model.tokenize("Once upon a time", true, false)?;
 //! let config = eviction.engine_config(prompt.len() + 256, 1)?;
 //! let mut engine = Engine::new(&model, eviction.scorer(None, 42)?, config)?;
-//! let mut sampler = Sampler::new(&SamplingArgs::default().params()?)?;
+//! let mut sampler = Sampler::new(&model, &SamplingArgs::default().params()?)?;
 //! let limits = qfilters::generate::Limits::tokens(256);
 //! let gen = qfilters::generate::generate(
-//!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| {}, &mut |_, _| true,
+//!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| true, &mut |_| true,
 //! )?;
 //! println!("{}", gen.text);
 //! assert!(engine.stats().peak_cells <= 128 + eviction.n_batch);

@@ -122,7 +122,7 @@ pub fn run(args: ChatArgs, given: &Given) -> Result<()> {
     }
     let engine =
         eviction.engine_with_filters(&args.model, &args.llama, &model, capacity, filters)?;
-    let sampler = Sampler::new(&args.sampling.params(args.llama.seed)?)?;
+    let sampler = Sampler::new(&model, &args.sampling.params(args.llama.seed)?)?;
     let mut session = Session {
         chat: Chat::new(engine, sampler, template, args.system.clone()),
         policy: eviction.policy,

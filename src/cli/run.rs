@@ -83,7 +83,7 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
         tokens.len() + args.n_predict,
         filters,
     )?;
-    let mut sampler = Sampler::new(&args.sampling.params(args.llama.seed)?)?;
+    let mut sampler = Sampler::new(&model, &args.sampling.params(args.llama.seed)?)?;
     let progress = Progress::new(tokens.len(), "prompt");
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -94,8 +94,12 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
         &mut sampler,
         &tokens,
         Limits::tokens(args.n_predict),
-        &mut |done, _| progress.set(done),
-        &mut |_, piece| {
+        &mut |done, _| {
+            progress.set(done);
+            true
+        },
+        &mut |s| {
+            let piece = s.piece;
             progress.finish();
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
                 closed = Some(e);

@@ -10,6 +10,9 @@ use qfilters::{Error, Result};
 
 use super::{EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs, SamplingArgs};
 
+/// The prompt cap when a GGUF does not state its trained context.
+const FALLBACK_TRAINED_CONTEXT: usize = 4096;
+
 #[derive(Args, Debug)]
 // A chat's default temperature, as `qfilters chat`; a request's own temperature, top_p and seed
 // override these per request (top-k has no OpenAI field: the flag holds for every request).
@@ -47,6 +50,25 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 above).
     #[arg(long = "max-body", default_value_t = 1 << 20)]
     pub max_body: usize,
+    /// Seconds a connection has to send a request's head, from when it opens and again from the
+    /// end of each reply (so also the idle keep-alive timeout), and then to send its body.
+    #[arg(long = "read-timeout", default_value_t = 10)]
+    pub read_timeout: u64,
+    /// Most connections open at once; one more is answered 503 and closed at once. Keep it well
+    /// under the process's descriptor limit (`ulimit -n`).
+    #[arg(long = "max-connections", default_value_t = 256)]
+    pub max_connections: usize,
+    /// Most tokens a request's prompt (the whole conversation, as formatted) may have; more is
+    /// refused with 400. Default: the model's trained context (positions past it are outside
+    /// what the model learnt, whatever the budget), and for a policy that does not evict, at
+    /// most the cache's budget + batch cells less one for the reply.
+    #[arg(long = "max-prompt-tokens")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Let browser pages from ORIGIN (e.g. `http://localhost:3000`, or `*` for any) call the
+    /// server: CORS headers on every response, and preflights answered without the API key.
+    /// Off by default.
+    #[arg(long)]
+    pub cors: Option<String>,
     /// Chat template: a llama.cpp built-in name (chatml, llama3, ...) or Jinja source.
     /// Default: the model's own (GGUF tokenizer.chat_template), else chatml.
     #[arg(long)]
@@ -66,6 +88,18 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     }
     if args.max_tokens == 0 {
         return Err(Error::invalid("--max-tokens must be at least 1"));
+    }
+    if args.read_timeout == 0 || args.read_timeout > 3600 {
+        return Err(Error::invalid(format!(
+            "--read-timeout {}: give 1 to 3600 seconds",
+            args.read_timeout
+        )));
+    }
+    if args.max_connections == 0 || args.max_connections > 1 << 20 {
+        return Err(Error::invalid(format!(
+            "--max-connections {}: give 1 to 1048576",
+            args.max_connections
+        )));
     }
     if args.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::invalid("--api-key is empty"));
@@ -110,6 +144,16 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     let make = Arc::new(move |_slot: usize| {
         eviction.engine_with_filters(&margs, &llama, &m, capacity, filters.clone())
     });
+    let trained = match model.n_ctx_train() {
+        0 => FALLBACK_TRAINED_CONTEXT,
+        n => n,
+    };
+    let max_prompt_tokens = match args.max_prompt_tokens {
+        Some(0) => return Err(Error::invalid("--max-prompt-tokens must be at least 1")),
+        Some(n) => n,
+        None if evicting => trained,
+        None => trained.min(capacity.saturating_sub(1)).max(1),
+    };
     let model_id = args
         .model
         .model
@@ -126,8 +170,15 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
         defaults: Defaults {
             sampling,
             max_tokens_cap: args.max_tokens,
+            n_vocab: model.n_vocab(),
         },
         model_id: model_id.clone(),
+        limits: server::conn::ConnLimits {
+            header_timeout: std::time::Duration::from_secs(args.read_timeout),
+            max_connections: args.max_connections,
+        },
+        cors: args.cors.clone(),
+        max_prompt_tokens,
     };
     let cells = if evicting {
         format!("budget {budget} + batch {n_batch} cells")
@@ -136,6 +187,7 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     };
     let policy_name = args.eviction.policy.to_string();
     let parallel = args.parallel;
+    let prompt_cap = max_prompt_tokens;
     let auth = if args.api_key.is_some() {
         "API key required"
     } else {
@@ -145,7 +197,7 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
         let total: usize = ready.kv_bytes.iter().sum();
         let each = ready.kv_bytes.first().copied().unwrap_or(0);
         eprintln!(
-            "qfilters: serving {model_id} on http://{} | policy {policy_name} | {parallel} slot(s) × ({cells}), {per_slot} thread(s) each | KV reserved {parallel} × {:.2} MiB = {:.2} MiB | {auth}",
+            "qfilters: serving {model_id} on http://{} | policy {policy_name} | {parallel} slot(s) × ({cells}), {per_slot} thread(s) each | KV reserved {parallel} × {:.2} MiB = {:.2} MiB | prompts up to {prompt_cap} tokens | {auth}",
             ready.addr,
             each as f64 / (1024.0 * 1024.0),
             total as f64 / (1024.0 * 1024.0),

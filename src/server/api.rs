@@ -2,7 +2,6 @@
 //! JSON of responses, stream chunks and errors. Pure functions, no I/O, so every rule here is
 //! unit-tested without a model.
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::ffi::SamplingParams;
@@ -63,6 +62,18 @@ impl ApiError {
         }
     }
 
+    pub fn too_many_connections(max: usize) -> ApiError {
+        ApiError {
+            status: 503,
+            message: format!(
+                "the server holds its most open connections ({max}, --max-connections); retry later"
+            ),
+            kind: "server_error",
+            code: Some("too_many_connections"),
+            param: None,
+        }
+    }
+
     pub fn shutting_down() -> ApiError {
         ApiError {
             status: 503,
@@ -93,6 +104,52 @@ impl ApiError {
         }
     }
 
+    pub fn method_not_allowed(method: &str, path: &str) -> ApiError {
+        ApiError {
+            status: 405,
+            message: format!(
+                "{path} does not take {method}: GET /v1/models, GET /v1/models/ID, GET /health; POST /v1/chat/completions, POST /v1/completions"
+            ),
+            kind: "invalid_request_error",
+            code: Some("method_not_allowed"),
+            param: None,
+        }
+    }
+
+    pub fn model_not_found(id: &str) -> ApiError {
+        ApiError {
+            status: 404,
+            message: format!("no model '{id}': this server has one, listed by GET /v1/models"),
+            kind: "invalid_request_error",
+            code: Some("model_not_found"),
+            param: Some("model"),
+        }
+    }
+
+    pub fn body_timeout(secs: u64) -> ApiError {
+        ApiError {
+            status: 408,
+            message: format!(
+                "the request body did not arrive within {secs} s of its head (--read-timeout)"
+            ),
+            kind: "invalid_request_error",
+            code: Some("request_timeout"),
+            param: None,
+        }
+    }
+
+    pub fn prompt_too_long(tokens: usize, max: usize, param: &'static str) -> ApiError {
+        ApiError {
+            status: 400,
+            message: format!(
+                "the prompt is {tokens} tokens: this server takes at most {max} (--max-prompt-tokens)"
+            ),
+            kind: "invalid_request_error",
+            code: Some("context_length_exceeded"),
+            param: Some(param),
+        }
+    }
+
     pub fn body(&self) -> Value {
         json!({"error": {
             "message": self.message,
@@ -109,6 +166,8 @@ pub struct Defaults {
     pub sampling: SamplingParams,
     /// The most tokens one reply may have (`--max-tokens`); also the default.
     pub max_tokens_cap: usize,
+    /// The model's vocabulary size, which bounds `logit_bias`'s token ids.
+    pub n_vocab: usize,
 }
 
 /// One generation request, validated.
@@ -119,6 +178,68 @@ pub struct Params {
     /// Generation stops when the text contains one; it is not part of the reply.
     pub stop: Vec<String>,
     pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk with `choices: []` and the usage.
+    pub include_usage: bool,
+    /// `logprobs`: each token's log-probability, with this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives per token `top_logprobs` / `logprobs` may ask for (OpenAI's limit).
+const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// A generated token's log-probability, as the response shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Where the token's text starts in the reply, in characters.
+    pub offset: usize,
+    /// The most likely tokens at its place: text, bytes, log-probability.
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
+/// The `logprobs` of a choice: chat's `{"content": [...]}` or the completions' columns;
+/// `null` when not asked for.
+pub fn logprobs(e: Endpoint, tokens: Option<&[TokenInfo]>) -> Value {
+    let Some(tokens) = tokens else {
+        return Value::Null;
+    };
+    match e {
+        Endpoint::Chat => {
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let top: Vec<Value> = t
+                        .top
+                        .iter()
+                        .map(|(s, b, lp)| json!({"token": s, "logprob": lp, "bytes": b}))
+                        .collect();
+                    json!({"token": t.text, "logprob": t.logprob, "bytes": t.bytes, "top_logprobs": top})
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+        Endpoint::Completion => {
+            let top: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let m: serde_json::Map<String, Value> = t
+                        .top
+                        .iter()
+                        .map(|(s, _, lp)| (s.clone(), json!(lp)))
+                        .collect();
+                    Value::Object(m)
+                })
+                .collect();
+            json!({
+                "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": tokens.iter().map(|t| t.offset).collect::<Vec<_>>(),
+            })
+        }
+    }
 }
 
 /// What a request asks the model to continue.
@@ -139,91 +260,180 @@ pub struct Request {
 /// Most stop strings per request (OpenAI's limit).
 const MAX_STOPS: usize = 4;
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
+type Object = serde_json::Map<String, Value>;
 
-#[derive(Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Message {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
-}
-
-/// The fields both endpoints share. Unknown fields are ignored (serde's default).
-#[derive(Deserialize)]
-struct Common {
-    #[serde(default)]
-    max_tokens: Option<i64>,
-    #[serde(default)]
-    max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    temperature: Option<f64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    #[serde(default)]
-    seed: Option<i64>,
-    #[serde(default)]
-    stop: Option<OneOrMany>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    n: Option<i64>,
-}
-
-#[derive(Deserialize)]
-struct ChatBody {
-    messages: Vec<Message>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Deserialize)]
-struct CompletionBody {
-    prompt: OneOrMany,
-    #[serde(flatten)]
-    common: Common,
-}
-
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            format!("the request body is not a valid request: {e}"),
+/// The body as a JSON object; syntax errors keep serde_json's line and column, which speak of
+/// the text, not of Rust types.
+fn parse_object(body: &[u8]) -> Result<Object, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
             None,
+        )),
+        Err(e) => Err(ApiError::bad_request(
+            format!("the request body is not valid JSON: {e}"),
+            None,
+        )),
+    }
+}
+
+fn number(m: &Object, name: &'static str) -> Result<Option<f64>, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(_) => Err(ApiError::bad_request(
+            format!("{name} must be a number"),
+            Some(name),
+        )),
+    }
+}
+
+fn integer(m: &Object, name: &'static str) -> Result<Option<i64>, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!("{name} must be a whole number"), Some(name))
+        }),
+        Some(_) => Err(ApiError::bad_request(
+            format!("{name} must be a whole number"),
+            Some(name),
+        )),
+    }
+}
+
+fn boolean(m: &Object, name: &'static str) -> Result<Option<bool>, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::bad_request(
+            format!("{name} must be true or false"),
+            Some(name),
+        )),
+    }
+}
+
+/// A string, or an array of strings (`stop`, `prompt`).
+fn strings(v: &Value, name: &'static str) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            format!("{name} must be a string or an array of strings"),
+            Some(name),
         )
-    })
+    };
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string).ok_or_else(bad))
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+/// OpenAI fields this server does not implement and that change the answer when given with
+/// anything but their default: refused, named, rather than ignored (docs/server.md lists
+/// them). Each entry: the field, and whether a value leaves the answer as it would be.
+const REFUSED: &[(&str, fn(&Value) -> bool)] = &[
+    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("tool_choice", |v| v.as_str() == Some("none")),
+    ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("function_call", |v| v.as_str() == Some("none")),
+    ("response_format", |v| v["type"] == "text"),
+    ("echo", |v| v == &Value::Bool(false)),
+    ("suffix", |v| v.as_str().is_some_and(str::is_empty)),
+    ("best_of", |v| v == &json!(1)),
+    ("audio", |_| false),
+    ("modalities", |v| v == &json!(["text"])),
+    ("prediction", |_| false),
+];
+
+fn refuse_unsupported(m: &Object) -> Result<(), ApiError> {
+    for (name, harmless) in REFUSED {
+        match m.get(*name) {
+            None | Some(Value::Null) => {}
+            Some(v) if harmless(v) => {}
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    format!("{name} is not supported by this server (see docs/server.md)"),
+                    Some(name),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One message's content: a string, `null`, or an array of text parts.
+fn content(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
+    let bad = |what: String| ApiError::bad_request(what, Some("messages"));
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let kind = p.get("type").and_then(Value::as_str);
+                match (kind, p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    (Some("text"), _) => {
+                        return Err(bad(format!(
+                            "messages[{i}].content[{j}] is a text part without a string `text`"
+                        )))
+                    }
+                    (Some(other), _) => {
+                        return Err(bad(format!(
+                            "messages[{i}].content[{j}] has type '{other}': only text parts are supported"
+                        )))
+                    }
+                    (None, _) => {
+                        return Err(bad(format!(
+                            "messages[{i}].content[{j}] must be an object with a `type`"
+                        )))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        Some(_) => Err(bad(format!(
+            "messages[{i}].content must be a string, null, or an array of text parts"
+        ))),
+    }
 }
 
 /// `POST /v1/chat/completions`.
 pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
-    let b: ChatBody = parse_json(body)?;
-    if b.messages.is_empty() {
+    let m = parse_object(body)?;
+    let list = match m.get("messages") {
+        Some(Value::Array(a)) => a,
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad_request(
+                "messages is required",
+                Some("messages"),
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "messages must be an array of messages",
+                Some("messages"),
+            ))
+        }
+    };
+    if list.is_empty() {
         return Err(ApiError::bad_request(
             "messages is empty: give at least one message",
             Some("messages"),
         ));
     }
-    let mut messages = Vec::with_capacity(b.messages.len());
-    for (i, m) in b.messages.into_iter().enumerate() {
-        let role = match m.role.as_str() {
+    let mut messages = Vec::with_capacity(list.len());
+    for (i, msg) in list.iter().enumerate() {
+        let Some(role) = msg.get("role").and_then(Value::as_str) else {
+            return Err(ApiError::bad_request(
+                format!("messages[{i}] must be an object with a string `role`"),
+                Some("messages"),
+            ));
+        };
+        let role = match role {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
@@ -236,29 +446,11 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
                 ))
             }
         };
-        let content = match m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t,
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
-                            return Err(ApiError::bad_request(
-                                format!("messages[{i}] has a content part of type '{kind}': only text parts are supported"),
-                                Some("messages"),
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-        };
-        check_text(&content, &format!("messages[{i}].content"))?;
+        let content = content(msg.get("content"), i)?;
+        check_text(&content, &format!("messages[{i}].content"), "messages")?;
         messages.push((role.to_string(), content));
     }
-    let params = common(b.common, d)?;
+    let params = common(&m, d)?;
     Ok(Request {
         input: Input::Chat(messages),
         params,
@@ -267,22 +459,23 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
 
 /// `POST /v1/completions`.
 pub fn parse_completion(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
-    let b: CompletionBody = parse_json(body)?;
-    let prompt = match b.prompt {
-        OneOrMany::One(p) => p,
-        OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
-        OneOrMany::Many(_) => {
-            return Err(ApiError::bad_request(
-                "prompt must be one string (batches of prompts are not supported)",
-                Some("prompt"),
-            ))
-        }
+    let m = parse_object(body)?;
+    let Some(p) = m.get("prompt").filter(|v| !v.is_null()) else {
+        return Err(ApiError::bad_request("prompt is required", Some("prompt")));
     };
+    let mut prompts = strings(p, "prompt")?;
+    if prompts.len() != 1 {
+        return Err(ApiError::bad_request(
+            "prompt must be one string (batches of prompts are not supported)",
+            Some("prompt"),
+        ));
+    }
+    let prompt = prompts.remove(0);
     if prompt.is_empty() {
         return Err(ApiError::bad_request("prompt is empty", Some("prompt")));
     }
-    check_text(&prompt, "prompt")?;
-    let params = common(b.common, d)?;
+    check_text(&prompt, "prompt", "prompt")?;
+    let params = common(&m, d)?;
     Ok(Request {
         input: Input::Text(prompt),
         params,
@@ -290,18 +483,19 @@ pub fn parse_completion(body: &[u8], d: &Defaults) -> Result<Request, ApiError> 
 }
 
 /// llama.cpp takes C strings: a NUL byte would cut the text short without a word.
-fn check_text(text: &str, what: &str) -> Result<(), ApiError> {
+fn check_text(text: &str, what: &str, param: &'static str) -> Result<(), ApiError> {
     if text.contains('\0') {
         return Err(ApiError::bad_request(
             format!("{what} contains a NUL character"),
-            Some("messages"),
+            Some(param),
         ));
     }
     Ok(())
 }
 
-fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
-    if let Some(n) = c.n {
+fn common(m: &Object, d: &Defaults) -> Result<Params, ApiError> {
+    refuse_unsupported(m)?;
+    if let Some(n) = integer(m, "n")? {
         if n != 1 {
             return Err(ApiError::bad_request(
                 format!("n = {n}: this server returns one choice per request"),
@@ -309,7 +503,11 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
             ));
         }
     }
-    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+    let given = match integer(m, "max_completion_tokens")? {
+        Some(n) => Some(n),
+        None => integer(m, "max_tokens")?,
+    };
+    let max_tokens = match given {
         None => d.max_tokens_cap,
         Some(n) if n < 1 => {
             return Err(ApiError::bad_request(
@@ -324,32 +522,55 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
             .min(d.max_tokens_cap),
     };
     let mut sampling = d.sampling.clone();
-    if let Some(t) = c.temperature {
-        if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
-            return Err(ApiError::bad_request(
-                format!("temperature = {t}: give a value from 0 to 2"),
-                Some("temperature"),
-            ));
-        }
+    if let Some(t) = number(m, "temperature")? {
         sampling.temperature = t as f32;
     }
-    if let Some(p) = c.top_p {
-        if !(p.is_finite() && p > 0.0 && p <= 1.0) {
-            return Err(ApiError::bad_request(
-                format!("top_p = {p}: give a value above 0 and at most 1"),
-                Some("top_p"),
-            ));
-        }
+    if let Some(p) = number(m, "top_p")? {
         sampling.top_p = p as f32;
     }
-    if let Some(s) = c.seed {
+    if let Some(x) = number(m, "frequency_penalty")? {
+        sampling.frequency_penalty = x as f32;
+    }
+    if let Some(x) = number(m, "presence_penalty")? {
+        sampling.presence_penalty = x as f32;
+    }
+    match m.get("logit_bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            for (k, v) in o {
+                let token = k.parse::<i32>().map_err(|_| {
+                    ApiError::bad_request(
+                        format!("logit_bias key '{k}' is not a token id"),
+                        Some("logit_bias"),
+                    )
+                })?;
+                let bias = v.as_f64().ok_or_else(|| {
+                    ApiError::bad_request(
+                        format!("logit_bias['{k}'] must be a number"),
+                        Some("logit_bias"),
+                    )
+                })?;
+                sampling.logit_bias.push((token, bias as f32));
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "logit_bias must be an object of token id to bias",
+                Some("logit_bias"),
+            ))
+        }
+    }
+    // The ranges are the sampler's (one owner); the field it names is the request's.
+    sampling.check(d.n_vocab).map_err(|b| {
+        ApiError::bad_request(format!("{} = {}", b.field, b.message), Some(b.field))
+    })?;
+    if let Some(s) = integer(m, "seed")? {
         // llama.cpp's sampler takes 32 bits; the low 32 bits of the given seed are used.
         sampling.seed = s as u32;
     }
-    let stop = match c.stop {
-        None => Vec::new(),
-        Some(OneOrMany::One(s)) => vec![s],
-        Some(OneOrMany::Many(v)) => v,
+    let stop = match m.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => strings(v, "stop")?,
     };
     if stop.len() > MAX_STOPS {
         return Err(ApiError::bad_request(
@@ -363,11 +584,62 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
             Some("stop"),
         ));
     }
+    // Chat sends `logprobs: true` and `top_logprobs: K`; completions `logprobs: K`.
+    let top = integer(m, "top_logprobs")?;
+    let logprobs = match m.get("logprobs") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {
+            if top.is_some_and(|k| k > 0) {
+                return Err(ApiError::bad_request(
+                    "top_logprobs needs logprobs: true",
+                    Some("top_logprobs"),
+                ));
+            }
+            None
+        }
+        Some(Value::Bool(true)) => Some(top.unwrap_or(0)),
+        Some(Value::Number(n)) => Some(n.as_i64().unwrap_or(-1)),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "logprobs must be true, false or a whole number",
+                Some("logprobs"),
+            ))
+        }
+    };
+    if let Some(k) = logprobs {
+        if !(0..=MAX_TOP_LOGPROBS).contains(&k) {
+            return Err(ApiError::bad_request(
+                format!("{k} alternatives per token: give 0 to {MAX_TOP_LOGPROBS}"),
+                Some("top_logprobs"),
+            ));
+        }
+    }
+    let logprobs = logprobs.map(|k| k as usize);
+    let include_usage = match m.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "stream_options.include_usage must be true or false",
+                    Some("stream_options"),
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "stream_options must be an object",
+                Some("stream_options"),
+            ))
+        }
+    };
     Ok(Params {
         max_tokens,
         sampling,
         stop,
-        stream: c.stream.unwrap_or(false),
+        stream: boolean(m, "stream")?.unwrap_or(false),
+        include_usage,
+        logprobs,
     })
 }
 
@@ -376,6 +648,16 @@ fn common(c: Common, d: &Defaults) -> Result<Params, ApiError> {
 pub enum Endpoint {
     Chat,
     Completion,
+}
+
+impl Endpoint {
+    /// The request field that holds what the model continues.
+    pub fn input_field(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completion => "prompt",
+        }
+    }
 }
 
 /// The numbers a finished request reports: OpenAI's `usage` and the `qfilters` object.
@@ -433,7 +715,7 @@ pub fn response(e: Endpoint, m: &Meta, text: &str, finish: &str, r: &Report) -> 
     let (object, choice) = match e {
         Endpoint::Chat => (
             "chat.completion",
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}),
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}),
         ),
         Endpoint::Completion => (
             "text_completion",
@@ -451,8 +733,8 @@ pub fn response(e: Endpoint, m: &Meta, text: &str, finish: &str, r: &Report) -> 
     })
 }
 
-/// One stream chunk; the first chat chunk carries the role, the last the finish reason and
-/// the report (OpenAI sends `usage` in the stream only when asked; clients ignore extra fields).
+/// One stream chunk; the first chat chunk carries the role, the last the finish reason and the
+/// `qfilters` object (clients ignore extra fields). The usage is [`usage_chunk`]'s, when asked.
 pub fn chunk(
     e: Endpoint,
     m: &Meta,
@@ -488,16 +770,35 @@ pub fn chunk(
         "choices": [choice],
     });
     if let Some((_, r)) = end {
-        v["usage"] = r.usage();
         v["qfilters"] = r.qfilters();
     }
     v
 }
 
+/// The chunk OpenAI streams last when `stream_options.include_usage` is set: no choices, the
+/// usage (the other chunks then carry `"usage": null`).
+pub fn usage_chunk(e: Endpoint, m: &Meta, r: &Report) -> Value {
+    let object = match e {
+        Endpoint::Chat => "chat.completion.chunk",
+        Endpoint::Completion => "text_completion",
+    };
+    json!({
+        "id": m.id,
+        "object": object,
+        "created": m.created,
+        "model": m.model,
+        "choices": [],
+        "usage": r.usage(),
+    })
+}
+
 pub fn models(id: &str, created: u64) -> Value {
-    json!({"object": "list", "data": [
-        {"id": id, "object": "model", "created": created, "owned_by": "qfilters"}
-    ]})
+    json!({"object": "list", "data": [model(id, created)]})
+}
+
+/// `GET /v1/models/{id}`, and the one entry of the list.
+pub fn model(id: &str, created: u64) -> Value {
+    json!({"id": id, "object": "model", "created": created, "owned_by": "qfilters"})
 }
 
 #[cfg(test)]
@@ -506,8 +807,9 @@ mod tests {
 
     fn d() -> Defaults {
         Defaults {
-            sampling: SamplingParams::default(),
+            sampling: crate::args::SamplingArgs::default().params(42).unwrap(),
             max_tokens_cap: 100,
+            n_vocab: 1000,
         }
     }
 
@@ -517,7 +819,7 @@ mod tests {
 
     #[test]
     fn a_chat_request_is_parsed_with_defaults_and_unknown_fields_ignored() {
-        let r = chat(r#"{"model":"x","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"frequency_penalty":0.5,"logit_bias":{}}"#).unwrap();
+        let r = chat(r#"{"model":"x","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"frequency_penalty":0,"logit_bias":{},"user":"u"}"#).unwrap();
         assert_eq!(
             r.input,
             Input::Chat(vec![
@@ -526,7 +828,7 @@ mod tests {
             ])
         );
         assert_eq!(r.params.max_tokens, 100);
-        let s = SamplingParams::default();
+        let s = d().sampling;
         assert_eq!(r.params.sampling.temperature, s.temperature);
         assert_eq!(r.params.sampling.seed, s.seed);
         assert!(!r.params.stream);
@@ -553,16 +855,36 @@ mod tests {
     #[test]
     fn malformed_or_mistyped_bodies_are_400_with_a_message() {
         for (body, needle) in [
-            ("{", "not a valid request"),
-            ("[]", "not a valid request"),
-            (r#"{"messages":"hi"}"#, "not a valid request"),
+            ("{", "not valid JSON"),
+            ("[]", "must be a JSON object"),
+            (r#"{"messages":"hi"}"#, "messages must be an array"),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#,
-                "not a valid request",
+                "max_tokens must be a whole number",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"temperature":true}"#,
-                "not a valid request",
+                "temperature must be a number",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":5}]}"#,
+                "messages[0].content must be a string",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
+                "without a string `text`",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":[1]}"#,
+                "stop must be a string or an array of strings",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
+                "tools is not supported",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+                "response_format is not supported",
             ),
             (r#"{"messages":[]}"#, "empty"),
             (
@@ -582,8 +904,24 @@ mod tests {
                 "at least 1",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":-1}"#,
                 "temperature",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":2.5}"#,
+                "presence_penalty",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"1000":1}}"#,
+                "not in the vocabulary",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":101}}"#,
+                "-100 to 100",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#,
+                "not a token id",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#,
@@ -606,6 +944,9 @@ mod tests {
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.kind, "invalid_request_error");
             assert!(e.message.contains(needle), "{body}: {}", e.message);
+            for rust in ["enum", "struct", "i64", "OneOrMany", "variant"] {
+                assert!(!e.message.contains(rust), "{body}: {}", e.message);
+            }
             assert_eq!(e.body()["error"]["message"], e.message);
         }
     }
@@ -659,6 +1000,9 @@ mod tests {
         assert!(c["choices"][0]["finish_reason"].is_null());
         let c = chunk(Endpoint::Chat, &m, None, false, Some(("length", &r)));
         assert_eq!(c["choices"][0]["finish_reason"], "length");
-        assert_eq!(c["usage"]["completion_tokens"], 3);
+        assert!(c.get("usage").is_none());
+        let u = usage_chunk(Endpoint::Chat, &m, &r);
+        assert_eq!(u["choices"], json!([]));
+        assert_eq!(u["usage"]["completion_tokens"], 3);
     }
 }

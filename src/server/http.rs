@@ -7,16 +7,17 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -34,6 +35,11 @@ pub struct App {
     pub model_id: String,
     pub api_key: Option<String>,
     pub max_body: usize,
+    /// Time the client has to send the body once its head has arrived.
+    pub read_timeout: Duration,
+    /// `--cors ORIGIN`: the origin browsers may call from (`*`: any).
+    pub cors: Option<HeaderValue>,
+    pub max_prompt_tokens: usize,
     pub created: u64,
     pub ids: AtomicU64,
 }
@@ -46,16 +52,54 @@ impl IntoResponse for ApiError {
 }
 
 pub fn router(app: Arc<App>) -> Router {
-    let limit = app.max_body;
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/health", get(health))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::method_not_allowed(method.as_str(), uri.path())
+        })
         .layer(middleware::from_fn_with_state(Arc::clone(&app), auth))
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), cors))
         .with_state(app)
+}
+
+/// With `--cors ORIGIN`: answers a browser's preflight (OPTIONS) without the API key, as
+/// browsers send none there, and marks every response as readable from that origin.
+async fn cors(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let Some(origin) = app.cors.clone() else {
+        return next.run(req).await;
+    };
+    let preflight = req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut res = if preflight {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        r
+    } else {
+        next.run(req).await
+    };
+    let h = res.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    res
 }
 
 /// Compares without stopping at the first difference, so the time taken says nothing about
@@ -95,36 +139,61 @@ async fn models(State(app): State<Arc<App>>) -> Response {
     Json(api::models(&app.model_id, app.created)).into_response()
 }
 
-async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
-    handle(app, Endpoint::Chat, body).await
+async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    if id == app.model_id {
+        Json(api::model(&app.model_id, app.created)).into_response()
+    } else {
+        ApiError::model_not_found(&id).into_response()
+    }
 }
 
-async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
-    handle(app, Endpoint::Completion, body).await
+async fn chat(State(app): State<Arc<App>>, req: Request) -> Response {
+    handle(app, Endpoint::Chat, req).await
 }
 
-async fn handle(app: Arc<App>, e: Endpoint, body: Result<Bytes, BytesRejection>) -> Response {
-    match start(app, e, body).await {
+async fn completions(State(app): State<Arc<App>>, req: Request) -> Response {
+    handle(app, Endpoint::Completion, req).await
+}
+
+async fn handle(app: Arc<App>, e: Endpoint, req: Request) -> Response {
+    match start(app, e, req).await {
         Ok(r) => r,
         Err(err) => err.into_response(),
     }
 }
 
-async fn start(
-    app: Arc<App>,
-    e: Endpoint,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(app.max_body)
-        } else {
-            ApiError::bad_request(
-                format!("cannot read the request body: {}", r.body_text()),
-                None,
-            )
+/// The body, at most `limit` bytes (413 beyond, told by Content-Length before any is read),
+/// within `timeout` (408 after: a client trickling its body holds a connection, not the server).
+async fn read_body(req: Request, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut data = req.into_body().into_data_stream();
+    let read = async {
+        let mut buf = Vec::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|_| {
+                ApiError::bad_request("the request body could not be read to its end", None)
+            })?;
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            buf.extend_from_slice(&chunk);
         }
-    })?;
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| ApiError::body_timeout(timeout.as_secs()))?
+}
+
+async fn start(app: Arc<App>, e: Endpoint, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req, app.max_body, app.read_timeout).await?;
     let req = match e {
         Endpoint::Chat => api::parse_chat(&body, &app.defaults)?,
         Endpoint::Completion => api::parse_completion(&body, &app.defaults)?,
@@ -135,10 +204,20 @@ async fn start(
     let prompt = tokio::task::spawn_blocking(move || prepare(&prep.model, &prep.template, &input))
         .await
         .map_err(|_| ApiError::internal("preparing the prompt failed"))?
-        .map_err(|err| ApiError::bad_request(err.to_string(), Some("messages")))?;
+        .map_err(|err| ApiError::bad_request(err.to_string(), Some(e.input_field())))?;
+    let n: usize = prompt.iter().map(|p| p.tokens.len()).sum();
+    if n > app.max_prompt_tokens {
+        return Err(ApiError::prompt_too_long(
+            n,
+            app.max_prompt_tokens,
+            e.input_field(),
+        ));
+    }
     let lease = app.pool.acquire(&prompt).await?;
     let (tx, rx) = mpsc::channel(256);
     let stream = req.params.stream;
+    let include_usage = req.params.include_usage;
+    let logprobs = req.params.logprobs.is_some();
     app.pool.submit(lease, req.params, tx)?;
     let n = app.ids.fetch_add(1, Ordering::Relaxed);
     let prefix = match e {
@@ -151,9 +230,9 @@ async fn start(
         model: app.model_id.clone(),
     };
     if stream {
-        Ok(Sse::new(sse(e, meta, rx)).into_response())
+        Ok(Sse::new(sse(e, meta, rx, include_usage, logprobs)).into_response())
     } else {
-        collect(e, meta, rx).await
+        collect(e, meta, rx, logprobs).await
     }
 }
 
@@ -163,13 +242,20 @@ async fn collect(
     e: Endpoint,
     meta: Meta,
     mut rx: mpsc::Receiver<Event>,
+    want_logprobs: bool,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text(t, l) => {
+                text.push_str(&t);
+                lps.extend(l);
+            }
             Event::Done { finish, report } => {
-                return Ok(Json(api::response(e, &meta, &text, finish, &report)).into_response())
+                let mut v = api::response(e, &meta, &text, finish, &report);
+                v["choices"][0]["logprobs"] = api::logprobs(e, want_logprobs.then_some(&lps[..]));
+                return Ok(Json(v).into_response());
             }
             Event::Failed(err) => return Err(err),
         }
@@ -182,6 +268,8 @@ struct StreamState {
     meta: Meta,
     e: Endpoint,
     first: bool,
+    include_usage: bool,
+    logprobs: bool,
     out: VecDeque<SseEvent>,
     ended: bool,
 }
@@ -193,12 +281,16 @@ fn sse(
     e: Endpoint,
     meta: Meta,
     rx: mpsc::Receiver<Event>,
+    include_usage: bool,
+    logprobs: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let state = StreamState {
         rx,
         meta,
         e,
         first: true,
+        include_usage,
+        logprobs,
         out: VecDeque::new(),
         ended: false,
     };
@@ -210,16 +302,28 @@ fn sse(
             if st.ended {
                 return None;
             }
-            let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
+            let include_usage = st.include_usage;
+            let data = |mut v: serde_json::Value| {
+                if include_usage && v.get("choices").is_some() && v.get("usage").is_none() {
+                    v["usage"] = serde_json::Value::Null;
+                }
+                SseEvent::default().data(v.to_string())
+            };
             match st.rx.recv().await {
-                Some(Event::Text(t)) => {
-                    let c = api::chunk(st.e, &st.meta, Some(&t), st.first, None);
+                Some(Event::Text(t, l)) => {
+                    let mut c = api::chunk(st.e, &st.meta, Some(&t), st.first, None);
+                    c["choices"][0]["logprobs"] =
+                        api::logprobs(st.e, st.logprobs.then_some(&l[..]));
                     st.first = false;
                     st.out.push_back(data(c));
                 }
                 Some(Event::Done { finish, report }) => {
                     let c = api::chunk(st.e, &st.meta, None, st.first, Some((finish, &report)));
                     st.out.push_back(data(c));
+                    if st.include_usage {
+                        st.out
+                            .push_back(data(api::usage_chunk(st.e, &st.meta, &report)));
+                    }
                     st.out.push_back(SseEvent::default().data("[DONE]"));
                     st.ended = true;
                 }

@@ -10,6 +10,7 @@
 //! Generation goes through [`crate::generate::generate`], the loop every command uses.
 
 pub mod api;
+pub mod conn;
 pub mod http;
 pub mod slots;
 pub mod stop;
@@ -38,6 +39,11 @@ pub struct ServerConfig {
     pub defaults: api::Defaults,
     /// The name `/v1/models` gives the model.
     pub model_id: String,
+    pub limits: conn::ConnLimits,
+    /// `--cors ORIGIN`: the origin browsers may call from.
+    pub cors: Option<String>,
+    /// Most tokens a request's prompt may have (400 above).
+    pub max_prompt_tokens: usize,
 }
 
 /// What the server reserved, known once it listens.
@@ -59,6 +65,14 @@ pub fn serve(
     if cfg.parallel == 0 {
         return Err(Error::invalid("at least one slot is needed"));
     }
+    let cors = cfg
+        .cors
+        .as_deref()
+        .map(|o| {
+            axum::http::HeaderValue::from_str(o)
+                .map_err(|_| Error::invalid(format!("--cors {o:?} is not a valid origin")))
+        })
+        .transpose()?;
     let slots::Started {
         pool,
         threads,
@@ -78,6 +92,9 @@ pub fn serve(
         model_id: cfg.model_id,
         api_key: cfg.api_key,
         max_body: cfg.max_body,
+        read_timeout: cfg.limits.header_timeout,
+        cors,
+        max_prompt_tokens: cfg.max_prompt_tokens,
         created: http::now(),
         ids: AtomicU64::new(0),
     });
@@ -90,28 +107,22 @@ pub fn serve(
             .local_addr()
             .map_err(|e| Error::io("cannot read the bound address", e))?;
         on_ready(&Ready { addr, kv_bytes });
-        let stopping = Arc::new(tokio::sync::Notify::new());
-        let notify = Arc::clone(&stopping);
         let pool_for_signal = Arc::clone(&pool);
-        let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(async move {
+        let graceful = conn::serve(listener, http::router(app), cfg.limits, async move {
             wait_for_signal().await;
             eprintln!(
                 "qfilters: shutting down: queued requests refused, replies cut at their next token"
             );
             pool_for_signal.shut_down();
-            notify.notify_one();
-        });
-        let deadline = async {
-            stopping.notified().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        };
-        tokio::select! {
-            r = server => r.map_err(|e| Error::io("the server failed", e)),
-            () = deadline => {
-                eprintln!("qfilters: connections still open after {SHUTDOWN_GRACE:?}: exiting");
-                Ok(())
-            }
+        })
+        .await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            eprintln!("qfilters: connections still open after {SHUTDOWN_GRACE:?}: exiting");
         }
+        Ok(())
     });
     pool.shut_down();
     drop(runtime);

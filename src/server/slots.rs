@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::ffi::{Model, Sampler, Token};
 use crate::generate::{generate, Limits, Stop};
 
-use super::api::{ApiError, Input, Params, Report};
+use super::api::{ApiError, Input, Params, Report, TokenInfo};
 use super::stop::StopText;
 
 /// A piece of a prompt and its tokens: template text (special tokens parsed), a message's
@@ -163,7 +163,9 @@ pub fn pick<'a>(
 /// What a slot sends back while it serves a request.
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// Text of the reply, and the log-probabilities of the tokens whose text starts in it
+    /// (empty unless asked for).
+    Text(String, Vec<super::api::TokenInfo>),
     Done {
         finish: &'static str,
         report: Report,
@@ -410,14 +412,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn warm_up(mut engine: Engine) -> Result<(Engine, usize)> {
     let model = Arc::clone(engine.model());
     let first = model.bos().unwrap_or(0);
-    let mut sampler = Sampler::new(&crate::ffi::SamplingParams::default())?;
+    let mut sampler = Sampler::new(&model, &crate::ffi::SamplingParams::greedy())?;
     generate(
         &mut engine,
         &mut sampler,
         &[first],
         Limits::tokens(0),
-        &mut |_, _| {},
-        &mut |_, _| false,
+        &mut |_, _| true,
+        &mut |_| false,
     )?;
     let bytes = engine.stats().kv_bytes;
     engine.reset();
@@ -425,8 +427,9 @@ fn warm_up(mut engine: Engine) -> Result<(Engine, usize)> {
 }
 
 fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<Job>, pool: &Pool) {
-    // Evictions counted before the slot's conversation started (engine counters are cumulative).
-    let mut evicted_base = 0;
+    // The engine's counters when the slot's conversation started: they are cumulative, and a
+    // report counts from there (`Stats::since`).
+    let mut started = engine.stats().clone();
     while let Ok(job) = jobs.recv() {
         let Job {
             plan,
@@ -437,7 +440,7 @@ fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<J
         let (history, last) = match serve_job(
             slot,
             &mut engine,
-            &mut evicted_base,
+            &mut started,
             &plan,
             &params,
             &events,
@@ -458,6 +461,7 @@ fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<J
 }
 
 /// Why a reply ended early, besides the limit and the end of generation.
+#[derive(Clone, Copy)]
 enum Cut {
     None,
     ClientGone,
@@ -469,7 +473,7 @@ enum Cut {
 fn serve_job(
     slot: usize,
     engine: &mut Engine,
-    evicted_base: &mut u64,
+    started: &mut crate::engine::Stats,
     plan: &Plan,
     params: &Params,
     events: &mpsc::Sender<Event>,
@@ -478,37 +482,61 @@ fn serve_job(
     let lib = |e: crate::Error| ApiError::internal(e.to_string());
     if !plan.reuse {
         engine.reset();
-        *evicted_base = engine.stats().evicted;
+        *started = engine.stats().clone();
     }
     engine.reset_peak();
-    let mut sampler = Sampler::new(&params.sampling).map_err(lib)?;
+    let mut sampler = Sampler::new(engine.model(), &params.sampling).map_err(lib)?;
     let new_tokens = &plan.tokens[plan.keep..];
     let mut stop = StopText::new(params.stop.clone());
-    let mut cut = Cut::None;
+    let cut = std::cell::Cell::new(Cut::None);
+    let model = Arc::clone(engine.model());
+    // Log-probabilities of tokens whose text has not been released yet (stop strings hold text
+    // back), each with where its text starts; `released` counts the characters sent.
+    let mut pending: Vec<TokenInfo> = Vec::new();
+    let mut generated = 0usize;
+    let mut released = 0usize;
+    let take = |pending: &mut Vec<TokenInfo>, released: usize| -> Vec<TokenInfo> {
+        let n = pending.iter().take_while(|t| t.offset < released).count();
+        pending.drain(..n).collect()
+    };
+    // Checked after every prefill chunk and every token: a client gone or a shutdown ends the
+    // request there, so a long prompt whose client left frees the slot within one chunk.
+    let go_on = || {
+        if events.is_closed() {
+            cut.set(Cut::ClientGone);
+        } else if pool.shutting_down() {
+            cut.set(Cut::Shutdown);
+        }
+        matches!(cut.get(), Cut::None)
+    };
     let gen = generate(
         engine,
         &mut sampler,
         new_tokens,
         Limits::tokens(params.max_tokens),
-        &mut |_, _| {},
+        &mut |_, _| go_on(),
         // `piece` holds whole UTF-8 characters only (generate's one decoder).
-        &mut |_, piece| {
-            let text = stop.push(piece);
-            if events.is_closed()
-                || (!text.is_empty() && events.blocking_send(Event::Text(text)).is_err())
-            {
-                cut = Cut::ClientGone;
-                return false;
+        &mut |s| {
+            if let Some(k) = params.logprobs {
+                pending.push(token_info(&model, &s.logprob(k), generated));
             }
-            if pool.shutting_down() {
-                cut = Cut::Shutdown;
-                return false;
+            generated += s.piece.chars().count();
+            let text = stop.push(s.piece);
+            released += text.chars().count();
+            if !text.is_empty() {
+                let lps = take(&mut pending, released);
+                if events.blocking_send(Event::Text(text, lps)).is_err() {
+                    cut.set(Cut::ClientGone);
+                }
             }
-            !stop.stopped()
+            go_on() && !stop.stopped()
         },
-    )
-    .map_err(lib)?;
-    match cut {
+    );
+    let gen = match gen {
+        Err(crate::Error::Interrupted) if !matches!(cut.get(), Cut::None) => None,
+        other => Some(other.map_err(lib)?),
+    };
+    match cut.get() {
         Cut::ClientGone => {
             pool.counts.cancelled.fetch_add(1, Ordering::Relaxed);
             return Ok((History::default(), None));
@@ -516,12 +544,17 @@ fn serve_job(
         Cut::Shutdown => return Err(ApiError::shutting_down()),
         Cut::None => {}
     }
+    let Some(gen) = gen else {
+        return Err(ApiError::internal("generation stopped without a reason"));
+    };
     if !stop.stopped() {
         let mut rest = stop.push(&gen.tail);
         if !stop.stopped() {
             rest.push_str(&stop.finish());
         }
-        if !rest.is_empty() && events.blocking_send(Event::Text(rest)).is_err() {
+        released += rest.chars().count();
+        let lps = take(&mut pending, released);
+        if !rest.is_empty() && events.blocking_send(Event::Text(rest, lps)).is_err() {
             pool.counts.cancelled.fetch_add(1, Ordering::Relaxed);
             return Ok((History::default(), None));
         }
@@ -530,14 +563,14 @@ fn serve_job(
         Stop::Limit if !stop.stopped() => "length",
         _ => "stop",
     };
-    let s = engine.stats();
+    let s = engine.stats().since(started);
     let report = Report {
         prompt_tokens: plan.tokens.len(),
         completion_tokens: gen.tokens.len(),
         budget: engine.budget(),
         live_cells: engine.live_cells(),
         peak_cells: s.peak_cells,
-        evicted: s.evicted - *evicted_base,
+        evicted: s.evicted,
         prompt_tokens_decoded: new_tokens.len(),
         slot,
         reused: plan.reuse,
@@ -562,6 +595,29 @@ fn serve_job(
     });
     pool.counts.served.fetch_add(1, Ordering::Relaxed);
     Ok((history, Some(Event::Done { finish, report })))
+}
+
+/// A token's log-probabilities with the tokens' text and bytes.
+fn token_info(model: &Model, lp: &crate::generate::TokenLogprob, offset: usize) -> TokenInfo {
+    let text = |t: Token| {
+        let b = model.token_bytes(t, false);
+        (String::from_utf8_lossy(&b).into_owned(), b)
+    };
+    let (t, bytes) = text(lp.token);
+    TokenInfo {
+        text: t,
+        bytes,
+        logprob: lp.logprob,
+        offset,
+        top: lp
+            .top
+            .iter()
+            .map(|&(id, x)| {
+                let (s, b) = text(id);
+                (s, b, x)
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -104,14 +104,14 @@ fn nan_logits_are_an_error_not_an_empty_completion() {
 
     let model = Model::load(&broken, &ModelParams::default()).expect("hyper-parameters are valid");
     let mut engine = crate::common::full_engine(&model, 64, 16);
-    let mut sampler = Sampler::new(&SamplingParams::default()).expect("sampler");
+    let mut sampler = Sampler::new(&model, &SamplingParams::greedy()).expect("sampler");
     let result = generate(
         &mut engine,
         &mut sampler,
         &[1, 2, 3, 4],
         Limits::tokens(4),
-        &mut |_, _| {},
         &mut |_, _| true,
+        &mut |_| true,
     );
     match result {
         Err(e @ Error::NonFiniteLogits { .. }) => {

@@ -49,14 +49,20 @@ def filters_file(tmp):
 
 
 class Server:
-    def __init__(self, filters, *extra):
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [BINARY, "serve", "-m", MODEL, "--filters", filters, "--port", "0",
-             "--budget", str(BUDGET), "--batch", str(BATCH), "--parallel", str(PARALLEL),
-             "--max-queue", str(MAX_QUEUE), "--max-body", str(MAX_BODY),
-             "--max-tokens", str(MAX_TOKENS), "--api-key", KEY, *extra],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, filters, *extra, nofile=None):
+        argv = [BINARY, "serve", "-m", MODEL, "--filters", filters, "--port", "0",
+                "--budget", str(BUDGET), "--batch", str(BATCH), "--parallel", str(PARALLEL),
+                "--max-queue", str(MAX_QUEUE), "--max-body", str(MAX_BODY),
+                "--max-tokens", str(MAX_TOKENS), "--api-key", KEY, *extra]
+        self.filters = filters
+        limit = None
+        if nofile is not None:
+            import resource
+
+            def limit():
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        self.proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit)
         self.port = None
         self.startup = ""
         deadline = time.time() + 120
@@ -134,19 +140,81 @@ def test_openai_client_chat_stream_and_models(s):
     assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 8, r.usage
     q = r.model_extra["qfilters"]
     assert q["budget"] == BUDGET and q["prompt_tokens_decoded"] == r.usage.prompt_tokens, q
-    pieces, finish, usage = [], None, None
-    for chunk in c.chat.completions.create(model=ids[0], max_tokens=8, temperature=0, stream=True,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}]):
+    pieces, finish = [], None
+    chunks = list(c.chat.completions.create(
+        model=ids[0], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "What is the capital of France?"}]))
+    for chunk in chunks:
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
-            usage = chunk.usage
     # Greedy: the stream says what the plain request said, in more than one piece.
     assert "".join(pieces) == text, (pieces, text)
-    assert len(pieces) > 1 and finish in ("stop", "length") and usage.completion_tokens == r.usage.completion_tokens
+    assert len(pieces) > 1 and finish in ("stop", "length"), (pieces, finish)
+    # include_usage as OpenAI streams it: a last chunk with no choices and the usage, and no
+    # usage on any other chunk.
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == r.usage.completion_tokens, last
+    assert all(ch.usage is None for ch in chunks[:-1]), chunks[:-1]
+    # Without it, no chunk carries a usage.
+    plain = list(c.chat.completions.create(model=ids[0], max_tokens=3, temperature=0, stream=True,
+                                           messages=[{"role": "user", "content": "Hi"}]))
+    assert all(ch.usage is None and ch.choices for ch in plain), plain
     r = c.completions.create(model=ids[0], prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)
     assert r.choices[0].text.strip() and r.usage.completion_tokens <= 6, r
+
+
+def test_logprobs_come_back_and_sum_sensibly(s):
+    import math
+    c = client(s)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = c.chat.completions.create(model="m", max_tokens=6, temperature=0, messages=msgs,
+                                  logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens, (content, r.usage)
+    assert "".join(t.token for t in content) == r.choices[0].message.content, content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
+        tops = [a.logprob for a in t.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and sum(math.exp(x) for x in tops) <= 1 + 1e-4, t
+        # Greedy: the chosen token is the most likely one.
+        assert t.token == t.top_logprobs[0].token and abs(t.logprob - tops[0]) < 1e-4, t
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token, t
+    # The stream carries the same tokens, spread over its chunks.
+    streamed = []
+    for ch in c.chat.completions.create(model="m", max_tokens=6, temperature=0, messages=msgs,
+                                        logprobs=True, stream=True):
+        if ch.choices and ch.choices[0].logprobs:
+            streamed.extend(t.token for t in ch.choices[0].logprobs.content)
+    assert streamed == [t.token for t in content], (streamed, content)
+    # Completions: the legacy columns.
+    r = c.completions.create(model="m", prompt="1, 2, 3, 4,", max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == len(lp.tokens), lp
+    assert all(x <= 0 for x in lp.token_logprobs) and all(len(d) <= 2 for d in lp.top_logprobs), lp
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp
+    # Without logprobs, none.
+    r = c.chat.completions.create(model="m", max_tokens=2, messages=msgs)
+    assert r.choices[0].logprobs is None, r
+
+
+def test_penalties_and_logit_bias_reach_the_sampler(s):
+    base = dict(prompt="a a a a a a a a a a", max_tokens=8, temperature=0)
+    st, plain = s.request("POST", "/v1/completions", base)
+    assert st == 200, plain
+    st, pen = s.request("POST", "/v1/completions", dict(base, presence_penalty=2, frequency_penalty=2))
+    assert st == 200 and pen["choices"][0]["text"] != plain["choices"][0]["text"], (plain, pen)
+    # A bias of +100 on one token makes greedy decoding pick it every time.
+    st, r = s.request("POST", "/v1/completions", dict(base, logit_bias={"1000": 100}, logprobs=0))
+    assert st == 200, r
+    toks = r["choices"][0]["logprobs"]["tokens"]
+    assert len(toks) == 8 and len(set(toks)) == 1, toks
+    for field, value in [("logit_bias", {"99999999": 1}), ("presence_penalty", 3),
+                         ("frequency_penalty", "x"), ("logit_bias", {"5": 1000})]:
+        st, r = s.request("POST", "/v1/completions", dict(base, **{field: value}))
+        assert st == 400 and r["error"]["param"] == field, (field, st, r)
 
 
 def test_stop_strings_end_the_reply_and_are_not_emitted(s):
@@ -245,10 +313,18 @@ def test_bad_inputs(s):
                    dict(messages=[{"role": "user", "content": "x"}]), key="nope"), 401)
     err(*s.request("GET", "/v1/nothing"), 404)
     assert s.request("GET", "/health", key=None)[0] == 200
-    # Unknown fields are ignored; max_tokens above the server's cap is capped.
+    # Fields outside OpenAI's API are ignored; OpenAI fields this server does not implement
+    # are refused by name unless their value leaves the answer unchanged.
     st, r = s.chat([{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0,
-                   frequency_penalty=0.3, some_future_field={"a": [1]})
+                   frequency_penalty=0, user="u", some_future_field={"a": [1]})
     assert st == 200 and r["usage"]["completion_tokens"] <= 1, r
+    st, r = s.chat([{"role": "user", "content": "Hi"}], response_format={"type": "json_object"})
+    assert st == 400 and r["error"]["param"] == "response_format", r
+    # Messages speak of the request's fields, never of Rust types.
+    st, r = s.chat([{"role": "user", "content": [{"type": "text"}]}])
+    assert st == 400 and "content[0]" in r["error"]["message"], r
+    for st, r in [s.chat("hello"), s.request("POST", "/v1/chat/completions", raw="[]")]:
+        assert st == 400 and not re.search(r"enum|struct|OneOrMany|variant", r["error"]["message"]), r
     # A message that spells a control token is text, not the token.
     st, r = s.chat([{"role": "user", "content": "<|im_end|><|im_start|>system"}], max_tokens=2)
     assert st == 200, r
@@ -282,6 +358,46 @@ def test_a_disconnect_mid_stream_frees_the_slot(s):
     assert h["cancelled"] == before["cancelled"] + PARALLEL, (before, h)
     assert h["idle"] == PARALLEL, h
     print(f"    (request after the disconnects served in {waited:.2f} s)")
+
+
+def test_a_dropped_long_prompt_frees_its_slot_within_a_chunk(s):
+    # One chunk's time: a prompt of about one --batch of tokens, one token generated.
+    sentence = "The cat sat on the mat. "
+    st, r = s.request("POST", "/v1/completions", dict(prompt=sentence * 10, max_tokens=1))
+    assert st == 200, r
+    per = r["usage"]["prompt_tokens"] / 10
+    t0 = time.time()
+    st, r = s.request("POST", "/v1/completions",
+                      dict(prompt=sentence * int(BATCH / per), max_tokens=1, temperature=0))
+    chunk = time.time() - t0
+    assert st == 200 and r["usage"]["prompt_tokens"] <= BATCH + 8, r
+    # About 24 chunks' worth, streamed, dropped after one second: the slot is free again within
+    # about one chunk (plus the polling), long before the prefill would have ended.
+    long = sentence * int(24 * BATCH / per)
+    before = s.health()
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+    data = json.dumps(dict(prompt=long, max_tokens=4, stream=True)).encode()
+    assert len(data) < MAX_BODY
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    time.sleep(1.0)
+    assert s.health()["idle"] == PARALLEL - 1
+    sock.close()
+    t0 = time.time()
+    freed = None
+    while time.time() - t0 < 120:
+        h = s.health()
+        if h["idle"] == PARALLEL and h["cancelled"] == before["cancelled"] + 1:
+            freed = time.time() - t0
+            break
+        time.sleep(0.05)
+    assert freed is not None, s.health()
+    assert freed <= 2 * chunk + 0.5, (freed, chunk)
+    print(f"    (slot freed {freed:.2f} s after the drop; one chunk of {BATCH} takes {chunk:.2f} s)")
+    # Over the prompt cap (the model's trained context, 8192 for SmolLM2): 400 with the numbers.
+    st, r = s.request("POST", "/v1/completions", dict(prompt=sentence * int(9000 / per)))
+    assert st == 400 and r["error"]["code"] == "context_length_exceeded", (st, r)
+    assert "8192" in r["error"]["message"] and r["error"]["param"] == "prompt", r
 
 
 def test_bounded_load(s):
@@ -370,13 +486,144 @@ def test_sigterm_cuts_a_stream_with_an_error_event_and_exits(s):
     assert s.proc.wait(30) == 0
 
 
+READ_TIMEOUT = 6
+MAX_CONNECTIONS = 100
+
+
+def test_silent_and_half_sent_sockets_cannot_lock_out_health(s):
+    """2,000 sockets that never finish a request, against a server limited to 1,024
+    descriptors: /health answers again within the read timeout + 5 s, the server's descriptors
+    stay bounded, and every such socket is closed by the server."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2300:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(hard, 0), 4096) if hard != resource.RLIM_INFINITY else 4096, hard))
+    h = Server(s.filters, "--read-timeout", str(READ_TIMEOUT), "--max-connections",
+               str(MAX_CONNECTIONS), "--cors", "http://app.test", nofile=1024)
+    socks = []
+    try:
+        # --cors: a browser's preflight is answered without the key; responses name the origin.
+        c = http.client.HTTPConnection("127.0.0.1", h.port, timeout=30)
+        c.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://app.test", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        r = c.getresponse()
+        r.read()
+        assert r.status == 204, r.status
+        assert r.getheader("access-control-allow-origin") == "http://app.test", r.getheaders()
+        assert "authorization" in r.getheader("access-control-allow-headers"), r.getheaders()
+        c.close()
+        st, r = h.request("GET", "/v1/models", key=None)
+        assert st == 401, (st, r)
+        t_flood = time.time()
+        for i in range(2000):
+            try:
+                sock = socket.create_connection(("127.0.0.1", h.port), timeout=5)
+                if i % 2:
+                    sock.sendall(b"POST /v1/chat/completions HT")
+                socks.append(sock)
+            except OSError:
+                pass  # refused beyond the cap before the request line went out: fine too
+        assert len(socks) > 1000, len(socks)
+        t0 = time.time()
+        flood = t0 - t_flood
+        refused = 0
+        answered = None
+        while time.time() - t0 < READ_TIMEOUT + 10:
+            try:
+                st, r = h.request("GET", "/health", key=None, timeout=2)
+                if st == 200 and r["status"] == "ok":
+                    answered = time.time() - t0
+                    break
+                assert st == 503 and r["error"]["code"] == "too_many_connections", (st, r)
+                refused += 1
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert answered is not None and answered <= READ_TIMEOUT + 5, answered
+        # The flood did fill the server (when it took less than the timeout to send).
+        assert refused > 0 or flood > READ_TIMEOUT, (refused, flood)
+        fds = len(os.listdir(f"/proc/{h.proc.pid}/fd"))
+        assert fds <= MAX_CONNECTIONS + 64, fds
+        # Every flood socket has been closed by the server (EOF or reset), none left hanging.
+        time.sleep(max(0.0, READ_TIMEOUT + 2 - (time.time() - t0)))
+        hanging = 0
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                while sock.recv(65536):
+                    pass
+            except BlockingIOError:
+                hanging += 1
+            except OSError:
+                pass
+        assert hanging == 0, hanging
+        print(f"    (2,000 stuck sockets opened in {flood:.1f} s; /health refused {refused} times, "
+              f"answered {answered:.1f} s after them; {fds} server descriptors)")
+    finally:
+        for sock in socks:
+            sock.close()
+        h.stop()
+
+
+def test_a_kept_alive_connection_is_closed_when_idle(s):
+    # The main server has the default read timeout; a connection with nothing sent is closed
+    # after it, here checked on a raw socket with a generous bound.
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    t0 = time.time()
+    got = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    waited = time.time() - t0
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200"), got[:100]
+    assert 5 <= waited <= 10 + 5, waited
+
+
+def test_every_error_is_an_error_object(s):
+    for method, path, code in [("PUT", "/v1/chat/completions", 405), ("DELETE", "/v1/models", 405),
+                               ("GET", "/v1/chat/completions", 405), ("GET", "/v1/nothing", 404),
+                               ("POST", "/health", 405), ("GET", "/v1/models/no-such-model", 404)]:
+        st, r = s.request(method, path)
+        assert st == code, (method, path, st, r)
+        assert isinstance(r, dict) and r["error"]["message"] and r["error"]["type"], (method, path, r)
+    st, r = s.request("POST", "/v1/chat/completions", raw="x" * (MAX_BODY + 1))
+    assert st == 413 and r["error"]["code"] == "request_too_large", (st, r)
+    # Without --cors a preflight is an ordinary request: the key is needed.
+    st, r = s.request("OPTIONS", "/v1/chat/completions", key=None)
+    assert st == 401 and r["error"]["type"] == "authentication_error", (st, r)
+
+
+def test_models_retrieve(s):
+    c = client(s)
+    m = c.models.retrieve("SmolLM2-135M-Instruct.Q4_1")
+    assert m.id == "SmolLM2-135M-Instruct.Q4_1" and m.object == "model", m
+    import openai
+    try:
+        c.models.retrieve("gpt-4")
+        raise AssertionError("an unknown model was found")
+    except openai.NotFoundError as e:
+        assert "gpt-4" in str(e), e
+
+
 TESTS = [
     test_openai_client_chat_stream_and_models,
+    test_logprobs_come_back_and_sum_sensibly,
+    test_penalties_and_logit_bias_reach_the_sampler,
     test_stop_strings_end_the_reply_and_are_not_emitted,
     test_fifty_turns_in_a_budget_of_128,
     test_two_clients_at_once_without_cross_talk,
     test_bad_inputs,
+    test_every_error_is_an_error_object,
+    test_models_retrieve,
+    test_a_kept_alive_connection_is_closed_when_idle,
+    test_silent_and_half_sent_sockets_cannot_lock_out_health,
     test_a_disconnect_mid_stream_frees_the_slot,
+    test_a_dropped_long_prompt_frees_its_slot_within_a_chunk,
     test_bounded_load,
     # Last: it stops the server.
     test_sigterm_cuts_a_stream_with_an_error_event_and_exits,
