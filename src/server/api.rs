@@ -334,7 +334,10 @@ fn strings(v: &Value, name: &'static str) -> Result<Vec<String>, ApiError> {
 /// OpenAI fields this server does not implement and that change the answer when given with
 /// anything but their default: refused, named, rather than ignored (docs/server.md lists
 /// them). Each entry: the field, and whether a value leaves the answer as it would be.
-const REFUSED: &[(&str, fn(&Value) -> bool)] = &[
+/// Whether a field's value leaves the answer as it would be without the field.
+type Harmless = fn(&Value) -> bool;
+
+const REFUSED: &[(&str, Harmless)] = &[
     ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("tool_choice", |v| v.as_str() == Some("none")),
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),

@@ -202,7 +202,7 @@ fn trimming_templates_trim_contents_not_template_text() {
 
 fn chat_with(model: &Arc<Model>, template: ChatTemplate, system: Option<String>) -> Chat {
     let engine = crate::common::full_engine(model, 2048, 256);
-    let sampler = Sampler::new(&model, &SamplingParams::greedy()).expect("sampler");
+    let sampler = Sampler::new(model, &SamplingParams::greedy()).expect("sampler");
     Chat::new(engine, sampler, template, system)
 }
 
