@@ -109,14 +109,14 @@ fn main() {
     generate_bindings(&source);
 }
 
-/// Compiles src/ffi_shim.cpp, the try/catch barrier around every llama.cpp call that can
+/// Compiles src/ffi/shim.cpp, the try/catch barrier around every llama.cpp call that can
 /// throw. Before `link`, so the linker sees the shim ahead of the libllama it calls.
 fn build_exception_shim(source: &Path) {
-    println!("cargo::rerun-if-changed=src/ffi_shim.cpp");
+    println!("cargo::rerun-if-changed=src/ffi/shim.cpp");
     cc::Build::new()
         .cpp(true)
         .std("c++17")
-        .file("src/ffi_shim.cpp")
+        .file("src/ffi/shim.cpp")
         .include(source.join("include"))
         .include(source.join("ggml/include"))
         .warnings(true)
@@ -682,7 +682,7 @@ fn generate_bindings(source: &Path) {
     let include = source.join("include");
     let ggml_include = source.join("ggml/include");
     // ggml-alloc and ggml-cpu: the engine builds its own small scoring graph on the cache's
-    // backend (src/ffi.rs, `DeviceScorer`) and its own CPU threadpool (src/threads.rs).
+    // backend (src/ffi.rs, `DeviceScorer`) and its own CPU threadpool (src/ffi/threads.rs).
     let wrapper = "#include \"llama.h\"\n#include \"ggml.h\"\n#include \"ggml-backend.h\"\n#include \"ggml-alloc.h\"\n#include \"ggml-cpu.h\"\n";
     let builder = bindgen::Builder::default()
         .header_contents("qfilters_wrapper.h", wrapper)

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use gguf_tools::filters::QFilters;
 use qfilters::args::{EvictionArgs, LlamaArgs, SamplingArgs};
+use qfilters::conversation::generate::{generate, Limits};
 use qfilters::engine::Engine;
 use qfilters::ffi::{Model, ModelParams, Sampler};
-use qfilters::generate::{generate, Limits};
 use qfilters::policy;
 
 fn main() {

@@ -18,7 +18,7 @@ use clap::{Args, Parser};
 use gguf_tools::filters::QFilters;
 use serde::Serialize;
 
-use crate::cache::{Combiner, EvictionConfig, Granularity};
+use crate::engine::cache::{Combiner, EvictionConfig, Granularity};
 use crate::engine::{CacheSize, EngineConfig, KeySource};
 use crate::error::{Error, Result};
 use crate::eval::sweep::Sweep;

@@ -1,10 +1,16 @@
 //! qfilters: keep the KV cache of a GGUF model inside a fixed budget with Q-Filters.
 //!
-//! The pieces: [`ffi`] (llama.cpp behind safe handles, the only `unsafe`), [`policy`] (one
-//! scorer per eviction policy), [`cache`] (the shared mechanism that applies scores),
-//! [`engine`] (a context that decodes, scores and evicts), [`generate`] (prompt → text),
-//! [`chat`] (a conversation that lives in the bounded cache), [`args`] (the command line's
-//! flag groups, usable from code), [`eval`] (perplexity and passkey sweeps).
+//! The crate follows the path a token takes (docs/ARCHITECTURE.md):
+//! - [`ffi`]: llama.cpp behind safe handles, the only `unsafe` (with the C++ exception barrier,
+//!   the GGUF preflight and the thread defaults);
+//! - [`engine`]: a context that decodes, scores new keys once and evicts, with
+//!   [`engine::cache`], the shared mechanism that applies scores;
+//! - [`policy`]: one scorer per eviction policy;
+//! - [`conversation`]: the one generation loop, and a chat that lives in the bounded cache;
+//! - [`calibrate`]: filters from the GGUF itself, and how well they predict attention;
+//! - [`eval`] (perplexity, passkey and needle sweeps), [`bench`](mod@bench) (speed),
+//!   [`server`] (OpenAI API);
+//! - [`args`]: the command line's flag groups, usable from code.
 //!
 //! Completing a prompt with the KV cache kept within 128 cells by K-norm eviction (with
 //! filters, `policy::QFILTERS` and `Some(filters)`; see `examples/bounded_generation.rs`):
@@ -24,8 +30,8 @@
 //! let config = eviction.engine_config(prompt.len() + 256, 1)?;
 //! let mut engine = Engine::new(&model, eviction.scorer(None, 42)?, config)?;
 //! let mut sampler = Sampler::new(&model, &SamplingArgs::default().params()?)?;
-//! let limits = qfilters::generate::Limits::tokens(256);
-//! let gen = qfilters::generate::generate(
+//! let limits = qfilters::conversation::generate::Limits::tokens(256);
+//! let gen = qfilters::conversation::generate::generate(
 //!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| true, &mut |_| true,
 //! )?;
 //! println!("{}", gen.text);
@@ -38,22 +44,16 @@
 
 pub mod args;
 pub mod bench;
-pub mod bench_summary;
-pub mod cache;
 pub mod calibrate;
-pub mod chat;
-pub mod check;
+pub mod conversation;
 pub mod engine;
 pub mod error;
 pub mod eval;
 #[allow(unsafe_code)]
 pub mod ffi;
-pub mod generate;
-pub mod gguf_check;
 pub mod math;
 pub mod policy;
 pub mod server;
-pub mod threads;
 
 pub use error::{Error, Result};
 

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use qfilters::chat::{tokenize_segments, ChatTemplate};
+use qfilters::conversation::chat::{tokenize_segments, ChatTemplate};
 use qfilters::ffi::{Model, ModelParams, Token};
 
 struct Setup {

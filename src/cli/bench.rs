@@ -7,9 +7,9 @@ use std::sync::Arc;
 use clap::Args;
 use serde::Serialize;
 
+use qfilters::bench::summary::Summary;
 use qfilters::bench::{self, Comparison, RunMeasure};
-use qfilters::bench_summary::Summary;
-use qfilters::cache::Granularity;
+use qfilters::engine::cache::Granularity;
 use qfilters::engine::{Engine, EngineConfig, KeySource};
 use qfilters::ffi::Model;
 use qfilters::policy::{self, PolicyInfo, PolicyInputs};

@@ -13,8 +13,8 @@ use gguf_tools::filters::{
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use qfilters::cache::{Combiner, EvictionConfig, Granularity};
 use qfilters::calibrate::{calibrate, CalibrationConfig};
+use qfilters::engine::cache::{Combiner, EvictionConfig, Granularity};
 use qfilters::engine::KeySource;
 use qfilters::eval::ppl::{perplexities, streaming_nll};
 use qfilters::ffi::Model;

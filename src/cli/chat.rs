@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use qfilters::chat::{Chat, ChatTemplate, Reply};
+use qfilters::conversation::chat::{Chat, ChatTemplate, Reply};
+use qfilters::conversation::generate::Stop;
 use qfilters::ffi::Sampler;
-use qfilters::generate::Stop;
 use qfilters::policy::PolicyInfo;
 use qfilters::{Error, Result};
 

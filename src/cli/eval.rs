@@ -178,7 +178,7 @@ fn check_lists(args: &SweepArgs) -> Result<()> {
     }
     for (_, type_v) in s.cache_pairs()? {
         for &granularity in &s.granularity {
-            let per_head = granularity == qfilters::cache::Granularity::Head
+            let per_head = granularity == qfilters::engine::cache::Granularity::Head
                 && s.policies.iter().any(|p| p.evicts && p.scores_vary_by_head);
             let llama = qfilters::args::LlamaArgs {
                 cache_type_v: type_v,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use gguf_tools::filters::QFilters;
 
-use qfilters::check::{check_filters, FRACTIONS, SELECTORS};
+use qfilters::calibrate::check::{check_filters, FRACTIONS, SELECTORS};
 use qfilters::{Error, Result};
 
 use super::{read_text, ModelArgs};

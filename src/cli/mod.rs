@@ -19,7 +19,7 @@ use gguf_tools::filters::{
 };
 
 pub use qfilters::args::{EvictionArgs, LlamaArgs, SamplingArgs};
-use qfilters::cache::{EvictionConfig, Granularity};
+use qfilters::engine::cache::{EvictionConfig, Granularity};
 use qfilters::engine::Engine;
 use qfilters::ffi::{Model, ModelParams};
 use qfilters::{Error, Result};
@@ -204,7 +204,7 @@ impl ModelArgs {
             );
         }
         qfilters::ffi::set_verbose_log(self.verbose);
-        qfilters::threads::set_poll(self.poll);
+        qfilters::ffi::threads::set_poll(self.poll);
         Model::load(
             &self.model,
             &ModelParams {
@@ -218,7 +218,7 @@ impl ModelArgs {
     pub fn threads(&self) -> i32 {
         match self.requested_threads() {
             Ok(Some(n)) => n.min(available_cores()),
-            _ => qfilters::threads::default_threads(),
+            _ => qfilters::ffi::threads::default_threads(),
         }
     }
 
@@ -258,7 +258,7 @@ impl ModelArgs {
 
 /// Cores this process may use.
 pub fn available_cores() -> i32 {
-    i32::try_from(qfilters::threads::available_cpus()).unwrap_or(i32::MAX)
+    i32::try_from(qfilters::ffi::threads::available_cpus()).unwrap_or(i32::MAX)
 }
 
 pub use qfilters::args::check_cells;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
+use qfilters::conversation::generate::{generate, Limits};
 use qfilters::ffi::Sampler;
-use qfilters::generate::{generate, Limits};
 use qfilters::{Error, Result};
 
 use super::{

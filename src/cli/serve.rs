@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use qfilters::chat::ChatTemplate;
+use qfilters::conversation::chat::ChatTemplate;
 use qfilters::server::{self, api::Defaults, ServerConfig};
 use qfilters::{Error, Result};
 

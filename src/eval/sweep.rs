@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::args::{EvictionArgs, LlamaArgs};
-use crate::cache::{Combiner, Granularity};
+use crate::engine::cache::{Combiner, Granularity};
 use crate::error::{Error, Result};
 use crate::ffi::CacheType;
 use crate::policy::PolicyInfo;

@@ -18,7 +18,7 @@ pub struct ContextParams {
     pub n_ctx: u32,
     /// Most tokens one `decode` call may carry.
     pub n_batch: u32,
-    /// CPU threads; with more than one, their polling level is [`crate::threads::poll`].
+    /// CPU threads; with more than one, their polling level is [`crate::ffi::threads::poll`].
     pub threads: i32,
     /// `Some(true)` forces flash attention on, `Some(false)` off, `None` lets llama.cpp choose.
     pub flash_attn: Option<bool>,
@@ -35,7 +35,7 @@ impl Default for ContextParams {
         Self {
             n_ctx: 4096,
             n_batch: 512,
-            threads: crate::threads::default_threads(),
+            threads: crate::ffi::threads::default_threads(),
             flash_attn: None,
             hook: true,
             type_k: CacheType::F16,
@@ -221,7 +221,7 @@ impl Context {
         // With more than one thread, attach a pool whose idle workers sleep instead of spinning
         // (ggml's own pool polls): the one knob that keeps a busy machine usable.
         let threadpool = if params.threads > 1 {
-            ThreadPool::new(params.threads, crate::threads::poll())
+            ThreadPool::new(params.threads, crate::ffi::threads::poll())
         } else {
             None
         };

@@ -34,12 +34,16 @@ mod batch;
 mod context;
 mod cpu_backend;
 mod graph;
+// No llama.cpp call: cheap checks on a model file before llama.cpp opens it.
+pub mod gguf_check;
 mod kv_tensors;
 mod model;
 mod sampler;
 mod template;
 mod tensor;
 mod threadpool;
+// No llama.cpp call: the default thread count and the workers' polling level.
+pub mod threads;
 
 pub use batch::Batch;
 pub use context::{CacheType, Context, ContextParams};
@@ -63,7 +67,7 @@ mod sys {
 
 pub type Token = sys::llama_token;
 
-/// src/ffi_shim.cpp: each llama.cpp call that can throw, inside try/catch. Every function
+/// src/ffi/shim.cpp: each llama.cpp call that can throw, inside try/catch. Every function
 /// returns 0, or 1 (out of memory) / 2 (another C++ exception) with the message kept for
 /// `qf_last_error`; the call's own result goes through the last pointer.
 mod shim {

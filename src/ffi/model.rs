@@ -35,8 +35,8 @@ impl Drop for Model {
 
 impl Model {
     pub fn load(path: &Path, params: &ModelParams) -> Result<Arc<Model>> {
-        crate::gguf_check::check_model_file(path)?;
-        crate::gguf_check::check_hyperparameters(path)?;
+        crate::ffi::gguf_check::check_model_file(path)?;
+        crate::ffi::gguf_check::check_hyperparameters(path)?;
         init_backend();
         super::cpu_backend::check()?;
         let c_path = CString::new(path.as_os_str().to_string_lossy().as_bytes())

@@ -1,6 +1,6 @@
 //! Eviction policies. A policy is a scorer: it gives each new key one score per (layer, KV
 //! head), once, when the key enters the cache; higher means "keep". The shared mechanism in
-//! `crate::cache` applies the scores; it is tested once for all policies.
+//! `crate::engine::cache` applies the scores; it is tested once for all policies.
 //!
 //! Adding a policy: one file in this folder and one line in `REGISTRY`. Everything else (the
 //! command lines' `--policy` values and their help, the sweep's default list, which knobs

@@ -21,7 +21,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::chat::ChatTemplate;
+use crate::conversation::chat::ChatTemplate;
 use crate::ffi::Model;
 
 use super::api::{self, ApiError, Defaults, Endpoint, Meta};

@@ -7,7 +7,7 @@
 //! - [`stop`]: stop strings over a reply that arrives in pieces;
 //! - [`http`]: axum routes, the API key, SSE.
 //!
-//! Generation goes through [`crate::generate::generate`], the loop every command uses.
+//! Generation goes through [`crate::conversation::generate::generate`], the loop every command uses.
 
 pub mod api;
 pub mod conn;
@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::chat::ChatTemplate;
+use crate::conversation::chat::ChatTemplate;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::ffi::Model;

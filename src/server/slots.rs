@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use crate::chat::{tokenize_segments, ChatTemplate, Segment};
+use crate::conversation::chat::{tokenize_segments, ChatTemplate, Segment};
+use crate::conversation::generate::{generate, Limits, Stop};
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::ffi::{Model, Sampler, Token};
-use crate::generate::{generate, Limits, Stop};
 
 use super::api::{ApiError, Input, Params, Report, TokenInfo};
 use super::stop::StopText;
@@ -598,7 +598,11 @@ fn serve_job(
 }
 
 /// A token's log-probabilities with the tokens' text and bytes.
-fn token_info(model: &Model, lp: &crate::generate::TokenLogprob, offset: usize) -> TokenInfo {
+fn token_info(
+    model: &Model,
+    lp: &crate::conversation::generate::TokenLogprob,
+    offset: usize,
+) -> TokenInfo {
     let text = |t: Token| {
         let b = model.token_bytes(t, false);
         (String::from_utf8_lossy(&b).into_owned(), b)

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use qfilters::chat::{delta_tokens, ChatTemplate, Segment};
+use qfilters::conversation::chat::{delta_tokens, ChatTemplate, Segment};
 use qfilters::ffi::Model;
 
 use crate::common::{bin, model_path, qwen, smollm2};

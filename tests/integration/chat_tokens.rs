@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use qfilters::chat::{tokenize_segments, Chat, ChatTemplate, Segment};
+use qfilters::conversation::chat::{tokenize_segments, Chat, ChatTemplate, Segment};
 use qfilters::ffi::{builtin_chat_templates, Model, Sampler, SamplingParams, Token};
 
 /// The built-in templates the issue names, besides the model's own.

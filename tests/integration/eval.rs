@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use qfilters::cache::{Combiner, EvictionConfig, Granularity};
+use qfilters::engine::cache::{Combiner, EvictionConfig, Granularity};
 use qfilters::engine::{Engine, EngineConfig};
 use qfilters::eval::passkey::{build_document, build_task_document, run_trial, PromptFormat, Task};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};

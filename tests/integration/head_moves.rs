@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use qfilters::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
+use qfilters::engine::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
 use qfilters::engine::{Engine, EngineConfig, Logits};
 use qfilters::ffi::{
     Batch, CacheType, Context, ContextParams, GraphObserver, Model, NodeInfo, Token,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use qfilters::bench::{compare_key_paths, random_filters, synthetic_prompt};
-use qfilters::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
+use qfilters::engine::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
 use qfilters::engine::{Engine, EngineConfig, KeySource, Logits};
 use qfilters::ffi::{CacheType, Model};
 use qfilters::policy::{self, PolicyInputs};

@@ -7,8 +7,8 @@ use std::process::Output;
 use crate::common::{assert_one_line_error, model_path, qfilters};
 use gguf_tools::gguf::{self, Value};
 use gguf_tools::synth::{self, SynthOptions, WeightType};
+use qfilters::conversation::generate::{generate, Limits};
 use qfilters::ffi::{Model, ModelParams, Sampler, SamplingParams};
-use qfilters::generate::{generate, Limits};
 use qfilters::Error;
 
 fn tiny(dir: &Path) -> PathBuf {

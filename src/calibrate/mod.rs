@@ -12,6 +12,8 @@
 //! the samples, each iteration is a 64×64 mat-vec, and no linear-algebra crate is needed. The
 //! unit tests check it against a Jacobi eigen-solver.
 
+pub mod check;
+
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -43,7 +45,7 @@ impl Default for CalibrationConfig {
             seq_len: 2048,
             samples: 3000,
             seed: 0,
-            threads: crate::threads::default_threads(),
+            threads: crate::ffi::threads::default_threads(),
             n_batch: 512,
         }
     }

@@ -1,6 +1,8 @@
 //! Cheap checks on a model path before llama.cpp sees it, so that the common mistakes get a
 //! precise message instead of llama.cpp's generic failure.
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 use std::path::Path;
 

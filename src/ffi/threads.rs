@@ -12,6 +12,8 @@
 //!
 //! `-t N` / `QFILTERS_THREADS` and `--poll` override both.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 

@@ -1,10 +1,12 @@
 //! A llama.cpp context whose KV cache stays within a budget: decode tokens, score the new keys
 //! once, evict the lowest-scoring tokens. Used by every command (run, chat, eval, bench).
 
+pub mod cache;
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cache::{position_ranges, CacheBook, EvictionConfig, Granularity, TrackedLayer};
+use crate::engine::cache::{position_ranges, CacheBook, EvictionConfig, Granularity, TrackedLayer};
 use crate::error::{Error, Result};
 use crate::ffi::{
     Batch, CacheType, Context, ContextParams, GraphObserver, HeadMoveGroup, Model, NodeInfo,
@@ -104,7 +106,7 @@ impl EngineConfig {
             cache,
             job_tokens: None,
             n_batch: DEFAULT_BATCH,
-            threads: crate::threads::default_threads(),
+            threads: crate::ffi::threads::default_threads(),
             key_source: KeySource::Cache,
             flash_attn: None,
             type_k: CacheType::F16,
@@ -875,7 +877,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::{context_cells, CacheSize, Stats};
-    use crate::cache::{Combiner, EvictionConfig, Granularity};
+    use crate::engine::cache::{Combiner, EvictionConfig, Granularity};
 
     fn bounded(budget: usize) -> CacheSize {
         CacheSize::Bounded(EvictionConfig {

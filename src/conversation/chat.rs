@@ -10,10 +10,10 @@
 
 use std::fmt::Write as _;
 
+use crate::conversation::generate::{generate, Limits, Stop};
 use crate::engine::{Engine, Stats};
 use crate::error::{Error, Result};
 use crate::ffi::{apply_chat_template, Model, Sampler, Token};
-use crate::generate::{generate, Limits, Stop};
 
 /// The template used when the model has none, or one llama.cpp cannot apply. ChatML is also
 /// llama.cpp's own fallback, and many small instruct models were tuned on it.

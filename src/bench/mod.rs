@@ -4,15 +4,17 @@
 //! The prompt is made of token ids, not text, so models without a tokenizer (`gguf-tools synth`)
 //! work too.
 
+pub mod summary;
+
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::cache::TrackedLayer;
+use crate::conversation::generate::{generate, Limits};
+use crate::engine::cache::TrackedLayer;
 use crate::engine::{Engine, Logits, Stats};
 use crate::error::{Error, Result};
 use crate::ffi::{Model, Sampler, SamplingParams, Token};
-use crate::generate::{generate, Limits};
 use crate::math::{argmax, rate, splitmix64};
 
 /// `n` token ids drawn uniformly (seeded) from the vocabulary, end-of-generation tokens
@@ -361,7 +363,7 @@ pub fn check_head_moves(
     chunk: usize,
     threads: i32,
 ) -> Result<HeadMoveReport> {
-    use crate::cache::{Combiner, EvictionConfig, Granularity};
+    use crate::engine::cache::{Combiner, EvictionConfig, Granularity};
     use crate::engine::EngineConfig;
     let engine_for = |policy: &str, cache: EngineConfig| -> Result<Engine> {
         let scorer = crate::policy::build(
