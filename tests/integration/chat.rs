@@ -163,9 +163,10 @@ fn piped_two_turns_print_two_replies_and_log_each_turn() {
         b"Hello!\nWhat did I just say?\n",
     );
     let (stdout, stderr) = check_success(&out);
+    let fallback = qfilters::policy::WITHOUT_FILTERS.name;
     assert!(
-        stderr.contains("policy knorm"),
-        "the default falls back to knorm without filters and says so: {stderr}"
+        stderr.contains(&format!("policy {fallback} (")),
+        "the default falls back to {fallback} without filters and says so: {stderr}"
     );
     let records = read_log(&log);
     assert_eq!(records.len(), 2, "one record per turn: {records:?}");
