@@ -201,9 +201,9 @@ pub fn check_filters(
             ..ContextParams::default()
         },
     )?;
-    let mut batch = Batch::new(n);
+    let mut batch = Batch::new(n)?;
     for (i, &t) in tokens.iter().enumerate() {
-        batch.push(t, i as i32, i + 1 == n);
+        batch.push(t, i as i32, i + 1 == n)?;
     }
     ctx.decode_observed(&batch, &mut captured)?;
     drop(ctx);

@@ -351,7 +351,7 @@ pub fn calibrate(
             ..ContextParams::default()
         },
     )?;
-    let mut batch = Batch::new(n_batch);
+    let mut batch = Batch::new(n_batch)?;
     let mut next_sample = 0usize;
     let mut done = 0usize;
     for (w, window) in tokens.chunks(text_per_window).enumerate() {
@@ -372,7 +372,7 @@ pub fn calibrate(
             let mut pending = Vec::new();
             for (i, &(text_idx, tok)) in chunk.iter().enumerate() {
                 let pos = (c * n_batch + i) as i32;
-                batch.push(tok, pos, i + 1 == chunk.len());
+                batch.push(tok, pos, i + 1 == chunk.len())?;
                 if let Some(idx) = text_idx {
                     if positions.get(next_sample) == Some(&idx) {
                         pending.push((i, next_sample));

@@ -184,7 +184,7 @@ impl Engine {
             book: None,
             tracked: Vec::new(),
             keys_from,
-            batch: Batch::new(n_batch),
+            batch: Batch::new(n_batch)?,
             next_pos: 0,
             stats,
             keys: Vec::new(),
@@ -323,7 +323,7 @@ impl Engine {
             for (i, &t) in tokens[offset..end].iter().enumerate() {
                 let pos = self.next_pos + i as i32;
                 let wants = logits == Logits::All || (last && offset + i + 1 == end);
-                self.batch.push(t, pos, wants);
+                self.batch.push(t, pos, wants)?;
             }
             self.decode_batch(logits == Logits::All || last)?;
             on_chunk(&Chunk {
@@ -345,7 +345,7 @@ impl Engine {
     pub fn step(&mut self, token: Token) -> Result<()> {
         let started = Instant::now();
         self.batch.clear();
-        self.batch.push(token, self.next_pos, true);
+        self.batch.push(token, self.next_pos, true)?;
         self.decode_batch(true)?;
         self.evict()?;
         self.stats.decode_seconds += started.elapsed().as_secs_f64();

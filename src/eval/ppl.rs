@@ -87,12 +87,12 @@ pub fn full_context_nll(
             ..ContextParams::default()
         },
     )?;
-    let mut batch = Batch::new(n_batch);
+    let mut batch = Batch::new(n_batch)?;
     let mut nll = Vec::with_capacity(tokens.len() - 1);
     for (c, chunk) in tokens.chunks(n_batch).enumerate() {
         batch.clear();
         for (j, &t) in chunk.iter().enumerate() {
-            batch.push(t, (c * n_batch + j) as i32, true);
+            batch.push(t, (c * n_batch + j) as i32, true)?;
         }
         ctx.decode(&batch)?;
         chunk_nll(

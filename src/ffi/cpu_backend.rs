@@ -179,7 +179,9 @@ pub fn describe() -> String {
 /// SAFETY (caller): `backend` is a live CPU backend.
 pub(super) unsafe fn set_n_threads(backend: sys::ggml_backend_t, threads: i32) {
     if let Ok(cpu) = cpu() {
-        (cpu.set_n_threads)(backend, threads);
+        // SAFETY: `set_n_threads` was resolved from the CPU backend library with this
+        // signature; `backend` is live (caller).
+        unsafe { (cpu.set_n_threads)(backend, threads) };
     }
 }
 
@@ -190,7 +192,8 @@ pub(super) unsafe fn threadpool_new(
     params: *mut sys::ggml_threadpool_params,
 ) -> *mut sys::ggml_threadpool {
     match cpu() {
-        Ok(cpu) => (cpu.threadpool_new)(params),
+        // SAFETY: resolved with this signature; `params` is initialised (caller).
+        Ok(cpu) => unsafe { (cpu.threadpool_new)(params) },
         Err(_) => std::ptr::null_mut(),
     }
 }
@@ -200,6 +203,7 @@ pub(super) unsafe fn threadpool_new(
 /// SAFETY (caller): `pool` came from [`threadpool_new`] and is freed once, after its last use.
 pub(super) unsafe fn threadpool_free(pool: *mut sys::ggml_threadpool) {
     if let Ok(cpu) = cpu() {
-        (cpu.threadpool_free)(pool);
+        // SAFETY: resolved with this signature; `pool` is ours and freed once (caller).
+        unsafe { (cpu.threadpool_free)(pool) };
     }
 }

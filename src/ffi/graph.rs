@@ -139,42 +139,49 @@ pub(super) extern "C" fn eval_callback(
 ///
 /// SAFETY (caller): `t` is a live SET_ROWS node of the graph being computed.
 unsafe fn note_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor) {
-    // SET_ROWS nodes have src[0] (rows), src[1] (indices), src[2] (destination); the
-    // destination of a KV write is the persistent cache tensor, alive as long as the context.
-    let dest = (*t).src[2];
-    let idx = (*t).src[1];
-    if dest.is_null() {
-        return;
+    // SAFETY: `t` is a live SET_ROWS node (caller), so its sources are null or live nodes of the
+    // same graph; each is null-checked before use. The index read copies `ne[0]` i64 values of a
+    // contiguous, allocated I64 tensor (type, contiguity and data checked) into a buffer of that length.
+    unsafe {
+        // SET_ROWS nodes have src[0] (rows), src[1] (indices), src[2] (destination); the
+        // destination of a KV write is the persistent cache tensor, alive as long as the context.
+        let dest = (*t).src[2];
+        let idx = (*t).src[1];
+        if dest.is_null() {
+            return;
+        }
+        let dest_name = tensor_name(dest);
+        let is_k = dest_name.strip_prefix("cache_k_l");
+        let is_v = dest_name.strip_prefix("cache_v_l");
+        let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) else {
+            return;
+        };
+        if state.layers.len() <= layer {
+            state.layers.resize(layer + 1, LayerKv::default());
+        }
+        if is_k.is_none() {
+            state.layers[layer].v = dest;
+            return;
+        }
+        state.layers[layer].k = dest;
+        state.layers[layer].k_idx = idx;
+        state.layers[layer].k_rot = key_rotation((*t).src[0]);
+        if idx.is_null() || state.batch_cells.iter().any(|(p, _)| *p == idx) {
+            return;
+        }
+        if (*idx).type_ != sys::GGML_TYPE_I64
+            || !sys::ggml_is_contiguous(idx)
+            || (*idx).data.is_null()
+        {
+            return;
+        }
+        let n = (*idx).ne[0].max(0) as usize;
+        let mut cells = vec![0i64; n];
+        // Reads n*8 bytes of a computed input through its backend (a memcpy on the CPU, one small
+        // device-to-host copy on a GPU).
+        sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr() as *mut c_void, 0, n * 8);
+        state.batch_cells.push((idx, cells));
     }
-    let dest_name = tensor_name(dest);
-    let is_k = dest_name.strip_prefix("cache_k_l");
-    let is_v = dest_name.strip_prefix("cache_v_l");
-    let Some(layer) = is_k.or(is_v).and_then(|l| l.parse::<usize>().ok()) else {
-        return;
-    };
-    if state.layers.len() <= layer {
-        state.layers.resize(layer + 1, LayerKv::default());
-    }
-    if is_k.is_none() {
-        state.layers[layer].v = dest;
-        return;
-    }
-    state.layers[layer].k = dest;
-    state.layers[layer].k_idx = idx;
-    state.layers[layer].k_rot = key_rotation((*t).src[0]);
-    if idx.is_null() || state.batch_cells.iter().any(|(p, _)| *p == idx) {
-        return;
-    }
-    if (*idx).type_ != sys::GGML_TYPE_I64 || !sys::ggml_is_contiguous(idx) || (*idx).data.is_null()
-    {
-        return;
-    }
-    let n = (*idx).ne[0].max(0) as usize;
-    let mut cells = vec![0i64; n];
-    // Reads n*8 bytes of a computed input through its backend (a memcpy on the CPU, one small
-    // device-to-host copy on a GPU).
-    sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr() as *mut c_void, 0, n * 8);
-    state.batch_cells.push((idx, cells));
 }
 
 /// The size of the Hadamard blocks llama.cpp rotated the keys of a K cache write with, 0 when
@@ -185,24 +192,28 @@ unsafe fn note_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor) {
 ///
 /// SAFETY (caller): `src` is null or a live node of the graph being computed.
 unsafe fn key_rotation(mut src: *mut sys::ggml_tensor) -> usize {
-    // view(reshape(mul_mat)): a few hops at most.
-    for _ in 0..4 {
-        if src.is_null() {
-            return 0;
-        }
-        match (*src).op {
-            sys::GGML_OP_MUL_MAT => {
-                let rot = (*src).src[0];
-                let named = !rot.is_null() && tensor_name(rot).starts_with("attn_inp_k_rot");
-                return if named {
-                    (*rot).ne[0].max(0) as usize
-                } else {
-                    0
-                };
+    // SAFETY: `src` is null or live (caller); each hop follows a source of a live node, which
+    // is null or live, and is null-checked before it is read.
+    unsafe {
+        // view(reshape(mul_mat)): a few hops at most.
+        for _ in 0..4 {
+            if src.is_null() {
+                return 0;
             }
-            sys::GGML_OP_VIEW | sys::GGML_OP_RESHAPE | sys::GGML_OP_CONT => src = (*src).src[0],
-            _ => return 0,
+            match (*src).op {
+                sys::GGML_OP_MUL_MAT => {
+                    let rot = (*src).src[0];
+                    let named = !rot.is_null() && tensor_name(rot).starts_with("attn_inp_k_rot");
+                    return if named {
+                        (*rot).ne[0].max(0) as usize
+                    } else {
+                        0
+                    };
+                }
+                sys::GGML_OP_VIEW | sys::GGML_OP_RESHAPE | sys::GGML_OP_CONT => src = (*src).src[0],
+                _ => return 0,
+            }
         }
+        0
     }
-    0
 }

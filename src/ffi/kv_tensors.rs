@@ -244,16 +244,33 @@ impl Context {
                     "cache row is not a whole number of heads".into(),
                 ));
             }
-            // SAFETY: plain size computation for a valid type.
-            let slice = unsafe { sys::ggml_row_size(ty, ne0 / n_head_kv as i64) };
+            // A head past the last one would still land inside the tensor, in the next
+            // cell's row: ggml's own bounds check cannot see it.
+            if head >= n_head_kv {
+                return Err(Error::KvCache(format!(
+                    "head {head} out of range (the cache has {n_head_kv} KV heads)"
+                )));
+            }
+            let head_values = ne0 / n_head_kv as i64;
+            // SAFETY: reads the block size of the tensor's own (valid) type.
+            let block = unsafe { sys::ggml_blck_size(ty) };
+            // A slice that is not whole blocks has no byte range of its own.
+            if block <= 0 || head_values % block != 0 {
+                return Err(Error::KvCache(format!(
+                    "a head of {head_values} values is not whole blocks of {block} of this cache type"
+                )));
+            }
+            // SAFETY: plain size computation for a valid type and a whole number of blocks.
+            let slice = unsafe { sys::ggml_row_size(ty, head_values) };
             let scratch = &mut self.hook.scratch;
             scratch.resize(slice, 0);
             for &(src, dst) in moves {
                 if src as i64 >= ne1 || dst as i64 >= ne1 {
                     return Err(Error::KvCache(format!("cell {src} or {dst} out of range")));
                 }
-                // SAFETY: both byte ranges lie inside row `src`/`dst` of the tensor (cells and
-                // head checked above); `scratch` holds `slice` bytes.
+                // SAFETY: `src`, `dst` < ne[1] and `head` < n_head_kv were checked above, and a
+                // row holds n_head_kv slices of `slice` bytes, so both byte ranges lie inside
+                // row `src`/`dst` of the tensor; `scratch` holds `slice` bytes.
                 unsafe {
                     sys::ggml_backend_tensor_get(
                         t,

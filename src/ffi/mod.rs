@@ -24,6 +24,9 @@
 //!
 //! The CPU threadpool and the CPU backend qfilters creates live in `threadpool.rs`.
 
+// Inside an `unsafe fn`, each unsafe operation still needs its own block and SAFETY line.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;

@@ -254,8 +254,14 @@ impl Model {
 
     /// True for control tokens (the template's markers, BOS/EOS...): llama.cpp parses their
     /// text into the token only when asked to parse special tokens.
+    /// An id outside the vocabulary is no token at all, so not a control token.
     pub fn is_control(&self, token: Token) -> bool {
-        // SAFETY: valid vocab pointer; llama.cpp checks the id against the vocabulary size.
+        // llama.cpp reads the attribute with `id_to_token.at(id)`, which throws (through
+        // the C ABI, into Rust) for an id outside the vocabulary.
+        if usize::try_from(token).map_or(true, |t| t >= self.n_vocab()) {
+            return false;
+        }
+        // SAFETY: valid vocab pointer; `token` was checked to lie in 0..n_vocab above.
         let attr = unsafe { sys::llama_vocab_get_attr(self.vocab(), token) };
         attr & sys::LLAMA_TOKEN_ATTR_CONTROL != 0
     }

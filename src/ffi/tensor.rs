@@ -6,7 +6,8 @@ use super::sys;
 
 /// SAFETY (caller): `t` points to a live ggml tensor.
 pub(super) unsafe fn tensor_name<'a>(t: *const sys::ggml_tensor) -> &'a str {
-    let name = CStr::from_ptr((*t).name.as_ptr());
+    // SAFETY: `t` is live (caller); ggml keeps `name` a NUL-terminated fixed array.
+    let name = unsafe { CStr::from_ptr((*t).name.as_ptr()) };
     name.to_str().unwrap_or("")
 }
 
@@ -18,15 +19,20 @@ pub(super) unsafe fn read_tensor_f32(
     scratch: &mut Vec<u8>,
     floats: &mut Vec<f32>,
 ) -> bool {
-    if !sys::ggml_is_contiguous(t) {
-        return false;
+    // SAFETY: `t` is live and computed with a backend buffer (caller). The read covers exactly
+    // `ggml_nbytes(t)` bytes of a contiguous tensor into a buffer resized to that length;
+    // `convert_to_f32` checks `scratch` holds `floats.len()` values of the type before reading.
+    unsafe {
+        if !sys::ggml_is_contiguous(t) {
+            return false;
+        }
+        let n_elems: i64 = (*t).ne.iter().product();
+        let bytes = sys::ggml_nbytes(t);
+        scratch.resize(bytes, 0);
+        sys::ggml_backend_tensor_get(t, scratch.as_mut_ptr() as *mut c_void, 0, bytes);
+        floats.resize(n_elems.max(0) as usize, 0.0);
+        convert_to_f32((*t).type_, scratch, floats)
     }
-    let n_elems: i64 = (*t).ne.iter().product();
-    let bytes = sys::ggml_nbytes(t);
-    scratch.resize(bytes, 0);
-    sys::ggml_backend_tensor_get(t, scratch.as_mut_ptr() as *mut c_void, 0, bytes);
-    floats.resize(n_elems.max(0) as usize, 0.0);
-    convert_to_f32((*t).type_, scratch, floats)
 }
 
 /// Converts `n = out.len()` values of ggml type `ty` stored in `raw` to f32.

@@ -31,9 +31,13 @@ impl Drop for ThreadPool {
 ///
 /// SAFETY (caller): the backend is freed once with `ggml_backend_free`.
 pub(super) unsafe fn cpu_backend(threads: i32) -> sys::ggml_backend_t {
-    let b = sys::ggml_backend_init_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU, std::ptr::null());
+    // SAFETY: a null parameter string is documented as "no parameters".
+    let b = unsafe {
+        sys::ggml_backend_init_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU, std::ptr::null())
+    };
     if !b.is_null() {
-        super::cpu_backend::set_n_threads(b, threads.max(1));
+        // SAFETY: `b` was just created by the CPU device and is live.
+        unsafe { super::cpu_backend::set_n_threads(b, threads.max(1)) };
     }
     b
 }

@@ -265,3 +265,17 @@ fn ids_sent_by_a_chat_hold_only_the_templates_control_tokens() {
         }
     }
 }
+
+/// llama.cpp reads a token's attributes with `id_to_token.at(id)`, which throws for an id
+/// outside the vocabulary; through the C ABI that exception would abort the test binary.
+#[test]
+fn is_control_on_an_id_outside_the_vocabulary_is_false_not_an_abort() {
+    let model = model();
+    let n = i32::try_from(model.n_vocab()).expect("vocabulary size");
+    for id in [-1, i32::MIN, n, n + 1, i32::MAX] {
+        assert!(!model.is_control(id), "id {id}");
+    }
+    // In range, the answer still comes from llama.cpp: BOS is a control token.
+    let bos = model.bos().expect("SmolLM2 has a BOS token");
+    assert!(model.is_control(bos));
+}

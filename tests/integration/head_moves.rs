@@ -33,9 +33,10 @@ impl GraphObserver for AttnTap {
 }
 
 fn batch(tokens: &[Token], start: i32) -> Batch {
-    let mut b = Batch::new(tokens.len().max(1));
+    let mut b = Batch::new(tokens.len().max(1)).expect("batch");
     for (i, &t) in tokens.iter().enumerate() {
-        b.push(t, start + i as i32, i + 1 == tokens.len());
+        b.push(t, start + i as i32, i + 1 == tokens.len())
+            .expect("room in the batch");
     }
     b
 }
@@ -127,6 +128,43 @@ fn swapping_one_heads_slices_between_cells_keeps_attention_outputs() {
 /// position p holds exactly the bytes of p's key and value slices, as a cache that never
 /// evicted has them. Layer 0's K and V depend only on the token and its position, so they are
 /// comparable across the two runs; a quantized slice is whole blocks, copied as they are.
+/// A head past the last one would address the next cell's row inside the same tensor, where
+/// ggml's own bounds check cannot see it: the move is refused and no byte changes.
+#[test]
+fn a_head_out_of_range_is_refused_and_moves_nothing() {
+    let model = model();
+    let tokens = model.tokenize(TEXT, true, false).expect("tokenize");
+    let mut ctx = Context::new(
+        &model,
+        &ContextParams {
+            n_ctx: 256,
+            n_batch: 256,
+            threads: 1,
+            flash_attn: Some(true),
+            hook: true,
+            ..ContextParams::default()
+        },
+    )
+    .expect("context");
+    decode(&mut ctx, &tokens, 0);
+    let n_head_kv = model.n_head_kv();
+    let before: Vec<Vec<u8>> = [false, true]
+        .iter()
+        .map(|&v| ctx.read_cache_row_bytes(0, v, 6).expect("row"))
+        .collect();
+    for head in [n_head_kv, n_head_kv + 1, usize::MAX / 2] {
+        let e = ctx
+            .move_head_slices(0, head, n_head_kv, &[(5, 6)])
+            .expect_err("a head past the last is refused");
+        assert!(e.to_string().contains("out of range"), "{e}");
+    }
+    let after: Vec<Vec<u8>> = [false, true]
+        .iter()
+        .map(|&v| ctx.read_cache_row_bytes(0, v, 6).expect("row"))
+        .collect();
+    assert_eq!(before, after, "cell 6 kept its bytes");
+}
+
 #[test]
 fn per_head_eviction_moves_the_slices_the_book_says() {
     per_head_moves(&model(), CacheType::F16);

@@ -71,47 +71,56 @@ impl DeviceGraphs {
         k: *mut sys::ggml_tensor,
         threads: i32,
     ) -> Option<DeviceGraphs> {
-        let buf = (*k).buffer;
-        if buf.is_null() {
-            return None;
-        }
-        let backend = if sys::ggml_backend_buffer_is_host(buf) {
-            cpu_backend(threads)
-        } else {
-            let dev = sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(buf));
-            if dev.is_null() {
+        // SAFETY: `k` is live (caller); its buffer is null-checked, the device is null-checked
+        // before a backend is made on it, and the backend is null-checked before use. `out` owns
+        // the backend from here, so a failed allocator frees it on drop.
+        unsafe {
+            let buf = (*k).buffer;
+            if buf.is_null() {
                 return None;
             }
-            sys::ggml_backend_dev_init(dev, std::ptr::null())
-        };
-        if backend.is_null() {
-            return None;
+            let backend = if sys::ggml_backend_buffer_is_host(buf) {
+                cpu_backend(threads)
+            } else {
+                let dev = sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(buf));
+                if dev.is_null() {
+                    return None;
+                }
+                sys::ggml_backend_dev_init(dev, std::ptr::null())
+            };
+            if backend.is_null() {
+                return None;
+            }
+            let galloc = sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend));
+            let out = DeviceGraphs {
+                backend,
+                galloc,
+                filters: Vec::new(),
+                filter_ctx: std::ptr::null_mut(),
+                filter_buf: std::ptr::null_mut(),
+                meta: Vec::new(),
+            };
+            (!galloc.is_null()).then_some(out)
         }
-        let galloc = sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend));
-        let out = DeviceGraphs {
-            backend,
-            galloc,
-            filters: Vec::new(),
-            filter_ctx: std::ptr::null_mut(),
-            filter_buf: std::ptr::null_mut(),
-            meta: Vec::new(),
-        };
-        (!galloc.is_null()).then_some(out)
     }
 
     /// Same buffer type as the K cache (so a graph here may read it directly).
     ///
     /// SAFETY (caller): `t` is a live, allocated tensor.
     unsafe fn reaches(&self, t: *mut sys::ggml_tensor) -> bool {
-        let buf = (*t).buffer;
-        if buf.is_null() {
-            return false;
+        // SAFETY: `t` is live (caller), its buffer null-checked; `self.backend` is live while
+        // `self` is.
+        unsafe {
+            let buf = (*t).buffer;
+            if buf.is_null() {
+                return false;
+            }
+            let dev = sys::ggml_backend_get_device(self.backend);
+            if sys::ggml_backend_buffer_is_host(buf) {
+                return sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_CPU;
+            }
+            sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(buf)) == dev
         }
-        let dev = sys::ggml_backend_get_device(self.backend);
-        if sys::ggml_backend_buffer_is_host(buf) {
-            return sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_CPU;
-        }
-        sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(buf)) == dev
     }
 
     /// A metadata-only context for `n_tensors` tensors and one graph of `graph_size` nodes.
@@ -143,23 +152,27 @@ impl DeviceGraphs {
         gf: *mut sys::ggml_cgraph,
         set_inputs: &mut dyn FnMut(),
     ) -> Result<bool> {
-        for i in 0..sys::ggml_graph_n_nodes(gf) {
-            if !sys::ggml_backend_supports_op(self.backend, sys::ggml_graph_node(gf, i)) {
-                return Ok(false);
+        // SAFETY: `gf` is a live graph (caller) of `ggml_graph_n_nodes` nodes, indexed below
+        // that; the graph is computed only after every node is supported and it is allocated.
+        unsafe {
+            for i in 0..sys::ggml_graph_n_nodes(gf) {
+                if !sys::ggml_backend_supports_op(self.backend, sys::ggml_graph_node(gf, i)) {
+                    return Ok(false);
+                }
             }
+            if !sys::ggml_gallocr_alloc_graph(self.galloc, gf) {
+                return Err(Error::KvCache(
+                    "could not allocate a scoring graph on the cache's device".into(),
+                ));
+            }
+            set_inputs();
+            if sys::ggml_backend_graph_compute(self.backend, gf) != sys::GGML_STATUS_SUCCESS {
+                return Err(Error::KvCache(
+                    "the cache's device failed to compute a qfilters graph".into(),
+                ));
+            }
+            Ok(true)
         }
-        if !sys::ggml_gallocr_alloc_graph(self.galloc, gf) {
-            return Err(Error::KvCache(
-                "could not allocate a scoring graph on the cache's device".into(),
-            ));
-        }
-        set_inputs();
-        if sys::ggml_backend_graph_compute(self.backend, gf) != sys::GGML_STATUS_SUCCESS {
-            return Err(Error::KvCache(
-                "the cache's device failed to compute a qfilters graph".into(),
-            ));
-        }
-        Ok(true)
     }
 }
 
@@ -309,23 +322,13 @@ impl Context {
             .iter()
             .map(|&l| self.layer_kv(l))
             .collect::<Result<_>>()?;
-        // SAFETY: cache tensors live as long as the context.
-        let rows = unsafe { (*kvs[0].k).ne[1] };
-        let mut idx32 = Vec::with_capacity(n);
-        for &c in cells {
-            if c as i64 >= rows {
-                return Err(Error::KvCache(format!("cell {c} out of range")));
-            }
-            idx32.push(c as i32);
-        }
+        let mut shapes = Vec::with_capacity(kvs.len());
         for kv in &kvs {
-            // SAFETY: cache tensors live as long as the context.
-            if unsafe { (*kv.k).ne[0] } != (n_head_kv * head_dim) as i64 {
-                return Err(Error::KvCache(
-                    "K cache rows are not n_head_kv x head_dim".into(),
-                ));
-            }
+            // SAFETY: `layer_kv` returned live cache tensors (they live as long as the
+            // context); only their shape is read.
+            shapes.push(unsafe { [(*kv.k).ne[0], (*kv.k).ne[1]] });
         }
+        let idx32 = gather_indices(&shapes, n_head_kv, head_dim, cells)?;
         self.synchronize();
         let Some(dev) = self.device_for(layers, false)? else {
             return Ok(false);
@@ -490,5 +493,58 @@ impl Context {
                 sys::ggml_backend_tensor_set(dst, dst_idx.as_ptr() as *const c_void, 0, total * 8);
             })
         }
+    }
+}
+
+/// The cell indices one gather graph reads from every layer of `shapes` (`[row values, rows]`
+/// of each K cache tensor), checked against every layer: a backend's `get_rows` need not
+/// check its indices (CUDA's does not), and layers may hold different numbers of cells
+/// (sliding-window layers hold fewer).
+fn gather_indices(
+    shapes: &[[i64; 2]],
+    n_head_kv: usize,
+    head_dim: usize,
+    cells: &[usize],
+) -> Result<Vec<i32>> {
+    let row_values = n_head_kv
+        .checked_mul(head_dim)
+        .and_then(|x| i64::try_from(x).ok());
+    let mut rows = i64::MAX;
+    for &[ne0, ne1] in shapes {
+        if Some(ne0) != row_values {
+            return Err(Error::KvCache(
+                "K cache rows are not n_head_kv x head_dim".into(),
+            ));
+        }
+        rows = rows.min(ne1);
+    }
+    cells
+        .iter()
+        .map(|&c| match (i64::try_from(c), i32::try_from(c)) {
+            (Ok(c64), Ok(c32)) if c64 < rows => Ok(c32),
+            _ => Err(Error::KvCache(format!(
+                "cell {c} out of range (the smallest layer holds {rows} cells)"
+            ))),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gather_indices;
+
+    #[test]
+    fn gathered_cells_are_checked_against_every_layer_not_the_first() {
+        // A full-attention layer of 512 cells, then a sliding-window layer of 256.
+        let shapes = [[128, 512], [128, 256]];
+        assert_eq!(
+            gather_indices(&shapes, 2, 64, &[0, 255]).expect("in range"),
+            vec![0, 255]
+        );
+        let e = gather_indices(&shapes, 2, 64, &[300]).expect_err("past the second layer");
+        assert!(e.to_string().contains("out of range"), "{e}");
+        assert!(gather_indices(&shapes, 2, 64, &[usize::MAX]).is_err());
+        // Rows of another width are refused before any index is built.
+        assert!(gather_indices(&[[96, 512]], 2, 64, &[0]).is_err());
     }
 }
