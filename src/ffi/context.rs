@@ -312,8 +312,15 @@ impl Context {
     /// Logits of the `i`-th token of the last batch (which must have asked for them).
     pub fn logits(&self, i: usize) -> Result<&[f32]> {
         let n_vocab = self.model.n_vocab();
-        // SAFETY: llama_get_logits_ith checks `i` and returns null for a token without logits.
-        let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
+        // A negative index means "from the end" to llama.cpp: an index that does not fit is
+        // refused here rather than wrapped into one.
+        let Ok(idx) = i32::try_from(i) else {
+            return Err(Error::invalid(format!("no logits for batch token {i}")));
+        };
+        // SAFETY: valid context; llama_get_logits_ith range-checks `idx` inside a try/catch
+        // and, in the Release build build.rs makes (NDEBUG), returns null for a token without
+        // logits instead of aborting.
+        let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), idx) };
         if p.is_null() {
             return Err(Error::invalid(format!("no logits for batch token {i}")));
         }

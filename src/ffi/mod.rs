@@ -33,6 +33,8 @@ use std::sync::Once;
 
 use crate::error::{Error, Result};
 
+#[cfg(test)]
+mod barrier_audit;
 mod batch;
 mod context;
 mod cpu_backend;

@@ -188,8 +188,8 @@ impl Sampler {
             });
         }
         let mut token = 0;
-        // SAFETY: both pointers are valid; the logits of token `i` exist (checked above);
-        // `token` is a valid result place.
+        // SAFETY: both pointers are valid; the logits of token `i` exist (checked above, which
+        // also checked that `i` fits an i32); `token` is a valid result place.
         native("llama_sampler_sample", unsafe {
             shim::qf_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), i as i32, &mut token)
         })?;

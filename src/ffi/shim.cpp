@@ -5,7 +5,7 @@
 // aborts the process ("Rust cannot catch foreign exceptions"). Each function here makes one
 // llama.cpp call inside try/catch and turns an exception into a status code, with the
 // exception's message kept per thread for `qf_last_error`. GGML_ASSERT calls abort() and
-// cannot be caught: src/gguf_check.rs refuses the inputs known to reach one.
+// cannot be caught: src/ffi/gguf_check.rs refuses the inputs known to reach one.
 
 #include <cstdint>
 #include <exception>

@@ -163,6 +163,13 @@ fn a_head_out_of_range_is_refused_and_moves_nothing() {
         .map(|&v| ctx.read_cache_row_bytes(0, v, 6).expect("row"))
         .collect();
     assert_eq!(before, after, "cell 6 kept its bytes");
+    // The same context refuses logits it does not have, including an index that an `as i32`
+    // would wrap to -1 ("the last row" to llama.cpp).
+    let last = tokens.len() - 1;
+    assert!(ctx.logits(last).is_ok(), "the last token asked for logits");
+    for i in [0, tokens.len(), (1usize << 32) - 1, usize::MAX] {
+        assert!(ctx.logits(i).is_err(), "no logits for batch token {i}");
+    }
 }
 
 #[test]
