@@ -203,6 +203,8 @@ fn every_direct_llama_call_is_wrapped_or_reviewed_as_unable_to_throw() {
     rust_files(&root.join("src"), &mut files);
     let mut direct = BTreeSet::new();
     let mut shimmed = BTreeSet::new();
+    // This file names calls in its own test text.
+    files.retain(|f| !f.ends_with("ffi/barrier_audit.rs"));
     for f in &files {
         let text = read(f);
         direct.extend(calls_after(&text, "sys::"));
