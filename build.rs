@@ -26,6 +26,9 @@ fn main() {
     println!("cargo::rerun-if-env-changed=CMAKE_CUDA_ARCHITECTURES");
     println!("cargo::rerun-if-env-changed=QFILTERS_LLAMA_LIB_DIR");
     println!("cargo::rerun-if-env-changed=DOCS_RS");
+    // Set when llama.cpp's CPU code is built as per-CPU variants: the tests that inspect those
+    // variants are ignored (with this reason shown) on other builds.
+    println!("cargo::rustc-check-cfg=cfg(qf_dispatch_build)");
 
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
@@ -100,6 +103,9 @@ fn main() {
     // What `qfilters --version` reports, and where the binary looks for CPU variants when
     // none sits beside it (src/ffi/cpu_backend.rs).
     println!("cargo::rustc-env=QFILTERS_CPU_BUILD={cpu_build}");
+    if cpu_build == "dispatch" {
+        println!("cargo::rustc-cfg=qf_dispatch_build");
+    }
     println!(
         "cargo::rustc-env=QFILTERS_BUILD_BACKEND_DIR={}",
         lib_dir.display()

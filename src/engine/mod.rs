@@ -224,6 +224,12 @@ impl Engine {
         self.cfg.eviction().map(|e| e.budget)
     }
 
+    /// Whether keys are still scored where the cache lives (the device path of
+    /// [`KeySource::Cache`]); false once a backend refused it and the host path took over.
+    pub fn scores_on_device(&self) -> bool {
+        self.device_scoring
+    }
+
     /// Layers the book tracks (its layer index `i` is the `i`-th layer with a full-size cache).
     pub fn tracked_layers(&self) -> usize {
         self.tracked.len()

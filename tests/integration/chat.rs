@@ -523,10 +523,11 @@ const PROMPT: &str = "you> ";
 
 #[test]
 fn terminal_session_in_tmux() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("skipped: tmux is not installed");
-        return;
-    }
+    // scripts/setup.sh installs tmux with the rest: a missing one is a failed setup, not a skip.
+    assert!(
+        Command::new("tmux").arg("-V").output().is_ok(),
+        "tmux is not installed: run scripts/setup.sh (or `apt-get install -y tmux`)"
+    );
     let _g = lock();
     let tag = format!(
         "qfilters-chat-{}-{}",

@@ -41,15 +41,44 @@ fn check_embedded(model: &std::path::Path, shape: [usize; 3], chars: usize) {
         "the extra metadata changes nothing for llama.cpp"
     );
 
-    // No --filters: the policy finds the filters in the GGUF and says so.
-    let out = run_ok(
-        run_prompt(&embedded, &prompt, 4)
-            .args(["--policy", "qfilters", "--budget", "40", "--batch", "32"]),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // No --filters: the policy finds the filters in the GGUF and says so, and scores with
+    // them: per-head eviction moves the same slices and generates the same text as the same
+    // filters given as a file, and not as other filters do.
+    let evict = ["--policy", "qfilters", "--budget", "40", "--batch", "32"];
+    let outcome = |model: &std::path::Path, filters: Option<&std::path::Path>| {
+        let stats = dir.path().join("evict.json");
+        let mut cmd = run_prompt(model, &prompt, 4);
+        cmd.args(evict).arg("--json-stats").arg(&stats);
+        if let Some(f) = filters {
+            cmd.arg("--filters").arg(f);
+        }
+        let out = run_ok(&mut cmd);
+        let s: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (
+            s["head_slices_moved"].as_u64().unwrap(),
+            s["text"].clone(),
+            stderr,
+        )
+    };
+    let (moved, text, stderr) = outcome(&embedded, None);
     assert!(
         stderr.contains("embedded in"),
         "announces embedded filters: {stderr}"
+    );
+    assert!(moved > 0, "the prompt is past the budget: slices move");
+    let (file_moved, file_text, _) = outcome(&model_path(), Some(&filters));
+    assert_eq!(
+        (moved, &text),
+        (file_moved, &file_text),
+        "the embedded filters score as the same filters given with --filters"
+    );
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = random_filters(other_dir.path(), 12, shape[0], shape[1], shape[2]);
+    let (other_moved, _, _) = outcome(&model_path(), Some(&other));
+    assert_ne!(
+        moved, other_moved,
+        "other filters evict other slices (else this comparison shows nothing)"
     );
 
     // The original model has none: the same command is a clear error.

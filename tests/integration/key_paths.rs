@@ -83,6 +83,16 @@ fn check(policy: &str, recency: f64) {
     let mut graph = engine(&model, policy, KeySource::Graph, budget, recency);
     let mut cache = engine(&model, policy, KeySource::Cache, budget, recency);
     let r = compare_key_paths(&mut graph, &mut cache, &prompt, gen).expect("both paths run");
+    // Scores that are a per-head reduction of the key (Q-Filters' dot product, KNorm's norm, and
+    // the recency prior over either) must have taken the device path on the cache side, or this
+    // compares the host path with itself.
+    let reduces = ["qfilters", "knorm"].contains(&policy);
+    assert_eq!(
+        cache.scores_on_device(),
+        reduces,
+        "{policy}: device scoring {}",
+        cache.scores_on_device()
+    );
     let expected = (prompt.len() + gen) * graph.tracked_layers() * model.n_head_kv();
     assert_eq!(
         r.compared, expected,

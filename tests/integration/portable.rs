@@ -48,10 +48,6 @@ fn amx_lines(disassembly: &str) -> Vec<&str> {
         .collect()
 }
 
-/// How build.rs built llama.cpp: `dispatch` (CPU variants loaded at run time), `baseline`,
-/// `native-noamx`, `native-amx` or `prebuilt`.
-const CPU_BUILD: &str = env!("QFILTERS_CPU_BUILD");
-
 /// The CPU variants build.rs builds for dispatch (vendor/patches/cpu-variants.patch).
 const VARIANTS: &[&str] = &["x64", "haswell", "skylakex", "icelake", "zen4", "alderlake"];
 
@@ -174,10 +170,11 @@ fn default_build_has_no_amx_and_uses_avx2() {
 }
 
 #[test]
+#[cfg_attr(
+    not(qf_dispatch_build),
+    ignore = "only a dispatch build (the default) has per-CPU variants"
+)]
 fn dispatch_builds_each_variant_for_its_own_cpu() {
-    if CPU_BUILD != "dispatch" {
-        return;
-    }
     let files = variant_files();
     let tags: Vec<&str> = files.iter().map(|(t, _)| t.as_str()).collect();
     let mut want = VARIANTS.to_vec();
@@ -207,10 +204,11 @@ fn dispatch_builds_each_variant_for_its_own_cpu() {
 }
 
 #[test]
+#[cfg_attr(
+    not(qf_dispatch_build),
+    ignore = "only a dispatch build (the default) has per-CPU variants"
+)]
 fn dispatch_loads_the_best_variant_for_this_cpu() {
-    if CPU_BUILD != "dispatch" {
-        return;
-    }
     let flags = cpu_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let want = best_variant(&flags);
@@ -245,10 +243,11 @@ fn the_variant_table_follows_ggml_scores() {
 }
 
 #[test]
+#[cfg_attr(
+    not(qf_dispatch_build),
+    ignore = "only a dispatch build (the default) has per-CPU variants"
+)]
 fn a_missing_cpu_backend_fails_with_one_clear_line() {
-    if CPU_BUILD != "dispatch" {
-        return;
-    }
     let empty = tempfile::tempdir().unwrap();
     let out = Command::new(crate::common::bin())
         .args(["run", "-m", crate::common::MODEL, "-p", "hi", "-n", "1"])
