@@ -22,7 +22,7 @@ use crate::engine::cache::{Combiner, EvictionConfig, Granularity};
 use crate::engine::{CacheSize, EngineConfig, KeySource};
 use crate::error::{Error, Result};
 use crate::eval::sweep::Sweep;
-use crate::ffi::{CacheType, SamplingParams};
+use crate::ffi::{CacheType, Model, ModelParams, SamplingParams};
 use crate::policy::{self, PolicyInfo, PolicyInputs, Scorer};
 
 // Built-in eviction defaults, the fallback for filters without tuned ones (chosen on SmolLM2 by
@@ -393,13 +393,7 @@ impl EvictionArgs {
                 self.mix_weight
             )));
         }
-        if !(self.recency.is_finite() && self.recency >= 0.0) {
-            return Err(Error::invalid(format!(
-                "--recency {}: give a finite value of at least 0 (0 turns it off)",
-                self.recency
-            )));
-        }
-        Ok(())
+        policy::check_recency("--recency", self.recency)
     }
 
     /// The files this policy reads besides the model (for the same-file checks): --filters,
@@ -503,6 +497,102 @@ impl SamplingArgs {
         })?;
         Ok(p)
     }
+}
+
+/// The model `run`, `chat`, `serve` and the others load when `-m` is not given (what
+/// scripts/fetch-model.sh fetches).
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file.
+    #[arg(short = 'm', long = "model", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Layers to offload to the GPU (needs a CUDA build). llama.cpp's `-ngl N` works too.
+    #[arg(
+        short = 'g',
+        long = "gpu-layers",
+        visible_alias = "ngl",
+        default_value_t = 0
+    )]
+    pub gpu_layers: i32,
+    /// Threads for llama.cpp (default: the physical cores that are idle at start, at least 1).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<i32>,
+    /// How hard idle llama.cpp worker threads spin, 0-100 (llama.cpp's --poll; its default is
+    /// 50). 0 lets them sleep, which keeps a busy machine responsive.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub poll: u32,
+    /// Show llama.cpp's own log.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Arc<Model>> {
+        self.check_threads()?;
+        if self.gpu_layers > 0 && !cfg!(feature = "cuda") {
+            eprintln!(
+                "qfilters: --gpu-layers {} ignored: this build has no GPU backend (build with --features cuda)",
+                self.gpu_layers
+            );
+        }
+        crate::ffi::set_verbose_log(self.verbose);
+        crate::ffi::threads::set_poll(self.poll);
+        Model::load(
+            &self.model,
+            &ModelParams {
+                gpu_layers: self.gpu_layers,
+            },
+        )
+    }
+
+    /// The thread count for llama.cpp: -t, else QFILTERS_THREADS, else the default; more than
+    /// the cores is clamped. `check_threads` (run by `load`) has refused bad values already.
+    pub fn threads(&self) -> i32 {
+        match self.requested_threads() {
+            Ok(Some(n)) => n.min(available_cores()),
+            _ => crate::ffi::threads::default_threads(),
+        }
+    }
+
+    /// -t, else QFILTERS_THREADS (set by scripts and tests that run several processes).
+    fn requested_threads(&self) -> Result<Option<i32>> {
+        if let Some(n) = self.threads {
+            return Ok(Some(n));
+        }
+        match std::env::var("QFILTERS_THREADS") {
+            Ok(v) => v.trim().parse::<i32>().map(Some).map_err(|_| {
+                Error::invalid(format!(
+                    "QFILTERS_THREADS={v:?} is not a number of threads (1 to {})",
+                    available_cores()
+                ))
+            }),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(_) => Err(Error::invalid("QFILTERS_THREADS is not valid UTF-8")),
+        }
+    }
+
+    /// Refuses 0, negative and non-numeric thread counts; notes once when more than the cores
+    /// were asked for (they would only contend: llama.cpp's workers spin while they wait).
+    pub fn check_threads(&self) -> Result<()> {
+        let cores = available_cores();
+        match self.requested_threads()? {
+            Some(n) if n < 1 => Err(Error::invalid(format!(
+                "{n} threads: give 1 to {cores} (-t or QFILTERS_THREADS)"
+            ))),
+            Some(n) if n > cores => {
+                eprintln!("qfilters: {n} threads asked for, this machine has {cores} cores: using {cores}");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Cores this process may use.
+pub fn available_cores() -> i32 {
+    i32::try_from(crate::ffi::threads::available_cpus()).unwrap_or(i32::MAX)
 }
 
 #[cfg(test)]

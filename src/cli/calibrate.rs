@@ -252,14 +252,8 @@ fn check_tune_args(args: &CalibrateArgs) -> Result<()> {
             "--tune-chunk must be at least 1 and --tune-tokens at least 2",
         ));
     }
-    if args
-        .tune_recency
-        .iter()
-        .any(|r| !(r.is_finite() && *r >= 0.0))
-    {
-        return Err(Error::invalid(
-            "--tune-recency values must be finite and >= 0",
-        ));
+    for &r in &args.tune_recency {
+        qfilters::policy::check_recency("--tune-recency", r)?;
     }
     let smallest = args.tune_budget.iter().copied().min().unwrap_or(0);
     if let Some(w) = args

@@ -9,22 +9,20 @@ pub mod plot;
 pub mod run;
 pub mod serve;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args};
+use clap::ArgMatches;
 use gguf_tools::filters::{
     QFilters, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY, META_DEFAULT_WINDOW,
 };
 
-pub use qfilters::args::{EvictionArgs, LlamaArgs, SamplingArgs};
+pub use qfilters::args::{EvictionArgs, LlamaArgs, ModelArgs, SamplingArgs};
 use qfilters::engine::cache::{EvictionConfig, Granularity};
 use qfilters::engine::Engine;
-use qfilters::ffi::{Model, ModelParams};
+use qfilters::ffi::Model;
 use qfilters::{Error, Result};
-
-pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Which arguments the user typed on the command line (clap ids of the subcommand that runs,
 /// e.g. "recency"), as opposed to those at their defaults: tuned defaults apply only where no
@@ -167,98 +165,6 @@ fn announce(used: &[String], origin: &str) {
             used.join(", ")
         );
     }
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ModelArgs {
-    /// GGUF model file.
-    #[arg(short = 'm', long = "model", default_value = DEFAULT_MODEL)]
-    pub model: PathBuf,
-    /// Layers to offload to the GPU (needs a CUDA build). llama.cpp's `-ngl N` works too.
-    #[arg(
-        short = 'g',
-        long = "gpu-layers",
-        visible_alias = "ngl",
-        default_value_t = 0
-    )]
-    pub gpu_layers: i32,
-    /// Threads for llama.cpp (default: the physical cores that are idle at start, at least 1).
-    #[arg(short = 't', long = "threads")]
-    pub threads: Option<i32>,
-    /// How hard idle llama.cpp worker threads spin, 0-100 (llama.cpp's --poll; its default is
-    /// 50). 0 lets them sleep, which keeps a busy machine responsive.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
-    pub poll: u32,
-    /// Show llama.cpp's own log.
-    #[arg(long)]
-    pub verbose: bool,
-}
-
-impl ModelArgs {
-    pub fn load(&self) -> Result<Arc<Model>> {
-        self.check_threads()?;
-        if self.gpu_layers > 0 && !cfg!(feature = "cuda") {
-            eprintln!(
-                "qfilters: --gpu-layers {} ignored: this build has no GPU backend (build with --features cuda)",
-                self.gpu_layers
-            );
-        }
-        qfilters::ffi::set_verbose_log(self.verbose);
-        qfilters::ffi::threads::set_poll(self.poll);
-        Model::load(
-            &self.model,
-            &ModelParams {
-                gpu_layers: self.gpu_layers,
-            },
-        )
-    }
-
-    /// The thread count for llama.cpp: -t, else QFILTERS_THREADS, else the default; more than
-    /// the cores is clamped. `check_threads` (run by `load`) has refused bad values already.
-    pub fn threads(&self) -> i32 {
-        match self.requested_threads() {
-            Ok(Some(n)) => n.min(available_cores()),
-            _ => qfilters::ffi::threads::default_threads(),
-        }
-    }
-
-    /// -t, else QFILTERS_THREADS (set by scripts and tests that run several processes).
-    fn requested_threads(&self) -> Result<Option<i32>> {
-        if let Some(n) = self.threads {
-            return Ok(Some(n));
-        }
-        match std::env::var("QFILTERS_THREADS") {
-            Ok(v) => v.trim().parse::<i32>().map(Some).map_err(|_| {
-                Error::invalid(format!(
-                    "QFILTERS_THREADS={v:?} is not a number of threads (1 to {})",
-                    available_cores()
-                ))
-            }),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(_) => Err(Error::invalid("QFILTERS_THREADS is not valid UTF-8")),
-        }
-    }
-
-    /// Refuses 0, negative and non-numeric thread counts; notes once when more than the cores
-    /// were asked for (they would only contend: llama.cpp's workers spin while they wait).
-    pub fn check_threads(&self) -> Result<()> {
-        let cores = available_cores();
-        match self.requested_threads()? {
-            Some(n) if n < 1 => Err(Error::invalid(format!(
-                "{n} threads: give 1 to {cores} (-t or QFILTERS_THREADS)"
-            ))),
-            Some(n) if n > cores => {
-                eprintln!("qfilters: {n} threads asked for, this machine has {cores} cores: using {cores}");
-                Ok(())
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-/// Cores this process may use.
-pub fn available_cores() -> i32 {
-    i32::try_from(qfilters::ffi::threads::available_cpus()).unwrap_or(i32::MAX)
 }
 
 pub use qfilters::args::check_cells;
@@ -515,6 +421,8 @@ pub fn check_outputs(outputs: &[&Path], inputs: &[&Path], stdout_ok: bool) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qfilters::args::{available_cores, DEFAULT_MODEL};
+    use std::path::PathBuf;
 
     fn args(threads: Option<i32>) -> ModelArgs {
         ModelArgs {

@@ -278,9 +278,7 @@ impl PolicyInfo {
                 self.name
             )));
         }
-        if !(inputs.recency >= 0.0 && inputs.recency.is_finite()) {
-            return Err(Error::invalid("--recency must be a finite number >= 0"));
-        }
+        check_recency("--recency", inputs.recency)?;
         let scorer = match self.parts() {
             Some((a, b)) => {
                 if !inputs.mix_weight.is_finite() {
@@ -296,6 +294,17 @@ impl PolicyInfo {
         }
         Ok(scorer)
     }
+}
+
+/// The one rule for a recency prior's time constant, whichever flag gives it (`--recency`,
+/// `eval`'s list, `calibrate --tune-recency`): finite and at least 0, 0 turning it off.
+pub fn check_recency(flag: &str, recency: f64) -> Result<()> {
+    if recency.is_finite() && recency >= 0.0 {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{flag} {recency}: give a finite value of at least 0 (0 turns it off)"
+    )))
 }
 
 /// The scorer of the policy named `name` (see [`PolicyInfo::scorer`]).
