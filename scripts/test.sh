@@ -8,6 +8,8 @@ scripts/setup.sh
 scripts/fetch-model.sh
 # The second architecture some tests need (qwen2: QKV bias, ChatML), 491 MB.
 scripts/fetch-model.sh qwen05
+# The third (gemma3: sliding-window layers), 253 MB.
+scripts/fetch-model.sh gemma3
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

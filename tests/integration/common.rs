@@ -37,9 +37,23 @@ pub fn qwen_path() -> PathBuf {
     p
 }
 
+/// The third architecture of the suite: Gemma-3-270M (gemma3: sliding-window layers beside 3
+/// full-attention ones, head_dim 256), fetched by `scripts/fetch-model.sh gemma3`
+/// (`scripts/test.sh` does).
+pub fn gemma_path() -> PathBuf {
+    let p = root().join(GEMMA_MODEL);
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-model.sh gemma3 (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
 /// The default model (SmolLM2-135M-Instruct Q4_1), relative to the repository root.
 pub const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+pub const GEMMA_MODEL: &str = "models/gemma-3-270m-Q4_K_M.gguf";
 
 /// The default model on the CPU, loaded once for the whole test binary: tests only read it,
 /// and each builds its own context.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::common::{assert_one_line_error, model_path, qwen_path, run_ok, run_prompt};
+use crate::common::{assert_one_line_error, gemma_path, model_path, qwen_path, run_ok, run_prompt};
 
 const PROMPT: &str = "Once upon a time, in a small village by the sea, there lived an old fisherman who every morning";
 
@@ -56,6 +56,13 @@ fn q8_0_eviction_runs_on_smollm2() {
 #[test]
 fn q8_0_eviction_runs_on_qwen2() {
     q8_0_eviction_runs(&qwen_path());
+}
+
+/// Gemma 3: only its full-attention layers are evicted; its sliding-window cache is quantized
+/// too, so the byte ratio holds for the whole allocation.
+#[test]
+fn q8_0_eviction_runs_on_gemma3() {
+    q8_0_eviction_runs(&gemma_path());
 }
 
 #[test]
