@@ -5,6 +5,7 @@
 //! positions, moving head slices). Every policy goes through this one tested piece.
 
 use crate::error::{Error, Result};
+use crate::ffi::HeadMoves;
 
 /// Whether a whole position leaves the cache (all layers and heads at once), or each KV head
 /// of each layer keeps its own tokens (the paper's setting).
@@ -114,20 +115,12 @@ impl EvictionConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TrackedLayer(pub usize);
 
-/// Head slices to copy for one (layer, head): `(from_cell, to_cell)`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeadMoves {
-    pub layer: TrackedLayer,
-    pub head: usize,
-    pub moves: Vec<(usize, usize)>,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EvictionPlan {
     /// Cells whose positions leave the cache.
     pub remove: Vec<usize>,
-    /// Copies to do before removal (head granularity only).
-    pub moves: Vec<HeadMoves>,
+    /// Copies to do before removal (head granularity only), one entry per (layer, head).
+    pub moves: Vec<HeadMoves<TrackedLayer>>,
 }
 
 const FREE: i32 = -1;

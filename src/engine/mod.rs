@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::engine::cache::{position_ranges, CacheBook, Granularity, TrackedLayer};
 use crate::error::{Error, Result};
-use crate::ffi::{Batch, CacheType, Context, ContextParams, HeadMoveGroup, Model, Sampler, Token};
+use crate::ffi::{Batch, CacheType, Context, ContextParams, HeadMoves, Model, Sampler, Token};
 use crate::policy::{KeyReduce, NewKeys, Scorer};
 
 pub use config::{context_cells, CacheSize, EngineConfig, KeySource, DEFAULT_BATCH};
@@ -554,15 +554,20 @@ impl Engine {
             return Ok(());
         }
         // One graph on the cache's device for all of the round's moves (when it can).
-        let groups: Vec<HeadMoveGroup<'_>> = plan
+        // The book counts tracked layers; the cache tensors are found by model layer.
+        let groups: Vec<HeadMoves> = plan
             .moves
             .iter()
-            .map(|hm| (self.tracked[hm.layer.0], hm.head, hm.moves.as_slice()))
+            .map(|hm| HeadMoves {
+                layer: self.tracked[hm.layer.0],
+                head: hm.head,
+                moves: hm.moves.clone(),
+            })
             .collect();
         if self.ctx.move_head_slices_batch(&groups, self.n_head_kv)? {
             self.stats.device_move_rounds += 1;
         }
-        self.stats.head_slices_moved += groups.iter().map(|g| g.2.len() as u64).sum::<u64>();
+        self.stats.head_slices_moved += groups.iter().map(|g| g.moves.len() as u64).sum::<u64>();
         let freed = book.apply(&plan);
         for (p0, p1) in position_ranges(&freed) {
             if !self.ctx.remove_positions(p0, p1) {
