@@ -125,10 +125,6 @@ pub struct Engine {
     /// Batch row of the last decoded token when it has logits (what the next token is sampled
     /// from); `None` before any decode, after a reset, or when the last token had none.
     logits_row: Option<usize>,
-    /// Score on the cache's device (`KeySource::Cache` and a reducible score) until the
-    /// backend turns out not to support it.
-    device_scoring: bool,
-    filters_on_device: bool,
 }
 
 /// Most tokens scored in one go when pending keys are flushed (bounds the key buffer).
@@ -167,16 +163,20 @@ impl Engine {
             type_v: cfg.type_v,
         };
         let ctx = Context::new(model, &params)?;
-        let keys_from = if evicting && cfg.key_source == KeySource::Graph && scorer.needs_keys() {
-            KeyReader::Graph(KeyTap::default())
-        } else {
-            KeyReader::Cache
+        let keys_from = match cfg.key_source {
+            KeySource::Graph if evicting && scorer.needs_keys() => {
+                KeyReader::Graph(KeyTap::default())
+            }
+            // Scored on the cache's device while the backend supports it.
+            KeySource::Cache if scorer.key_reduce().is_some() => KeyReader::Device {
+                filters_loaded: false,
+            },
+            _ => KeyReader::Host,
         };
         let stats = Stats {
             n_ctx: ctx.n_ctx(),
             ..Stats::default()
         };
-        let device_scoring = cfg.key_source == KeySource::Cache && scorer.key_reduce().is_some();
         Ok(Engine {
             ctx,
             scorer,
@@ -195,8 +195,6 @@ impl Engine {
             pending_cells: Vec::new(),
             pending_pos: Vec::new(),
             logits_row: None,
-            device_scoring,
-            filters_on_device: false,
         })
     }
 
@@ -227,7 +225,7 @@ impl Engine {
     /// Whether keys are still scored where the cache lives (the device path of
     /// [`KeySource::Cache`]); false once a backend refused it and the host path took over.
     pub fn scores_on_device(&self) -> bool {
-        self.device_scoring
+        matches!(self.keys_from, KeyReader::Device { .. })
     }
 
     /// Layers the book tracks (its layer index `i` is the `i`-th layer with a full-size cache).
@@ -372,7 +370,7 @@ impl Engine {
         self.logits_row = None;
         match &mut self.keys_from {
             KeyReader::Graph(tap) => self.ctx.decode_observed(&self.batch, tap)?,
-            KeyReader::Cache => self.ctx.decode(&self.batch)?,
+            KeyReader::Device { .. } | KeyReader::Host => self.ctx.decode(&self.batch)?,
         }
         self.logits_row = (last_has_logits && n > 0).then(|| n - 1);
         let first = self.next_pos;
@@ -450,8 +448,7 @@ impl Engine {
         self.layer_scores.resize(n * h, 0.0);
         let needs_keys = self.scorer.needs_keys();
         if needs_keys
-            && matches!(self.keys_from, KeyReader::Cache)
-            && self.device_scoring
+            && matches!(self.keys_from, KeyReader::Device { .. })
             && self.score_on_device(cells, positions)?
         {
             self.stats.device_score_batches += 1;
@@ -502,30 +499,38 @@ impl Engine {
             return Ok(false);
         };
         let (n, h, d) = (cells.len(), self.n_head_kv, self.head_dim);
-        if reduce == KeyReduce::Dot && !self.filters_on_device {
+        let filters_loaded = matches!(
+            self.keys_from,
+            KeyReader::Device {
+                filters_loaded: true
+            }
+        );
+        if reduce == KeyReduce::Dot && !filters_loaded {
             let mut flat = Vec::with_capacity(self.tracked.len() * h * d);
             for &layer in &self.tracked {
                 for head in 0..h {
                     match self.scorer.filter(layer, head) {
                         Some(f) if f.len() == d => flat.extend_from_slice(f),
                         _ => {
-                            self.device_scoring = false;
+                            self.keys_from = KeyReader::Host;
                             return Ok(false);
                         }
                     }
                 }
             }
-            self.filters_on_device = self.ctx.set_key_filters(&self.tracked, &flat, h, d)?;
-            if !self.filters_on_device {
-                self.device_scoring = false;
+            if !self.ctx.set_key_filters(&self.tracked, &flat, h, d)? {
+                self.keys_from = KeyReader::Host;
                 return Ok(false);
             }
+            self.keys_from = KeyReader::Device {
+                filters_loaded: true,
+            };
         }
         if !self
             .ctx
             .device_key_stats(&self.tracked, cells, reduce, h, d, &mut self.keys)?
         {
-            self.device_scoring = false;
+            self.keys_from = KeyReader::Host;
             return Ok(false);
         }
         for (li, &layer) in self.tracked.iter().enumerate() {
