@@ -15,7 +15,7 @@ use qfilters::ffi::Model;
 use qfilters::policy::{self, PolicyInfo, PolicyInputs};
 use qfilters::{Error, Result};
 
-use super::{write_json, EvictionArgs, EvictionCli, LlamaArgs, ModelArgs};
+use super::{write_json, EvictionArgs, EvictionCli, FoundFilters, LlamaArgs, ModelArgs};
 
 #[derive(Args, Debug, Clone)]
 // The benchmark's own defaults, shown by its --help: its published numbers were measured with
@@ -77,10 +77,11 @@ impl BenchArgs {
 
     /// Filters from --filters or the GGUF, else random unit filters: they cost the same.
     fn filters(&self, model: &Model) -> Result<Arc<gguf_tools::filters::QFilters>> {
-        match self
-            .eviction
-            .resolve_filters(&self.model.model, model, false)?
-        {
+        match self.eviction.resolve_filters(
+            FoundFilters::load(self.eviction.filters.as_deref(), &self.model.model)?.as_ref(),
+            model,
+            false,
+        )? {
             Some(f) => Ok(f),
             None => {
                 eprintln!(

@@ -25,7 +25,8 @@ use qfilters::{Error, Result};
 use gguf_tools::safe_io::{self, AppendLog};
 
 use super::{
-    check_outputs, EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs, Progress, SamplingArgs,
+    check_outputs, EvictionArgs, EvictionCli, FoundFilters, Given, LlamaArgs, ModelArgs, Progress,
+    SamplingArgs,
 };
 
 #[derive(Args, Debug)]
@@ -106,8 +107,9 @@ pub fn run(args: ChatArgs, given: &Given) -> Result<()> {
         return Ok(());
     }
     let mut eviction = args.eviction.clone();
-    eviction.apply_tuned(&args.model.model, given)?;
-    let filters = eviction.resolve_filters(&args.model.model, &model, false)?;
+    let found = FoundFilters::load(eviction.filters.as_deref(), &args.model.model)?;
+    eviction.apply_tuned(found.as_ref(), given)?;
+    let filters = eviction.resolve_filters(found.as_ref(), &model, false)?;
     super::fall_back_without_filters(&mut eviction, filters.is_some(), &args.model.model, given);
     // A conversation has no known length: a bounded cache is sized by its budget alone, a
     // full one by --ctx-size, else --budget.

@@ -9,7 +9,7 @@ pub mod plot;
 pub mod run;
 pub mod serve;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::parser::ValueSource;
@@ -93,25 +93,14 @@ impl Tuned {
         })
     }
 
-    /// The defaults of the filters at `filters` (a --filters path), else of the filters
-    /// embedded in `model`; with a description of where they came from.
-    pub fn find(filters: Option<&Path>, model: &Path) -> Result<Option<(Tuned, String)>> {
-        let (f, origin) = match filters {
-            Some(p) => (Some(QFilters::load(p)?), p.display().to_string()),
-            // A GGUF our reader cannot parse has no defaults for us; llama.cpp decides whether
-            // it loads, and policy qfilters reports the filters' error itself.
-            None => (
-                QFilters::from_gguf(model).ok().flatten(),
-                format!("the Q-Filters embedded in {}", model.display()),
-            ),
+    /// The tuned defaults of the filters a run found, if they carry any; with where they came
+    /// from.
+    pub fn find(found: Option<&FoundFilters>) -> Result<Option<(Tuned, String)>> {
+        let Some(found) = found else {
+            return Ok(None);
         };
-        match f {
-            Some(f) => {
-                let t = Tuned::from_filters(&f)?;
-                Ok((t != Tuned::default()).then_some((t, origin)))
-            }
-            None => Ok(None),
-        }
+        let t = Tuned::from_filters(&found.filters)?;
+        Ok((t != Tuned::default()).then(|| (t, found.source())))
     }
 
     /// Sets each tuned value the user did not give a flag for, through `set`; returns what
@@ -156,6 +145,51 @@ impl Tuned {
     }
 }
 
+/// The Q-Filters a run can use, read once before the model loads: from --filters, else the
+/// ones embedded in the model's GGUF. The tuned defaults ([`Tuned::find`]) and the scorer
+/// ([`EvictionCli::resolve_filters`]) both take them from here.
+pub struct FoundFilters {
+    pub filters: Arc<QFilters>,
+    /// The --filters path they came from; `None`: embedded in `model`.
+    file: Option<PathBuf>,
+    model: PathBuf,
+}
+
+impl FoundFilters {
+    /// One error policy for every command: filters that exist but are broken are an error
+    /// (a --filters file that does not load, `qfilters.*` keys of the GGUF that do not
+    /// decode), whatever the policy; no filters at all is not (no --filters, and a GGUF without
+    /// `qfilters.*` keys). A GGUF our reader cannot parse counts as one without filters: the
+    /// model file is llama.cpp's to accept or refuse, with its own error, when it loads.
+    pub fn load(filters: Option<&Path>, model: &Path) -> Result<Option<FoundFilters>> {
+        let (filters, file) = match filters {
+            Some(p) => (QFilters::load(p)?, Some(p.to_path_buf())),
+            None => {
+                let Ok(gguf) = gguf_tools::gguf::read(model) else {
+                    return Ok(None);
+                };
+                match QFilters::from_metadata(&gguf.metadata)? {
+                    Some(f) => (f, None),
+                    None => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(FoundFilters {
+            filters: Arc::new(filters),
+            file,
+            model: model.to_path_buf(),
+        }))
+    }
+
+    /// Where the filters came from, for stderr notes.
+    fn source(&self) -> String {
+        match &self.file {
+            Some(p) => p.display().to_string(),
+            None => format!("the Q-Filters embedded in {}", self.model.display()),
+        }
+    }
+}
+
 /// Applies the tuned defaults found for `filters`/`model` where no flag was given, and says so
 /// on stderr. Built-in defaults stay for filters without tuned ones.
 fn announce(used: &[String], origin: &str) {
@@ -173,14 +207,14 @@ pub use qfilters::args::check_cells;
 /// flag was given, filter resolution with its stderr notes, and the engine with errors that
 /// name the flag to change.
 pub trait EvictionCli {
-    /// Takes the tuned defaults of the filters in use (see [`Tuned`]) where no flag was given.
-    fn apply_tuned(&mut self, model_path: &Path, given: &Given) -> Result<()>;
+    /// Takes the tuned defaults of the filters found (see [`Tuned`]) where no flag was given.
+    fn apply_tuned(&mut self, found: Option<&FoundFilters>, given: &Given) -> Result<()>;
 
-    /// Filters from --filters, else from the GGUF, for a policy that needs them; says on
-    /// stderr which are used unless `quiet`.
+    /// The filters found ([`FoundFilters::load`]), for a policy that needs them, checked
+    /// against the model; says on stderr which are used unless `quiet`.
     fn resolve_filters(
         &self,
-        model_path: &Path,
+        found: Option<&FoundFilters>,
         model: &Model,
         quiet: bool,
     ) -> Result<Option<Arc<QFilters>>>;
@@ -204,16 +238,17 @@ pub trait EvictionCli {
         llama: &LlamaArgs,
         model: &Arc<Model>,
         capacity: usize,
+        found: Option<&FoundFilters>,
         quiet: bool,
     ) -> Result<Engine> {
-        let filters = self.resolve_filters(&margs.model, model, quiet)?;
+        let filters = self.resolve_filters(found, model, quiet)?;
         self.engine_with_filters(margs, llama, model, capacity, filters)
     }
 }
 
 impl EvictionCli for EvictionArgs {
-    fn apply_tuned(&mut self, model_path: &Path, given: &Given) -> Result<()> {
-        if let Some((t, origin)) = Tuned::find(self.filters.as_deref(), model_path)? {
+    fn apply_tuned(&mut self, found: Option<&FoundFilters>, given: &Given) -> Result<()> {
+        if let Some((t, origin)) = Tuned::find(found)? {
             let (mut r, mut w, mut g) = (self.recency, self.window, self.granularity);
             let budget = self.policy.evicts.then_some((self.budget, self.sinks));
             let used = t.apply(given, budget, |x| r = x, |x| w = x, |x| g = x);
@@ -225,12 +260,12 @@ impl EvictionCli for EvictionArgs {
 
     fn resolve_filters(
         &self,
-        model_path: &Path,
+        found: Option<&FoundFilters>,
         model: &Model,
         quiet: bool,
     ) -> Result<Option<Arc<QFilters>>> {
         if !self.policy.needs_filters {
-            // Loading them would only announce filters that change nothing.
+            // Using them would only announce filters that change nothing.
             if self.filters.is_some() && !quiet {
                 eprintln!(
                     "qfilters: --filters ignored: policy {} does not use filters",
@@ -239,32 +274,21 @@ impl EvictionCli for EvictionArgs {
             }
             return Ok(None);
         }
-        let filters = match &self.filters {
-            Some(path) => Some((
-                QFilters::load(path)?,
-                format!("filters from {}", path.display()),
-            )),
-            None => QFilters::from_gguf(model_path)?.map(|f| {
-                (
-                    f,
-                    format!("the Q-Filters embedded in {}", model_path.display()),
-                )
-            }),
+        let Some(found) = found else {
+            return Ok(None);
         };
-        let filters = match filters {
-            Some((f, origin)) => {
-                f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
-                if !quiet {
-                    eprintln!("qfilters: using {origin}");
-                    if let Some(w) = magnitude_warning(&f) {
-                        eprintln!("qfilters: {w}");
-                    }
-                }
-                Some(f)
+        let f = &found.filters;
+        f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
+        if !quiet {
+            match &found.file {
+                Some(p) => eprintln!("qfilters: using filters from {}", p.display()),
+                None => eprintln!("qfilters: using {}", found.source()),
             }
-            None => None,
-        };
-        Ok(filters.map(Arc::new))
+            if let Some(w) = magnitude_warning(f) {
+                eprintln!("qfilters: {w}");
+            }
+        }
+        Ok(Some(Arc::clone(f)))
     }
 
     fn engine_with_filters(

@@ -11,8 +11,8 @@ use qfilters::ffi::Sampler;
 use qfilters::{Error, Result};
 
 use super::{
-    check_outputs, read_text, write_json, EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs,
-    Progress, SamplingArgs,
+    check_outputs, read_text, write_json, EvictionArgs, EvictionCli, FoundFilters, Given,
+    LlamaArgs, ModelArgs, Progress, SamplingArgs,
 };
 
 #[derive(Args, Debug)]
@@ -61,7 +61,8 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
         (None, Some(f)) => read_text(f)?,
         (None, None) => return Err(Error::invalid("give a prompt with -p TEXT or -f FILE")),
     };
-    args.eviction.apply_tuned(&args.model.model, given)?;
+    let found = FoundFilters::load(args.eviction.filters.as_deref(), &args.model.model)?;
+    args.eviction.apply_tuned(found.as_ref(), given)?;
     let model = args.model.load()?;
     let tokens = model.tokenize(&text, true, args.special)?;
     if tokens.is_empty() {
@@ -69,7 +70,7 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
     }
     let filters = args
         .eviction
-        .resolve_filters(&args.model.model, &model, false)?;
+        .resolve_filters(found.as_ref(), &model, false)?;
     super::fall_back_without_filters(
         &mut args.eviction,
         filters.is_some(),

@@ -8,7 +8,7 @@ use qfilters::conversation::chat::ChatTemplate;
 use qfilters::server::{self, api::Defaults, ServerConfig};
 use qfilters::{Error, Result};
 
-use super::{EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs, SamplingArgs};
+use super::{EvictionArgs, EvictionCli, FoundFilters, Given, LlamaArgs, ModelArgs, SamplingArgs};
 
 /// The prompt cap when a GGUF does not state its trained context.
 const FALLBACK_TRAINED_CONTEXT: usize = 4096;
@@ -104,7 +104,8 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     if args.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::invalid("--api-key is empty"));
     }
-    args.eviction.apply_tuned(&args.model.model, given)?;
+    let found = FoundFilters::load(args.eviction.filters.as_deref(), &args.model.model)?;
+    args.eviction.apply_tuned(found.as_ref(), given)?;
     let model = args.model.load()?;
     let (template, notice) = ChatTemplate::resolve(&model, args.template.as_deref());
     if let Some(n) = notice {
@@ -112,7 +113,7 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     }
     let filters = args
         .eviction
-        .resolve_filters(&args.model.model, &model, false)?;
+        .resolve_filters(found.as_ref(), &model, false)?;
     super::fall_back_without_filters(
         &mut args.eviction,
         filters.is_some(),
