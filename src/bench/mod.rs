@@ -417,8 +417,8 @@ pub fn check_head_moves(
         if book.cell_position(cell).is_none() {
             continue;
         }
-        let k = evicting.context_mut().read_cache_row(0, false, cell)?;
-        let v = evicting.context_mut().read_cache_row(0, true, cell)?;
+        let k = evicting.read_cache_row(0, false, cell)?;
+        let v = evicting.read_cache_row(0, true, cell)?;
         for h in 0..h_kv {
             let p = book
                 .slot_position(TrackedLayer(0), h, cell)
@@ -427,8 +427,8 @@ pub fn check_head_moves(
                 r.moved += 1;
             }
             // A cache that never evicted holds position p in cell p.
-            let rk = full.context_mut().read_cache_row(0, false, p as usize)?;
-            let rv = full.context_mut().read_cache_row(0, true, p as usize)?;
+            let rk = full.read_cache_row(0, false, p as usize)?;
+            let rv = full.read_cache_row(0, true, p as usize)?;
             for (a, b) in [(&k, &rk), (&v, &rv)] {
                 for i in h * d..(h + 1) * d {
                     r.max_abs_diff = r.max_abs_diff.max((a[i] - b[i]).abs());

@@ -202,8 +202,27 @@ impl Engine {
         &self.ctx
     }
 
-    pub fn context_mut(&mut self) -> &mut Context {
-        &mut self.ctx
+    /// One K (`value` false) or V cache row of model layer `layer`, as f32: what checks of
+    /// head moves and key paths compare. Reads only: the cache's cells change through the
+    /// engine alone, so the book always knows who sits where.
+    pub fn read_cache_row(&mut self, layer: usize, value: bool, cell: usize) -> Result<Vec<f32>> {
+        self.ctx.read_cache_row(layer, value, cell)
+    }
+
+    /// [`Engine::read_cache_row`] as stored (quantized blocks stay blocks).
+    pub fn read_cache_row_bytes(
+        &mut self,
+        layer: usize,
+        value: bool,
+        cell: usize,
+    ) -> Result<Vec<u8>> {
+        self.ctx.read_cache_row_bytes(layer, value, cell)
+    }
+
+    /// The keys of `cells` of model layer `layer` as the host scoring path reads them,
+    /// `[cell][head][dim]`.
+    pub fn read_k_rows(&mut self, layer: usize, cells: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        self.ctx.read_k_rows(layer, cells, out)
     }
 
     pub fn model(&self) -> &Arc<Model> {

@@ -260,10 +260,7 @@ fn per_head_moves(model: &Arc<Model>, cache_type: CacheType) {
             continue;
         }
         for value in [false, true] {
-            let row = evicting
-                .context_mut()
-                .read_cache_row_bytes(0, value, cell)
-                .expect("row");
+            let row = evicting.read_cache_row_bytes(0, value, cell).expect("row");
             assert_eq!(row.len(), slice * model.n_head_kv());
             for h in 0..model.n_head_kv() {
                 let p = book
@@ -274,7 +271,6 @@ fn per_head_moves(model: &Arc<Model>, cache_type: CacheType) {
                 }
                 // A cache that never evicted holds position p in cell p.
                 let reference = full
-                    .context_mut()
                     .read_cache_row_bytes(0, value, p)
                     .expect("reference row");
                 let s = h * slice..(h + 1) * slice;
