@@ -47,14 +47,14 @@ fn apply_tuned(
     budgets: &[usize],
     given: &Given,
 ) -> Result<()> {
-    if let Some((t, origin)) = super::Tuned::find(found)? {
+    if let Some((t, origin)) = super::find_tuned(found)? {
         let (mut r, mut w, mut g) = (None, None, None);
         let smallest = budgets.iter().copied().min();
         let sweep = &mut args.sweep;
         let sinks = sweep.sinks.iter().copied().max().unwrap_or(DEFAULT_SINKS);
         let budget = smallest.map(|b| (b, sinks));
         let used = t.apply(
-            given,
+            |id| given.has(id),
             budget,
             |x| r = Some(x),
             |x| w = Some(x),

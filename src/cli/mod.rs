@@ -14,12 +14,9 @@ use std::sync::Arc;
 
 use clap::parser::ValueSource;
 use clap::ArgMatches;
-use gguf_tools::filters::{
-    QFilters, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY, META_DEFAULT_WINDOW,
-};
+use gguf_tools::filters::QFilters;
 
 pub use qfilters::args::{EvictionArgs, LlamaArgs, ModelArgs, SamplingArgs};
-use qfilters::engine::cache::{EvictionConfig, Granularity};
 use qfilters::engine::Engine;
 use qfilters::ffi::Model;
 use qfilters::{Error, Result};
@@ -52,97 +49,16 @@ impl Given {
     }
 }
 
-/// Eviction defaults measured for one model (`qfilters calibrate --tune`), carried in the
-/// filters' metadata (`defaults.*`; `qfilters.defaults.*` in a GGUF).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Tuned {
-    pub recency: Option<f64>,
-    pub window: Option<usize>,
-    pub granularity: Option<Granularity>,
-}
+pub use qfilters::calibrate::tune::Tuned;
 
-impl Tuned {
-    pub fn from_filters(f: &QFilters) -> Result<Tuned> {
-        let get = |k: &str| f.metadata.get(k).map(|v| v.trim().to_string());
-        let bad = |k: &str, v: &str| {
-            Error::invalid(format!(
-                "the filters' tuned default {k} = {v:?} is invalid; re-run `qfilters calibrate --tune`"
-            ))
-        };
-        let recency = match get(META_DEFAULT_RECENCY) {
-            Some(v) => Some(
-                v.parse::<f64>()
-                    .ok()
-                    .filter(|r| r.is_finite() && *r >= 0.0)
-                    .ok_or_else(|| bad(META_DEFAULT_RECENCY, &v))?,
-            ),
-            None => None,
-        };
-        let window = match get(META_DEFAULT_WINDOW) {
-            Some(v) => Some(v.parse().map_err(|_| bad(META_DEFAULT_WINDOW, &v))?),
-            None => None,
-        };
-        let granularity = match get(META_DEFAULT_GRANULARITY) {
-            Some(v) => Some(v.parse().map_err(|_| bad(META_DEFAULT_GRANULARITY, &v))?),
-            None => None,
-        };
-        Ok(Tuned {
-            recency,
-            window,
-            granularity,
-        })
-    }
-
-    /// The tuned defaults of the filters a run found, if they carry any; with where they came
-    /// from.
-    pub fn find(found: Option<&FoundFilters>) -> Result<Option<(Tuned, String)>> {
-        let Some(found) = found else {
-            return Ok(None);
-        };
-        let t = Tuned::from_filters(&found.filters)?;
-        Ok((t != Tuned::default()).then(|| (t, found.source())))
-    }
-
-    /// Sets each tuned value the user did not give a flag for, through `set`; returns what
-    /// was set, for the stderr line. `budget`: the smallest budget the command will evict to,
-    /// with its sinks. A tuned window is used as it is wherever it fits (the setting the sweep
-    /// measured); where the smallest budget cannot hold it with the sinks, it is shortened to
-    /// half of that budget's non-sink cells (and the line says so) rather than failing a
-    /// budget the built-in window fits.
-    fn apply(
-        &self,
-        given: &Given,
-        budget: Option<(usize, usize)>,
-        mut set_recency: impl FnMut(f64),
-        mut set_window: impl FnMut(usize),
-        mut set_granularity: impl FnMut(Granularity),
-    ) -> Vec<String> {
-        let mut used = Vec::new();
-        if let Some(r) = self.recency.filter(|_| !given.has("recency")) {
-            set_recency(r);
-            used.push(format!("recency {r}"));
-        }
-        if let Some(w) = self.window.filter(|_| !given.has("window")) {
-            match budget {
-                Some((b, sinks)) if !EvictionConfig::window_fits(b, w, sinks) => {
-                    let half = b.saturating_sub(sinks) / 2;
-                    set_window(half);
-                    used.push(format!(
-                        "window {half} (tuned {w} does not fit budget {b}; half its cells)"
-                    ));
-                }
-                _ => {
-                    set_window(w);
-                    used.push(format!("window {w}"));
-                }
-            }
-        }
-        if let Some(g) = self.granularity.filter(|_| !given.has("granularity")) {
-            set_granularity(g);
-            used.push(format!("granularity {g}"));
-        }
-        used
-    }
+/// The tuned defaults of the filters a run found, if they carry any; with where they came
+/// from.
+fn find_tuned(found: Option<&FoundFilters>) -> Result<Option<(Tuned, String)>> {
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let t = Tuned::from_filters(&found.filters)?;
+    Ok((t != Tuned::default()).then(|| (t, found.source())))
 }
 
 /// The Q-Filters a run can use, read once before the model loads: from --filters, else the
@@ -248,10 +164,10 @@ pub trait EvictionCli {
 
 impl EvictionCli for EvictionArgs {
     fn apply_tuned(&mut self, found: Option<&FoundFilters>, given: &Given) -> Result<()> {
-        if let Some((t, origin)) = Tuned::find(found)? {
+        if let Some((t, origin)) = find_tuned(found)? {
             let (mut r, mut w, mut g) = (self.recency, self.window, self.granularity);
             let budget = self.policy.evicts.then_some((self.budget, self.sinks));
-            let used = t.apply(given, budget, |x| r = x, |x| w = x, |x| g = x);
+            let used = t.apply(|id| given.has(id), budget, |x| r = x, |x| w = x, |x| g = x);
             (self.recency, self.window, self.granularity) = (r, w, g);
             announce(&used, &origin);
         }
@@ -466,7 +382,7 @@ mod tests {
         };
         let window = |budget| {
             let mut w = 0;
-            let used = t.apply(&Given::default(), budget, |_| {}, |x| w = x, |_| {});
+            let used = t.apply(|_| false, budget, |_| {}, |x| w = x, |_| {});
             (w, used.join(", "))
         };
         // The tuning budget (256, 4 sinks) holds window 128: the measured setting is used.
