@@ -141,21 +141,23 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
         s.decode_tok_s()
     );
     if let Some(path) = &args.json_stats {
-        // The engine's counters (with their rates) as every report has them, then the run's
-        // settings. Every printed token was decoded, so `generated_tokens` counts them all.
+        // The engine's counters (with their rates) as every report has them, then the eviction
+        // settings as every result record has them (EvictionArgs serialises them), then the
+        // run's own. Every printed token was decoded, so `generated_tokens` counts them all.
         let mut value = serde_json::to_value(s).map_err(|e| Error::invalid(e.to_string()))?;
         if let Some(obj) = value.as_object_mut() {
+            let eviction =
+                serde_json::to_value(&args.eviction).map_err(|e| Error::invalid(e.to_string()))?;
+            if let serde_json::Value::Object(settings) = eviction {
+                obj.extend(settings);
+            }
             let run = json!({
-                "policy": args.eviction.policy,
                 "live_cells": engine.live_cells(),
+                // The budget the engine evicts to (null: it does not evict).
                 "budget": budget,
                 "n_batch": args.eviction.n_batch,
                 "threads": args.model.threads(),
                 "cpu_backend": qfilters::ffi::cpu_backend(),
-                "window": args.eviction.window,
-                "sinks": args.eviction.sinks,
-                "granularity": args.eviction.granularity.to_string(),
-                "recency": args.eviction.recency,
                 "cache_type_k": args.llama.cache_type_k.to_string(),
                 "cache_type_v": args.llama.cache_type_v.to_string(),
                 "flash_attn": args.llama.flash_attn.to_string(),

@@ -100,12 +100,15 @@ fn tuned_defaults_are_chosen_carried_and_used_unless_a_flag_overrides() {
     assert_eq!(s["recency"].as_f64().unwrap(), recency);
     assert!(s["evicted"].as_u64().unwrap() > 0);
     // Explicit flags win, each on its own.
-    let (stderr, s) = run(&["--window", "8", "--recency", "64"]);
+    let (stderr, s) = run(&["--window", "8", "--recency", "64", "--slack", "3"]);
     assert!(!stderr.contains("window 24"), "{stderr}");
     assert!(stderr.contains("granularity position"), "{stderr}");
     assert_eq!(s["window"], 8);
     assert_eq!(s["recency"].as_f64().unwrap(), 64.0);
     assert_eq!(s["granularity"], "position");
+    // The stats carry every eviction setting, as result records do.
+    assert_eq!(s["slack"], 3);
+    assert_eq!(s["combiner"], "mean-z");
 
     // eval: every policy of the sweep gets the same tuned settings.
     let wiki = data_file("wikitext2-valid.txt");
