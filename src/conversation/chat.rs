@@ -410,12 +410,6 @@ impl Chat {
         all
     }
 
-    /// The whole formatted conversation if `user` were sent now, ending with the assistant
-    /// header: what a one-shot completion of this turn would be given.
-    pub fn formatted_with(&self, user: &str) -> Result<String> {
-        self.template.format(&self.all_messages(Some(user)), true)
-    }
-
     /// The tokens this turn decodes for `user` (before the reply), and the formatted
     /// conversation the cache will then hold.
     pub fn turn_tokens(&self, user: &str) -> Result<(Vec<Token>, Vec<Segment>)> {

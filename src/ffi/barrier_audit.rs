@@ -116,10 +116,6 @@ const DIRECT: &[(&str, &str)] = &[
     ("llama_log_set", ACCESSOR),
     ("llama_memory_clear", "clears cells: no throw"),
     (
-        "llama_memory_seq_pos_max",
-        "asserts (abort) a valid sequence: always called with 0, the context's only sequence",
-    ),
-    (
         "llama_memory_seq_rm",
         "asserts (abort) a valid sequence: always called with 0; any position range is accepted",
     ),
