@@ -11,7 +11,7 @@ use qfilters::bench::summary::Summary;
 use qfilters::bench::{self, Comparison, RunMeasure};
 use qfilters::engine::cache::Granularity;
 use qfilters::engine::{Engine, EngineConfig, KeySource};
-use qfilters::ffi::Model;
+use qfilters::ffi::{CacheType, Model};
 use qfilters::policy::{self, PolicyInfo, PolicyInputs};
 use qfilters::{Error, Result};
 
@@ -387,7 +387,14 @@ fn check_moves(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<(
         b => b,
     }
     .min(prompt.len().saturating_sub(1));
-    let r = bench::check_head_moves(model, prompt, budget, 16, args.model.threads())?;
+    let r = bench::check_head_moves(
+        model,
+        prompt,
+        budget,
+        16,
+        args.model.threads(),
+        CacheType::F16,
+    )?;
     println!(
         "check-moves: {} slots checked, {} hold moved slices | {} head slices moved, {} rounds on the device | max |Δ| {:.6}",
         r.checked, r.moved, r.head_slices_moved, r.device_move_rounds, r.max_abs_diff

@@ -9,7 +9,7 @@ mod stats;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::engine::cache::{position_ranges, CacheBook, Granularity, TrackedLayer};
+use crate::engine::cache::{position_ranges, CacheBook, TrackedLayer};
 use crate::error::{Error, Result};
 use crate::ffi::{Batch, CacheType, Context, ContextParams, HeadMoves, Model, Sampler, Token};
 use crate::policy::{KeyReduce, NewKeys, Scorer};
@@ -143,9 +143,7 @@ impl Engine {
         let n_ctx = context_cells(&cfg.cache, cfg.job_tokens, n_batch, model.n_swa())?;
         // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.
         let n_batch = n_batch.min(n_ctx);
-        let head_mode = cfg
-            .eviction()
-            .is_some_and(|e| e.granularity == Granularity::Head);
+        let head_mode = cfg.moves_heads();
         check_cache(cfg.type_v, cfg.flash_attn, head_mode)?;
         check_head_blocks(cfg.type_k, cfg.type_v, model.head_dim())?;
         let params = ContextParams {
@@ -420,12 +418,8 @@ impl Engine {
                 "the hook saw no KV cache writes: is this an attention model?".into(),
             ));
         }
-        let head_mode = self
-            .cfg
-            .eviction()
-            .is_some_and(|e| e.granularity == Granularity::Head);
         let row = self.n_head_kv * self.head_dim;
-        if head_mode && !self.ctx.can_move_heads(row) {
+        if self.cfg.moves_heads() && !self.ctx.can_move_heads(row) {
             return Err(Error::HeadMovesUnsupported { row_values: row });
         }
         self.book = Some(CacheBook::new(self.tracked.len(), self.n_head_kv, full));
