@@ -374,6 +374,39 @@ mod tests {
         }
     }
 
+    /// One error policy for filters: broken ones are an error whatever the policy, none is not.
+    #[test]
+    fn filters_that_exist_but_are_broken_are_an_error_and_missing_ones_are_not() {
+        use gguf_tools::gguf::{GgufFile, Value};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let gguf = |name: &str, metadata: Vec<(String, Value)>| {
+            let path = dir.path().join(name);
+            let bytes = GgufFile::new(metadata, Vec::new())
+                .and_then(|f| f.header_bytes())
+                .expect("header");
+            std::fs::write(&path, bytes).expect("write");
+            path
+        };
+        // A model GGUF without qfilters keys, and one our reader cannot parse: no filters.
+        let plain = gguf("plain.gguf", vec![("general.name".into(), Value::U32(1))]);
+        assert!(FoundFilters::load(None, &plain).unwrap().is_none());
+        let garbage = dir.path().join("garbage.gguf");
+        std::fs::write(&garbage, b"not a gguf").expect("write");
+        assert!(FoundFilters::load(None, &garbage).unwrap().is_none());
+        // Embedded filters of a layout this build does not know: an error.
+        let broken = gguf(
+            "broken.gguf",
+            vec![("qfilters.version".into(), Value::U32(99))],
+        );
+        let e = FoundFilters::load(None, &broken)
+            .err()
+            .expect("broken keys refused");
+        assert!(e.to_string().contains("version"), "{e}");
+        // A --filters file that does not load: an error, even beside a good model.
+        let missing = dir.path().join("missing.safetensors");
+        assert!(FoundFilters::load(Some(&missing), &plain).is_err());
+    }
+
     #[test]
     fn a_tuned_window_is_kept_where_it_fits_and_halved_where_it_does_not() {
         let t = Tuned {
