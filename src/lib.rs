@@ -30,7 +30,7 @@
 //! let job = JobLength::Known(prompt.len() + 256);
 //! let config = eviction.engine_config(&LlamaArgs::default(), job, 1)?;
 //! let mut engine = Engine::new(&model, eviction.scorer(None, 42)?, config)?;
-//! let mut sampler = Sampler::new(&model, &SamplingArgs::default().params()?)?;
+//! let mut sampler = Sampler::new(&model, &SamplingArgs::default().params(42)?)?;
 //! let limits = qfilters::conversation::generate::Limits::tokens(256);
 //! let gen = qfilters::conversation::generate::generate(
 //!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| true, &mut |_| true,
