@@ -377,7 +377,7 @@ fn tune(
                 &args.model,
                 &LlamaArgs::default(),
                 model,
-                tokens.len(),
+                qfilters::args::JobLength::Known(tokens.len()),
                 Some(Arc::clone(&shared)),
             )?;
             let out = streaming_nll(&mut engine, &tokens)?;

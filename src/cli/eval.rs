@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use qfilters::args::{SweepArgs, DEFAULT_SINKS};
+use qfilters::args::{JobLength, SweepArgs, DEFAULT_SINKS};
 use qfilters::eval::frontier::pareto_front;
 use qfilters::eval::passkey::{build_task_document, run_trial, PromptFormat, Task};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
@@ -259,7 +259,13 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
     for point in sweep.points(&budgets, &args.sweep.base) {
         let eviction = point.at(tokens.len());
         let llama = point.llama(&args.sweep.llama);
-        let mut engine = eviction.engine(&args.model, &llama, &model, tokens.len(), true)?;
+        let mut engine = eviction.engine(
+            &args.model,
+            &llama,
+            &model,
+            JobLength::Known(tokens.len()),
+            true,
+        )?;
         let out = streaming_nll(&mut engine, &tokens)?;
         let (ppl, ppl2) = perplexities(&out.nll);
         let tok_s = tokens.len() as f64 / out.seconds.max(1e-9);
@@ -485,14 +491,19 @@ fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
                 let eviction = point.at(len);
                 let answer_max = 16;
                 let llama = point.llama(&args.sweep.llama);
-                let mut engine =
-                    match eviction.engine(&args.model, &llama, &model, len + answer_max, true) {
-                        Ok(e) => e,
-                        Err(e) => {
-                            eprintln!("qfilters: skipping {label} at length {len}: {e}");
-                            continue;
-                        }
-                    };
+                let mut engine = match eviction.engine(
+                    &args.model,
+                    &llama,
+                    &model,
+                    JobLength::Known(len + answer_max),
+                    true,
+                ) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!("qfilters: skipping {label} at length {len}: {e}");
+                        continue;
+                    }
+                };
                 for (di, &depth) in args.depths.iter().enumerate() {
                     let (mut hits, mut nll_sum, mut peak) = (0usize, 0.0, 0);
                     let mut answers = Vec::new();

@@ -18,7 +18,7 @@ use gguf_tools::filters::{
     QFilters, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY, META_DEFAULT_WINDOW,
 };
 
-pub use qfilters::args::{EvictionArgs, LlamaArgs, ModelArgs, SamplingArgs};
+pub use qfilters::args::{EvictionArgs, JobLength, LlamaArgs, ModelArgs, SamplingArgs};
 use qfilters::engine::cache::{EvictionConfig, Granularity};
 use qfilters::engine::Engine;
 use qfilters::ffi::Model;
@@ -186,14 +186,13 @@ pub trait EvictionCli {
     ) -> Result<Option<Arc<QFilters>>>;
 
     /// The engine for this policy with the filters the caller resolved (or a benchmark's
-    /// stand-in filters) and llama.cpp's flags; `capacity` as in
-    /// [`EvictionArgs::engine_config`].
+    /// stand-in filters) and llama.cpp's flags, sized for `job`.
     fn engine_with_filters(
         &self,
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
         filters: Option<Arc<QFilters>>,
     ) -> Result<Engine>;
 
@@ -203,11 +202,11 @@ pub trait EvictionCli {
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
         quiet: bool,
     ) -> Result<Engine> {
         let filters = self.resolve_filters(&margs.model, model, quiet)?;
-        self.engine_with_filters(margs, llama, model, capacity, filters)
+        self.engine_with_filters(margs, llama, model, job, filters)
     }
 }
 
@@ -272,11 +271,11 @@ impl EvictionCli for EvictionArgs {
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
         filters: Option<Arc<QFilters>>,
     ) -> Result<Engine> {
         let scorer = self.scorer(filters, llama.seed)?;
-        let config = self.engine_config(llama, capacity, margs.threads())?;
+        let config = self.engine_config(llama, job, margs.threads())?;
         let evicting = self.policy.evicts;
         Engine::new(model, scorer, config).map_err(|e| match e {
             // Only commands with a --budget can be told to lower it.
