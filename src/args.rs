@@ -555,19 +555,27 @@ pub struct ModelArgs {
     /// Show llama.cpp's own log.
     #[arg(long)]
     pub verbose: bool,
+    /// Remote hosts running `qfilters rpc-server`, HOST:PORT[,HOST:PORT...]: their devices
+    /// take the layers -ngl offloads (llama.cpp's --rpc; needs a build with `--features rpc`).
+    /// The protocol has no authentication nor encryption: only over a trusted network or a
+    /// tunnel.
+    #[arg(long = "rpc", value_name = "HOSTS", value_delimiter = ',')]
+    pub rpc: Vec<String>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Arc<Model>> {
         self.check_threads()?;
-        if self.gpu_layers > 0 && !cfg!(feature = "cuda") {
+        crate::ffi::set_verbose_log(self.verbose);
+        crate::ffi::threads::set_poll(self.poll);
+        // Remote devices first: llama.cpp places layers on the devices registered at load.
+        crate::ffi::rpc::add_servers(&self.rpc)?;
+        if self.gpu_layers > 0 && !cfg!(feature = "cuda") && self.rpc.is_empty() {
             eprintln!(
-                "qfilters: --gpu-layers {} ignored: this build has no GPU backend (build with --features cuda)",
+                "qfilters: --gpu-layers {} ignored: this build has no GPU backend (build with --features cuda, or give --rpc hosts)",
                 self.gpu_layers
             );
         }
-        crate::ffi::set_verbose_log(self.verbose);
-        crate::ffi::threads::set_poll(self.poll);
         Model::load(
             &self.model,
             &ModelParams {

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod eval;
 pub mod filters;
 pub mod plot;
+pub mod rpc;
 pub mod run;
 pub mod serve;
 
@@ -430,6 +431,7 @@ mod tests {
             threads,
             poll: 0,
             verbose: false,
+            rpc: Vec::new(),
         }
     }
 
