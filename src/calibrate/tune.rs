@@ -10,7 +10,7 @@ use gguf_tools::filters::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::args::{EvictionArgs, LlamaArgs, DEFAULT_SINKS};
+use crate::args::{EvictionArgs, JobLength, LlamaArgs, DEFAULT_SINKS};
 use crate::engine::cache::{Combiner, EvictionConfig, Granularity};
 use crate::engine::{Engine, KeySource};
 use crate::error::{Error, Result};
@@ -156,7 +156,7 @@ pub fn tune(
             // Tuned on llama.cpp's default cache (f16, flash attention auto).
             let llama = LlamaArgs::default();
             let scorer = pa.scorer(Some(Arc::clone(filters)), llama.seed)?;
-            let config = pa.engine_config(&llama, tokens.len(), cfg.threads)?;
+            let config = pa.engine_config(&llama, JobLength::Known(tokens.len()), cfg.threads)?;
             let mut engine = Engine::new(model, scorer, config)?;
             let out = streaming_nll(&mut engine, tokens)?;
             let (ppl, ppl2) = perplexities(&out.nll);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use qfilters::args::{SweepArgs, DEFAULT_SINKS};
+use qfilters::args::{JobLength, SweepArgs, DEFAULT_SINKS};
 use qfilters::eval::frontier::pareto_front;
 use qfilters::eval::passkey::{build_task_document, run_trial, PromptFormat, Task};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
@@ -266,7 +266,7 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
             &args.model,
             &llama,
             &model,
-            tokens.len(),
+            JobLength::Known(tokens.len()),
             found.as_ref(),
             true,
         )?;
@@ -500,7 +500,7 @@ fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
                     &args.model,
                     &llama,
                     &model,
-                    len + answer_max,
+                    JobLength::Known(len + answer_max),
                     found.as_ref(),
                     true,
                 ) {

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod eval;
 pub mod filters;
 pub mod plot;
+pub mod rpc;
 pub mod run;
 pub mod serve;
 
@@ -16,7 +17,7 @@ use clap::parser::ValueSource;
 use clap::ArgMatches;
 use gguf_tools::filters::QFilters;
 
-pub use qfilters::args::{EvictionArgs, LlamaArgs, ModelArgs, SamplingArgs};
+pub use qfilters::args::{EvictionArgs, JobLength, LlamaArgs, ModelArgs, SamplingArgs};
 use qfilters::engine::Engine;
 use qfilters::ffi::Model;
 use qfilters::{Error, Result};
@@ -136,14 +137,13 @@ pub trait EvictionCli {
     ) -> Result<Option<Arc<QFilters>>>;
 
     /// The engine for this policy with the filters the caller resolved (or a benchmark's
-    /// stand-in filters) and llama.cpp's flags; `capacity` as in
-    /// [`EvictionArgs::engine_config`].
+    /// stand-in filters) and llama.cpp's flags, sized for `job`.
     fn engine_with_filters(
         &self,
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
         filters: Option<Arc<QFilters>>,
     ) -> Result<Engine>;
 
@@ -153,12 +153,12 @@ pub trait EvictionCli {
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
         found: Option<&FoundFilters>,
         quiet: bool,
     ) -> Result<Engine> {
         let filters = self.resolve_filters(found, model, quiet)?;
-        self.engine_with_filters(margs, llama, model, capacity, filters)
+        self.engine_with_filters(margs, llama, model, job, filters)
     }
 }
 
@@ -212,11 +212,11 @@ impl EvictionCli for EvictionArgs {
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
         filters: Option<Arc<QFilters>>,
     ) -> Result<Engine> {
         let scorer = self.scorer(filters, llama.seed)?;
-        let config = self.engine_config(llama, capacity, margs.threads())?;
+        let config = self.engine_config(llama, job, margs.threads())?;
         let evicting = self.policy.evicts;
         Engine::new(model, scorer, config).map_err(|e| match e {
             // Only commands with a --budget can be told to lower it.
@@ -371,6 +371,7 @@ mod tests {
             threads,
             poll: 0,
             verbose: false,
+            rpc: Vec::new(),
         }
     }
 

@@ -81,7 +81,7 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
         &args.model,
         &args.llama,
         &model,
-        tokens.len() + args.n_predict,
+        qfilters::args::JobLength::Known(tokens.len() + args.n_predict),
         filters,
     )?;
     let mut sampler = Sampler::new(&model, &args.sampling.params(args.llama.seed)?)?;

@@ -1,5 +1,7 @@
 //! From tokens to a conversation: [`generate`] (the one generation loop and its UTF-8
-//! decoder) and [`chat`] (a conversation kept in the bounded cache, turn by turn).
+//! decoder), [`chat`] (a conversation kept in the bounded cache, turn by turn) and [`delta`]
+//! (what a new prompt adds to what a cache holds, for the chat and the server alike).
 
 pub mod chat;
+pub mod delta;
 pub mod generate;

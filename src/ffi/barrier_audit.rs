@@ -86,6 +86,15 @@ const DIRECT: &[(&str, &str)] = &[
     ),
     ("ggml_backend_reg_get_proc_address", BACKEND),
     (
+        "ggml_backend_register",
+        "ggml-backend-reg.cpp: appends the entry and its devices to the registry's vectors",
+    ),
+    (
+        "ggml_backend_dev_by_type",
+        "ggml-backend-reg.cpp: a loop over the registered devices",
+    ),
+    ("ggml_set_abort_callback", GGML_C),
+    (
         "ggml_backend_load_all_from_path",
         "ggml-backend-reg.cpp: std::filesystem with error_code overloads, loader errors logged",
     ),

@@ -17,5 +17,6 @@ mod key_paths;
 mod portable;
 mod quantized;
 mod robust_models;
+mod rpc;
 mod synth_models;
 mod tuned;
