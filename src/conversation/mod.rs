@@ -1,5 +1,7 @@
 //! From tokens to a conversation: [`generate`] (the one generation loop and its UTF-8
-//! decoder) and [`chat`] (a conversation kept in the bounded cache, turn by turn).
+//! decoder), [`chat`] (a conversation kept in the bounded cache, turn by turn) and [`jinja`]
+//! (the model's own Jinja template, for conversations with tools).
 
 pub mod chat;
 pub mod generate;
+pub mod jinja;

@@ -39,6 +39,7 @@ pub fn prepare(model: &Model, template: &ChatTemplate, input: &Input) -> Result<
             text: text.clone(),
             content: true,
         }],
+        Input::Tools(chat) => super::tools::segments(model, chat)?,
     };
     let tokens = tokenize_segments(model, &segments)?;
     let mut parts = Vec::with_capacity(segments.len() + 1);
