@@ -159,10 +159,12 @@ impl Sampler {
             .iter()
             .map(|&(token, bias)| sys::llama_logit_bias { token, bias })
             .collect();
-        // SAFETY: the chain takes ownership of each sampler added. Checked above: the penalties
-        // are finite, the window is a small positive constant, and every biased token id is
-        // below `n_vocab`, the vocabulary size both samplers are given; `bias` outlives the
-        // call that copies it (its length fits i32: at most MAX_LOGIT_BIAS).
+        // SAFETY: the chain takes ownership of each sampler added (the grammar sampler,
+        // checked non-null by grammar_sampler, is added once and owned by nothing else).
+        // Checked above: the penalties are finite, the window is a small positive constant,
+        // and every biased token id is below `n_vocab`, the vocabulary size both samplers are
+        // given; `bias` outlives the call that copies it (its length fits i32: at most
+        // MAX_LOGIT_BIAS).
         unsafe {
             let mut cp = sys::llama_sampler_chain_default_params();
             cp.no_perf = true;

@@ -62,7 +62,7 @@ const MAX_ITEMS_BOUND: u64 = 100;
 pub struct SchemaError(pub String);
 
 /// Shared rules every grammar may use.
-const PRIMITIVES: &str = r#"ws ::= | " " | "\n" [ \t]{0,20}
+const PRIMITIVES: &str = r#"ws ::= [ \t\n]{0,20}
 char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})
 string ::= "\"" char* "\""
 integer ::= "-"? ([0-9] | [1-9] [0-9]{1,15})

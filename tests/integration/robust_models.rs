@@ -154,3 +154,45 @@ fn huge_prompt_under_a_memory_limit_is_an_error_not_an_abort() {
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(lines[0].starts_with("qfilters: "), "{stderr}");
 }
+
+/// A grammar llama.cpp cannot parse is a typed error (through the barrier, not an abort), and
+/// a grammar it takes constrains what is sampled (`response_format`'s path).
+#[test]
+fn grammars_are_refused_with_an_error_or_followed() {
+    let model = crate::common::smollm2();
+    for bad in [
+        "root ::= (",
+        "root ::= undefined-rule",
+        "other ::= \"x\"",
+        "root ::= \"a\u{0}\"",
+    ] {
+        let params = SamplingParams {
+            grammar: Some(bad.to_string()),
+            ..SamplingParams::greedy()
+        };
+        assert!(Sampler::new(&model, &params).is_err(), "{bad:?}");
+    }
+    let params = SamplingParams {
+        grammar: Some(r#"root ::= "{\"ok\": " ("true" | "false") "}""#.to_string()),
+        ..SamplingParams::greedy()
+    };
+    let mut sampler = Sampler::new(&model, &params).expect("a valid grammar");
+    let mut engine = crate::common::full_engine(&model, 256, 64);
+    let prompt = model
+        .tokenize("Say something:", true, false)
+        .expect("tokenize");
+    let gen = generate(
+        &mut engine,
+        &mut sampler,
+        &prompt,
+        Limits::tokens(32),
+        &mut |_, _| true,
+        &mut |_| true,
+    )
+    .expect("generate");
+    let text = gen.text;
+    assert!(
+        text == "{\"ok\": true}" || text == "{\"ok\": false}",
+        "{text:?}"
+    );
+}
