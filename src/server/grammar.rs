@@ -85,6 +85,7 @@ pub fn from_schema(schema: &Value) -> Result<String, SchemaError> {
         root: schema,
         rules: BTreeMap::new(),
         refs: BTreeMap::new(),
+        leading: Vec::new(),
         next: 0,
     };
     let body = g.value(schema, "schema", 0)?;
@@ -113,6 +114,9 @@ struct Grammar<'a> {
     rules: BTreeMap<String, String>,
     /// `$ref` target to its rule name (made once, so recursive schemas terminate).
     refs: BTreeMap<String, String>,
+    /// `$ref`s being converted with no JSON text written yet in front of the current place: a
+    /// reference back to one of them would be a left-recursive rule, which llama.cpp refuses.
+    leading: Vec<String>,
     next: usize,
 }
 
@@ -221,10 +225,14 @@ impl<'a> Grammar<'a> {
             "boolean" => Ok("boolean".into()),
             "null" => Ok("null".into()),
             "array" => {
+                // Inside `[`: text comes first, no reference is leading any more.
+                let outer = std::mem::take(&mut self.leading);
                 let item = match m.get("items") {
-                    None => "value".to_string(),
-                    Some(s) => self.value(s, &format!("{at}.items"), depth + 1)?,
+                    None => Ok("value".to_string()),
+                    Some(s) => self.value(s, &format!("{at}.items"), depth + 1),
                 };
+                self.leading = outer;
+                let item = item?;
                 let (lo, hi) = (
                     bound(m, "minItems", MAX_ITEMS_BOUND, at)?,
                     bound(m, "maxItems", MAX_ITEMS_BOUND, at)?,
@@ -252,7 +260,13 @@ impl<'a> Grammar<'a> {
                 };
                 Ok(self.rule(format!(r#""[" ws {body} ws "]""#)))
             }
-            "object" => self.object(m, at, depth),
+            "object" => {
+                // Inside `{`, as for arrays.
+                let outer = std::mem::take(&mut self.leading);
+                let rule = self.object(m, at, depth);
+                self.leading = outer;
+                rule
+            }
             other => Err(SchemaError(format!(
                 "{at}.type '{other}' is not a JSON Schema type"
             ))),
@@ -323,6 +337,11 @@ impl<'a> Grammar<'a> {
         let Some(path) = r.as_str() else {
             return Err(SchemaError(format!("{at}.$ref must be a string")));
         };
+        if self.leading.iter().any(|p| p == path) {
+            return Err(SchemaError(format!(
+                "{at}.$ref '{path}' refers back to itself before any JSON text: such a schema describes no finite value"
+            )));
+        }
         if let Some(name) = self.refs.get(path) {
             return Ok(name.clone());
         }
@@ -341,7 +360,10 @@ impl<'a> Grammar<'a> {
         let name = format!("r{}", self.next);
         self.next += 1;
         self.refs.insert(path.to_string(), name.clone());
-        let body = self.value(target, path, depth + 1)?;
+        self.leading.push(path.to_string());
+        let body = self.value(target, path, depth + 1);
+        self.leading.pop();
+        let body = body?;
         self.rules.insert(name.clone(), body);
         Ok(name)
     }
@@ -462,6 +484,27 @@ mod tests {
         }));
         assert!(g.starts_with("root ::= r0\n"), "{g}");
         assert!(g.contains("(r0 | null)"), "{g}");
+    }
+
+    #[test]
+    fn a_reference_back_to_itself_before_any_text_is_refused() {
+        for s in [
+            json!({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}),
+            json!({"$defs": {"A": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/B"}]},
+                             "B": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}),
+        ] {
+            assert!(
+                from_schema(&s)
+                    .unwrap_err()
+                    .0
+                    .contains("refers back to itself"),
+                "{s}"
+            );
+        }
+        // Through an array or object it is ordinary recursion.
+        let tree = json!({"$defs": {"T": {"type": "array", "items": {"$ref": "#/$defs/T"}}},
+                          "$ref": "#/$defs/T"});
+        assert!(from_schema(&tree).is_ok());
     }
 
     #[test]

@@ -196,3 +196,40 @@ fn grammars_are_refused_with_an_error_or_followed() {
         "{text:?}"
     );
 }
+
+/// Every kind of grammar the server's JSON Schema converter writes, at its bounds, is one
+/// llama.cpp's parser takes (a refusal would be a 500 at request time).
+#[test]
+fn the_schema_converter_writes_grammars_llama_cpp_takes() {
+    use qfilters::server::grammar;
+    use serde_json::json;
+    let model = crate::common::smollm2();
+    let item = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 1000},
+        "n": {"type": ["integer", "null"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b\"", 3, null]}, "minItems": 1, "maxItems": 100},
+        "child": {"$ref": "#/$defs/Node"}
+    }, "required": ["name"]});
+    let schemas = [
+        json!({"$defs": {"Node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}},
+               "type": "array", "items": item, "maxItems": 100}),
+        json!({"anyOf": [{"const": {"a": [1, "x"]}}, {"type": "number"}, {"type": "boolean"}]}),
+        json!({"type": "object", "properties": {"a": {}, "b": {"type": "string", "minLength": 1000}}}),
+        json!(true),
+    ];
+    let mut grammars = vec![grammar::json_object()];
+    for s in &schemas {
+        grammars.push(grammar::from_schema(s).expect("convertible"));
+        grammars.push(grammar::wrapped("<tool_call>\n", s, "\n</tool_call>").expect("convertible"));
+    }
+    for g in grammars {
+        let params = SamplingParams {
+            grammar: Some(g.clone()),
+            ..SamplingParams::greedy()
+        };
+        assert!(
+            Sampler::new(&model, &params).is_ok(),
+            "llama.cpp refused:\n{g}"
+        );
+    }
+}
