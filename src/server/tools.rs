@@ -136,12 +136,12 @@ pub fn parse(m: &Object, list: &[Value]) -> std::result::Result<Option<ToolChat>
             "tool_choice",
         ));
     }
+    // Any `tool_calls` but an empty array or null takes this path, where it is validated.
     let has_tool_messages = list.iter().any(|msg| {
         msg.get("role").and_then(Value::as_str) == Some("tool")
             || msg
                 .get("tool_calls")
-                .and_then(Value::as_array)
-                .is_some_and(|a| !a.is_empty())
+                .is_some_and(|c| !c.is_null() && c.as_array().is_none_or(|a| !a.is_empty()))
     });
     let offered = !tools.is_empty() && choice != Choice::None;
     if !offered && !has_tool_messages {
@@ -647,6 +647,11 @@ mod tests {
             assert_eq!(e.status, 400);
             assert!(e.message.contains(needle), "{m}: {}", e.message);
         }
+        let not_a_list = [json!({"role": "assistant", "tool_calls": {"a": 1}})];
+        assert!(parse(&obj(json!({})), &not_a_list)
+            .unwrap_err()
+            .message
+            .contains("tool_calls must be an array"));
         let bad_call = [json!({"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]})];
         assert!(parse(&obj(json!({})), &bad_call)
             .unwrap_err()
