@@ -18,4 +18,5 @@ mod portable;
 mod quantized;
 mod robust_models;
 mod synth_models;
+mod tools;
 mod tuned;
