@@ -33,6 +33,7 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
     let dynamic = env::var_os("CARGO_FEATURE_DYNAMIC_LINK").is_some();
+    let rpc = env::var_os("CARGO_FEATURE_RPC").is_some();
 
     let (source, patches) = match env::var_os("LLAMA_CPP_DIR") {
         Some(dir) => {
@@ -97,7 +98,7 @@ fn main() {
     let (lib_dir, cpu_build) = match env::var_os("QFILTERS_LLAMA_LIB_DIR") {
         // Prebuilt libraries (e.g. built on a GPU machine from the same source): only link.
         Some(dir) => (PathBuf::from(dir), "prebuilt"),
-        None => build_llama(&source, &patches, &manifest_dir, cuda, dynamic),
+        None => build_llama(&source, &patches, &manifest_dir, cuda, dynamic, rpc),
     };
     let dispatch = is_dispatch_build(&lib_dir);
     // What `qfilters --version` reports, and where the binary looks for CPU variants when
@@ -111,7 +112,7 @@ fn main() {
         lib_dir.display()
     );
     build_exception_shim(&source);
-    link(&lib_dir, cuda, dynamic || dispatch, dispatch);
+    link(&lib_dir, cuda, dynamic || dispatch, dispatch, rpc);
     generate_bindings(&source);
 }
 
@@ -428,6 +429,7 @@ fn build_llama(
     manifest_dir: &Path,
     cuda: bool,
     dynamic: bool,
+    rpc: bool,
 ) -> (PathBuf, &'static str) {
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -450,8 +452,9 @@ fn build_llama(
     let shared = dynamic || cpu.dispatch;
     // The patch set is part of the name so patched and unpatched objects never mix.
     let flavour = format!(
-        "{}-{}-{}-{}-{}",
+        "{}{}-{}-{}-{}-{}",
         if cuda { "cuda" } else { "cpu" },
+        if rpc { "-rpc" } else { "" },
         if shared { "shared" } else { "static" },
         cpu.name(),
         patches.short,
@@ -473,6 +476,8 @@ fn build_llama(
         // Our own threads drive llama.cpp; OpenMP would add a runtime to link statically.
         .define("GGML_OPENMP", "OFF")
         .define("GGML_CUDA", if cuda { "ON" } else { "OFF" })
+        // ggml's RPC backend (client and server), for a model split across hosts.
+        .define("GGML_RPC", if rpc { "ON" } else { "OFF" })
         .define("CMAKE_INSTALL_LIBDIR", "lib")
         // ggml installs backend modules (the CPU variants) as "runtime" files: keep them
         // beside the libraries, so one folder holds everything the binary loads.
@@ -624,7 +629,7 @@ impl CpuTarget {
     }
 }
 
-fn link(lib_dir: &Path, cuda: bool, dynamic: bool, dispatch: bool) {
+fn link(lib_dir: &Path, cuda: bool, dynamic: bool, dispatch: bool, rpc: bool) {
     println!("cargo::rustc-link-search=native={}", lib_dir.display());
     let kind = if dynamic { "dylib" } else { "static" };
     let mut libs = vec!["llama", "ggml"];
@@ -634,6 +639,10 @@ fn link(lib_dir: &Path, cuda: bool, dynamic: bool, dispatch: bool) {
     }
     if cuda {
         libs.push("ggml-cuda");
+    }
+    // Like the CPU variants, a dispatch build's RPC backend is a module loaded at run time.
+    if rpc && !dispatch {
+        libs.push("ggml-rpc");
     }
     libs.push("ggml-base");
     for lib in libs {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use gguf_tools::filters::QFilters;
-use qfilters::args::{EvictionArgs, LlamaArgs, SamplingArgs};
+use qfilters::args::{EvictionArgs, JobLength, LlamaArgs, SamplingArgs};
 use qfilters::conversation::generate::{generate, Limits};
 use qfilters::engine::Engine;
 use qfilters::ffi::{Model, ModelParams, Sampler};
@@ -45,7 +45,7 @@ fn run() -> qfilters::Result<()> {
     // llama.cpp's own flags (cache types, flash attention, seed) at llama.cpp's defaults.
     let llama = LlamaArgs::default();
     let scorer = eviction.scorer(filters, llama.seed)?;
-    let config = eviction.engine_config(&llama, tokens.len() + n_predict, 1)?;
+    let config = eviction.engine_config(&llama, JobLength::Known(tokens.len() + n_predict), 1)?;
     let mut engine = Engine::new(&model, scorer, config)?;
     let mut sampler = Sampler::new(&model, &SamplingArgs::default().params(llama.seed)?)?;
 

@@ -162,6 +162,17 @@ if has_gemma; then prepare gemma3 && ppl gemma3; fi
 frontier smollm2 2047 224,480,992
 frontier qwen05 1023 224,480
 if has_gemma; then frontier gemma3 2047 224,480,992; fi
+# The retrieval frontier: passkey rate against KV MiB, full cache and eviction at 2x on f16, q8_0
+# and q4_0 caches, on the model whose full cache finds the key (Qwen). KeyDiff (needs no filters,
+# best of the policies on this test) at its tuned window, without a recency prior.
+passkey_frontier() { # model
+  local m=$1 json="$OUT/$1_frontier_passkey.json"
+  # shellcheck disable=SC2086
+  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format chat \
+    --lengths 1024 --depths 0.2 --trials 10 --ratio 2 --policy none,streaming,keydiff ${TUNED_FLAGS[$m]} --recency 0 \
+    -ctk f16,q8_0,q4_0 -ctv f16,q8_0,q4_0 --json "$json" --frontier "$OUT/$1_frontier_passkey.svg"
+}
+passkey_frontier qwen05
 for m in qwen05 smollm2; do
   for len in 1024 2048 4096; do
     for depth in 0.1 0.2 0.3 0.4; do

@@ -405,10 +405,9 @@ impl EvictionArgs {
             .collect()
     }
 
-    /// The eviction knobs, for a policy that evicts; `None` for the full-cache reference.
-    /// The cache this policy keeps: bounded by eviction, or full with `capacity` cells for a
+    /// The cache this policy keeps: bounded by eviction, or full with `full_cells` cells for a
     /// policy that does not evict.
-    pub fn cache_size(&self, capacity: usize) -> CacheSize {
+    pub fn cache_size(&self, full_cells: usize) -> CacheSize {
         if self.policy.evicts {
             CacheSize::Bounded(EvictionConfig {
                 budget: self.budget,
@@ -419,7 +418,9 @@ impl EvictionArgs {
                 slack: self.slack,
             })
         } else {
-            CacheSize::Full { capacity }
+            CacheSize::Full {
+                capacity: full_cells,
+            }
         }
     }
 
@@ -438,24 +439,19 @@ impl EvictionArgs {
         self.policy.evicts && self.granularity == Granularity::Head
     }
 
-    /// The engine configuration, with llama.cpp's flags `llama`: `capacity` is the full-cache
-    /// size for a policy that does not evict (unless --ctx-size gives one), and for one that
-    /// does the most tokens the job feeds (0: unknown), which caps the context.
+    /// The engine configuration for `job`, with llama.cpp's flags `llama`.
     pub fn engine_config(
         &self,
         llama: &LlamaArgs,
-        capacity: usize,
+        job: JobLength,
         threads: i32,
     ) -> Result<EngineConfig> {
         self.check()?;
         llama.check(self.per_head())?;
-        let full = match llama.ctx_size {
-            0 => capacity,
-            n => n,
-        };
+        let full = job.full_cells(llama.ctx_size);
         Ok(EngineConfig {
             cache: self.cache_size(full),
-            job_tokens: (capacity > 0).then_some(capacity),
+            job_tokens: job.tokens(),
             n_batch: self.n_batch,
             threads,
             key_source: self.key_source,
@@ -464,6 +460,39 @@ impl EvictionArgs {
             type_v: llama.cache_type_v,
             ..EngineConfig::full(full)
         })
+    }
+}
+
+/// What a job knows about its length: with --ctx-size and the eviction flags, all that sizes
+/// its cache ([`EvictionArgs::engine_config`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobLength {
+    /// At most this many tokens, prompt and generated (`run`, `bench`, `eval`, `calibrate`):
+    /// a bounded cache never gets more context than that (a cache never holds more cells than
+    /// tokens it was given), and a full cache is that large.
+    Known(usize),
+    /// No known end (`chat`, `serve`): a bounded cache is sized by its budget alone; a full
+    /// one cannot grow, and holds `full_cells` (what the command promises its user).
+    Open { full_cells: usize },
+}
+
+impl JobLength {
+    /// The cells of a full cache (a policy that does not evict): --ctx-size (`ctx_size`; 0:
+    /// not given), else what the job says. The one place a full cache is sized.
+    pub fn full_cells(self, ctx_size: usize) -> usize {
+        match (ctx_size, self) {
+            (0, JobLength::Known(n) | JobLength::Open { full_cells: n }) => n,
+            (n, _) => n,
+        }
+    }
+
+    /// The most tokens the job feeds, which caps a bounded cache's context; `None` when open
+    /// (or empty: a context is never sized below one batch for it).
+    pub fn tokens(self) -> Option<usize> {
+        match self {
+            JobLength::Known(n) if n > 0 => Some(n),
+            _ => None,
+        }
     }
 }
 
@@ -527,19 +556,27 @@ pub struct ModelArgs {
     /// Show llama.cpp's own log.
     #[arg(long)]
     pub verbose: bool,
+    /// Remote hosts running `qfilters rpc-server`, HOST:PORT[,HOST:PORT...]: their devices
+    /// take the layers -ngl offloads (llama.cpp's --rpc; needs a build with `--features rpc`).
+    /// The protocol has no authentication nor encryption: only over a trusted network or a
+    /// tunnel.
+    #[arg(long = "rpc", value_name = "HOSTS", value_delimiter = ',')]
+    pub rpc: Vec<String>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Arc<Model>> {
         self.check_threads()?;
-        if self.gpu_layers > 0 && !cfg!(feature = "cuda") {
+        crate::ffi::set_verbose_log(self.verbose);
+        crate::ffi::threads::set_poll(self.poll);
+        // Remote devices first: llama.cpp places layers on the devices registered at load.
+        crate::ffi::rpc::add_servers(&self.rpc)?;
+        if self.gpu_layers > 0 && !cfg!(feature = "cuda") && self.rpc.is_empty() {
             eprintln!(
-                "qfilters: --gpu-layers {} ignored: this build has no GPU backend (build with --features cuda)",
+                "qfilters: --gpu-layers {} ignored: this build has no GPU backend (build with --features cuda, or give --rpc hosts)",
                 self.gpu_layers
             );
         }
-        crate::ffi::set_verbose_log(self.verbose);
-        crate::ffi::threads::set_poll(self.poll);
         Model::load(
             &self.model,
             &ModelParams {
@@ -670,6 +707,45 @@ mod tests {
         ));
         let bad = EvictionArgs::from_flags(&["--policy", "nope"]).unwrap_err();
         assert!(bad.to_string().contains("qfilters"), "{bad}");
+    }
+
+    /// The context each command gets for the same flags: `chat` and `serve` (open jobs) and
+    /// `bench`, `run`, `eval` (known lengths), with and without eviction and --ctx-size. The
+    /// numbers are llama.cpp's n_ctx (no sliding-window layers).
+    #[test]
+    fn each_command_gets_the_context_its_job_needs() {
+        let n_ctx = |flags: &[&str], llama: &[&str], job: JobLength| {
+            let e = EvictionArgs::from_flags(flags).unwrap();
+            let l: LlamaArgs = parse_group(llama).unwrap();
+            let c = e.engine_config(&l, job, 1).unwrap();
+            crate::engine::context_cells(&c.cache, c.job_tokens, c.n_batch, 0).unwrap()
+        };
+        let knorm = ["--policy", "knorm", "--budget", "128", "--batch", "64"];
+        let none = ["--policy", "none", "--budget", "128", "--batch", "64"];
+        // chat: an open job, a full cache of --budget cells.
+        let chat = JobLength::Open { full_cells: 128 };
+        assert_eq!(n_ctx(&knorm, &[], chat), 128 + 64 + 16);
+        assert_eq!(n_ctx(&none, &[], chat), 128 + 1);
+        assert_eq!(n_ctx(&none, &["-c", "1000"], chat), 1000 + 1);
+        // --ctx-size sizes only a full cache.
+        assert_eq!(n_ctx(&knorm, &["-c", "1000"], chat), 128 + 64 + 16);
+        // serve: an open job, a full cache of budget + batch cells (an evicting slot's memory).
+        let serve = JobLength::Open {
+            full_cells: 128 + 64,
+        };
+        assert_eq!(n_ctx(&knorm, &[], serve), 128 + 64 + 16);
+        assert_eq!(n_ctx(&none, &[], serve), 128 + 64 + 1);
+        assert_eq!(n_ctx(&none, &["-c", "300"], serve), 300 + 1);
+        // bench (prompt 100 + gen 20 + 1), run, eval: a known length caps a bounded cache
+        // and is a full cache's size.
+        let bench = JobLength::Known(121);
+        assert_eq!(n_ctx(&knorm, &[], bench), 121 + 16);
+        assert_eq!(n_ctx(&none, &[], bench), 121 + 1);
+        assert_eq!(n_ctx(&none, &["-c", "50"], bench), 50 + 1);
+        assert_eq!(n_ctx(&knorm, &[], JobLength::Known(10_000)), 128 + 64 + 16);
+        // An empty job caps nothing.
+        assert_eq!(n_ctx(&knorm, &[], JobLength::Known(0)), 128 + 64 + 16);
+        assert_eq!(JobLength::Known(0).tokens(), None);
     }
 
     #[test]

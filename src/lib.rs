@@ -16,7 +16,7 @@
 //! filters, `policy::QFILTERS` and `Some(filters)`; see `examples/bounded_generation.rs`):
 //!
 //! ```no_run
-//! use qfilters::args::{EvictionArgs, SamplingArgs};
+//! use qfilters::args::{EvictionArgs, JobLength, LlamaArgs, SamplingArgs};
 //! use qfilters::engine::Engine;
 //! use qfilters::ffi::{Model, ModelParams, Sampler};
 //!
@@ -27,9 +27,10 @@
 //! )?;
 //! let eviction = EvictionArgs::from_flags(&["--policy", "knorm", "--budget", "128"])?;
 //! let prompt = model.tokenize("Once upon a time", true, false)?;
-//! let config = eviction.engine_config(prompt.len() + 256, 1)?;
+//! let job = JobLength::Known(prompt.len() + 256);
+//! let config = eviction.engine_config(&LlamaArgs::default(), job, 1)?;
 //! let mut engine = Engine::new(&model, eviction.scorer(None, 42)?, config)?;
-//! let mut sampler = Sampler::new(&model, &SamplingArgs::default().params()?)?;
+//! let mut sampler = Sampler::new(&model, &SamplingArgs::default().params(42)?)?;
 //! let limits = qfilters::conversation::generate::Limits::tokens(256);
 //! let gen = qfilters::conversation::generate::generate(
 //!     &mut engine, &mut sampler, &prompt, limits, &mut |_, _| true, &mut |_| true,

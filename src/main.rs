@@ -38,6 +38,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Serve an OpenAI-compatible API; each conversation lives in a cache bounded by --budget.
     Serve(cli::serve::ServeArgs),
+    /// Serve this machine's CPU to other hosts' `--rpc` (ggml's RPC server; loopback by default).
+    RpcServer(cli::rpc::RpcServerArgs),
 }
 
 fn main() {
@@ -46,10 +48,15 @@ fn main() {
     // backend, so only `--version` pays for it.
     if std::env::args_os().any(|a| a == "--version" || a == "-V") {
         let version = format!(
-            "{} (llama.cpp patches: {}; cpu: {})",
+            "{} (llama.cpp patches: {}; cpu: {}; rpc: {})",
             env!("CARGO_PKG_VERSION"),
             env!("QFILTERS_LLAMA_PATCHES"),
-            qfilters::ffi::cpu_backend()
+            qfilters::ffi::cpu_backend(),
+            if qfilters::ffi::rpc::built_in() {
+                "built in"
+            } else {
+                "not built (--features rpc)"
+            }
         );
         // clap keeps a version for the life of the program; this runs once, then exits.
         command = command.version(&*Box::leak(version.into_boxed_str()));
@@ -68,6 +75,7 @@ fn main() {
         Command::Eval(args) => cli::eval::run(*args, &given),
         Command::Bench(args) => cli::bench::run(args),
         Command::Serve(args) => cli::serve::run(args, &given),
+        Command::RpcServer(args) => cli::rpc::run(args),
     };
     if let Err(e) = result.map_err(cli::name_flags) {
         if e.is_broken_pipe() {

@@ -14,7 +14,7 @@ use crate::conversation::generate::{generate, Limits};
 use crate::engine::cache::TrackedLayer;
 use crate::engine::{Engine, Logits, Stats};
 use crate::error::{Error, Result};
-use crate::ffi::{Model, Sampler, SamplingParams, Token};
+use crate::ffi::{CacheType, Model, Sampler, SamplingParams, Token};
 use crate::math::{argmax, rate, splitmix64};
 
 /// `n` token ids drawn uniformly (seeded) from the vocabulary, end-of-generation tokens
@@ -234,7 +234,17 @@ impl BandwidthBound {
 /// Unit-norm random filters (seeded) of the model's shape: for speed measurements and checks
 /// where no calibrated filters exist; scoring costs the same as with real ones.
 pub fn random_filters(model: &Model, seed: u64) -> Result<gguf_tools::filters::QFilters> {
-    let (l, h, d) = (model.n_layer(), model.n_head_kv(), model.head_dim());
+    random_filters_of_shape(model.n_layer(), model.n_head_kv(), model.head_dim(), seed)
+}
+
+/// [`random_filters`] of shape `[l, h, d]` (layers, KV heads, head dim), for tests that need
+/// filters for a model they do not load, or of a shape no model has.
+pub fn random_filters_of_shape(
+    l: usize,
+    h: usize,
+    d: usize,
+    seed: u64,
+) -> Result<gguf_tools::filters::QFilters> {
     let mut state = seed ^ 0xF1_17E5;
     let mut data = Vec::with_capacity(l * h * d);
     for _ in 0..l * h {
@@ -345,23 +355,30 @@ pub struct HeadMoveReport {
     pub checked: usize,
     /// Of those, slots holding a token other than their cell's label (moved there).
     pub moved: usize,
+    /// Of those, slots whose K or V bytes differ from the never-evicting cache's (a moved
+    /// slice is copied as stored, never requantized: 0 on every cache type).
+    pub differing: usize,
     pub head_slices_moved: u64,
     /// Eviction rounds whose moves ran as one graph on the cache's device.
     pub device_move_rounds: u64,
     /// Largest |difference| between a slot's K or V and the never-evicting cache's.
     pub max_abs_diff: f32,
+    /// Cells the evicting cache holds at the end.
+    pub live_cells: usize,
 }
 
 /// Per-head eviction (knorm, `--granularity head`) over `prompt` in chunks of `chunk`, with
 /// `budget` cells, against a cache that never evicts: every (layer 0, head, live cell) slot must
 /// hold exactly the K and V of the position the book says. Layer 0's K and V depend only on the
-/// token and its position, so the two caches are comparable. `threads` for llama.cpp.
+/// token and its position, so the two caches are comparable. `threads` for llama.cpp; K and V
+/// stored as `cache_type` in both caches.
 pub fn check_head_moves(
     model: &std::sync::Arc<Model>,
     prompt: &[Token],
     budget: usize,
     chunk: usize,
     threads: i32,
+    cache_type: CacheType,
 ) -> Result<HeadMoveReport> {
     use crate::engine::cache::{Combiner, EvictionConfig, Granularity};
     use crate::engine::EngineConfig;
@@ -382,6 +399,8 @@ pub fn check_head_moves(
                 n_batch: chunk,
                 threads,
                 flash_attn: Some(true),
+                type_k: cache_type,
+                type_v: cache_type,
                 ..cache
             },
         )
@@ -406,6 +425,7 @@ pub fn check_head_moves(
     let mut r = HeadMoveReport {
         head_slices_moved: evicting.stats().head_slices_moved,
         device_move_rounds: evicting.stats().device_move_rounds,
+        live_cells: evicting.live_cells(),
         ..HeadMoveReport::default()
     };
     let book = evicting
@@ -413,12 +433,17 @@ pub fn check_head_moves(
         .ok_or_else(|| Error::KvCache("no cache book".into()))?
         .clone();
     let (h_kv, d) = (model.n_head_kv(), model.head_dim());
+    let slice = cache_type
+        .bytes(d)
+        .ok_or_else(|| Error::invalid(format!("a head is not whole {cache_type} blocks")))?;
     for cell in 0..book.n_cells() {
         if book.cell_position(cell).is_none() {
             continue;
         }
-        let k = evicting.context_mut().read_cache_row(0, false, cell)?;
-        let v = evicting.context_mut().read_cache_row(0, true, cell)?;
+        let k = evicting.read_cache_row(0, false, cell)?;
+        let v = evicting.read_cache_row(0, true, cell)?;
+        let kb = evicting.read_cache_row_bytes(0, false, cell)?;
+        let vb = evicting.read_cache_row_bytes(0, true, cell)?;
         for h in 0..h_kv {
             let p = book
                 .slot_position(TrackedLayer(0), h, cell)
@@ -427,12 +452,22 @@ pub fn check_head_moves(
                 r.moved += 1;
             }
             // A cache that never evicted holds position p in cell p.
-            let rk = full.context_mut().read_cache_row(0, false, p as usize)?;
-            let rv = full.context_mut().read_cache_row(0, true, p as usize)?;
+            let rk = full.read_cache_row(0, false, p as usize)?;
+            let rv = full.read_cache_row(0, true, p as usize)?;
             for (a, b) in [(&k, &rk), (&v, &rv)] {
                 for i in h * d..(h + 1) * d {
                     r.max_abs_diff = r.max_abs_diff.max((a[i] - b[i]).abs());
                 }
+            }
+            let rkb = full.read_cache_row_bytes(0, false, p as usize)?;
+            let rvb = full.read_cache_row_bytes(0, true, p as usize)?;
+            let s = h * slice..(h + 1) * slice;
+            let same = |a: &[u8], b: &[u8]| {
+                a.get(s.clone())
+                    .is_some_and(|x| b.get(s.clone()) == Some(x))
+            };
+            if !(same(&kb, &rkb) && same(&vb, &rvb)) {
+                r.differing += 1;
             }
             r.checked += 1;
         }

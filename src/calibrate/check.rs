@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::ffi::{Batch, Context, ContextParams, GraphObserver, Model, NodeInfo, NodeOp, Token};
+use crate::math::mean;
 use crate::math::{dot, spearman};
 
 /// Fractions of old keys kept per KV head in the kept-mass report.
@@ -39,17 +40,18 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    // Means over layers (and, per layer, over heads) report 0 for none.
     pub fn mean_spearman_filters(&self) -> f64 {
-        mean(self.layers.iter().map(|l| l.spearman_filters))
+        mean(self.layers.iter().map(|l| l.spearman_filters)).unwrap_or(0.0)
     }
 
     pub fn mean_spearman_knorm(&self) -> f64 {
-        mean(self.layers.iter().map(|l| l.spearman_knorm))
+        mean(self.layers.iter().map(|l| l.spearman_knorm)).unwrap_or(0.0)
     }
 
     /// Mean over layers of the kept mass for one fraction index and selector index.
     pub fn mean_mass(&self, fraction: usize, selector: usize) -> f64 {
-        mean(self.layers.iter().map(|l| l.mass_kept[fraction][selector]))
+        mean(self.layers.iter().map(|l| l.mass_kept[fraction][selector])).unwrap_or(0.0)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -82,11 +84,6 @@ impl CheckReport {
             "mass_kept_per_layer": per_layer_mass,
         })
     }
-}
-
-/// Mean over layers or heads; 0 when there are none.
-fn mean(values: impl IntoIterator<Item = f64>) -> f64 {
-    crate::math::mean(values).unwrap_or(0.0)
 }
 
 /// What the observer keeps per layer: keys and attention received, nothing quadratic.
@@ -243,8 +240,8 @@ pub fn check_filters(
             }
         }
         layers.push(LayerCheck {
-            spearman_filters: mean(sp_f),
-            spearman_knorm: mean(sp_k),
+            spearman_filters: mean(sp_f).unwrap_or(0.0),
+            spearman_knorm: mean(sp_k).unwrap_or(0.0),
             mass_kept: mass,
         });
     }

@@ -13,6 +13,7 @@
 //! unit tests check it against a Jacobi eigen-solver.
 
 pub mod check;
+pub mod tune;
 
 use std::sync::Arc;
 

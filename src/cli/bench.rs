@@ -11,11 +11,11 @@ use qfilters::bench::summary::Summary;
 use qfilters::bench::{self, Comparison, RunMeasure};
 use qfilters::engine::cache::Granularity;
 use qfilters::engine::{Engine, EngineConfig, KeySource};
-use qfilters::ffi::Model;
+use qfilters::ffi::{CacheType, Model};
 use qfilters::policy::{self, PolicyInfo, PolicyInputs};
 use qfilters::{Error, Result};
 
-use super::{write_json, EvictionArgs, EvictionCli, LlamaArgs, ModelArgs};
+use super::{write_json, EvictionArgs, EvictionCli, FoundFilters, JobLength, LlamaArgs, ModelArgs};
 
 #[derive(Args, Debug, Clone)]
 // The benchmark's own defaults, shown by its --help: its published numbers were measured with
@@ -77,10 +77,11 @@ impl BenchArgs {
 
     /// Filters from --filters or the GGUF, else random unit filters: they cost the same.
     fn filters(&self, model: &Model) -> Result<Arc<gguf_tools::filters::QFilters>> {
-        match self
-            .eviction
-            .resolve_filters(&self.model.model, model, false)?
-        {
+        match self.eviction.resolve_filters(
+            FoundFilters::load(self.eviction.filters.as_deref(), &self.model.model)?.as_ref(),
+            model,
+            false,
+        )? {
             Some(f) => Ok(f),
             None => {
                 eprintln!(
@@ -109,12 +110,12 @@ impl BenchArgs {
             None
         };
         // The workload's tokens cap the context, as in `run`.
-        let job = self.prompt.saturating_add(self.gen).saturating_add(1);
+        let job = JobLength::Known(self.prompt.saturating_add(self.gen).saturating_add(1));
         eviction.engine_with_filters(&self.model, &self.llama, model, job, filters)
     }
 
-    /// The hook-off engine: full cache of `capacity` cells, no callback at all.
-    fn engine_off(&self, model: &Arc<Model>, capacity: usize) -> Result<Engine> {
+    /// The hook-off engine: full cache of `full_cells` cells, no callback at all.
+    fn engine_off(&self, model: &Arc<Model>, full_cells: usize) -> Result<Engine> {
         let scorer = policy::FULL_CACHE.scorer(&PolicyInputs {
             filters: None,
             seed: self.llama.seed,
@@ -136,7 +137,7 @@ impl BenchArgs {
                 type_k: self.llama.cache_type_k,
                 type_v: self.llama.cache_type_v,
                 hook: false,
-                ..EngineConfig::full(capacity)
+                ..EngineConfig::full(full_cells)
             },
         )
     }
@@ -225,12 +226,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     // Same context size on both arms when nothing is evicted, so the hook is all that differs;
     // with a budget below the input, the hook-off arm is the full cache the budget replaces.
-    let capacity = if budget >= input {
+    let full_cells = if budget >= input {
         on.context().n_ctx().saturating_sub(1).max(input)
     } else {
         input
     };
-    let mut off = args.engine_off(&model, capacity)?;
+    let mut off = args.engine_off(&model, full_cells)?;
     let cmp = bench::compare(
         &mut off,
         &mut on,
@@ -386,7 +387,14 @@ fn check_moves(args: &BenchArgs, model: &Arc<Model>, prompt: &[i32]) -> Result<(
         b => b,
     }
     .min(prompt.len().saturating_sub(1));
-    let r = bench::check_head_moves(model, prompt, budget, 16, args.model.threads())?;
+    let r = bench::check_head_moves(
+        model,
+        prompt,
+        budget,
+        16,
+        args.model.threads(),
+        CacheType::F16,
+    )?;
     println!(
         "check-moves: {} slots checked, {} hold moved slices | {} head slices moved, {} rounds on the device | max |Δ| {:.6}",
         r.checked, r.moved, r.head_slices_moved, r.device_move_rounds, r.max_abs_diff

@@ -6,24 +6,19 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use clap::Args;
-use gguf_tools::filters::{
-    QFilters, META_DEFAULT_EVIDENCE, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY,
-    META_DEFAULT_WINDOW, META_SAMPLES, META_TOKENS,
-};
+use gguf_tools::filters::{QFilters, META_SAMPLES, META_TOKENS};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use qfilters::calibrate::tune::{self, TuneConfig};
 use qfilters::calibrate::{calibrate, CalibrationConfig};
-use qfilters::engine::cache::{Combiner, EvictionConfig, Granularity};
-use qfilters::engine::KeySource;
-use qfilters::eval::ppl::{perplexities, streaming_nll};
+use qfilters::engine::cache::{EvictionConfig, Granularity};
 use qfilters::ffi::Model;
 use qfilters::{Error, Result};
 
 use qfilters::args::DEFAULT_SINKS;
-use qfilters::policy;
 
-use super::{read_text, write_json, EvictionArgs, EvictionCli, LlamaArgs, ModelArgs, Progress};
+use super::{read_text, write_json, ModelArgs, Progress};
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
@@ -268,74 +263,9 @@ fn check_tune_args(args: &CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
-/// One point of the tuning sweep.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Setting {
-    recency: f64,
-    window: usize,
-    granularity: Granularity,
-}
-
-impl Setting {
-    fn label(&self) -> String {
-        format!(
-            "recency {} window {} {}",
-            self.recency, self.window, self.granularity
-        )
-    }
-}
-
-/// Result of one setting: (budget, PPL all, PPL 2nd half) per budget, and the objective.
-struct Point {
-    setting: Setting,
-    per_budget: Vec<(usize, f64, f64)>,
-    objective: f64,
-}
-
-/// How much lower (objective units: ln PPL) a setting must score to replace one listed before
-/// it. The same setting's objective moved by up to 0.0063 between two CPUs (SmolLM2 and
-/// Qwen-0.5B sweeps, a 2-core Intel Xeon against a 2-core AMD EPYC, where ggml runs other
-/// kernels), and SmolLM2's choice flipped between head and position granularity on such a
-/// difference; closer than this is a tie, which keeps the earlier value, so the lists start
-/// with the plainer settings (no prior, then the weakest; the shortest window; per-head scores
-/// as scored). On 4096 tokens of tinyshakespeare the best settings of priors 32, 128 and 512
-/// lay within 0.004 of each other on Qwen-0.5B and within 0.015 on Gemma-3-270M; the order
-/// then decides, and it keeps what is closest to the paper's pure scores.
-pub const TUNE_TIE: f64 = 0.01;
-
-/// The candidate a stage keeps: the first, replaced by a later one only when that one beats
-/// the current choice by more than [`TUNE_TIE`]. Non-empty input; NaN never wins.
-fn pick(objectives: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, &o) in objectives.iter().enumerate().skip(1) {
-        if o < objectives[best] - TUNE_TIE || (objectives[best].is_nan() && !o.is_nan()) {
-            best = i;
-        }
-    }
-    best
-}
-
-/// Every recency with every window, recency-major in the order given, so that on a tie the
-/// plainer setting listed first (the weaker prior, the shorter window) stays.
-fn grid(recency: &[f64], window: &[usize], granularity: Granularity) -> Vec<Setting> {
-    recency
-        .iter()
-        .flat_map(|&recency| {
-            window.iter().map(move |&window| Setting {
-                recency,
-                window,
-                granularity,
-            })
-        })
-        .collect()
-}
-
-/// A grid over recency × window (the two trade against each other: a long window with no
-/// prior and a short one with a strong prior both favour recent tokens, so tuning one at a
-/// fixed value of the other misses the better corner), then granularity at the best pair,
-/// minimising the mean over budgets of (ln PPL all + ln PPL 2nd half) / 2:
-/// both halves count, and the second half is where eviction has run longest. Writes the
-/// choice and its evidence into the filters' metadata.
+/// Runs the tuning sweep ([`qfilters::calibrate::tune`]) on the --tune text, with progress
+/// on stderr, and writes the choice and its evidence into the filters' metadata (and every
+/// measurement to --tune-json).
 fn tune(
     args: &CalibrateArgs,
     model: &Arc<Model>,
@@ -348,133 +278,43 @@ fn tune(
     if tokens.len() < 2 {
         return Err(Error::invalid("the --tune text has fewer than 2 tokens"));
     }
-    let shared = Arc::new(filters.clone());
+    let cfg = TuneConfig {
+        budgets: args.tune_budget.clone(),
+        chunk: args.tune_chunk,
+        recency: args.tune_recency.clone(),
+        window: args.tune_window.clone(),
+        granularity: args.tune_granularity.clone(),
+        threads: args.model.threads(),
+    };
     let started = Instant::now();
-    let mut points: Vec<Point> = Vec::new();
-    let measure = |s: Setting, points: &mut Vec<Point>| -> Result<f64> {
-        if let Some(p) = points.iter().find(|p| p.setting == s) {
-            return Ok(p.objective);
-        }
-        let mut per_budget = Vec::new();
-        let mut objective = 0.0;
-        for &budget in &args.tune_budget {
-            let pa = EvictionArgs {
-                policy: policy::QFILTERS,
-                budget,
-                filters: None,
-                window: s.window,
-                sinks: DEFAULT_SINKS,
-                granularity: s.granularity,
-                combiner: Combiner::MeanZ,
-                recency: s.recency,
-                slack: 0,
-                key_source: KeySource::Cache,
-                n_batch: args.tune_chunk,
-                mix_weight: 1.0,
-            };
-            // Tuned on llama.cpp's default cache (f16, flash attention auto).
-            let mut engine = pa.engine_with_filters(
-                &args.model,
-                &LlamaArgs::default(),
-                model,
-                tokens.len(),
-                Some(Arc::clone(&shared)),
-            )?;
-            let out = streaming_nll(&mut engine, &tokens)?;
-            let (ppl, ppl2) = perplexities(&out.nll);
-            objective += (ppl.ln() + ppl2.ln()) / 2.0 / args.tune_budget.len() as f64;
-            per_budget.push((budget, ppl, ppl2));
-        }
-        let shown: Vec<String> = per_budget
+    let shared = Arc::new(filters.clone());
+    let tuning = tune::tune(model, &shared, &tokens, &cfg, |m| {
+        let shown: Vec<String> = m
+            .per_budget
             .iter()
             .map(|(b, p, p2)| format!("b{b} {p:.3}/{p2:.3}"))
             .collect();
         eprintln!(
             "qfilters: tune {:<34} PPL all/2nd half {}",
-            s.label(),
+            m.setting.label(),
             shown.join(", ")
         );
-        points.push(Point {
-            setting: s,
-            per_budget,
-            objective,
-        });
-        Ok(objective)
-    };
-    let mut best = Setting {
-        recency: args.tune_recency[0],
-        window: args.tune_window[0],
-        granularity: args.tune_granularity[0],
-    };
-    let mut best_obj = f64::INFINITY;
-    // Stage by stage; ties (within TUNE_TIE) keep the earlier listed setting.
-    for stage in 0..2 {
-        let candidates: Vec<Setting> = match stage {
-            0 => grid(&args.tune_recency, &args.tune_window, best.granularity),
-            _ => args
-                .tune_granularity
-                .iter()
-                .map(|&granularity| Setting {
-                    granularity,
-                    ..best
-                })
-                .collect(),
-        };
-        let mut objectives = Vec::with_capacity(candidates.len());
-        for &c in &candidates {
-            objectives.push(measure(c, &mut points)?);
-        }
-        let i = pick(&objectives);
-        (best, best_obj) = (candidates[i], objectives[i]);
-    }
+    })?;
     let secs = started.elapsed().as_secs_f64();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let sha: String = Sha256::digest(text.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let budgets: Vec<String> = args.tune_budget.iter().map(|b| b.to_string()).collect();
-    let rows: Vec<String> = points
-        .iter()
-        .map(|p| {
-            let v: Vec<String> = p
-                .per_budget
-                .iter()
-                .map(|(b, a, h)| format!("b{b} {a:.2}/{h:.2}"))
-                .collect();
-            format!("{}: {}", p.setting.label(), v.join(" "))
-        })
-        .collect();
-    let evidence = format!(
-        "qfilters calibrate --tune {name} (sha256 {sha}…): first {} tokens, chunk {}, budgets {}, policy qfilters, sinks {}; objective mean over budgets of (ln PPL all + ln PPL 2nd half)/2, a later setting replacing an earlier one only when lower by more than {TUNE_TIE}; PPL all/2nd half: {}; chosen: {}",
-        tokens.len(),
-        args.tune_chunk,
-        budgets.join(","),
-        DEFAULT_SINKS,
-        rows.join("; "),
-        best.label()
-    );
-    for (k, v) in [
-        (META_DEFAULT_RECENCY, best.recency.to_string()),
-        (META_DEFAULT_WINDOW, best.window.to_string()),
-        (META_DEFAULT_GRANULARITY, best.granularity.to_string()),
-        (META_DEFAULT_EVIDENCE, evidence),
-    ] {
-        filters.metadata.insert(k.to_string(), v);
-    }
+    let name = file_name(path);
+    tuning.record(filters, &cfg, &name, text);
+    let best = tuning.best;
     eprintln!(
-        "qfilters: tuned on {} tokens of {name} in {secs:.0} s ({} settings): {} (objective {best_obj:.4})",
-        tokens.len(),
-        points.len(),
-        best.label()
+        "qfilters: tuned on {} tokens of {name} in {secs:.0} s ({} settings): {} (objective {:.4})",
+        tuning.tokens,
+        tuning.measured.len(),
+        best.label(),
+        tuning.best_objective
     );
     if let Some(out) = &args.tune_json {
-        let (n_tokens, name) = (tokens.len(), name.as_str());
-        let records: Vec<serde_json::Value> = points
+        let (n_tokens, name) = (tuning.tokens, name.as_str());
+        let records: Vec<serde_json::Value> = tuning
+            .measured
             .iter()
             .flat_map(|p| {
                 p.per_budget.iter().map(move |&(b, ppl, ppl2)| {
@@ -531,28 +371,7 @@ fn peak_memory() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_stage_keeps_the_earlier_setting_unless_a_later_one_is_clearly_better() {
-        assert_eq!(pick(&[3.8303]), 0);
-        // SmolLM2's recency stage on two CPUs: 128 ties with 32 (within 0.01) on both.
-        assert_eq!(pick(&[3.8575, 3.8303, 3.8293, 3.8507]), 1);
-        assert_eq!(pick(&[3.8541, 3.8333, 3.8283, 3.8566]), 1);
-        // Qwen-0.5B: recency 512 wins by 0.027 over the plain setting.
-        assert_eq!(pick(&[4.5472, 4.5412, 4.5401, 4.5200]), 3);
-        // Compared with the current choice: a chain of small steps is no reason to move.
-        assert_eq!(pick(&[1.0, 0.995, 0.991, 0.9905]), 0);
-        assert_eq!(pick(&[f64::NAN, 2.0]), 1);
-        assert_eq!(pick(&[2.0, f64::NAN]), 0);
-    }
-
-    #[test]
-    fn the_first_stage_tries_every_recency_with_every_window() {
-        let g = grid(&[0.0, 512.0], &[32, 128], Granularity::Head);
-        let pairs: Vec<(f64, usize)> = g.iter().map(|s| (s.recency, s.window)).collect();
-        assert_eq!(pairs, [(0.0, 32), (0.0, 128), (512.0, 32), (512.0, 128)]);
-        assert!(g.iter().all(|s| s.granularity == Granularity::Head));
-    }
+    use qfilters::calibrate::tune::{grid, pick};
 
     #[test]
     fn on_a_tie_the_default_order_keeps_the_weakest_prior() {

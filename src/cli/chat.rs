@@ -25,7 +25,8 @@ use qfilters::{Error, Result};
 use gguf_tools::safe_io::{self, AppendLog};
 
 use super::{
-    check_outputs, EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs, Progress, SamplingArgs,
+    check_outputs, EvictionArgs, EvictionCli, FoundFilters, Given, JobLength, LlamaArgs, ModelArgs,
+    Progress, SamplingArgs,
 };
 
 #[derive(Args, Debug)]
@@ -106,22 +107,20 @@ pub fn run(args: ChatArgs, given: &Given) -> Result<()> {
         return Ok(());
     }
     let mut eviction = args.eviction.clone();
-    eviction.apply_tuned(&args.model.model, given)?;
-    let filters = eviction.resolve_filters(&args.model.model, &model, false)?;
+    let found = FoundFilters::load(eviction.filters.as_deref(), &args.model.model)?;
+    eviction.apply_tuned(found.as_ref(), given)?;
+    let filters = eviction.resolve_filters(found.as_ref(), &model, false)?;
     super::fall_back_without_filters(&mut eviction, filters.is_some(), &args.model.model, given);
-    // A conversation has no known length: a bounded cache is sized by its budget alone, a
-    // full one by --ctx-size, else --budget.
-    let capacity = match (eviction.policy.evicts, args.llama.ctx_size) {
-        (true, _) => 0,
-        (false, 0) => eviction.budget,
-        (false, c) => c,
+    // A conversation has no known length; a full cache (no eviction) holds --budget cells.
+    let job = JobLength::Open {
+        full_cells: eviction.budget,
     };
     if !eviction.policy.evicts {
         // llama.cpp refuses batches larger than its context.
-        eviction.n_batch = eviction.n_batch.min(capacity.max(1));
+        let cells = job.full_cells(args.llama.ctx_size);
+        eviction.n_batch = eviction.n_batch.min(cells.max(1));
     }
-    let engine =
-        eviction.engine_with_filters(&args.model, &args.llama, &model, capacity, filters)?;
+    let engine = eviction.engine_with_filters(&args.model, &args.llama, &model, job, filters)?;
     let sampler = Sampler::new(&model, &args.sampling.params(args.llama.seed)?)?;
     let mut session = Session {
         chat: Chat::new(engine, sampler, template, args.system.clone()),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use qfilters::args::{SweepArgs, DEFAULT_SINKS};
+use qfilters::args::{JobLength, SweepArgs, DEFAULT_SINKS};
 use qfilters::eval::frontier::pareto_front;
 use qfilters::eval::passkey::{build_task_document, run_trial, PromptFormat, Task};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
@@ -17,7 +17,9 @@ use qfilters::math::mean;
 use qfilters::{Error, Result};
 
 use super::plot::{frontier_chart, heatmaps, line_chart, Heatmap, Series};
-use super::{check_cells, check_outputs, read_text, write_json, EvictionCli, Given, ModelArgs};
+use super::{
+    check_cells, check_outputs, read_text, write_json, EvictionCli, FoundFilters, Given, ModelArgs,
+};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -41,18 +43,18 @@ pub enum EvalCommand {
 /// the sweep will evict to.
 fn apply_tuned(
     args: &mut SweepArgs,
-    model_path: &std::path::Path,
+    found: Option<&FoundFilters>,
     budgets: &[usize],
     given: &Given,
 ) -> Result<()> {
-    if let Some((t, origin)) = super::Tuned::find(args.base.filters.as_deref(), model_path)? {
+    if let Some((t, origin)) = super::find_tuned(found)? {
         let (mut r, mut w, mut g) = (None, None, None);
         let smallest = budgets.iter().copied().min();
         let sweep = &mut args.sweep;
         let sinks = sweep.sinks.iter().copied().max().unwrap_or(DEFAULT_SINKS);
         let budget = smallest.map(|b| (b, sinks));
         let used = t.apply(
-            given,
+            |id| given.has(id),
             budget,
             |x| r = Some(x),
             |x| w = Some(x),
@@ -232,7 +234,8 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
         &args.sweep,
     )?;
     let budget_cells = args.sweep.budgets.clone();
-    apply_tuned(&mut args.sweep, &args.model.model, &budget_cells, given)?;
+    let found = FoundFilters::load(args.sweep.base.filters.as_deref(), &args.model.model)?;
+    apply_tuned(&mut args.sweep, found.as_ref(), &budget_cells, given)?;
     let chunk = args.sweep.base.n_batch;
     let model = args.model.load()?;
     let text = read_text(&args.text)?;
@@ -259,7 +262,14 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
     for point in sweep.points(&budgets, &args.sweep.base) {
         let eviction = point.at(tokens.len());
         let llama = point.llama(&args.sweep.llama);
-        let mut engine = eviction.engine(&args.model, &llama, &model, tokens.len(), true)?;
+        let mut engine = eviction.engine(
+            &args.model,
+            &llama,
+            &model,
+            JobLength::Known(tokens.len()),
+            found.as_ref(),
+            true,
+        )?;
         let out = streaming_nll(&mut engine, &tokens)?;
         let (ppl, ppl2) = perplexities(&out.nll);
         let tok_s = tokens.len() as f64 / out.seconds.max(1e-9);
@@ -420,7 +430,8 @@ fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
         .flat_map(|&s| args.lengths.iter().map(move |&n| s.cells(n)))
         .filter(|&b| b > 0)
         .collect();
-    apply_tuned(&mut args.sweep, &args.model.model, &budgets, given)?;
+    let found = FoundFilters::load(args.sweep.base.filters.as_deref(), &args.model.model)?;
+    apply_tuned(&mut args.sweep, found.as_ref(), &budgets, given)?;
     let chunk = args.sweep.base.n_batch;
     if args.lengths.is_empty() || args.depths.is_empty() || args.trials == 0 {
         return Err(Error::invalid(
@@ -485,14 +496,20 @@ fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
                 let eviction = point.at(len);
                 let answer_max = 16;
                 let llama = point.llama(&args.sweep.llama);
-                let mut engine =
-                    match eviction.engine(&args.model, &llama, &model, len + answer_max, true) {
-                        Ok(e) => e,
-                        Err(e) => {
-                            eprintln!("qfilters: skipping {label} at length {len}: {e}");
-                            continue;
-                        }
-                    };
+                let mut engine = match eviction.engine(
+                    &args.model,
+                    &llama,
+                    &model,
+                    JobLength::Known(len + answer_max),
+                    found.as_ref(),
+                    true,
+                ) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!("qfilters: skipping {label} at length {len}: {e}");
+                        continue;
+                    }
+                };
                 for (di, &depth) in args.depths.iter().enumerate() {
                     let (mut hits, mut nll_sum, mut peak) = (0usize, 0.0, 0);
                     let mut answers = Vec::new();

@@ -6,20 +6,18 @@ pub mod chat;
 pub mod eval;
 pub mod filters;
 pub mod plot;
+pub mod rpc;
 pub mod run;
 pub mod serve;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::parser::ValueSource;
 use clap::ArgMatches;
-use gguf_tools::filters::{
-    QFilters, META_DEFAULT_GRANULARITY, META_DEFAULT_RECENCY, META_DEFAULT_WINDOW,
-};
+use gguf_tools::filters::QFilters;
 
-pub use qfilters::args::{EvictionArgs, LlamaArgs, ModelArgs, SamplingArgs};
-use qfilters::engine::cache::{EvictionConfig, Granularity};
+pub use qfilters::args::{EvictionArgs, JobLength, LlamaArgs, ModelArgs, SamplingArgs};
 use qfilters::engine::Engine;
 use qfilters::ffi::Model;
 use qfilters::{Error, Result};
@@ -52,107 +50,60 @@ impl Given {
     }
 }
 
-/// Eviction defaults measured for one model (`qfilters calibrate --tune`), carried in the
-/// filters' metadata (`defaults.*`; `qfilters.defaults.*` in a GGUF).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Tuned {
-    pub recency: Option<f64>,
-    pub window: Option<usize>,
-    pub granularity: Option<Granularity>,
+pub use qfilters::calibrate::tune::Tuned;
+
+/// The tuned defaults of the filters a run found, if they carry any; with where they came
+/// from.
+fn find_tuned(found: Option<&FoundFilters>) -> Result<Option<(Tuned, String)>> {
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let t = Tuned::from_filters(&found.filters)?;
+    Ok((t != Tuned::default()).then(|| (t, found.source())))
 }
 
-impl Tuned {
-    pub fn from_filters(f: &QFilters) -> Result<Tuned> {
-        let get = |k: &str| f.metadata.get(k).map(|v| v.trim().to_string());
-        let bad = |k: &str, v: &str| {
-            Error::invalid(format!(
-                "the filters' tuned default {k} = {v:?} is invalid; re-run `qfilters calibrate --tune`"
-            ))
-        };
-        let recency = match get(META_DEFAULT_RECENCY) {
-            Some(v) => Some(
-                v.parse::<f64>()
-                    .ok()
-                    .filter(|r| r.is_finite() && *r >= 0.0)
-                    .ok_or_else(|| bad(META_DEFAULT_RECENCY, &v))?,
-            ),
-            None => None,
-        };
-        let window = match get(META_DEFAULT_WINDOW) {
-            Some(v) => Some(v.parse().map_err(|_| bad(META_DEFAULT_WINDOW, &v))?),
-            None => None,
-        };
-        let granularity = match get(META_DEFAULT_GRANULARITY) {
-            Some(v) => Some(v.parse().map_err(|_| bad(META_DEFAULT_GRANULARITY, &v))?),
-            None => None,
-        };
-        Ok(Tuned {
-            recency,
-            window,
-            granularity,
-        })
-    }
+/// The Q-Filters a run can use, read once before the model loads: from --filters, else the
+/// ones embedded in the model's GGUF. The tuned defaults ([`Tuned::find`]) and the scorer
+/// ([`EvictionCli::resolve_filters`]) both take them from here.
+pub struct FoundFilters {
+    pub filters: Arc<QFilters>,
+    /// The --filters path they came from; `None`: embedded in `model`.
+    file: Option<PathBuf>,
+    model: PathBuf,
+}
 
-    /// The defaults of the filters at `filters` (a --filters path), else of the filters
-    /// embedded in `model`; with a description of where they came from.
-    pub fn find(filters: Option<&Path>, model: &Path) -> Result<Option<(Tuned, String)>> {
-        let (f, origin) = match filters {
-            Some(p) => (Some(QFilters::load(p)?), p.display().to_string()),
-            // A GGUF our reader cannot parse has no defaults for us; llama.cpp decides whether
-            // it loads, and policy qfilters reports the filters' error itself.
-            None => (
-                QFilters::from_gguf(model).ok().flatten(),
-                format!("the Q-Filters embedded in {}", model.display()),
-            ),
-        };
-        match f {
-            Some(f) => {
-                let t = Tuned::from_filters(&f)?;
-                Ok((t != Tuned::default()).then_some((t, origin)))
-            }
-            None => Ok(None),
-        }
-    }
-
-    /// Sets each tuned value the user did not give a flag for, through `set`; returns what
-    /// was set, for the stderr line. `budget`: the smallest budget the command will evict to,
-    /// with its sinks. A tuned window is used as it is wherever it fits (the setting the sweep
-    /// measured); where the smallest budget cannot hold it with the sinks, it is shortened to
-    /// half of that budget's non-sink cells (and the line says so) rather than failing a
-    /// budget the built-in window fits.
-    fn apply(
-        &self,
-        given: &Given,
-        budget: Option<(usize, usize)>,
-        mut set_recency: impl FnMut(f64),
-        mut set_window: impl FnMut(usize),
-        mut set_granularity: impl FnMut(Granularity),
-    ) -> Vec<String> {
-        let mut used = Vec::new();
-        if let Some(r) = self.recency.filter(|_| !given.has("recency")) {
-            set_recency(r);
-            used.push(format!("recency {r}"));
-        }
-        if let Some(w) = self.window.filter(|_| !given.has("window")) {
-            match budget {
-                Some((b, sinks)) if !EvictionConfig::window_fits(b, w, sinks) => {
-                    let half = b.saturating_sub(sinks) / 2;
-                    set_window(half);
-                    used.push(format!(
-                        "window {half} (tuned {w} does not fit budget {b}; half its cells)"
-                    ));
-                }
-                _ => {
-                    set_window(w);
-                    used.push(format!("window {w}"));
+impl FoundFilters {
+    /// One error policy for every command: filters that exist but are broken are an error
+    /// (a --filters file that does not load, `qfilters.*` keys of the GGUF that do not
+    /// decode), whatever the policy; no filters at all is not (no --filters, and a GGUF without
+    /// `qfilters.*` keys). A GGUF our reader cannot parse counts as one without filters: the
+    /// model file is llama.cpp's to accept or refuse, with its own error, when it loads.
+    pub fn load(filters: Option<&Path>, model: &Path) -> Result<Option<FoundFilters>> {
+        let (filters, file) = match filters {
+            Some(p) => (QFilters::load(p)?, Some(p.to_path_buf())),
+            None => {
+                let Ok(gguf) = gguf_tools::gguf::read(model) else {
+                    return Ok(None);
+                };
+                match QFilters::from_metadata(&gguf.metadata)? {
+                    Some(f) => (f, None),
+                    None => return Ok(None),
                 }
             }
+        };
+        Ok(Some(FoundFilters {
+            filters: Arc::new(filters),
+            file,
+            model: model.to_path_buf(),
+        }))
+    }
+
+    /// Where the filters came from, for stderr notes.
+    fn source(&self) -> String {
+        match &self.file {
+            Some(p) => p.display().to_string(),
+            None => format!("the Q-Filters embedded in {}", self.model.display()),
         }
-        if let Some(g) = self.granularity.filter(|_| !given.has("granularity")) {
-            set_granularity(g);
-            used.push(format!("granularity {g}"));
-        }
-        used
     }
 }
 
@@ -173,27 +124,26 @@ pub use qfilters::args::check_cells;
 /// flag was given, filter resolution with its stderr notes, and the engine with errors that
 /// name the flag to change.
 pub trait EvictionCli {
-    /// Takes the tuned defaults of the filters in use (see [`Tuned`]) where no flag was given.
-    fn apply_tuned(&mut self, model_path: &Path, given: &Given) -> Result<()>;
+    /// Takes the tuned defaults of the filters found (see [`Tuned`]) where no flag was given.
+    fn apply_tuned(&mut self, found: Option<&FoundFilters>, given: &Given) -> Result<()>;
 
-    /// Filters from --filters, else from the GGUF, for a policy that needs them; says on
-    /// stderr which are used unless `quiet`.
+    /// The filters found ([`FoundFilters::load`]), for a policy that needs them, checked
+    /// against the model; says on stderr which are used unless `quiet`.
     fn resolve_filters(
         &self,
-        model_path: &Path,
+        found: Option<&FoundFilters>,
         model: &Model,
         quiet: bool,
     ) -> Result<Option<Arc<QFilters>>>;
 
     /// The engine for this policy with the filters the caller resolved (or a benchmark's
-    /// stand-in filters) and llama.cpp's flags; `capacity` as in
-    /// [`EvictionArgs::engine_config`].
+    /// stand-in filters) and llama.cpp's flags, sized for `job`.
     fn engine_with_filters(
         &self,
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
         filters: Option<Arc<QFilters>>,
     ) -> Result<Engine>;
 
@@ -203,20 +153,21 @@ pub trait EvictionCli {
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
+        found: Option<&FoundFilters>,
         quiet: bool,
     ) -> Result<Engine> {
-        let filters = self.resolve_filters(&margs.model, model, quiet)?;
-        self.engine_with_filters(margs, llama, model, capacity, filters)
+        let filters = self.resolve_filters(found, model, quiet)?;
+        self.engine_with_filters(margs, llama, model, job, filters)
     }
 }
 
 impl EvictionCli for EvictionArgs {
-    fn apply_tuned(&mut self, model_path: &Path, given: &Given) -> Result<()> {
-        if let Some((t, origin)) = Tuned::find(self.filters.as_deref(), model_path)? {
+    fn apply_tuned(&mut self, found: Option<&FoundFilters>, given: &Given) -> Result<()> {
+        if let Some((t, origin)) = find_tuned(found)? {
             let (mut r, mut w, mut g) = (self.recency, self.window, self.granularity);
             let budget = self.policy.evicts.then_some((self.budget, self.sinks));
-            let used = t.apply(given, budget, |x| r = x, |x| w = x, |x| g = x);
+            let used = t.apply(|id| given.has(id), budget, |x| r = x, |x| w = x, |x| g = x);
             (self.recency, self.window, self.granularity) = (r, w, g);
             announce(&used, &origin);
         }
@@ -225,12 +176,12 @@ impl EvictionCli for EvictionArgs {
 
     fn resolve_filters(
         &self,
-        model_path: &Path,
+        found: Option<&FoundFilters>,
         model: &Model,
         quiet: bool,
     ) -> Result<Option<Arc<QFilters>>> {
         if !self.policy.needs_filters {
-            // Loading them would only announce filters that change nothing.
+            // Using them would only announce filters that change nothing.
             if self.filters.is_some() && !quiet {
                 eprintln!(
                     "qfilters: --filters ignored: policy {} does not use filters",
@@ -239,32 +190,21 @@ impl EvictionCli for EvictionArgs {
             }
             return Ok(None);
         }
-        let filters = match &self.filters {
-            Some(path) => Some((
-                QFilters::load(path)?,
-                format!("filters from {}", path.display()),
-            )),
-            None => QFilters::from_gguf(model_path)?.map(|f| {
-                (
-                    f,
-                    format!("the Q-Filters embedded in {}", model_path.display()),
-                )
-            }),
+        let Some(found) = found else {
+            return Ok(None);
         };
-        let filters = match filters {
-            Some((f, origin)) => {
-                f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
-                if !quiet {
-                    eprintln!("qfilters: using {origin}");
-                    if let Some(w) = magnitude_warning(&f) {
-                        eprintln!("qfilters: {w}");
-                    }
-                }
-                Some(f)
+        let f = &found.filters;
+        f.check_shape(model.n_layer(), model.n_head_kv(), model.head_dim())?;
+        if !quiet {
+            match &found.file {
+                Some(p) => eprintln!("qfilters: using filters from {}", p.display()),
+                None => eprintln!("qfilters: using {}", found.source()),
             }
-            None => None,
-        };
-        Ok(filters.map(Arc::new))
+            if let Some(w) = magnitude_warning(f) {
+                eprintln!("qfilters: {w}");
+            }
+        }
+        Ok(Some(Arc::clone(f)))
     }
 
     fn engine_with_filters(
@@ -272,11 +212,11 @@ impl EvictionCli for EvictionArgs {
         margs: &ModelArgs,
         llama: &LlamaArgs,
         model: &Arc<Model>,
-        capacity: usize,
+        job: JobLength,
         filters: Option<Arc<QFilters>>,
     ) -> Result<Engine> {
         let scorer = self.scorer(filters, llama.seed)?;
-        let config = self.engine_config(llama, capacity, margs.threads())?;
+        let config = self.engine_config(llama, job, margs.threads())?;
         let evicting = self.policy.evicts;
         Engine::new(model, scorer, config).map_err(|e| match e {
             // Only commands with a --budget can be told to lower it.
@@ -431,7 +371,41 @@ mod tests {
             threads,
             poll: 0,
             verbose: false,
+            rpc: Vec::new(),
         }
+    }
+
+    /// One error policy for filters: broken ones are an error whatever the policy, none is not.
+    #[test]
+    fn filters_that_exist_but_are_broken_are_an_error_and_missing_ones_are_not() {
+        use gguf_tools::gguf::{GgufFile, Value};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let gguf = |name: &str, metadata: Vec<(String, Value)>| {
+            let path = dir.path().join(name);
+            let bytes = GgufFile::new(metadata, Vec::new())
+                .and_then(|f| f.header_bytes())
+                .expect("header");
+            std::fs::write(&path, bytes).expect("write");
+            path
+        };
+        // A model GGUF without qfilters keys, and one our reader cannot parse: no filters.
+        let plain = gguf("plain.gguf", vec![("general.name".into(), Value::U32(1))]);
+        assert!(FoundFilters::load(None, &plain).unwrap().is_none());
+        let garbage = dir.path().join("garbage.gguf");
+        std::fs::write(&garbage, b"not a gguf").expect("write");
+        assert!(FoundFilters::load(None, &garbage).unwrap().is_none());
+        // Embedded filters of a layout this build does not know: an error.
+        let broken = gguf(
+            "broken.gguf",
+            vec![("qfilters.version".into(), Value::U32(99))],
+        );
+        let e = FoundFilters::load(None, &broken)
+            .err()
+            .expect("broken keys refused");
+        assert!(e.to_string().contains("version"), "{e}");
+        // A --filters file that does not load: an error, even beside a good model.
+        let missing = dir.path().join("missing.safetensors");
+        assert!(FoundFilters::load(Some(&missing), &plain).is_err());
     }
 
     #[test]
@@ -442,7 +416,7 @@ mod tests {
         };
         let window = |budget| {
             let mut w = 0;
-            let used = t.apply(&Given::default(), budget, |_| {}, |x| w = x, |_| {});
+            let used = t.apply(|_| false, budget, |_| {}, |x| w = x, |_| {});
             (w, used.join(", "))
         };
         // The tuning budget (256, 4 sinks) holds window 128: the measured setting is used.

@@ -11,8 +11,8 @@ use qfilters::ffi::Sampler;
 use qfilters::{Error, Result};
 
 use super::{
-    check_outputs, read_text, write_json, EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs,
-    Progress, SamplingArgs,
+    check_outputs, read_text, write_json, EvictionArgs, EvictionCli, FoundFilters, Given,
+    LlamaArgs, ModelArgs, Progress, SamplingArgs,
 };
 
 #[derive(Args, Debug)]
@@ -61,7 +61,8 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
         (None, Some(f)) => read_text(f)?,
         (None, None) => return Err(Error::invalid("give a prompt with -p TEXT or -f FILE")),
     };
-    args.eviction.apply_tuned(&args.model.model, given)?;
+    let found = FoundFilters::load(args.eviction.filters.as_deref(), &args.model.model)?;
+    args.eviction.apply_tuned(found.as_ref(), given)?;
     let model = args.model.load()?;
     let tokens = model.tokenize(&text, true, args.special)?;
     if tokens.is_empty() {
@@ -69,7 +70,7 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
     }
     let filters = args
         .eviction
-        .resolve_filters(&args.model.model, &model, false)?;
+        .resolve_filters(found.as_ref(), &model, false)?;
     super::fall_back_without_filters(
         &mut args.eviction,
         filters.is_some(),
@@ -80,7 +81,7 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
         &args.model,
         &args.llama,
         &model,
-        tokens.len() + args.n_predict,
+        qfilters::args::JobLength::Known(tokens.len() + args.n_predict),
         filters,
     )?;
     let mut sampler = Sampler::new(&model, &args.sampling.params(args.llama.seed)?)?;
@@ -140,21 +141,23 @@ pub fn run(mut args: RunArgs, given: &Given) -> Result<()> {
         s.decode_tok_s()
     );
     if let Some(path) = &args.json_stats {
-        // The engine's counters (with their rates) as every report has them, then the run's
-        // settings. Every printed token was decoded, so `generated_tokens` counts them all.
+        // The engine's counters (with their rates) as every report has them, then the eviction
+        // settings as every result record has them (EvictionArgs serialises them), then the
+        // run's own. Every printed token was decoded, so `generated_tokens` counts them all.
         let mut value = serde_json::to_value(s).map_err(|e| Error::invalid(e.to_string()))?;
         if let Some(obj) = value.as_object_mut() {
+            let eviction =
+                serde_json::to_value(&args.eviction).map_err(|e| Error::invalid(e.to_string()))?;
+            if let serde_json::Value::Object(settings) = eviction {
+                obj.extend(settings);
+            }
             let run = json!({
-                "policy": args.eviction.policy,
                 "live_cells": engine.live_cells(),
+                // The budget the engine evicts to (null: it does not evict).
                 "budget": budget,
                 "n_batch": args.eviction.n_batch,
                 "threads": args.model.threads(),
                 "cpu_backend": qfilters::ffi::cpu_backend(),
-                "window": args.eviction.window,
-                "sinks": args.eviction.sinks,
-                "granularity": args.eviction.granularity.to_string(),
-                "recency": args.eviction.recency,
                 "cache_type_k": args.llama.cache_type_k.to_string(),
                 "cache_type_v": args.llama.cache_type_v.to_string(),
                 "flash_attn": args.llama.flash_attn.to_string(),

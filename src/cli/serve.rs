@@ -8,7 +8,9 @@ use qfilters::conversation::chat::ChatTemplate;
 use qfilters::server::{self, api::Defaults, ServerConfig};
 use qfilters::{Error, Result};
 
-use super::{EvictionArgs, EvictionCli, Given, LlamaArgs, ModelArgs, SamplingArgs};
+use super::{
+    EvictionArgs, EvictionCli, FoundFilters, Given, JobLength, LlamaArgs, ModelArgs, SamplingArgs,
+};
 
 /// The prompt cap when a GGUF does not state its trained context.
 const FALLBACK_TRAINED_CONTEXT: usize = 4096;
@@ -104,7 +106,8 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     if args.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::invalid("--api-key is empty"));
     }
-    args.eviction.apply_tuned(&args.model.model, given)?;
+    let found = FoundFilters::load(args.eviction.filters.as_deref(), &args.model.model)?;
+    args.eviction.apply_tuned(found.as_ref(), given)?;
     let model = args.model.load()?;
     let (template, notice) = ChatTemplate::resolve(&model, args.template.as_deref());
     if let Some(n) = notice {
@@ -112,7 +115,7 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     }
     let filters = args
         .eviction
-        .resolve_filters(&args.model.model, &model, false)?;
+        .resolve_filters(found.as_ref(), &model, false)?;
     super::fall_back_without_filters(
         &mut args.eviction,
         filters.is_some(),
@@ -121,13 +124,13 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     );
     let evicting = args.eviction.policy.evicts;
     let (budget, n_batch) = (args.eviction.budget, args.eviction.n_batch);
-    // A policy that does not evict: a full cache of --ctx-size, else budget + batch, cells,
-    // and a conversation that outgrows it is refused.
-    let capacity = match (evicting, args.llama.ctx_size) {
-        (true, _) => 0,
-        (false, 0) => budget.saturating_add(n_batch),
-        (false, c) => c,
+    // Conversations have no known length. A policy that does not evict gets the KV memory of
+    // an evicting slot, a full cache of budget + batch cells (or --ctx-size), and a
+    // conversation that outgrows it is refused.
+    let job = JobLength::Open {
+        full_cells: budget.saturating_add(n_batch),
     };
+    let full_cells = job.full_cells(args.llama.ctx_size);
     // Each slot gets its share of the default threads (at least one), so K slots do not
     // contend for the same cores; -t / QFILTERS_THREADS give each slot that many.
     let per_slot = if args.model.threads.is_some() || std::env::var_os("QFILTERS_THREADS").is_some()
@@ -142,7 +145,7 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     let llama = args.llama.clone();
     let m = Arc::clone(&model);
     let make = Arc::new(move |_slot: usize| {
-        eviction.engine_with_filters(&margs, &llama, &m, capacity, filters.clone())
+        eviction.engine_with_filters(&margs, &llama, &m, job, filters.clone())
     });
     let trained = match model.n_ctx_train() {
         0 => FALLBACK_TRAINED_CONTEXT,
@@ -152,7 +155,7 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
         Some(0) => return Err(Error::invalid("--max-prompt-tokens must be at least 1")),
         Some(n) => n,
         None if evicting => trained,
-        None => trained.min(capacity.saturating_sub(1)).max(1),
+        None => trained.min(full_cells.saturating_sub(1)).max(1),
     };
     let model_id = args
         .model
@@ -183,7 +186,7 @@ pub fn run(mut args: ServeArgs, given: &Given) -> Result<()> {
     let cells = if evicting {
         format!("budget {budget} + batch {n_batch} cells")
     } else {
-        format!("full cache of {capacity} cells")
+        format!("full cache of {full_cells} cells")
     };
     let policy_name = args.eviction.policy.to_string();
     let parallel = args.parallel;

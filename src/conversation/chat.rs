@@ -2,14 +2,17 @@
 //!
 //! Each turn decodes only what is new: the conversation is formatted with the chat template
 //! (llama.cpp's built-in template support) as segments of template text and message contents
-//! ([`ChatTemplate::segments`]), and only the segments after what the cache already holds are
-//! tokenized and decoded: the previous reply's end-of-turn marker, the new user message and the
-//! assistant header. Template text is tokenized with special tokens parsed, contents never. The reply is then sampled token by token. The
+//! ([`ChatTemplate::segments`]), and only the tokens after what the cache already holds are
+//! decoded ([`crate::conversation::delta`], the rule the server follows too): the previous
+//! reply's end-of-turn marker, the new user message and the assistant header. Template text is
+//! tokenized with special tokens parsed, contents never. The reply is then sampled token by
+//! token. The
 //! [`Engine`] evicts after every decode, so the cache stays within its budget during the user's
 //! message and during the reply alike.
 
 use std::fmt::Write as _;
 
+use crate::conversation::delta::{self, History, Plan};
 use crate::conversation::generate::{generate, Limits, Stop};
 use crate::engine::{Engine, Stats};
 use crate::error::{Error, Result};
@@ -66,7 +69,7 @@ pub struct Segment {
 
 /// The whitespace llama.cpp's templates trim: C `isspace` in the "C" locale (Rust's
 /// `is_ascii_whitespace` leaves out the vertical tab).
-fn is_c_space(c: char) -> bool {
+pub(crate) fn is_c_space(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\u{0b}' | '\u{0c}' | '\r')
 }
 
@@ -322,11 +325,9 @@ pub struct Chat {
     system: Option<String>,
     /// (role, content), system message excluded.
     messages: Vec<(String, String)>,
-    /// The formatted conversation the cache holds (with `pending`), as segments, to find what
-    /// a new turn adds.
-    cached: Vec<Segment>,
-    /// Accepted reply tokens not decoded yet: decoded first in the next turn.
-    pending: Vec<Token>,
+    /// What the cache has ingested, to find what a new turn adds (a reply token left
+    /// undecoded at the limit included).
+    history: History,
     /// The tokens the last turn decoded before its reply, as given to the engine.
     last_prompt: Vec<Token>,
     turns: usize,
@@ -349,8 +350,7 @@ impl Chat {
             // A blank system message is none: templates that trim it drop it altogether.
             system: system.filter(|s| !s.trim_matches(is_c_space).is_empty()),
             messages: Vec::new(),
-            cached: Vec::new(),
-            pending: Vec::new(),
+            history: History::default(),
             last_prompt: Vec::new(),
             turns: 0,
             last: None,
@@ -393,8 +393,7 @@ impl Chat {
     pub fn reset(&mut self) {
         self.engine.reset();
         self.messages.clear();
-        self.cached.clear();
-        self.pending.clear();
+        self.history = History::default();
         self.broken = false;
     }
 
@@ -410,28 +409,26 @@ impl Chat {
         all
     }
 
-    /// The whole formatted conversation if `user` were sent now, ending with the assistant
-    /// header: what a one-shot completion of this turn would be given.
-    pub fn formatted_with(&self, user: &str) -> Result<String> {
-        self.template.format(&self.all_messages(Some(user)), true)
-    }
-
-    /// The tokens this turn decodes for `user` (before the reply), and the formatted
-    /// conversation the cache will then hold.
-    pub fn turn_tokens(&self, user: &str) -> Result<(Vec<Token>, Vec<Segment>)> {
+    /// How the cache takes the conversation with `user` sent now ([`delta::plan`]): its
+    /// tokens, and which of them this turn decodes before the reply.
+    pub fn turn_plan(&self, user: &str) -> Result<Plan> {
         let full = self
             .template
             .segments(&self.all_messages(Some(user)), true)?;
-        let tokens = delta_tokens(self.engine.model(), &self.cached, &full)?;
-        Ok((tokens, full))
+        let prompt = delta::parts(self.engine.model(), full)?;
+        Ok(delta::plan(&self.history, &prompt))
     }
 
-    /// The segments this turn adds for `user`: what [`Chat::turn_tokens`] tokenizes.
+    /// The segments whose tokens this turn decodes for `user` (after BOS on the first turn, and
+    /// a reply token left over by `-n`).
     pub fn turn_segments(&self, user: &str) -> Result<Vec<Segment>> {
-        let full = self
-            .template
-            .segments(&self.all_messages(Some(user)), true)?;
-        Ok(delta_segments(&self.cached, &full))
+        Ok(self
+            .turn_plan(user)?
+            .added()
+            .iter()
+            .map(|p| p.segment.clone())
+            .filter(|s| !s.text.is_empty())
+            .collect())
     }
 
     /// Sends `user` and samples the reply, at most `max_tokens` tokens. `progress(done, total)`
@@ -453,17 +450,21 @@ impl Chat {
         if user.is_empty() {
             return Err(Error::invalid("empty message"));
         }
-        let (new_tokens, full) = self.turn_tokens(user)?;
-        let mut tokens = std::mem::take(&mut self.pending);
-        tokens.extend_from_slice(&new_tokens);
-        self.last_prompt.clone_from(&tokens);
+        let plan = self.turn_plan(user)?;
+        self.broken = true;
+        if !plan.reuse && !self.history.tokens.is_empty() {
+            // The template rendered the conversation the cache holds differently: decoding the
+            // rest after it would show the model a conversation nobody wrote (delta.rs).
+            self.engine.reset();
+        }
+        let tokens = plan.new_tokens();
+        self.last_prompt = tokens.to_vec();
         let before = self.engine.stats().clone();
         self.engine.reset_peak();
-        self.broken = true;
         let gen = generate(
             &mut self.engine,
             &mut self.sampler,
-            &tokens,
+            tokens,
             Limits::tokens(max_tokens),
             &mut |done, total| {
                 progress(done, total);
@@ -475,19 +476,13 @@ impl Chat {
             on_text(&gen.tail);
         }
         self.broken = false;
-        self.cached = full;
         // The reply's tokens were sampled, not tokenized: the cache holds exactly them, and the
-        // next turn compares the template's rendering of the reply with this text.
-        self.cached.push(Segment {
-            text: gen.text.clone(),
-            content: true,
-        });
+        // next turn compares the template's rendering of the reply with this text. At the
+        // limit the last token was sampled but not decoded: the next turn decodes it first.
+        self.history = plan.history_after(&gen.text, &gen.tokens, gen.undecoded.is_some());
         self.messages.push(("user".to_string(), user.to_string()));
         self.messages
             .push(("assistant".to_string(), gen.text.clone()));
-        // At the limit the last token was sampled but not decoded: the next turn decodes it
-        // first.
-        self.pending.extend(gen.undecoded);
         self.turns += 1;
         let reply = Reply {
             text: gen.text,
@@ -514,35 +509,6 @@ impl Chat {
     }
 }
 
-/// Length of the longest common prefix of `a` and `b`, on a character boundary of `a`.
-fn common_prefix(a: &str, b: &str) -> usize {
-    let mut n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
-    while !a.is_char_boundary(n) {
-        n -= 1;
-    }
-    n
-}
-
-/// The segments that bring a cache holding `cached` to `full`: those after the longest common
-/// run of equal segments. Where they first differ, a content keeps its common text prefix (a
-/// template that trims an earlier reply: the cache keeps the untrimmed text), and template
-/// text continues only where the cached text is a whole prefix of the new one, so a marker is
-/// never cut in two; otherwise the new segment is decoded whole after the cached version.
-pub fn delta_segments(cached: &[Segment], full: &[Segment]) -> Vec<Segment> {
-    let same = cached.iter().zip(full).take_while(|(a, b)| a == b).count();
-    let mut rest: Vec<Segment> = full[same..].to_vec();
-    if let (Some(old), Some(first)) = (cached.get(same), rest.first_mut()) {
-        let keep = match (old.content, first.content) {
-            (true, true) => common_prefix(&first.text, &old.text),
-            (false, false) if first.text.starts_with(&old.text) => old.text.len(),
-            _ => 0,
-        };
-        first.text.drain(..keep);
-    }
-    rest.retain(|s| !s.text.is_empty());
-    rest
-}
-
 /// Tokenizes segments: template text with special tokens parsed, contents as plain text.
 /// Returns each segment's tokens, in order, so a caller can check which ids came from where.
 pub fn tokenize_segments(model: &Model, segments: &[Segment]) -> Result<Vec<Vec<Token>>> {
@@ -560,78 +526,4 @@ pub fn tokenize_segments(model: &Model, segments: &[Segment]) -> Result<Vec<Vec<
             Ok(tokens)
         })
         .collect()
-}
-
-/// The tokens that bring a cache holding `cached` to `full` ([`delta_segments`]), with BOS
-/// first when the cache is empty and the model wants one.
-pub fn delta_tokens(model: &Model, cached: &[Segment], full: &[Segment]) -> Result<Vec<Token>> {
-    let delta = delta_segments(cached, full);
-    let mut tokens: Vec<Token> = tokenize_segments(model, &delta)?.concat();
-    if cached.is_empty() && model.add_bos() {
-        if let Some(bos) = model.bos() {
-            if tokens.first() != Some(&bos) {
-                tokens.insert(0, bos);
-            }
-        }
-    }
-    Ok(tokens)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{common_prefix, delta_segments, Segment};
-
-    fn t(text: &str) -> Segment {
-        Segment {
-            text: text.into(),
-            content: false,
-        }
-    }
-
-    fn c(text: &str) -> Segment {
-        Segment {
-            text: text.into(),
-            content: true,
-        }
-    }
-
-    #[test]
-    fn delta_continues_after_equal_segments() {
-        let cached = [t("<s>u\n"), c("hi"), t("</s><s>a\n"), c("yo")];
-        let full = [
-            t("<s>u\n"),
-            c("hi"),
-            t("</s><s>a\n"),
-            c("yo"),
-            t("</s><s>u\n"),
-            c("more"),
-            t("</s><s>a\n"),
-        ];
-        assert_eq!(delta_segments(&cached, &full), full[4..].to_vec());
-        assert_eq!(delta_segments(&[], &full), full.to_vec());
-    }
-
-    #[test]
-    fn delta_keeps_a_trimmed_reply_and_never_cuts_template_text() {
-        // The template trimmed the cached reply "yo ": the cache keeps it, nothing is redone.
-        let cached = [t("<s>u\n"), c("hi"), t("</s><s>a\n"), c("yo ")];
-        let full = [t("<s>u\n"), c("hi"), t("</s><s>a\n"), c("yo"), t("</s>")];
-        assert_eq!(delta_segments(&cached, &full), vec![t("</s>")]);
-        // Template text that only shares part of a marker is decoded whole.
-        let cached = [t("<|im_start|>")];
-        let full = [t("<|im_sep|>x")];
-        assert_eq!(delta_segments(&cached, &full), vec![t("<|im_sep|>x")]);
-        // A cached template prefix is continued.
-        let full = [t("<|im_start|>assistant"), c("x")];
-        assert_eq!(delta_segments(&cached, &full), vec![t("assistant"), c("x")]);
-    }
-
-    #[test]
-    fn common_prefix_respects_char_boundaries() {
-        assert_eq!(common_prefix("abc", "abd"), 2);
-        assert_eq!(common_prefix("abc", ""), 0);
-        assert_eq!(common_prefix("abc", "abcdef"), 3);
-        // "é" is two bytes sharing the first with "è".
-        assert_eq!(common_prefix("aé", "aè"), 1);
-    }
 }

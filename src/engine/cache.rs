@@ -5,6 +5,7 @@
 //! positions, moving head slices). Every policy goes through this one tested piece.
 
 use crate::error::{Error, Result};
+use crate::ffi::HeadMoves;
 
 /// Whether a whole position leaves the cache (all layers and heads at once), or each KV head
 /// of each layer keeps its own tokens (the paper's setting).
@@ -114,20 +115,12 @@ impl EvictionConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TrackedLayer(pub usize);
 
-/// Head slices to copy for one (layer, head): `(from_cell, to_cell)`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeadMoves {
-    pub layer: TrackedLayer,
-    pub head: usize,
-    pub moves: Vec<(usize, usize)>,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EvictionPlan {
     /// Cells whose positions leave the cache.
     pub remove: Vec<usize>,
-    /// Copies to do before removal (head granularity only).
-    pub moves: Vec<HeadMoves>,
+    /// Copies to do before removal (head granularity only), one entry per (layer, head).
+    pub moves: Vec<HeadMoves<TrackedLayer>>,
 }
 
 const FREE: i32 = -1;
@@ -200,21 +193,6 @@ impl CacheBook {
     #[inline]
     fn slot(&self, layer: usize, head: usize, cell: usize) -> usize {
         (layer * self.n_head + head) * self.n_cells + cell
-    }
-
-    /// Records that `positions[i]` was written to `cells[i]`, with `scores[layer][i][head]`
-    /// (`scores` is `[n_layer][n_tokens][n_head]` flattened; empty means "all zero").
-    pub fn insert(&mut self, cells: &[usize], positions: &[i32], scores: &[f32]) -> Result<()> {
-        if !scores.is_empty() && scores.len() != self.n_layer * cells.len() * self.n_head {
-            return Err(Error::KvCache(
-                "score count does not match the batch".into(),
-            ));
-        }
-        self.place(cells, positions)?;
-        if scores.is_empty() {
-            return Ok(());
-        }
-        self.set_scores(cells, scores)
     }
 
     /// Records that `positions[i]` was written to `cells[i]`, scores 0 until
@@ -504,13 +482,20 @@ mod tests {
         }
     }
 
+    /// Places `positions[i]` in `cells[i]` with `scores[layer][i][head]` the way the engine
+    /// does (place, then set the scores), so the tests exercise the book's one entry path.
+    fn insert(b: &mut CacheBook, cells: &[usize], positions: &[i32], scores: &[f32]) -> Result<()> {
+        b.place(cells, positions)?;
+        b.set_scores(cells, scores)
+    }
+
     /// One layer, one head, `n` tokens at cells 0..n with the given scores.
     fn book_with(scores: &[f32]) -> CacheBook {
         let n = scores.len();
         let mut b = CacheBook::new(1, 1, n + 4);
         let cells: Vec<usize> = (0..n).collect();
         let pos: Vec<i32> = (0..n as i32).collect();
-        b.insert(&cells, &pos, scores).unwrap();
+        insert(&mut b, &cells, &pos, scores).unwrap();
         b
     }
 
@@ -557,10 +542,10 @@ mod tests {
         assert_eq!(b.live(), 3);
         assert_eq!(b.cell_position(0), None);
         // A freed cell can be reused for a new position.
-        b.insert(&[0], &[5], &[9.0]).unwrap();
+        insert(&mut b, &[0], &[5], &[9.0]).unwrap();
         assert_eq!(b.cell_position(0), Some(5));
         assert!(
-            b.insert(&[2], &[6], &[0.0]).is_err(),
+            insert(&mut b, &[2], &[6], &[0.0]).is_err(),
             "cell 2 is still live"
         );
     }
@@ -573,7 +558,7 @@ mod tests {
         let mut b = CacheBook::new(1, 2, 8);
         // scores[l][t][h]: t0 (1000, 0), t1 (0, 1), t2 (600, 0.2), t3 newest
         let scores = [1000.0, 0.0, 0.0, 1.0, 600.0, 0.2, 0.0, 0.0];
-        b.insert(&[0, 1, 2, 3], &[0, 1, 2, 3], &scores).unwrap();
+        insert(&mut b, &[0, 1, 2, 3], &[0, 1, 2, 3], &scores).unwrap();
         let combined = b.combine(&[0, 1, 2], Combiner::MeanZ);
         let lowest = (0..3)
             .min_by(|&i, &j| combined[i].total_cmp(&combined[j]))
@@ -596,8 +581,7 @@ mod tests {
             scores.push(head0[t]);
             scores.push(head1[t]);
         }
-        b.insert(&[0, 1, 2, 3, 4, 5], &[0, 1, 2, 3, 4, 5], &scores)
-            .unwrap();
+        insert(&mut b, &[0, 1, 2, 3, 4, 5], &[0, 1, 2, 3, 4, 5], &scores).unwrap();
         let plan = b.plan(&cfg(4, 1, 0, Granularity::Head));
         assert_eq!(plan.remove.len(), 2);
         b.apply(&plan);
@@ -628,7 +612,7 @@ mod tests {
         }
         let cells: Vec<usize> = (0..n).collect();
         let pos: Vec<i32> = (0..n as i32).collect();
-        b.insert(&cells, &pos, &scores).unwrap();
+        insert(&mut b, &cells, &pos, &scores).unwrap();
         let plan = b.plan(&cfg(6, 2, 1, Granularity::Head));
         for hm in &plan.moves {
             for &(from, to) in &hm.moves {

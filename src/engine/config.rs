@@ -1,7 +1,7 @@
 //! What an engine is asked to be: where keys are read, how big the cache is and whether it
 //! evicts, and how many cells the llama.cpp context gets for that.
 
-use crate::engine::cache::EvictionConfig;
+use crate::engine::cache::{EvictionConfig, Granularity};
 use crate::error::{Error, Result};
 use crate::ffi::CacheType;
 
@@ -111,6 +111,13 @@ impl EngineConfig {
             CacheSize::Bounded(ev) => Some(ev),
             CacheSize::Full { .. } => None,
         }
+    }
+
+    /// Whether eviction keeps tokens per KV head, moving head slices between cells (which
+    /// needs V stored one row per cell: flash attention).
+    pub fn moves_heads(&self) -> bool {
+        self.eviction()
+            .is_some_and(|e| e.granularity == Granularity::Head)
     }
 }
 

@@ -25,12 +25,17 @@ impl GraphObserver for KeyTap {
     }
 }
 
-/// Where the keys of new tokens come from when they are scored: one choice per engine, so the
+/// Where the keys of new tokens come from when they are scored, and where they are scored:
+/// one choice per engine (made from [`super::KeySource`], the scorer and the backend), so the
 /// per-layer scoring loop does not branch on the key source.
 pub(super) enum KeyReader {
-    /// The K cache rows the decode wrote, read (or reduced on the cache's device) when an
-    /// eviction round needs the scores.
-    Cache,
+    /// The K cache rows the decode wrote, reduced to per-head statistics on the cache's device
+    /// when an eviction round needs the scores. `filters_loaded`: the scorer's filters are on
+    /// the device already. Becomes `Host` for good once the backend turns out not to support it.
+    Device { filters_loaded: bool },
+    /// The K cache rows the decode wrote, copied to the host when an eviction round needs the
+    /// scores, and scored there.
+    Host,
     /// The `Kcur-<layer>` nodes, captured during each decode by the tap lent to it; scored at
     /// once, since they are only valid until the next decode.
     Graph(KeyTap),
@@ -46,7 +51,7 @@ impl KeyReader {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         match self {
-            KeyReader::Cache => ctx.read_k_rows(layer, cells, out),
+            KeyReader::Device { .. } | KeyReader::Host => ctx.read_k_rows(layer, cells, out),
             KeyReader::Graph(tap) => {
                 let data = tap.layers.get(layer).ok_or_else(|| {
                     Error::KvCache(format!("no Kcur keys captured for layer {layer}"))

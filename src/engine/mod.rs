@@ -9,9 +9,9 @@ mod stats;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::engine::cache::{position_ranges, CacheBook, Granularity, TrackedLayer};
+use crate::engine::cache::{position_ranges, CacheBook, TrackedLayer};
 use crate::error::{Error, Result};
-use crate::ffi::{Batch, CacheType, Context, ContextParams, HeadMoveGroup, Model, Sampler, Token};
+use crate::ffi::{Batch, CacheType, Context, ContextParams, HeadMoves, Model, Sampler, Token};
 use crate::policy::{KeyReduce, NewKeys, Scorer};
 
 pub use config::{context_cells, CacheSize, EngineConfig, KeySource, DEFAULT_BATCH};
@@ -125,10 +125,6 @@ pub struct Engine {
     /// Batch row of the last decoded token when it has logits (what the next token is sampled
     /// from); `None` before any decode, after a reset, or when the last token had none.
     logits_row: Option<usize>,
-    /// Score on the cache's device (`KeySource::Cache` and a reducible score) until the
-    /// backend turns out not to support it.
-    device_scoring: bool,
-    filters_on_device: bool,
 }
 
 /// Most tokens scored in one go when pending keys are flushed (bounds the key buffer).
@@ -147,9 +143,7 @@ impl Engine {
         let n_ctx = context_cells(&cfg.cache, cfg.job_tokens, n_batch, model.n_swa())?;
         // llama.cpp aborts on a batch larger than the context; a tiny full cache gets small batches.
         let n_batch = n_batch.min(n_ctx);
-        let head_mode = cfg
-            .eviction()
-            .is_some_and(|e| e.granularity == Granularity::Head);
+        let head_mode = cfg.moves_heads();
         check_cache(cfg.type_v, cfg.flash_attn, head_mode)?;
         check_head_blocks(cfg.type_k, cfg.type_v, model.head_dim())?;
         let params = ContextParams {
@@ -167,16 +161,20 @@ impl Engine {
             type_v: cfg.type_v,
         };
         let ctx = Context::new(model, &params)?;
-        let keys_from = if evicting && cfg.key_source == KeySource::Graph && scorer.needs_keys() {
-            KeyReader::Graph(KeyTap::default())
-        } else {
-            KeyReader::Cache
+        let keys_from = match cfg.key_source {
+            KeySource::Graph if evicting && scorer.needs_keys() => {
+                KeyReader::Graph(KeyTap::default())
+            }
+            // Scored on the cache's device while the backend supports it.
+            KeySource::Cache if scorer.key_reduce().is_some() => KeyReader::Device {
+                filters_loaded: false,
+            },
+            _ => KeyReader::Host,
         };
         let stats = Stats {
             n_ctx: ctx.n_ctx(),
             ..Stats::default()
         };
-        let device_scoring = cfg.key_source == KeySource::Cache && scorer.key_reduce().is_some();
         Ok(Engine {
             ctx,
             scorer,
@@ -195,8 +193,6 @@ impl Engine {
             pending_cells: Vec::new(),
             pending_pos: Vec::new(),
             logits_row: None,
-            device_scoring,
-            filters_on_device: false,
         })
     }
 
@@ -204,8 +200,27 @@ impl Engine {
         &self.ctx
     }
 
-    pub fn context_mut(&mut self) -> &mut Context {
-        &mut self.ctx
+    /// One K (`value` false) or V cache row of model layer `layer`, as f32: what checks of
+    /// head moves and key paths compare. Reads only: the cache's cells change through the
+    /// engine alone, so the book always knows who sits where.
+    pub fn read_cache_row(&mut self, layer: usize, value: bool, cell: usize) -> Result<Vec<f32>> {
+        self.ctx.read_cache_row(layer, value, cell)
+    }
+
+    /// [`Engine::read_cache_row`] as stored (quantized blocks stay blocks).
+    pub fn read_cache_row_bytes(
+        &mut self,
+        layer: usize,
+        value: bool,
+        cell: usize,
+    ) -> Result<Vec<u8>> {
+        self.ctx.read_cache_row_bytes(layer, value, cell)
+    }
+
+    /// The keys of `cells` of model layer `layer` as the host scoring path reads them,
+    /// `[cell][head][dim]`.
+    pub fn read_k_rows(&mut self, layer: usize, cells: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        self.ctx.read_k_rows(layer, cells, out)
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -227,7 +242,7 @@ impl Engine {
     /// Whether keys are still scored where the cache lives (the device path of
     /// [`KeySource::Cache`]); false once a backend refused it and the host path took over.
     pub fn scores_on_device(&self) -> bool {
-        self.device_scoring
+        matches!(self.keys_from, KeyReader::Device { .. })
     }
 
     /// Layers the book tracks (its layer index `i` is the `i`-th layer with a full-size cache).
@@ -372,7 +387,7 @@ impl Engine {
         self.logits_row = None;
         match &mut self.keys_from {
             KeyReader::Graph(tap) => self.ctx.decode_observed(&self.batch, tap)?,
-            KeyReader::Cache => self.ctx.decode(&self.batch)?,
+            KeyReader::Device { .. } | KeyReader::Host => self.ctx.decode(&self.batch)?,
         }
         self.logits_row = (last_has_logits && n > 0).then(|| n - 1);
         let first = self.next_pos;
@@ -403,12 +418,8 @@ impl Engine {
                 "the hook saw no KV cache writes: is this an attention model?".into(),
             ));
         }
-        let head_mode = self
-            .cfg
-            .eviction()
-            .is_some_and(|e| e.granularity == Granularity::Head);
         let row = self.n_head_kv * self.head_dim;
-        if head_mode && !self.ctx.can_move_heads(row) {
+        if self.cfg.moves_heads() && !self.ctx.can_move_heads(row) {
             return Err(Error::HeadMovesUnsupported { row_values: row });
         }
         self.book = Some(CacheBook::new(self.tracked.len(), self.n_head_kv, full));
@@ -450,8 +461,7 @@ impl Engine {
         self.layer_scores.resize(n * h, 0.0);
         let needs_keys = self.scorer.needs_keys();
         if needs_keys
-            && matches!(self.keys_from, KeyReader::Cache)
-            && self.device_scoring
+            && matches!(self.keys_from, KeyReader::Device { .. })
             && self.score_on_device(cells, positions)?
         {
             self.stats.device_score_batches += 1;
@@ -502,30 +512,38 @@ impl Engine {
             return Ok(false);
         };
         let (n, h, d) = (cells.len(), self.n_head_kv, self.head_dim);
-        if reduce == KeyReduce::Dot && !self.filters_on_device {
+        let filters_loaded = matches!(
+            self.keys_from,
+            KeyReader::Device {
+                filters_loaded: true
+            }
+        );
+        if reduce == KeyReduce::Dot && !filters_loaded {
             let mut flat = Vec::with_capacity(self.tracked.len() * h * d);
             for &layer in &self.tracked {
                 for head in 0..h {
                     match self.scorer.filter(layer, head) {
                         Some(f) if f.len() == d => flat.extend_from_slice(f),
                         _ => {
-                            self.device_scoring = false;
+                            self.keys_from = KeyReader::Host;
                             return Ok(false);
                         }
                     }
                 }
             }
-            self.filters_on_device = self.ctx.set_key_filters(&self.tracked, &flat, h, d)?;
-            if !self.filters_on_device {
-                self.device_scoring = false;
+            if !self.ctx.set_key_filters(&self.tracked, &flat, h, d)? {
+                self.keys_from = KeyReader::Host;
                 return Ok(false);
             }
+            self.keys_from = KeyReader::Device {
+                filters_loaded: true,
+            };
         }
         if !self
             .ctx
             .device_key_stats(&self.tracked, cells, reduce, h, d, &mut self.keys)?
         {
-            self.device_scoring = false;
+            self.keys_from = KeyReader::Host;
             return Ok(false);
         }
         for (li, &layer) in self.tracked.iter().enumerate() {
@@ -554,15 +572,20 @@ impl Engine {
             return Ok(());
         }
         // One graph on the cache's device for all of the round's moves (when it can).
-        let groups: Vec<HeadMoveGroup<'_>> = plan
+        // The book counts tracked layers; the cache tensors are found by model layer.
+        let groups: Vec<HeadMoves> = plan
             .moves
             .iter()
-            .map(|hm| (self.tracked[hm.layer.0], hm.head, hm.moves.as_slice()))
+            .map(|hm| HeadMoves {
+                layer: self.tracked[hm.layer.0],
+                head: hm.head,
+                moves: hm.moves.clone(),
+            })
             .collect();
         if self.ctx.move_head_slices_batch(&groups, self.n_head_kv)? {
             self.stats.device_move_rounds += 1;
         }
-        self.stats.head_slices_moved += groups.iter().map(|g| g.2.len() as u64).sum::<u64>();
+        self.stats.head_slices_moved += groups.iter().map(|g| g.moves.len() as u64).sum::<u64>();
         let freed = book.apply(&plan);
         for (p0, p1) in position_ranges(&freed) {
             if !self.ctx.remove_positions(p0, p1) {

@@ -11,10 +11,7 @@ pub mod passkey;
 pub mod ppl;
 pub mod sweep;
 
-/// Mean of `values`, NaN when empty (an empty window has no perplexity).
-pub(crate) fn mean(values: &[f64]) -> f64 {
-    crate::math::mean(values.iter().copied()).unwrap_or(f64::NAN)
-}
+use crate::math::mean;
 
 /// Mean NLL over consecutive windows of `window` values (the last one may be shorter):
 /// `(centre index, mean)`.
@@ -23,7 +20,12 @@ pub fn windowed_mean(values: &[f64], window: usize) -> Vec<(f64, f64)> {
     values
         .chunks(w)
         .enumerate()
-        .map(|(i, c)| ((i * w) as f64 + c.len() as f64 / 2.0, mean(c)))
+        .map(|(i, c)| {
+            (
+                (i * w) as f64 + c.len() as f64 / 2.0,
+                mean(c.iter().copied()).unwrap_or(f64::NAN),
+            )
+        })
         .collect()
 }
 

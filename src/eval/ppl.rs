@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::ffi::{Batch, Context, ContextParams, Model, Token};
 use crate::math::log_prob;
 
-use super::mean;
+use crate::math::mean;
 
 /// Per-token NLLs of one streaming pass: `nll[i]` is −log p(tokens[i + 1] | what the cache
 /// held after tokens[..=i]).
@@ -109,7 +109,9 @@ pub fn full_context_nll(
 /// Perplexity over all scored tokens and over the second half of them.
 pub fn perplexities(nll: &[f64]) -> (f64, f64) {
     let half = nll.len() / 2;
-    (mean(nll).exp(), mean(&nll[half..]).exp())
+    // An empty window has no perplexity: NaN.
+    let ppl = |v: &[f64]| mean(v.iter().copied()).unwrap_or(f64::NAN).exp();
+    (ppl(nll), ppl(&nll[half..]))
 }
 
 #[cfg(test)]

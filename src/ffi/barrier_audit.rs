@@ -87,6 +87,15 @@ const DIRECT: &[(&str, &str)] = &[
     ),
     ("ggml_backend_reg_get_proc_address", BACKEND),
     (
+        "ggml_backend_register",
+        "ggml-backend-reg.cpp: appends the entry and its devices to the registry's vectors",
+    ),
+    (
+        "ggml_backend_dev_by_type",
+        "ggml-backend-reg.cpp: a loop over the registered devices",
+    ),
+    ("ggml_set_abort_callback", GGML_C),
+    (
         "ggml_backend_load_all_from_path",
         "ggml-backend-reg.cpp: std::filesystem with error_code overloads, loader errors logged",
     ),
@@ -116,10 +125,6 @@ const DIRECT: &[(&str, &str)] = &[
     ("llama_get_memory", ACCESSOR),
     ("llama_log_set", ACCESSOR),
     ("llama_memory_clear", "clears cells: no throw"),
-    (
-        "llama_memory_seq_pos_max",
-        "asserts (abort) a valid sequence: always called with 0, the context's only sequence",
-    ),
     (
         "llama_memory_seq_rm",
         "asserts (abort) a valid sequence: always called with 0; any position range is accepted",

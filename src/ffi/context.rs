@@ -159,7 +159,6 @@ pub struct Context {
     /// Whether the eval callback is installed (`ContextParams::hook`).
     hooked: bool,
     model: Arc<Model>,
-    n_batch: usize,
     pub(super) threads: i32,
     /// Graphs on the cache's device, made when first needed.
     pub(super) device: Option<DeviceGraphs>,
@@ -235,7 +234,6 @@ impl Context {
             hook,
             hooked: params.hook,
             model: Arc::clone(model),
-            n_batch: params.n_batch as usize,
             threads: params.threads,
             device: None,
             device_unusable: false,
@@ -244,10 +242,6 @@ impl Context {
 
     pub fn model(&self) -> &Arc<Model> {
         &self.model
-    }
-
-    pub fn n_batch(&self) -> usize {
-        self.n_batch
     }
 
     /// Cells allocated for the KV cache (after llama.cpp's rounding).
@@ -343,12 +337,6 @@ impl Context {
     pub fn clear_memory(&mut self) {
         // SAFETY: valid memory handle.
         unsafe { sys::llama_memory_clear(self.memory(), true) }
-    }
-
-    /// Highest position in the cache, -1 when empty.
-    pub fn max_position(&self) -> i32 {
-        // SAFETY: valid memory handle.
-        unsafe { sys::llama_memory_seq_pos_max(self.memory(), 0) }
     }
 
     /// Waits until the backends have finished the last decode. `llama_decode` may return while

@@ -42,8 +42,16 @@ impl Default for LayerKv {
     }
 }
 
-/// Head-slice moves of one (layer, KV head): `(layer, head, [(from cell, to cell)])`.
-pub type HeadMoveGroup<'a> = (usize, usize, &'a [(usize, usize)]);
+/// Head-slice moves of one (layer, KV head): copy the head's K and V slices from cell `from`
+/// to cell `to` for each `(from, to)` of `moves`. The eviction plan names the layer as the
+/// cache book counts it (`L` = `engine::cache::TrackedLayer`); the ffi calls take the model's
+/// layer number (`L = usize`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadMoves<L = usize> {
+    pub layer: L,
+    pub head: usize,
+    pub moves: Vec<(usize, usize)>,
+}
 
 impl Context {
     /// Number of layers whose KV tensors the hook has seen.
@@ -207,14 +215,14 @@ impl Context {
     /// through the host (false).
     pub fn move_head_slices_batch(
         &mut self,
-        groups: &[HeadMoveGroup<'_>],
+        groups: &[HeadMoves],
         n_head_kv: usize,
     ) -> Result<bool> {
         if self.device_move_heads(groups, n_head_kv)? {
             return Ok(true);
         }
-        for &(layer, head, moves) in groups {
-            self.move_head_slices(layer, head, n_head_kv, moves)?;
+        for g in groups {
+            self.move_head_slices(g.layer, g.head, n_head_kv, &g.moves)?;
         }
         Ok(false)
     }

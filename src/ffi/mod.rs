@@ -27,7 +27,7 @@
 // Inside an `unsafe fn`, each unsafe operation still needs its own block and SAFETY line.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
@@ -43,6 +43,7 @@ mod graph;
 pub mod gguf_check;
 mod kv_tensors;
 mod model;
+pub mod rpc;
 mod sampler;
 mod template;
 mod tensor;
@@ -53,7 +54,7 @@ pub mod threads;
 pub use batch::Batch;
 pub use context::{CacheType, Context, ContextParams};
 pub use graph::{GraphObserver, NodeInfo, NodeOp};
-pub use kv_tensors::{HeadMoveGroup, KeyReduce};
+pub use kv_tensors::{HeadMoves, KeyReduce};
 pub use model::{Model, ModelParams};
 pub use sampler::{BadSampling, Sampler, SamplingParams, MAX_LOGIT_BIAS, PENALTY_WINDOW};
 pub use template::{apply_chat_template, builtin_chat_templates};
@@ -174,11 +175,41 @@ pub fn cpu_backend() -> String {
     cpu_backend::describe()
 }
 
+extern "C" {
+    // glibc's `_exit`: ends the process at once, without running exit handlers that could
+    // meet other threads inside llama.cpp's static state.
+    fn _exit(status: c_int) -> !;
+}
+
+/// What ggml calls instead of printing a backtrace, just before it would `abort()`: the message
+/// becomes the CLIs' one error line and the process exits with status 1, never a signal. A
+/// GGML_ASSERT the preflight (gguf_check) did not foresee, or ggml-rpc losing a host, ends here.
+extern "C" fn on_ggml_abort(message: *const c_char) {
+    let what = if message.is_null() {
+        "an internal error".into()
+    } else {
+        // SAFETY: ggml passes its NUL-terminated message buffer, alive during this call.
+        unsafe { CStr::from_ptr(message) }.to_string_lossy()
+    };
+    // ggml starts its message with the source path: the file name is enough.
+    let first = what.lines().next().unwrap_or("").trim();
+    let short = match first.split_once(": ") {
+        Some((place, rest)) => format!("{}: {rest}", place.rsplit('/').next().unwrap_or(place)),
+        None => first.to_string(),
+    };
+    let line = format!("qfilters: llama.cpp stopped ({short}); nothing more was written\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    // SAFETY: `_exit` takes any status and does not return.
+    unsafe { _exit(1) }
+}
+
 pub(crate) fn init_backend() {
     BACKEND_INIT.call_once(|| {
-        // SAFETY: called once per process before any other llama.cpp call; `log_sink` is a
-        // plain function that lives for the whole program and ignores its user pointer.
+        // SAFETY: called once per process before any other llama.cpp call; `log_sink` and
+        // `on_ggml_abort` are plain functions that live for the whole program (the log sink
+        // ignores its user pointer).
         unsafe {
+            sys::ggml_set_abort_callback(Some(on_ggml_abort));
             sys::llama_log_set(Some(log_sink), std::ptr::null_mut());
             // Before llama_backend_init, which loads backends only from the executable's
             // folder and the current directory when none is registered.

@@ -1,19 +1,17 @@
 //! Slots: K bounded conversations, each a llama context on its own OS thread, and the bounded
 //! queue in front of them.
 //!
-//! A slot remembers the token history it has ingested (its [`History`]), not what is still in
-//! its cells: after eviction the cells hold a subset of that history, and a request that
-//! extends it only needs its new tokens decoded, whatever was evicted. The history is kept as
-//! the parts (template text, message contents) the tokens came from, so that a reply is
-//! matched by its text and continues with the tokens that were sampled, which retokenizing the
-//! reply's text would not always give back.
+//! A slot remembers the token history it has ingested (its [`History`]), and a request that
+//! extends it decodes only its new tokens; [`crate::conversation::delta`] owns that rule, the
+//! one `chat` follows too. Among idle slots, a request goes to the one it extends furthest.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use crate::conversation::chat::{tokenize_segments, ChatTemplate, Segment};
+use crate::conversation::chat::{ChatTemplate, Segment};
+use crate::conversation::delta::{self, plan, History, Part, Plan};
 use crate::conversation::generate::{generate, Limits, Stop};
 use crate::engine::Engine;
 use crate::error::Result;
@@ -22,16 +20,8 @@ use crate::ffi::{Model, Sampler, Token};
 use super::api::{ApiError, Input, Params, Report, TokenInfo};
 use super::stop::StopText;
 
-/// A piece of a prompt and its tokens: template text (special tokens parsed), a message's
-/// content (plain text), or the BOS token (an empty template piece).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Part {
-    pub segment: Segment,
-    pub tokens: Vec<Token>,
-}
-
-/// The request's prompt as parts, by construction: the chat template's text and the message
-/// contents are tokenized apart, so no content can become a control token.
+/// The request's prompt as parts ([`delta::parts`]): a chat formatted with the template, or
+/// raw text as one content.
 pub fn prepare(model: &Model, template: &ChatTemplate, input: &Input) -> Result<Vec<Part>> {
     let segments = match input {
         Input::Chat(messages) => template.segments(messages, true)?,
@@ -41,99 +31,7 @@ pub fn prepare(model: &Model, template: &ChatTemplate, input: &Input) -> Result<
         }],
         Input::Tools(chat) => super::tools::segments(model, chat)?,
     };
-    let tokens = tokenize_segments(model, &segments)?;
-    let mut parts = Vec::with_capacity(segments.len() + 1);
-    let first = tokens.iter().flatten().next().copied();
-    if let Some(bos) = model.bos().filter(|_| model.add_bos()) {
-        if first != Some(bos) {
-            parts.push(Part {
-                segment: Segment {
-                    text: String::new(),
-                    content: false,
-                },
-                tokens: vec![bos],
-            });
-        }
-    }
-    parts.extend(
-        segments
-            .into_iter()
-            .zip(tokens)
-            .map(|(segment, tokens)| Part { segment, tokens }),
-    );
-    Ok(parts)
-}
-
-/// What a slot has ingested: the parts, their tokens in order, and how many of those tokens
-/// went through the cache (the rest are decoded first by the next request that extends it).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct History {
-    pub parts: Vec<Part>,
-    pub tokens: Vec<Token>,
-    pub decoded: usize,
-}
-
-/// The whitespace llama.cpp's templates trim (C `isspace`).
-fn is_c_space(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\n' | '\u{0b}' | '\u{0c}' | '\r')
-}
-
-/// Whether a request's part is the one the slot holds: equal, or the same content with
-/// whitespace at its ends trimmed (a template that trims the reply the client sends back;
-/// the cache keeps the reply as it was sampled).
-fn same_part(held: &Segment, asked: &Segment) -> bool {
-    if held == asked {
-        return true;
-    }
-    held.content
-        && asked.content
-        && held.text.contains(asked.text.as_str())
-        && held.text.trim_matches(is_c_space) == asked.text.trim_matches(is_c_space)
-}
-
-/// How a slot would serve a prompt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// The prompt's parts as the slot will hold them (a matched part keeps the slot's tokens).
-    pub parts: Vec<Part>,
-    /// The prompt's tokens, in that form.
-    pub tokens: Vec<Token>,
-    /// Whether the slot's history is a proper prefix of `tokens`: then only `tokens[keep..]`
-    /// is decoded; otherwise the slot starts from scratch (`keep` = 0).
-    pub reuse: bool,
-    pub keep: usize,
-}
-
-/// The prefix-reuse decision: the prompt extends the slot's history when the history's tokens
-/// are a proper prefix of the prompt's tokens (at least one new token is needed, for logits).
-pub fn plan(history: &History, prompt: &[Part]) -> Plan {
-    let mut parts = Vec::with_capacity(prompt.len());
-    let mut matching = true;
-    for (i, p) in prompt.iter().enumerate() {
-        match history.parts.get(i) {
-            Some(h) if matching && same_part(&h.segment, &p.segment) => parts.push(Part {
-                segment: p.segment.clone(),
-                tokens: h.tokens.clone(),
-            }),
-            _ => {
-                matching = false;
-                parts.push(p.clone());
-            }
-        }
-    }
-    let tokens: Vec<Token> = parts
-        .iter()
-        .flat_map(|p| p.tokens.iter().copied())
-        .collect();
-    let reuse = !history.tokens.is_empty()
-        && tokens.len() > history.tokens.len()
-        && tokens.starts_with(&history.tokens);
-    Plan {
-        parts,
-        tokens,
-        reuse,
-        keep: if reuse { history.decoded } else { 0 },
-    }
+    delta::parts(model, segments)
 }
 
 /// The slot a prompt goes to among the idle ones (`(index, history, last use)`): the one whose
@@ -487,7 +385,7 @@ fn serve_job(
     }
     engine.reset_peak();
     let mut sampler = Sampler::new(engine.model(), &params.sampling).map_err(lib)?;
-    let new_tokens = &plan.tokens[plan.keep..];
+    let new_tokens = plan.new_tokens();
     let mut stop = StopText::new(params.stop.clone());
     let cut = std::cell::Cell::new(Cut::None);
     let model = Arc::clone(engine.model());
@@ -577,23 +475,10 @@ fn serve_job(
         reused: plan.reuse,
     };
     // Every accepted token went through the cache but the last one at the limit, which
-    // generate leaves undecoded: the next turn decodes it first.
-    let mut history = History {
-        parts: plan.parts.clone(),
-        tokens: plan.tokens.clone(),
-        decoded: 0,
-    };
-    history.tokens.extend_from_slice(&gen.tokens);
-    history.decoded = history.tokens.len() - usize::from(gen.undecoded.is_some());
-    // The reply as sampled: the client sends back what it received, which equals this unless a
-    // stop string cut it (then the next request does not match, and starts from scratch).
-    history.parts.push(Part {
-        segment: Segment {
-            text: gen.text.clone(),
-            content: true,
-        },
-        tokens: gen.tokens,
-    });
+    // generate leaves undecoded: the next turn decodes it first. The reply is kept as sampled:
+    // the client sends back what it received, which equals it unless a stop string cut it
+    // (then the next request does not match, and starts from scratch).
+    let history = plan.history_after(&gen.text, &gen.tokens, gen.undecoded.is_some());
     pool.counts.served.fetch_add(1, Ordering::Relaxed);
     Ok((history, Some(Event::Done { finish, report })))
 }
@@ -656,90 +541,6 @@ mod tests {
             parts,
             tokens,
         }
-    }
-
-    #[test]
-    fn a_prompt_that_extends_the_history_decodes_only_its_new_tokens() {
-        // Turn 1 ingested: user header, "hi", assistant header, and the reply sampled as [7, 8]
-        // (its text would retokenize as [78]: the sampled tokens are kept).
-        let h = history(vec![
-            t("<u>", &[1]),
-            c("hi", &[2]),
-            t("<a>", &[3]),
-            c("yo", &[7, 8]),
-        ]);
-        let turn2 = [
-            t("<u>", &[1]),
-            c("hi", &[2]),
-            t("<a>", &[3]),
-            c("yo", &[78]),
-            t("</a><u>", &[4, 1]),
-            c("more", &[5]),
-            t("<a>", &[3]),
-        ];
-        let p = plan(&h, &turn2);
-        assert!(p.reuse);
-        assert_eq!(p.keep, 5);
-        assert_eq!(p.tokens, vec![1, 2, 3, 7, 8, 4, 1, 5, 3]);
-        assert_eq!(&p.tokens[p.keep..], &[4, 1, 5, 3]);
-        // A token left undecoded at the limit is decoded first.
-        let mut h2 = h.clone();
-        h2.decoded = 4;
-        assert_eq!(plan(&h2, &turn2).keep, 4);
-    }
-
-    #[test]
-    fn a_reply_trimmed_by_the_template_still_matches() {
-        let h = history(vec![
-            t("<u>", &[1]),
-            c("hi", &[2]),
-            t("<a>", &[3]),
-            c(" yo \n", &[9, 7]),
-        ]);
-        let p = plan(
-            &h,
-            &[
-                t("<u>", &[1]),
-                c("hi", &[2]),
-                t("<a>", &[3]),
-                c("yo", &[7]),
-                t("<u>", &[1]),
-            ],
-        );
-        assert!(p.reuse);
-        assert_eq!(p.tokens, vec![1, 2, 3, 9, 7, 1]);
-        // A different reply is a different conversation.
-        let p = plan(
-            &h,
-            &[
-                t("<u>", &[1]),
-                c("hi", &[2]),
-                t("<a>", &[3]),
-                c("no", &[6]),
-                t("<u>", &[1]),
-            ],
-        );
-        assert!(!p.reuse);
-        assert_eq!(p.keep, 0);
-        assert_eq!(p.tokens, vec![1, 2, 3, 6, 1]);
-    }
-
-    #[test]
-    fn anything_else_starts_from_scratch() {
-        let h = history(vec![t("<u>", &[1]), c("hi", &[2]), t("<a>", &[3])]);
-        // The same prompt again: nothing new to decode, so no logits to sample from.
-        assert!(!plan(&h, &h.parts).reuse);
-        // A shorter or diverging prompt.
-        assert!(!plan(&h, &[t("<u>", &[1])]).reuse);
-        assert!(!plan(&h, &[t("<u>", &[1]), c("ho", &[6]), t("<a>", &[3])]).reuse);
-        // An empty slot never reuses.
-        assert!(!plan(&History::default(), &h.parts).reuse);
-        // Raw completions extend by tokens too: a longer prompt whose tokens start with the
-        // history's.
-        let h = history(vec![c("Once", &[10]), c(" upon", &[11])]);
-        let p = plan(&h, &[c("Once upon a time", &[10, 11, 12, 13])]);
-        assert!(p.reuse);
-        assert_eq!(p.keep, 2);
     }
 
     #[test]

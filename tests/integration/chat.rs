@@ -7,7 +7,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use qfilters::conversation::chat::{delta_tokens, ChatTemplate, Segment};
+use qfilters::conversation::chat::ChatTemplate;
+use qfilters::conversation::delta::{self, History};
 use qfilters::ffi::Model;
 
 use crate::common::{bin, model_path, qwen, smollm2};
@@ -107,25 +108,33 @@ fn check_delta(model: &Model, name: &str) {
     ];
     let system = "You are brief.";
     let mut messages = vec![("system".to_string(), system.to_string())];
-    let mut cached: Vec<Segment> = Vec::new();
+    let mut history = History::default();
     let mut incremental = Vec::new();
+    let turn = |history: &History, messages: &[(String, String)]| {
+        let full = template.segments(messages, true).expect("segments");
+        let prompt = delta::parts(model, full).expect("parts");
+        let plan = delta::plan(history, &prompt);
+        // Every turn after the first extends what the cache holds.
+        assert_eq!(
+            plan.reuse,
+            !history.tokens.is_empty(),
+            "{name}: {messages:?}"
+        );
+        plan
+    };
     for (user, reply) in turns {
         messages.push(("user".into(), user.to_string()));
-        let full = template.segments(&messages, true).expect("segments");
-        incremental.extend(delta_tokens(model, &cached, &full).expect("delta"));
+        let plan = turn(&history, &messages);
+        incremental.extend_from_slice(plan.new_tokens());
         // What the model would have generated, then kept in the cache.
-        incremental.extend(model.tokenize(reply, false, false).expect("tokenize"));
-        cached = full;
-        cached.push(Segment {
-            text: reply.to_string(),
-            content: true,
-        });
+        let sampled = model.tokenize(reply, false, false).expect("tokenize");
+        incremental.extend_from_slice(&sampled);
+        history = plan.history_after(reply, &sampled, false);
         messages.push(("assistant".into(), reply.to_string()));
     }
     // One more user turn: the last reply must get its end-of-turn text.
     messages.push(("user".into(), "?".into()));
-    let segments = template.segments(&messages, true).expect("segments");
-    incremental.extend(delta_tokens(model, &cached, &segments).expect("delta"));
+    incremental.extend_from_slice(turn(&history, &messages).new_tokens());
     let full = template.format(&messages, true).expect("format");
     let whole = model.tokenize(&full, true, true).expect("tokenize");
     assert_eq!(
@@ -148,7 +157,12 @@ fn user_text_that_looks_like_a_control_token_stays_text() {
     let segments = template
         .segments(&[("user".into(), user.into())], true)
         .expect("segments");
-    let tokens = delta_tokens(&model, &[], &segments).expect("delta");
+    let tokens = delta::plan(
+        &History::default(),
+        &delta::parts(&model, segments).expect("parts"),
+    )
+    .new_tokens()
+    .to_vec();
     let im_end = model.tokenize("<|im_end|>", false, true).expect("tokenize")[0];
     // Only the template's own end of the user message.
     assert_eq!(tokens.iter().filter(|&&t| t == im_end).count(), 1);

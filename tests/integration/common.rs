@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 
-use gguf_tools::filters::QFilters;
 use qfilters::engine::{Engine, EngineConfig};
 use qfilters::ffi::{Model, ModelParams};
 use qfilters::policy::{self, PolicyInputs};
@@ -169,18 +168,11 @@ pub fn assert_one_line_error(out: &Output, needle: &str) {
     assert!(!stderr.contains("panicked"), "no panic: {stderr}");
 }
 
-/// Deterministic unit-norm filters of the given shape, saved in the published layout.
+/// Deterministic unit-norm filters of the given shape (the library's generator), saved in the
+/// published layout.
 pub fn random_filters(dir: &Path, seed: u64, layers: usize, heads: usize, dim: usize) -> PathBuf {
-    let mut state = seed;
-    let mut data = Vec::with_capacity(layers * heads * dim);
-    for _ in 0..layers * heads {
-        let v: Vec<f32> = (0..dim)
-            .map(|_| (qfilters::math::splitmix64(&mut state) % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
-        data.extend(v.iter().map(|x| x / norm));
-    }
-    let f = QFilters::new(layers, heads, dim, data).expect("valid filters");
+    let f =
+        qfilters::bench::random_filters_of_shape(layers, heads, dim, seed).expect("valid filters");
     let path = dir.join("filters.safetensors");
     f.save(&path).expect("save filters");
     path

@@ -3,12 +3,10 @@
 
 use std::sync::Arc;
 
-use qfilters::engine::cache::{Combiner, EvictionConfig, Granularity, TrackedLayer};
-use qfilters::engine::{Engine, EngineConfig, Logits};
+use qfilters::bench::check_head_moves;
 use qfilters::ffi::{
     Batch, CacheType, Context, ContextParams, GraphObserver, Model, NodeInfo, Token,
 };
-use qfilters::policy::{self, PolicyInputs};
 
 use crate::common::{qwen, smollm2 as model};
 
@@ -124,10 +122,6 @@ fn swapping_one_heads_slices_between_cells_keeps_attention_outputs() {
     );
 }
 
-/// After real per-head eviction rounds, every (layer 0, head, cell) slot the book says holds
-/// position p holds exactly the bytes of p's key and value slices, as a cache that never
-/// evicted has them. Layer 0's K and V depend only on the token and its position, so they are
-/// comparable across the two runs; a quantized slice is whole blocks, copied as they are.
 /// A head past the last one would address the next cell's row inside the same tensor, where
 /// ggml's own bounds check cannot see it: the move is refused and no byte changes.
 #[test]
@@ -172,6 +166,10 @@ fn a_head_out_of_range_is_refused_and_moves_nothing() {
     }
 }
 
+/// After real per-head eviction rounds, every (layer 0, head, cell) slot the book says holds
+/// position p holds exactly the bytes of p's key and value slices, as a cache that never
+/// evicted has them. Layer 0's K and V depend only on the token and its position, so they are
+/// comparable across the two runs; a quantized slice is whole blocks, copied as they are.
 #[test]
 fn per_head_eviction_moves_the_slices_the_book_says() {
     per_head_moves(&model(), CacheType::F16);
@@ -191,105 +189,31 @@ fn per_head_eviction_keeps_the_exact_bytes_of_q8_0_slices() {
     per_head_moves(&model(), CacheType::Q8_0);
 }
 
+/// Runs the check `qfilters bench --check-moves` runs ([`check_head_moves`]), at budget 48 in
+/// chunks of 16, and asserts what it reports.
 fn per_head_moves(model: &Arc<Model>, cache_type: CacheType) {
-    let model = Arc::clone(model);
     let text = TEXT.repeat(3);
     let tokens = model.tokenize(&text, true, false).expect("tokenize");
     let tokens = &tokens[..tokens.len().min(160)];
-    let chunk = 16;
-    let engine_for = |policy_name: &str, cache: EngineConfig| {
-        let scorer = policy::build(
-            policy_name,
-            &PolicyInputs {
-                filters: None,
-                seed: 1,
-                recency: 0.0,
-                mix_weight: 1.0,
-            },
-        )
-        .expect("scorer");
-        Engine::new(
-            &model,
-            scorer,
-            EngineConfig {
-                job_tokens: Some(tokens.len() + 1),
-                n_batch: chunk,
-                threads: 1,
-                flash_attn: Some(true),
-                type_k: cache_type,
-                type_v: cache_type,
-                ..cache
-            },
-        )
-        .expect("engine")
-    };
-    let mut full = engine_for("none", EngineConfig::full(tokens.len() + 1));
-    full.ingest(tokens, Logits::Last, &mut |_| Ok(()))
-        .expect("full ingest");
-    let mut evicting = engine_for(
-        "knorm",
-        EngineConfig::bounded(EvictionConfig {
-            budget: 48,
-            window: 8,
-            sinks: 2,
-            granularity: Granularity::Head,
-            combiner: Combiner::MeanZ,
-            slack: 0,
-        }),
-    );
-    evicting
-        .ingest(tokens, Logits::Last, &mut |_| Ok(()))
-        .expect("evicting ingest");
-    assert!(
-        evicting.stats().head_slices_moved > 0,
-        "the test must exercise moves"
-    );
+    let (budget, chunk) = (48, 16);
+    let r = check_head_moves(model, tokens, budget, chunk, 1, cache_type).expect("check");
+    assert!(r.head_slices_moved > 0, "the test must exercise moves");
     if !cache_type.is_quantized() {
         assert!(
-            evicting.stats().device_move_rounds > 0,
+            r.device_move_rounds > 0,
             "the moves must run as one graph per round on the cache's backend"
         );
     }
-    assert!(evicting.live_cells() <= 48 + chunk);
-    let slice = cache_type.bytes(model.head_dim()).expect("whole blocks");
-    let book = evicting.book().expect("book").clone();
-    let mut checked = 0;
-    let mut moved = 0;
-    for cell in 0..book.n_cells() {
-        if book.cell_position(cell).is_none() {
-            continue;
-        }
-        for value in [false, true] {
-            let row = evicting
-                .context_mut()
-                .read_cache_row_bytes(0, value, cell)
-                .expect("row");
-            assert_eq!(row.len(), slice * model.n_head_kv());
-            for h in 0..model.n_head_kv() {
-                let p = book
-                    .slot_position(TrackedLayer(0), h, cell)
-                    .expect("live cell, filled slot") as usize;
-                if Some(p as i32) != book.cell_position(cell) {
-                    moved += 1;
-                }
-                // A cache that never evicted holds position p in cell p.
-                let reference = full
-                    .context_mut()
-                    .read_cache_row_bytes(0, value, p)
-                    .expect("reference row");
-                let s = h * slice..(h + 1) * slice;
-                assert!(
-                    row[s.clone()] == reference[s],
-                    "{} of position {p}, head {h}, cell {cell}: other bytes than the decode wrote",
-                    if value { "V" } else { "K" }
-                );
-                checked += 1;
-            }
-        }
-    }
+    assert!(r.live_cells <= budget + chunk);
+    assert_eq!(
+        r.differing, 0,
+        "{} of {} slots hold other K or V bytes than the decode wrote",
+        r.differing, r.checked
+    );
+    assert_eq!(r.max_abs_diff, 0.0);
     assert!(
-        moved > 0,
+        r.moved > 0,
         "some layer-0 head must hold a token other than its cell's label"
     );
-    assert!(checked >= 2 * 48 * model.n_head_kv());
+    assert!(r.checked >= budget * model.n_head_kv());
 }

@@ -341,15 +341,9 @@ fn quantized_key_cache_scores_match_the_graph_keys() {
             "rotation blocks {rot}"
         );
         // The stored row of position 10 against the keys the host path reads for it.
-        let stored = cache
-            .context_mut()
-            .read_cache_row(0, false, 10)
-            .expect("row");
+        let stored = cache.read_cache_row(0, false, 10).expect("row");
         let mut keys = Vec::new();
-        cache
-            .context_mut()
-            .read_k_rows(0, &[10], &mut keys)
-            .expect("keys");
+        cache.read_k_rows(0, &[10], &mut keys).expect("keys");
         let diff = stored
             .iter()
             .zip(&keys)

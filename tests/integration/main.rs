@@ -17,6 +17,7 @@ mod key_paths;
 mod portable;
 mod quantized;
 mod robust_models;
+mod rpc;
 mod synth_models;
 mod tools;
 mod tuned;

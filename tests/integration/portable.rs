@@ -219,7 +219,7 @@ fn dispatch_loads_the_best_variant_for_this_cpu() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains(&format!("cpu: dispatch, variant {want})")),
+        text.contains(&format!("cpu: dispatch, variant {want};")),
         "expected variant {want} for this CPU: {text}"
     );
 }

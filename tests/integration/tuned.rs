@@ -4,6 +4,7 @@
 
 use crate::common::*;
 use gguf_tools::filters::QFilters;
+use qfilters::calibrate::tune::TUNE_TIE;
 use serde_json::Value;
 
 fn json(path: &std::path::Path) -> Value {
@@ -51,12 +52,12 @@ fn tuned_defaults_are_chosen_carried_and_used_unless_a_flag_overrides() {
     assert!(stderr.contains("tuned on 128 tokens"), "{stderr}");
 
     // The choice is the measured best of the sweep, the first listed unless the second is lower
-    // by more than the tie margin.
+    // by more than the tie margin the library decides with.
     let points = json(&sweep);
     let points = points.as_array().unwrap();
     assert_eq!(points.len(), 2);
     let objective = |i: usize| points[i]["objective"].as_f64().unwrap();
-    let best = &points[usize::from(objective(1) < objective(0) - 0.01)];
+    let best = &points[usize::from(objective(1) < objective(0) - TUNE_TIE)];
     assert_eq!(best["chosen"], true);
     let recency = best["recency"].as_f64().unwrap();
     assert_ne!(points[0]["objective"], points[1]["objective"]);
@@ -99,12 +100,15 @@ fn tuned_defaults_are_chosen_carried_and_used_unless_a_flag_overrides() {
     assert_eq!(s["recency"].as_f64().unwrap(), recency);
     assert!(s["evicted"].as_u64().unwrap() > 0);
     // Explicit flags win, each on its own.
-    let (stderr, s) = run(&["--window", "8", "--recency", "64"]);
+    let (stderr, s) = run(&["--window", "8", "--recency", "64", "--slack", "3"]);
     assert!(!stderr.contains("window 24"), "{stderr}");
     assert!(stderr.contains("granularity position"), "{stderr}");
     assert_eq!(s["window"], 8);
     assert_eq!(s["recency"].as_f64().unwrap(), 64.0);
     assert_eq!(s["granularity"], "position");
+    // The stats carry every eviction setting, as result records do.
+    assert_eq!(s["slack"], 3);
+    assert_eq!(s["combiner"], "mean-z");
 
     // eval: every policy of the sweep gets the same tuned settings.
     let wiki = data_file("wikitext2-valid.txt");

@@ -6,7 +6,7 @@ use std::ffi::c_void;
 
 use super::super::threadpool::cpu_backend;
 use super::super::{sys, Context};
-use super::{HeadMoveGroup, LayerKv};
+use super::{HeadMoves, LayerKv};
 use crate::error::{Error, Result};
 
 /// How the device reduces each (cell, KV head) slice of a key to one number, so a score can be
@@ -396,10 +396,10 @@ impl Context {
     /// cache type is not f16/bf16/f32, or no backend reaches the tensors).
     pub(in crate::ffi) fn device_move_heads(
         &mut self,
-        groups: &[HeadMoveGroup<'_>],
+        groups: &[HeadMoves],
         n_head_kv: usize,
     ) -> Result<bool> {
-        let mut layers: Vec<usize> = groups.iter().map(|g| g.0).collect();
+        let mut layers: Vec<usize> = groups.iter().map(|g| g.layer).collect();
         layers.sort_unstable();
         layers.dedup();
         let kvs: Vec<(usize, LayerKv)> = layers
@@ -421,8 +421,8 @@ impl Context {
         }
         let mut src_idx: Vec<i32> = Vec::new();
         let mut dst_idx: Vec<i64> = Vec::new();
-        for (_, _, moves) in groups {
-            for &(s, t) in moves.iter() {
+        for g in groups {
+            for &(s, t) in &g.moves {
                 src_idx.push(s as i32);
                 dst_idx.push(t as i64);
             }
@@ -451,7 +451,12 @@ impl Context {
             sys::ggml_set_input(src);
             sys::ggml_set_input(dst);
             let mut at = 0usize;
-            for &(layer, head, moves) in groups {
+            for &HeadMoves {
+                layer,
+                head,
+                ref moves,
+            } in groups
+            {
                 let Some((_, kv)) = kvs.iter().find(|(l, _)| *l == layer) else {
                     return Err(Error::KvCache(format!("layer {layer} not found")));
                 };
