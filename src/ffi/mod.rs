@@ -125,6 +125,12 @@ mod shim {
             length: i32,
             result: *mut i32,
         ) -> c_int;
+        pub fn qf_sampler_init_grammar(
+            vocab: *const sys::llama_vocab,
+            grammar_str: *const c_char,
+            grammar_root: *const c_char,
+            result: *mut *mut sys::llama_sampler,
+        ) -> c_int;
         pub fn qf_sampler_sample(
             smpl: *mut sys::llama_sampler,
             ctx: *mut sys::llama_context,

@@ -56,7 +56,7 @@ impl Model {
         Ok(Arc::new(Model { ptr }))
     }
 
-    fn vocab(&self) -> *const sys::llama_vocab {
+    pub(super) fn vocab(&self) -> *const sys::llama_vocab {
         // SAFETY: the model pointer is valid while `self` lives; the vocab is owned by it.
         unsafe { sys::llama_model_get_vocab(self.ptr.as_ptr()) }
     }
@@ -286,6 +286,13 @@ impl Model {
     pub fn bos(&self) -> Option<Token> {
         // SAFETY: valid vocab pointer.
         let t = unsafe { sys::llama_vocab_bos(self.vocab()) };
+        (t >= 0).then_some(t)
+    }
+
+    /// The end-of-sequence token (chat templates name it `eos_token`).
+    pub fn eos(&self) -> Option<Token> {
+        // SAFETY: valid vocab pointer.
+        let t = unsafe { sys::llama_vocab_eos(self.vocab()) };
         (t >= 0).then_some(t)
     }
 

@@ -35,6 +35,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Added to the logits of these tokens before sampling (`logit_bias`).
     pub logit_bias: Vec<(Token, f32)>,
+    /// A GBNF grammar (root rule `root`) the reply must follow (`response_format`, a required
+    /// tool call): llama.cpp's grammar sampler masks every token that would leave it.
+    pub grammar: Option<String>,
 }
 
 /// Sampled tokens the penalties look back on: more than any reply the server allows by default.
@@ -61,6 +64,7 @@ impl SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 
@@ -119,6 +123,21 @@ impl SamplingParams {
     }
 }
 
+/// llama.cpp's grammar sampler for `grammar` (GBNF, root rule `root`) over `model`'s
+/// vocabulary; a grammar it cannot parse (null, or an exception) is an error.
+fn grammar_sampler(model: &Model, grammar: &str) -> Result<NonNull<sys::llama_sampler>> {
+    let text = std::ffi::CString::new(grammar)
+        .map_err(|_| Error::invalid("the grammar contains a NUL character"))?;
+    let mut out: *mut sys::llama_sampler = std::ptr::null_mut();
+    // SAFETY: the vocabulary pointer is the live model's; both strings are NUL-terminated
+    // and outlive the call (llama.cpp copies them); `out` is a valid result place. The call
+    // goes through the barrier, and a null result is checked below.
+    native("llama_sampler_init_grammar", unsafe {
+        shim::qf_sampler_init_grammar(model.vocab(), text.as_ptr(), c"root".as_ptr(), &mut out)
+    })?;
+    NonNull::new(out).ok_or_else(|| Error::invalid("llama.cpp could not parse the grammar"))
+}
+
 impl Sampler {
     /// The chain for `params` over `model`'s vocabulary: penalties and biases first (only when
     /// given), then greedy, or top-k, top-p, temperature and a seeded draw.
@@ -129,19 +148,31 @@ impl Sampler {
         })?;
         let n_vocab = i32::try_from(n_vocab)
             .map_err(|_| Error::invalid("the vocabulary is too large for llama.cpp's samplers"))?;
+        // Made first, so that a grammar llama.cpp refuses leaves no chain to free.
+        let grammar = params
+            .grammar
+            .as_deref()
+            .map(|g| grammar_sampler(model, g))
+            .transpose()?;
         let bias: Vec<sys::llama_logit_bias> = params
             .logit_bias
             .iter()
             .map(|&(token, bias)| sys::llama_logit_bias { token, bias })
             .collect();
-        // SAFETY: the chain takes ownership of each sampler added. Checked above: the penalties
-        // are finite, the window is a small positive constant, and every biased token id is
-        // below `n_vocab`, the vocabulary size both samplers are given; `bias` outlives the
-        // call that copies it (its length fits i32: at most MAX_LOGIT_BIAS).
+        // SAFETY: the chain takes ownership of each sampler added (the grammar sampler,
+        // checked non-null by grammar_sampler, is added once and owned by nothing else).
+        // Checked above: the penalties are finite, the window is a small positive constant,
+        // and every biased token id is below `n_vocab`, the vocabulary size both samplers are
+        // given; `bias` outlives the call that copies it (its length fits i32: at most
+        // MAX_LOGIT_BIAS).
         unsafe {
             let mut cp = sys::llama_sampler_chain_default_params();
             cp.no_perf = true;
             let chain = sys::llama_sampler_chain_init(cp);
+            // The grammar masks first: the samplers after it only see tokens it allows.
+            if let Some(g) = grammar {
+                sys::llama_sampler_chain_add(chain, g.as_ptr());
+            }
             if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
                 sys::llama_sampler_chain_add(
                     chain,

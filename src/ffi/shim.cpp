@@ -70,6 +70,11 @@ int qf_chat_apply_template(const char * tmpl, const llama_chat_message * chat, s
     return guarded([&] { *result = llama_chat_apply_template(tmpl, chat, n_msg, add_ass, buf, length); });
 }
 
+int qf_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+                            llama_sampler ** result) {
+    return guarded([&] { *result = llama_sampler_init_grammar(vocab, grammar_str, grammar_root); });
+}
+
 int qf_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx, llama_token * result) {
     return guarded([&] { *result = llama_sampler_sample(smpl, ctx, idx); });
 }

@@ -249,6 +249,9 @@ pub enum Input {
     Chat(Vec<(String, String)>),
     /// Raw text, tokenized as plain text (never parsed for special tokens).
     Text(String),
+    /// Messages with tools, tool calls or tool results, rendered by the model's own Jinja
+    /// template (src/server/tools.rs).
+    Tools(super::tools::ToolChat),
 }
 
 #[derive(Debug, Clone)]
@@ -338,11 +341,8 @@ fn strings(v: &Value, name: &'static str) -> Result<Vec<String>, ApiError> {
 type Harmless = fn(&Value) -> bool;
 
 const REFUSED: &[(&str, Harmless)] = &[
-    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
-    ("tool_choice", |v| v.as_str() == Some("none")),
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.as_str() == Some("none")),
-    ("response_format", |v| v["type"] == "text"),
     ("echo", |v| v == &Value::Bool(false)),
     ("suffix", |v| v.as_str().is_some_and(str::is_empty)),
     ("best_of", |v| v == &json!(1)),
@@ -367,8 +367,36 @@ fn refuse_unsupported(m: &Object) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `response_format`: the grammar a JSON reply must follow (`None` for text).
+fn response_format(m: &Object) -> Result<Option<String>, ApiError> {
+    let bad = |message: String| ApiError::bad_request(message, Some("response_format"));
+    let Some(f) = m.get("response_format").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match f.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(super::grammar::json_object())),
+        Some("json_schema") => {
+            let Some(spec) = f.get("json_schema").and_then(Value::as_object) else {
+                return Err(bad(
+                    "response_format.json_schema must be an object with a `schema`".into(),
+                ));
+            };
+            // No schema: any JSON value.
+            let schema = spec.get("schema").cloned().unwrap_or(Value::Bool(true));
+            super::grammar::from_schema(&schema)
+                .map(Some)
+                .map_err(|e| bad(format!("response_format.json_schema.{}", e.0)))
+        }
+        Some(other) => Err(bad(format!(
+            "response_format.type '{other}' is not one of text, json_object, json_schema"
+        ))),
+        None => Err(bad("response_format must be an object with a `type`".into())),
+    }
+}
+
 /// One message's content: a string, `null`, or an array of text parts.
-fn content(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
+pub(super) fn content_text(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
     let bad = |what: String| ApiError::bad_request(what, Some("messages"));
     match v {
         None | Some(Value::Null) => Ok(String::new()),
@@ -428,6 +456,18 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
             Some("messages"),
         ));
     }
+    if let Some(chat) = super::tools::parse(&m, list)? {
+        for (i, msg) in chat.messages.iter().enumerate() {
+            if let Some(c) = msg["content"].as_str() {
+                check_text(c, &format!("messages[{i}].content"), "messages")?;
+            }
+        }
+        let params = common(&m, d)?;
+        return Ok(Request {
+            input: Input::Tools(chat),
+            params,
+        });
+    }
     let mut messages = Vec::with_capacity(list.len());
     for (i, msg) in list.iter().enumerate() {
         let Some(role) = msg.get("role").and_then(Value::as_str) else {
@@ -449,7 +489,7 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<Request, ApiError> {
                 ))
             }
         };
-        let content = content(msg.get("content"), i)?;
+        let content = content_text(msg.get("content"), i)?;
         check_text(&content, &format!("messages[{i}].content"), "messages")?;
         messages.push((role.to_string(), content));
     }
@@ -567,6 +607,7 @@ fn common(m: &Object, d: &Defaults) -> Result<Params, ApiError> {
     sampling.check(d.n_vocab).map_err(|b| {
         ApiError::bad_request(format!("{} = {}", b.field, b.message), Some(b.field))
     })?;
+    sampling.grammar = response_format(m)?;
     if let Some(s) = integer(m, "seed")? {
         // llama.cpp's sampler takes 32 bits; the low 32 bits of the given seed are used.
         sampling.seed = s as u32;
@@ -883,16 +924,24 @@ mod tests {
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
-                "tools is not supported",
+                "tools[0].function.name",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
-                "response_format is not supported",
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"string","pattern":"a+"}}}}"#,
+                "response_format.json_schema.schema: the schema keyword pattern is not supported",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#,
+                "'yaml'",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"functions":[{"name":"f"}]}"#,
+                "functions is not supported",
             ),
             (r#"{"messages":[]}"#, "empty"),
             (
-                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
-                "role 'tool'",
+                r#"{"messages":[{"role":"function","content":"x"}]}"#,
+                "role 'function'",
             ),
             (
                 r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
@@ -952,6 +1001,35 @@ mod tests {
             }
             assert_eq!(e.body()["error"]["message"], e.message);
         }
+    }
+
+    #[test]
+    fn response_format_sets_a_grammar_and_tools_take_the_jinja_path() {
+        let r = chat(
+            r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"text"}}"#,
+        )
+        .unwrap();
+        assert!(r.params.sampling.grammar.is_none());
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#).unwrap();
+        assert!(r
+            .params
+            .sampling
+            .grammar
+            .unwrap()
+            .starts_with("root ::= object"));
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"n","strict":true,"schema":{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}}}}"#).unwrap();
+        assert!(r
+            .params
+            .sampling
+            .grammar
+            .unwrap()
+            .contains(r#""\"a\"" ws ":" ws integer"#));
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#).unwrap();
+        assert!(matches!(r.input, Input::Tools(_)));
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none"}"#).unwrap();
+        assert!(matches!(r.input, Input::Chat(_)));
+        let e = chat(r#"{"messages":[{"role":"tool","content":"a\u0000b"}]}"#).unwrap_err();
+        assert!(e.message.contains("NUL"), "{}", e.message);
     }
 
     #[test]

@@ -24,8 +24,10 @@ use tokio::sync::mpsc;
 use crate::conversation::chat::ChatTemplate;
 use crate::ffi::Model;
 
+use super::api::Input;
 use super::api::{self, ApiError, Defaults, Endpoint, Meta};
 use super::slots::{prepare, Event, Pool};
+use super::tools::{self, ReplyFormat};
 
 pub struct App {
     pub pool: Arc<Pool>,
@@ -194,17 +196,28 @@ async fn read_body(req: Request, limit: usize, timeout: Duration) -> Result<Byte
 
 async fn start(app: Arc<App>, e: Endpoint, req: Request) -> Result<Response, ApiError> {
     let body = read_body(req, app.max_body, app.read_timeout).await?;
-    let req = match e {
+    let mut req = match e {
         Endpoint::Chat => api::parse_chat(&body, &app.defaults)?,
         Endpoint::Completion => api::parse_completion(&body, &app.defaults)?,
     };
     // Template formatting and tokenization are model work: off the async threads.
     let prep = Arc::clone(&app);
     let input = req.input;
-    let prompt = tokio::task::spawn_blocking(move || prepare(&prep.model, &prep.template, &input))
-        .await
-        .map_err(|_| ApiError::internal("preparing the prompt failed"))?
-        .map_err(|err| ApiError::bad_request(err.to_string(), Some(e.input_field())))?;
+    let (prompt, family, input) = tokio::task::spawn_blocking(move || {
+        // A tool conversation needs the model's Jinja template to render tools (400 if not).
+        let family = match &input {
+            Input::Tools(_) => Some(tools::template(&prep.model)?.1),
+            _ => None,
+        };
+        prepare(&prep.model, &prep.template, &input).map(|p| (p, family, input))
+    })
+    .await
+    .map_err(|_| ApiError::internal("preparing the prompt failed"))?
+    .map_err(|err| ApiError::bad_request(err.to_string(), Some(e.input_field())))?;
+    let reply_format = match (&input, family) {
+        (Input::Tools(chat), Some(f)) => tools::setup(chat, f, &mut req.params.sampling.grammar)?,
+        _ => None,
+    };
     let n: usize = prompt.iter().map(|p| p.tokens.len()).sum();
     if n > app.max_prompt_tokens {
         return Err(ApiError::prompt_too_long(
@@ -230,9 +243,9 @@ async fn start(app: Arc<App>, e: Endpoint, req: Request) -> Result<Response, Api
         model: app.model_id.clone(),
     };
     if stream {
-        Ok(Sse::new(sse(e, meta, rx, include_usage, logprobs)).into_response())
+        Ok(Sse::new(sse(e, meta, rx, include_usage, logprobs, reply_format)).into_response())
     } else {
-        collect(e, meta, rx, logprobs).await
+        collect(e, meta, rx, logprobs, reply_format).await
     }
 }
 
@@ -243,6 +256,7 @@ async fn collect(
     meta: Meta,
     mut rx: mpsc::Receiver<Event>,
     want_logprobs: bool,
+    reply_format: Option<ReplyFormat>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut lps = Vec::new();
@@ -255,6 +269,10 @@ async fn collect(
             Event::Done { finish, report } => {
                 let mut v = api::response(e, &meta, &text, finish, &report);
                 v["choices"][0]["logprobs"] = api::logprobs(e, want_logprobs.then_some(&lps[..]));
+                if let Some(f) = reply_format {
+                    let (content, calls) = f.split(&text);
+                    tools::set_calls(&mut v["choices"][0], "message", &content, &calls, &meta.id);
+                }
                 return Ok(Json(v).into_response());
             }
             Event::Failed(err) => return Err(err),
@@ -272,6 +290,9 @@ struct StreamState {
     logprobs: bool,
     out: VecDeque<SseEvent>,
     ended: bool,
+    /// With tools offered, the reply is held back and sent whole at its end, its calls parsed.
+    reply_format: Option<ReplyFormat>,
+    held: String,
 }
 
 /// The reply as `data:` chunks ending with `data: [DONE]`, or with an error object when the
@@ -283,6 +304,7 @@ fn sse(
     rx: mpsc::Receiver<Event>,
     include_usage: bool,
     logprobs: bool,
+    reply_format: Option<ReplyFormat>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let state = StreamState {
         rx,
@@ -293,6 +315,8 @@ fn sse(
         logprobs,
         out: VecDeque::new(),
         ended: false,
+        reply_format,
+        held: String::new(),
     };
     stream::unfold(state, |mut st| async move {
         loop {
@@ -310,6 +334,7 @@ fn sse(
                 SseEvent::default().data(v.to_string())
             };
             match st.rx.recv().await {
+                Some(Event::Text(t, _)) if st.reply_format.is_some() => st.held.push_str(&t),
                 Some(Event::Text(t, l)) => {
                     let mut c = api::chunk(st.e, &st.meta, Some(&t), st.first, None);
                     c["choices"][0]["logprobs"] =
@@ -318,6 +343,23 @@ fn sse(
                     st.out.push_back(data(c));
                 }
                 Some(Event::Done { finish, report }) => {
+                    let mut finish = finish;
+                    if let Some(f) = &st.reply_format {
+                        let (content, calls) = f.split(&st.held);
+                        let mut c = api::chunk(st.e, &st.meta, None, st.first, None);
+                        tools::set_calls(
+                            &mut c["choices"][0],
+                            "delta",
+                            &content,
+                            &calls,
+                            &st.meta.id,
+                        );
+                        if !calls.is_empty() {
+                            finish = "tool_calls";
+                        }
+                        st.first = false;
+                        st.out.push_back(data(c));
+                    }
                     let c = api::chunk(st.e, &st.meta, None, st.first, Some((finish, &report)));
                     st.out.push_back(data(c));
                     if st.include_usage {

@@ -5,15 +5,19 @@
 //! - [`slots`]: K slots, each a llama context of budget + batch cells on its own OS thread,
 //!   the bounded queue in front of them, and the prefix-reuse decision over evicted caches;
 //! - [`stop`]: stop strings over a reply that arrives in pieces;
+//! - [`grammar`]: JSON Schema to GBNF, for `response_format` and required tool calls;
+//! - [`tools`]: tool definitions, tool messages and tool calls (the model's Jinja template);
 //! - [`http`]: axum routes, the API key, SSE.
 //!
 //! Generation goes through [`crate::conversation::generate::generate`], the loop every command uses.
 
 pub mod api;
 pub mod conn;
+pub mod grammar;
 pub mod http;
 pub mod slots;
 pub mod stop;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;

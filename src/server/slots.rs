@@ -29,6 +29,7 @@ pub fn prepare(model: &Model, template: &ChatTemplate, input: &Input) -> Result<
             text: text.clone(),
             content: true,
         }],
+        Input::Tools(chat) => super::tools::segments(model, chat)?,
     };
     delta::parts(model, segments)
 }

@@ -19,4 +19,5 @@ mod quantized;
 mod robust_models;
 mod rpc;
 mod synth_models;
+mod tools;
 mod tuned;

@@ -154,3 +154,82 @@ fn huge_prompt_under_a_memory_limit_is_an_error_not_an_abort() {
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(lines[0].starts_with("qfilters: "), "{stderr}");
 }
+
+/// A grammar llama.cpp cannot parse is a typed error (through the barrier, not an abort), and
+/// a grammar it takes constrains what is sampled (`response_format`'s path).
+#[test]
+fn grammars_are_refused_with_an_error_or_followed() {
+    let model = crate::common::smollm2();
+    for bad in [
+        "root ::= (",
+        "root ::= undefined-rule",
+        "other ::= \"x\"",
+        "root ::= \"a\u{0}\"",
+    ] {
+        let params = SamplingParams {
+            grammar: Some(bad.to_string()),
+            ..SamplingParams::greedy()
+        };
+        assert!(Sampler::new(&model, &params).is_err(), "{bad:?}");
+    }
+    let params = SamplingParams {
+        grammar: Some(r#"root ::= "{\"ok\": " ("true" | "false") "}""#.to_string()),
+        ..SamplingParams::greedy()
+    };
+    let mut sampler = Sampler::new(&model, &params).expect("a valid grammar");
+    let mut engine = crate::common::full_engine(&model, 256, 64);
+    let prompt = model
+        .tokenize("Say something:", true, false)
+        .expect("tokenize");
+    let gen = generate(
+        &mut engine,
+        &mut sampler,
+        &prompt,
+        Limits::tokens(32),
+        &mut |_, _| true,
+        &mut |_| true,
+    )
+    .expect("generate");
+    let text = gen.text;
+    assert!(
+        text == "{\"ok\": true}" || text == "{\"ok\": false}",
+        "{text:?}"
+    );
+}
+
+/// Every kind of grammar the server's JSON Schema converter writes, at its bounds, is one
+/// llama.cpp's parser takes (a refusal would be a 500 at request time).
+#[test]
+fn the_schema_converter_writes_grammars_llama_cpp_takes() {
+    use qfilters::server::grammar;
+    use serde_json::json;
+    let model = crate::common::smollm2();
+    let item = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 1000},
+        "n": {"type": ["integer", "null"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b\"", 3, null]}, "minItems": 1, "maxItems": 100},
+        "child": {"$ref": "#/$defs/Node"}
+    }, "required": ["name"]});
+    let schemas = [
+        json!({"$defs": {"Node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}},
+               "type": "array", "items": item, "maxItems": 100}),
+        json!({"anyOf": [{"const": {"a": [1, "x"]}}, {"type": "number"}, {"type": "boolean"}]}),
+        json!({"type": "object", "properties": {"a": {}, "b": {"type": "string", "minLength": 1000}}}),
+        json!(true),
+    ];
+    let mut grammars = vec![grammar::json_object()];
+    for s in &schemas {
+        grammars.push(grammar::from_schema(s).expect("convertible"));
+        grammars.push(grammar::wrapped("<tool_call>\n", s, "\n</tool_call>").expect("convertible"));
+    }
+    for g in grammars {
+        let params = SamplingParams {
+            grammar: Some(g.clone()),
+            ..SamplingParams::greedy()
+        };
+        assert!(
+            Sampler::new(&model, &params).is_ok(),
+            "llama.cpp refused:\n{g}"
+        );
+    }
+}

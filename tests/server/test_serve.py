@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Tests of `qfilters serve` over HTTP, with the official `openai` client and raw requests.
+"""Tests of `qfilters serve` over HTTP, with the official `openai` client, LangChain's
+`ChatOpenAI` and raw requests.
 
 Starts target/release/qfilters serve on 127.0.0.1 (an ephemeral port) with SmolLM2, runs each
-test, and ends with the line `server tests: N passed, N failed` (scripts/test.sh adds it to its
-total). Exit status 1 if any test failed.
+test, then a second server with Qwen2.5-Coder-0.5B for tool calling (its Jinja template renders
+tools; SmolLM2's does not), and ends with the line `server tests: N passed, N failed`
+(scripts/test.sh adds it to its total). Exit status 1 if any test failed.
 
 Usage: tests/server/test_serve.py [BINARY] [MODEL]
 """
@@ -24,6 +26,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BINARY = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/qfilters")
 MODEL = sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+QWEN = os.path.join(ROOT, "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 KEY = "test-key-" + str(os.getpid())
 BUDGET = 128
 BATCH = 256
@@ -49,9 +52,10 @@ def filters_file(tmp):
 
 
 class Server:
-    def __init__(self, filters, *extra, nofile=None):
-        argv = [BINARY, "serve", "-m", MODEL, "--filters", filters, "--port", "0",
-                "--budget", str(BUDGET), "--batch", str(BATCH), "--parallel", str(PARALLEL),
+    def __init__(self, filters, *extra, nofile=None, model=MODEL, budget=BUDGET):
+        # No filters: `extra` names another policy.
+        argv = [BINARY, "serve", "-m", model, *(["--filters", filters] if filters else []),
+                "--port", "0", "--budget", str(budget), "--batch", str(BATCH), "--parallel", str(PARALLEL),
                 "--max-queue", str(MAX_QUEUE), "--max-body", str(MAX_BODY),
                 "--max-tokens", str(MAX_TOKENS), "--api-key", KEY, *extra]
         self.filters = filters
@@ -318,8 +322,19 @@ def test_bad_inputs(s):
     st, r = s.chat([{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0,
                    frequency_penalty=0, user="u", some_future_field={"a": [1]})
     assert st == 200 and r["usage"]["completion_tokens"] <= 1, r
-    st, r = s.chat([{"role": "user", "content": "Hi"}], response_format={"type": "json_object"})
+    st, r = s.chat([{"role": "user", "content": "Hi"}],
+                   response_format={"type": "json_schema", "json_schema": {
+                       "name": "x", "schema": {"type": "string", "pattern": "^a+$"}}})
     assert st == 400 and r["error"]["param"] == "response_format", r
+    assert "pattern" in r["error"]["message"], r
+    st, r = s.chat([{"role": "user", "content": "Hi"}], functions=[{"name": "f"}])
+    assert st == 400 and r["error"]["param"] == "functions", r
+    # SmolLM2's template ignores tools: refused, not silently dropped.
+    st, r = s.chat([{"role": "user", "content": "Hi"}], tools=[WEATHER_TOOL])
+    assert st == 400 and "does not render tools" in r["error"]["message"], r
+    st, r = s.chat([{"role": "user", "content": "Hi"}], tools=[WEATHER_TOOL], tool_choice="none",
+                   max_tokens=1)
+    assert st == 200, r
     # Messages speak of the request's fields, never of Rust types.
     st, r = s.chat([{"role": "user", "content": [{"type": "text"}]}])
     assert st == 400 and "content[0]" in r["error"]["message"], r
@@ -598,6 +613,64 @@ def test_every_error_is_an_error_object(s):
     assert st == 401 and r["error"]["type"] == "authentication_error", (st, r)
 
 
+def valid(value, schema):
+    """Whether `value` satisfies `schema`, for the JSON Schema subset the tests use."""
+    t = schema.get("type")
+    if "enum" in schema:
+        return value in schema["enum"]
+    if t == "object":
+        props = schema.get("properties", {})
+        return (isinstance(value, dict) and all(k in value for k in schema.get("required", []))
+                and all(k in props and valid(v, props[k]) for k, v in value.items()))
+    if t == "array":
+        return (isinstance(value, list) and len(value) <= schema.get("maxItems", 1 << 30)
+                and all(valid(v, schema.get("items", {})) for v in value))
+    if t == "string":
+        return isinstance(value, str) and schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 1 << 30)
+    if t == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t == "boolean":
+        return isinstance(value, bool)
+    return t is None
+
+
+COUNTRY = {
+    "type": "object",
+    "properties": {
+        "country": {"type": "string", "maxLength": 40},
+        "capital": {"enum": ["Paris", "Rome", "Berlin", "Madrid"]},
+        "population_millions": {"type": "integer"},
+        "coastal": {"type": "boolean"},
+        "languages": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
+    },
+    "required": ["country", "capital", "population_millions", "coastal"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_reply_parses_against_its_schema(s):
+    c = client(s)
+    r = c.chat.completions.create(
+        model="m", max_tokens=MAX_TOKENS, temperature=0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "country", "strict": True, "schema": COUNTRY}},
+        messages=[{"role": "user", "content": "Describe France as JSON."}])
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop", r
+    value = json.loads(text)
+    assert valid(value, COUNTRY), value
+    # JSON mode: any JSON object.
+    r = c.chat.completions.create(
+        model="m", max_tokens=MAX_TOKENS, temperature=0, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Give me a JSON object about cats."}])
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict), r
+    else:
+        assert r.choices[0].message.content.lstrip().startswith("{"), r
+
+
 def test_models_retrieve(s):
     c = client(s)
     m = c.models.retrieve("SmolLM2-135M-Instruct.Q4_1")
@@ -610,6 +683,93 @@ def test_models_retrieve(s):
         assert "gpt-4" in str(e), e
 
 
+# --- tool calling, on Qwen2.5-Coder-0.5B ------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather",
+    "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city"}},
+                   "required": ["city"]}}}
+WEATHER_QUESTION = "What is the weather like in Paris right now? Use the tool."
+
+
+def qwen_client(q):
+    return client(q)
+
+
+def test_a_tool_call_round_trip_with_the_openai_client(q):
+    c = qwen_client(q)
+    messages = [{"role": "user", "content": WEATHER_QUESTION}]
+    r = c.chat.completions.create(model="m", max_tokens=128, temperature=0, tools=[WEATHER_TOOL],
+                                  messages=messages)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", r
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather", call
+    assert "paris" in json.loads(call.function.arguments)["city"].lower(), call
+    assert "<tool_call>" not in (choice.message.content or ""), choice.message
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "22 degrees Celsius and sunny"}]
+    # The answer turn: tool_choice none, since the 0.5B model, offered the tool again, only
+    # calls it again (greedy); the call and the result still go through the template.
+    r = c.chat.completions.create(model="m", max_tokens=64, temperature=0, tools=[WEATHER_TOOL],
+                                  tool_choice="none", messages=messages)
+    answer = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls, r
+    assert "22" in answer or "sunny" in answer.lower(), answer
+
+
+def test_a_required_tool_call_follows_the_tool_schema_and_streams(q):
+    c = qwen_client(q)
+    chunks = list(c.chat.completions.create(
+        model="m", max_tokens=128, temperature=0, stream=True, tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=[{"role": "user", "content": "Hello there."}]))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finish == ["tool_calls"], chunks
+    assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].index == 0, calls
+    args = json.loads(calls[0].function.arguments)
+    assert valid(args, WEATHER_TOOL["function"]["parameters"]), args
+    # A tool schema the grammar cannot follow is refused by name when a call is required.
+    st, r = q.chat([{"role": "user", "content": "x"}], tool_choice="required", tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "string", "format": "date"}}}}}])
+    assert st == 400 and "format" in r["error"]["message"], (st, r)
+
+
+def test_a_langchain_tool_round_trip(q):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return f"22 degrees Celsius and sunny in {city}"
+
+    llm = ChatOpenAI(base_url=f"http://127.0.0.1:{q.port}/v1", api_key=KEY, model="m",
+                     temperature=0, max_tokens=128, max_retries=0, timeout=300)
+    bound = llm.bind_tools([get_weather])
+    messages = [HumanMessage(WEATHER_QUESTION)]
+    ai = bound.invoke(messages)
+    assert ai.tool_calls and ai.tool_calls[0]["name"] == "get_weather", ai
+    assert "paris" in ai.tool_calls[0]["args"]["city"].lower(), ai.tool_calls
+    messages.append(ai)
+    for call in ai.tool_calls:
+        messages.append(ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"]))
+    # The answer turn without offering the tool again (see the openai round trip above).
+    final = llm.bind_tools([get_weather], tool_choice="none").invoke(messages)
+    assert not final.tool_calls and final.content.strip(), final
+    assert "22" in final.content or "sunny" in final.content.lower(), final.content
+
+
+QWEN_TESTS = [
+    test_a_tool_call_round_trip_with_the_openai_client,
+    test_a_required_tool_call_follows_the_tool_schema_and_streams,
+    test_a_langchain_tool_round_trip,
+]
+
 TESTS = [
     test_openai_client_chat_stream_and_models,
     test_logprobs_come_back_and_sum_sensibly,
@@ -620,6 +780,7 @@ TESTS = [
     test_bad_inputs,
     test_every_error_is_an_error_object,
     test_models_retrieve,
+    test_a_json_schema_reply_parses_against_its_schema,
     test_a_kept_alive_connection_is_closed_when_idle,
     test_silent_and_half_sent_sockets_cannot_lock_out_health,
     test_a_disconnect_mid_stream_frees_the_slot,
@@ -630,31 +791,53 @@ TESTS = [
 ]
 
 
+def run(server, tests, only):
+    """Runs `tests` on `server`: (passed, failed)."""
+    passed = failed = 0
+    for test in tests:
+        if only and test.__name__ not in only.split(","):
+            continue
+        t0 = time.time()
+        try:
+            test(server)
+            passed += 1
+            print(f"test {test.__name__} ... ok ({time.time() - t0:.1f} s)")
+        except Exception:  # noqa: BLE001 (every failure is reported and counted)
+            failed += 1
+            print(f"test {test.__name__} ... FAILED ({time.time() - t0:.1f} s)")
+            traceback.print_exc()
+        if server.proc.poll() is not None and test is not TESTS[-1]:
+            print("the server died:\n" + "".join(server.rest[-20:]))
+            failed += 1
+            break
+    return passed, failed
+
+
 def main():
     passed = failed = 0
     only = os.environ.get("SERVE_TESTS")
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(filters_file(tmp))
-        print("server: " + server.startup.strip().splitlines()[-1])
-        try:
-            for test in TESTS:
-                if only and test.__name__ not in only.split(","):
-                    continue
-                t0 = time.time()
-                try:
-                    test(server)
-                    passed += 1
-                    print(f"test {test.__name__} ... ok ({time.time() - t0:.1f} s)")
-                except Exception:  # noqa: BLE001 (every failure is reported and counted)
-                    failed += 1
-                    print(f"test {test.__name__} ... FAILED ({time.time() - t0:.1f} s)")
-                    traceback.print_exc()
-                if server.proc.poll() is not None and test is not TESTS[-1]:
-                    print("the server died:\n" + "".join(server.rest[-20:]))
-                    failed += 1
-                    break
-        finally:
-            server.stop()
+        if not only or any(t.__name__ in only.split(",") for t in TESTS):
+            server = Server(filters_file(tmp))
+            print("server: " + server.startup.strip().splitlines()[-1])
+            try:
+                passed, failed = run(server, TESTS, only)
+            finally:
+                server.stop()
+    if not only or any(t.__name__ in only.split(",") for t in QWEN_TESTS):
+        if not os.path.exists(QWEN):
+            # Not skipped: scripts/test.sh fetches it; a missing model is a failure to see.
+            print(f"tool tests: {QWEN} is missing (scripts/fetch-model.sh qwen05) ... FAILED")
+            failed += 1
+        else:
+            # A budget the tool prompt (about 300 tokens) fits, with knorm: no filters needed.
+            qwen = Server(None, "--policy", "knorm", model=QWEN, budget=1024)
+            print("qwen server: " + qwen.startup.strip().splitlines()[-1])
+            try:
+                p, f = run(qwen, QWEN_TESTS, only)
+                passed, failed = passed + p, failed + f
+            finally:
+                qwen.stop()
     print(f"server tests: {passed} passed, {failed} failed")
     return 1 if failed else 0
 
