@@ -100,7 +100,7 @@ def frontier_section(prefix, rows):
 
 def passkey_frontier_section(prefix, rows):
     """Passkey rate against the KV bytes llama.cpp allocated; the Pareto front is eval's."""
-    t = rows[0]
+    t = next((r for r in rows if r.get("ratio")), rows[0])
     f16 = next((r["kv_bytes"] for r in rows if r["policy"] == "none" and r["cache_type_k"] == "f16"), None)
     o = ["### Retrieval per byte: passkey on quantized caches\n",
          f'{t["trials"]} documents of {t["length"]} tokens, key at depth {t["depth"]}, chat prompt, filler '
