@@ -177,11 +177,12 @@ pub fn plan(history: &History, prompt: &[Part]) -> Plan {
     }
 }
 
+/// Builders of parts and histories for the tests of the modules that plan with them.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_parts {
     use super::*;
 
-    fn t(text: &str, tokens: &[Token]) -> Part {
+    pub(crate) fn t(text: &str, tokens: &[Token]) -> Part {
         Part {
             segment: Segment {
                 text: text.into(),
@@ -191,7 +192,7 @@ mod tests {
         }
     }
 
-    fn c(text: &str, tokens: &[Token]) -> Part {
+    pub(crate) fn c(text: &str, tokens: &[Token]) -> Part {
         Part {
             segment: Segment {
                 text: text.into(),
@@ -201,7 +202,7 @@ mod tests {
         }
     }
 
-    fn history(parts: Vec<Part>) -> History {
+    pub(crate) fn history(parts: Vec<Part>) -> History {
         let tokens: Vec<Token> = parts.iter().flat_map(|p| p.tokens.clone()).collect();
         History {
             decoded: tokens.len(),
@@ -209,6 +210,12 @@ mod tests {
             tokens,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_parts::{c, history, t};
+    use super::*;
 
     fn segments(parts: &[Part]) -> Vec<Segment> {
         parts.iter().map(|p| p.segment.clone()).collect()

@@ -513,35 +513,7 @@ fn token_info(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(text: &str, tokens: &[Token]) -> Part {
-        Part {
-            segment: Segment {
-                text: text.into(),
-                content: false,
-            },
-            tokens: tokens.to_vec(),
-        }
-    }
-
-    fn c(text: &str, tokens: &[Token]) -> Part {
-        Part {
-            segment: Segment {
-                text: text.into(),
-                content: true,
-            },
-            tokens: tokens.to_vec(),
-        }
-    }
-
-    fn history(parts: Vec<Part>) -> History {
-        let tokens: Vec<Token> = parts.iter().flat_map(|p| p.tokens.clone()).collect();
-        History {
-            decoded: tokens.len(),
-            parts,
-            tokens,
-        }
-    }
+    use crate::conversation::delta::test_parts::{c, history, t};
 
     #[test]
     fn the_slot_extended_furthest_wins_else_the_least_recently_used() {
