@@ -54,6 +54,7 @@ pub mod eval;
 pub mod ffi;
 pub mod math;
 pub mod policy;
+pub mod rope;
 pub mod server;
 
 pub use error::{Error, Result};

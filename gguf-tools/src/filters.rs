@@ -30,6 +30,13 @@ pub const KEY_FILTERS: &str = "qfilters.filters";
 pub const KEY_SOURCE: &str = "qfilters.source";
 pub const KEY_CALIBRATION_TOKENS: &str = "qfilters.calibration.tokens";
 pub const KEY_CALIBRATION_SAMPLES: &str = "qfilters.calibration.samples";
+/// Extra tensors that travel with the filters (e.g. the query statistics of the
+/// `expected-attention` policy): safetensors tensor `NAME` is GGUF keys
+/// `qfilters.tensor.NAME` (F32 array) and `qfilters.tensor.NAME.shape` (U32 array). The tools
+/// carry them without reading them; whoever uses them checks their own version key in the
+/// metadata.
+pub const KEY_TENSOR_PREFIX: &str = "qfilters.tensor.";
+const SHAPE_SUFFIX: &str = ".shape";
 
 /// Defaults chosen for these filters by measurement (`qfilters calibrate --tune`): safetensors
 /// metadata `defaults.NAME` is GGUF key `qfilters.defaults.NAME`. Numbers are typed in GGUF
@@ -144,6 +151,36 @@ pub struct QFilters {
     pub source: String,
     /// Provenance, as found in the safetensors `__metadata__`.
     pub metadata: BTreeMap<String, String>,
+    /// Extra F32 tensors stored beside `q_filters`, by name (see [`KEY_TENSOR_PREFIX`]).
+    pub extra: BTreeMap<String, Extra>,
+}
+
+/// An extra tensor carried with the filters: its shape and its values, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extra {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Extra {
+    /// A tensor whose shape holds exactly `data.len()` values, all finite, with a name the
+    /// GGUF keys can carry; `None` otherwise.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Option<Extra> {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+        (n == data.len() && data.iter().all(|v| v.is_finite())).then_some(Extra { shape, data })
+    }
+}
+
+/// Names of extra tensors: short, lowercase ASCII, digits and `_`, so they form a GGUF key.
+fn valid_extra_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name != TENSOR_NAME
 }
 
 /// The published `config.json` beside the safetensors file.
@@ -194,6 +231,7 @@ impl QFilters {
             data,
             source: SOURCE_CALIBRATED.to_string(),
             metadata: BTreeMap::new(),
+            extra: BTreeMap::new(),
         })
     }
 
@@ -271,6 +309,21 @@ impl QFilters {
         check_config(&file, [layers, heads, dim])?;
 
         let mut filters = QFilters::new(layers, heads, dim, data)?;
+        for name in tensors.names() {
+            if name == TENSOR_NAME || !valid_extra_name(name) {
+                continue;
+            }
+            let bad = |why: &str| FiltersError::Safetensors {
+                path: file.clone(),
+                message: format!("tensor {name}: {why}"),
+            };
+            let view = tensors.tensor(name).map_err(|e| bad(&e.to_string()))?;
+            let data =
+                decode(view.dtype(), view.data()).ok_or_else(|| bad("not F32, F16 or BF16"))?;
+            let extra = Extra::new(view.shape().to_vec(), data)
+                .ok_or_else(|| bad("holds a value that is not finite"))?;
+            filters.extra.insert(name.clone(), extra);
+        }
         filters.metadata = header
             .metadata()
             .as_ref()
@@ -298,7 +351,13 @@ impl QFilters {
             return Err(FiltersError::ForeignConfig(config_path));
         }
 
-        let bytes = safetensors_bytes(self.shape(), &self.data, &self.metadata, &self.source);
+        let bytes = safetensors_bytes(
+            self.shape(),
+            &self.data,
+            &self.extra,
+            &self.metadata,
+            &self.source,
+        );
         crate::safe_io::write_file(&file, &bytes)?;
 
         let config = Config {
@@ -400,6 +459,43 @@ impl QFilters {
             }
         }
         for (key, value) in metadata {
+            let Some(name) = key.strip_prefix(KEY_TENSOR_PREFIX) else {
+                continue;
+            };
+            if name.ends_with(SHAPE_SUFFIX) {
+                continue;
+            }
+            let data = match value {
+                Value::Array(Array::F32(v)) => v.clone(),
+                other => {
+                    return Err(bad_key(
+                        key,
+                        &format!("a {}, not an array of f32", other.type_name()),
+                    ))
+                }
+            };
+            let shape_key = format!("{key}{SHAPE_SUFFIX}");
+            let shape = match get(&shape_key)? {
+                Value::Array(Array::U32(v)) => v.iter().map(|&d| d as usize).collect(),
+                other => {
+                    return Err(bad_key(
+                        &shape_key,
+                        &format!("a {}, not an array of u32", other.type_name()),
+                    ))
+                }
+            };
+            if !valid_extra_name(name) {
+                return Err(bad_key(key, "not a valid tensor name"));
+            }
+            let extra = Extra::new(shape, data).ok_or_else(|| {
+                bad_key(
+                    key,
+                    "its shape does not match its values, or a value is not finite",
+                )
+            })?;
+            filters.extra.insert(name.to_string(), extra);
+        }
+        for (key, value) in metadata {
             let Some(name) = key.strip_prefix(KEY_DEFAULTS_PREFIX) else {
                 continue;
             };
@@ -462,6 +558,22 @@ impl QFilters {
             {
                 out.push((key.to_string(), Value::U32(n)));
             }
+        }
+        for (name, extra) in &self.extra {
+            let key = format!("{KEY_TENSOR_PREFIX}{name}");
+            if !valid_extra_name(name) {
+                return Err(bad_key(&key, "not a valid tensor name"));
+            }
+            let shape = extra
+                .shape
+                .iter()
+                .map(|&d| u32_of(&key, d))
+                .collect::<Result<Vec<u32>, _>>()?;
+            out.push((
+                format!("{key}{SHAPE_SUFFIX}"),
+                Value::Array(Array::U32(shape)),
+            ));
+            out.push((key, Value::Array(Array::F32(extra.data.clone()))));
         }
         for (meta, text) in &self.metadata {
             let Some(name) = meta.strip_prefix(META_DEFAULTS_PREFIX) else {
@@ -608,33 +720,48 @@ fn check_config(file: &Path, tensor_shape: [usize; 3]) -> Result<(), FiltersErro
     Ok(())
 }
 
-/// One F32 tensor in the safetensors format, written by hand so that the bytes depend only on
-/// the content: the `safetensors` crate stores `__metadata__` from a HashMap, whose order varies
-/// from run to run, and calibration promises identical files for identical inputs.
+/// F32 tensors in the safetensors format (`q_filters` first, then the extras by name), written
+/// by hand so that the bytes depend only on the content: the `safetensors` crate stores
+/// `__metadata__` from a HashMap, whose order varies from run to run, and calibration promises
+/// identical files for identical inputs.
 fn safetensors_bytes(
     shape: [usize; 3],
     data: &[f32],
+    extra: &BTreeMap<String, Extra>,
     metadata: &BTreeMap<String, String>,
     source: &str,
 ) -> Vec<u8> {
     let mut meta = metadata.clone();
     meta.insert(META_SOURCE.to_string(), source.to_string());
-    let n_bytes = data.len() * 4;
-    // serde_json maps are sorted by key: "__metadata__" comes first, then the tensor.
-    let header = serde_json::json!({
-        "__metadata__": meta,
-        TENSOR_NAME: { "dtype": "F32", "shape": shape, "data_offsets": [0, n_bytes] },
-    });
-    let mut header = header.to_string().into_bytes();
+    let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![(TENSOR_NAME, shape.to_vec(), data)];
+    for (name, e) in extra {
+        tensors.push((name, e.shape.clone(), &e.data));
+    }
+    // The header's key order is fixed either way serde_json is built: sorted, or (with
+    // `preserve_order`, which the workspace enables) as inserted here; offsets are explicit.
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!(meta));
+    let mut offset = 0;
+    for (name, shape, values) in &tensors {
+        let end = offset + values.len() * 4;
+        header.insert(
+            name.to_string(),
+            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
     // The data section starts 8-byte aligned; the format pads the header with spaces.
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + header.len() + n_bytes);
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
     out.extend_from_slice(&header);
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
+    for (_, _, values) in &tensors {
+        for v in *values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
     }
     out
 }

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use gguf_tools::edit::{self, EditError};
-use gguf_tools::filters::{FiltersError, QFilters};
+use gguf_tools::filters::{Extra, FiltersError, QFilters};
 use gguf_tools::gguf::{self, Value};
 use gguf_tools::safe_io::FileError;
 use gguf_tools::synth::{self, SynthOptions, WeightType};
@@ -43,6 +43,13 @@ fn filters(shape: [usize; 3]) -> QFilters {
         ("tokens".to_string(), "123456".to_string()),
         ("samples".to_string(), "64".to_string()),
     ]);
+    // An extra tensor (as the expected-attention statistics are carried) must survive every
+    // round trip with its shape.
+    let extra = (0..6).map(|i| i as f32 * -0.25).collect();
+    f.extra.insert(
+        "ea_test".to_string(),
+        Extra::new(vec![2, 3], extra).unwrap(),
+    );
     f
 }
 
@@ -123,6 +130,10 @@ fn extract_after_embed_is_bit_exact() {
     let bits = |q: &QFilters| q.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&back), bits(&f));
     assert_eq!(back.shape(), f.shape());
+    assert_eq!(
+        back.extra, f.extra,
+        "extra tensors through embed and extract"
+    );
     assert_eq!(back.source, "calibrated");
     assert_eq!(
         back.metadata.get("tokens").map(String::as_str),
@@ -146,6 +157,8 @@ fn from_gguf_reads_embedded_filters_and_none_without() {
     edit::embed(&model, &folder, &embedded, false, false).unwrap();
     let back = QFilters::from_gguf(&embedded).unwrap().unwrap();
     assert_eq!(back.data, f.data);
+    assert_eq!(back.extra, f.extra);
+    assert!(!back.extra.is_empty());
     assert_eq!(back.filter(1, 1), &f.data[48..64]);
     assert_eq!(back.filter(2, 0), &[] as &[f32]);
 }
@@ -275,7 +288,8 @@ fn existing_keys_need_force_which_replaces_them() {
         .iter()
         .filter(|(k, _)| k.starts_with("qfilters."))
         .count();
-    assert_eq!(count, 8);
+    // 8 keys of the filters and 2 of the extra tensor, none left over from the first.
+    assert_eq!(count, 10);
     assert_eq!(QFilters::from_gguf(&out).unwrap().unwrap().data, other.data);
     let stripped = dir.path().join("s.gguf");
     edit::strip(&out, &stripped, false).unwrap();

@@ -234,7 +234,21 @@ impl BandwidthBound {
 /// Unit-norm random filters (seeded) of the model's shape: for speed measurements and checks
 /// where no calibrated filters exist; scoring costs the same as with real ones.
 pub fn random_filters(model: &Model, seed: u64) -> Result<gguf_tools::filters::QFilters> {
-    random_filters_of_shape(model.n_layer(), model.n_head_kv(), model.head_dim(), seed)
+    let mut filters =
+        random_filters_of_shape(model.n_layer(), model.n_head_kv(), model.head_dim(), seed)?;
+    // Random `expected-attention` statistics too, with the model's RoPE as calibration would
+    // verify it (the first candidate), so that every policy runs on random inputs.
+    if let Some(rope) = crate::calibrate::rope_candidates(model).first() {
+        crate::policy::QueryStats::random(
+            model.n_layer(),
+            model.n_head(),
+            model.head_dim(),
+            *rope,
+            seed,
+        )
+        .store(&mut filters)?;
+    }
+    Ok(filters)
 }
 
 /// [`random_filters`] of shape `[l, h, d]` (layers, KV heads, head dim), for tests that need

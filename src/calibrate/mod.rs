@@ -13,7 +13,10 @@
 //! unit tests check it against a Jacobi eigen-solver.
 
 pub mod check;
+mod query_stats;
 pub mod tune;
+
+pub use query_stats::QueryStatsOutcome;
 
 use std::sync::Arc;
 
@@ -67,6 +70,8 @@ pub struct Calibration {
     /// Query heads whose power iteration hit the iteration cap (their top two singular values
     /// are nearly equal, so the direction is ill-defined anyway).
     pub unconverged_heads: usize,
+    /// The `expected-attention` statistics from the same samples, or why there are none.
+    pub query_stats: QueryStatsOutcome,
 }
 
 /// `k` distinct sorted indices out of `0..n` (Knuth's selection sampling: one pass, memory
@@ -250,39 +255,68 @@ struct Samples {
     n_samples: usize,
     /// `[layer][sample][n_head * head_dim]`.
     buf: Vec<f32>,
-    /// Rows of the current batch to keep: (row in batch, sample slot).
-    pending: Vec<(usize, usize)>,
+    /// Rows of the current batch to keep: (row in batch, sample slot, position).
+    pending: Vec<(usize, usize, i32)>,
+    /// Tokens in the current batch.
+    batch_tokens: usize,
     /// Rows stored per layer, to detect layers whose node was never seen.
     filled: Vec<usize>,
+    /// The pending rows of the last pre-RoPE query node seen, per layer (the ROPE node's input).
+    pre: Vec<Vec<f32>>,
+    stats: query_stats::QueryStatsAcc,
 }
 
 impl GraphObserver for Samples {
     fn wants(&mut self, node: &NodeInfo) -> bool {
         let s = self;
-        node.op == NodeOp::Rope
-            && node.base == "Qcur"
-            && node.layer.is_some_and(|l| l < s.n_layer)
-            && node.ne[0] as usize == s.head_dim
-            && node.ne[1] as usize == s.n_head
-            && !s.pending.is_empty()
+        if s.pending.is_empty() || node.layer.is_none_or(|l| l >= s.n_layer) {
+            return false;
+        }
+        if node.op == NodeOp::Rope {
+            return node.base == "Qcur"
+                && node.ne[0] as usize == s.head_dim
+                && node.ne[1] as usize == s.n_head;
+        }
+        // The queries before RoPE: the projection (`Qcur`, with its bias when there is one)
+        // or, with QK-norm, `Qcur_normed`; the last of them is the ROPE node's input.
+        let values: i64 = node.ne.iter().map(|&n| n.max(1)).product();
+        (node.base == "Qcur" || node.base == "Qcur_normed")
+            && values == (s.n_head * s.head_dim * s.batch_tokens) as i64
     }
 
     fn observe(&mut self, node: &NodeInfo, data: &[f32]) {
         let s = self;
         let Some(layer) = node.layer else { return };
         let stride = s.n_head * s.head_dim;
-        let base = layer * s.n_samples * stride;
         let pending = std::mem::take(&mut s.pending);
+        if node.op != NodeOp::Rope {
+            let pre = &mut s.pre[layer];
+            pre.clear();
+            for &(row, _, _) in &pending {
+                if let Some(src) = data.get(row * stride..(row + 1) * stride) {
+                    pre.extend_from_slice(src);
+                }
+            }
+            s.pending = pending;
+            return;
+        }
+        let base = layer * s.n_samples * stride;
+        let pre = std::mem::take(&mut s.pre[layer]);
         let mut stored = 0;
-        for &(row, slot) in &pending {
+        for (i, &(row, slot, pos)) in pending.iter().enumerate() {
             if let Some(src) = data.get(row * stride..(row + 1) * stride) {
                 let dst = base + slot * stride;
                 s.buf[dst..dst + stride].copy_from_slice(src);
                 stored += 1;
+                if let Some(q) = pre.get(i * stride..(i + 1) * stride) {
+                    s.stats.push(layer, pos, q, src);
+                }
             }
         }
         s.filled[layer] += stored;
         s.pending = pending;
+        s.pre[layer] = pre;
+        s.pre[layer].clear();
     }
 }
 
@@ -332,7 +366,10 @@ pub fn calibrate(
         n_samples,
         buf: vec![0.0; buf_len],
         pending: Vec::new(),
+        batch_tokens: 0,
         filled: vec![0; n_layer],
+        pre: vec![Vec::new(); n_layer],
+        stats: query_stats::QueryStatsAcc::new(n_layer, n_head, head_dim, rope_candidates(model)),
     };
 
     // A window starts with BOS when the model expects one, as every real context does; the
@@ -376,12 +413,13 @@ pub fn calibrate(
                 batch.push(tok, pos, i + 1 == chunk.len())?;
                 if let Some(idx) = text_idx {
                     if positions.get(next_sample) == Some(&idx) {
-                        pending.push((i, next_sample));
+                        pending.push((i, next_sample, pos));
                         next_sample += 1;
                     }
                 }
             }
             samples.pending = pending;
+            samples.batch_tokens = chunk.len();
             ctx.decode_observed(&batch, &mut samples)?;
             done += chunk.iter().filter(|(t, _)| t.is_some()).count();
             progress(done, total);
@@ -403,6 +441,10 @@ pub fn calibrate(
         filters.extend(f);
         unconverged_heads += u;
     }
+    let query_stats = samples.stats.finish(
+        crate::policy::EXPECTED_ATTENTION_RANK,
+        crate::policy::EXPECTED_ATTENTION_FUTURE,
+    );
     Ok(Calibration {
         num_layers: n_layer,
         num_kv_heads: n_head_kv,
@@ -411,7 +453,50 @@ pub fn calibrate(
         tokens: total,
         samples: n_samples,
         unconverged_heads,
+        query_stats,
     })
+}
+
+/// The RoPE variants calibration checks each layer's queries against (`crate::rope`): the
+/// model's pairing with its frequency base and scale from the GGUF, then the same with the
+/// defaults sliding-window layers often use instead (base 10000, scale 1). Nothing when the
+/// model's RoPE is of a kind qfilters does not reproduce.
+pub(crate) fn rope_candidates(model: &Model) -> Vec<crate::rope::RopeSpec> {
+    let Some(neox) = model.rope_neox() else {
+        return Vec::new();
+    };
+    let arch = model.architecture();
+    let meta_f32 = |key: &str| {
+        model
+            .meta(&format!("{arch}.{key}"))
+            .and_then(|v| v.trim().parse::<f32>().ok())
+    };
+    let n_dims = model
+        .meta(&format!("{arch}.rope.dimension_count"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| model.head_dim());
+    let mut out = Vec::new();
+    for base in [
+        meta_f32("rope.freq_base"),
+        meta_f32("rope.freq_base_swa"),
+        Some(10000.0),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        for scale in [model.rope_freq_scale(), 1.0] {
+            let spec = crate::rope::RopeSpec {
+                neox,
+                n_dims,
+                base,
+                scale,
+            };
+            if !out.contains(&spec) {
+                out.push(spec);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -205,6 +205,21 @@ fn calibrate_new(
     ] {
         filters.metadata.insert(k.to_string(), v);
     }
+    match (&cal.query_stats.stats, &cal.query_stats.skipped) {
+        (Some(stats), _) => {
+            stats.store(&mut filters)?;
+            eprintln!(
+                "qfilters: expected-attention statistics: {} query heads per layer, covariance rank {} ({:.0}% of its variance)",
+                stats.n_head,
+                stats.rank,
+                100.0 * cal.query_stats.variance_kept
+            );
+        }
+        (None, why) => eprintln!(
+            "qfilters: no expected-attention statistics: {}; the other policies are unaffected",
+            why.as_deref().unwrap_or("none gathered")
+        ),
+    }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "qfilters: calibrated {} layers × {} KV heads × {} dims on {} tokens ({} samples/layer) in {:.1} s, peak memory {} → {}",

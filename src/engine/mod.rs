@@ -113,10 +113,13 @@ pub struct Engine {
     next_pos: i32,
     stats: Stats,
     keys: Vec<f32>,
+    /// Value norms of the tokens being scored, when the scorer needs them.
+    value_norms: Vec<f32>,
     layer_scores: Vec<f32>,
     scores: Vec<f32>,
     n_head_kv: usize,
     head_dim: usize,
+    value_dim: usize,
     /// Cache key source: tokens decoded but not scored yet (cells, positions). Their keys stay
     /// in the cache until an eviction round needs the scores, which then reads them in one
     /// batch per layer instead of one small copy per layer after every decode.
@@ -145,13 +148,19 @@ impl Engine {
         let n_batch = n_batch.min(n_ctx);
         let head_mode = cfg.moves_heads();
         check_cache(cfg.type_v, cfg.flash_attn, head_mode)?;
+        if evicting && scorer.needs_value_norms() && cfg.flash_attn == Some(false) {
+            return Err(Error::invalid(
+                "this policy weighs keys by their values' norms, which needs flash attention (V stored one row per cell): use -fa on or -fa auto",
+            ));
+        }
         check_head_blocks(cfg.type_k, cfg.type_v, model.head_dim())?;
         let params = ContextParams {
             n_ctx: u32::try_from(n_ctx).map_err(|_| Error::invalid("context too large"))?,
             n_batch: n_batch as u32,
             threads: cfg.threads,
-            // Moving head slices needs V stored one row per cell, which flash attention gives.
-            flash_attn: if head_mode {
+            // Moving head slices, and reading value norms, need V stored one row per cell,
+            // which flash attention gives.
+            flash_attn: if head_mode || (evicting && scorer.needs_value_norms()) {
                 Some(true)
             } else {
                 cfg.flash_attn
@@ -186,10 +195,12 @@ impl Engine {
             next_pos: 0,
             stats,
             keys: Vec::new(),
+            value_norms: Vec::new(),
             layer_scores: Vec::new(),
             scores: Vec::new(),
             n_head_kv: model.n_head_kv(),
             head_dim: model.head_dim(),
+            value_dim: model.value_dim(),
             pending_cells: Vec::new(),
             pending_pos: Vec::new(),
             logits_row: None,
@@ -482,10 +493,15 @@ impl Engine {
                     )));
                 }
             }
+            if self.scorer.needs_value_norms() {
+                self.ctx
+                    .read_v_norms(layer, cells, h, self.value_dim, &mut self.value_norms)?;
+            }
             let new = NewKeys {
                 layer,
                 keys: &self.keys,
                 positions,
+                value_norms: &self.value_norms,
                 n_head_kv: h,
                 head_dim: d,
             };
@@ -518,20 +534,8 @@ impl Engine {
                 filters_loaded: true
             }
         );
-        if reduce == KeyReduce::Dot && !filters_loaded {
-            let mut flat = Vec::with_capacity(self.tracked.len() * h * d);
-            for &layer in &self.tracked {
-                for head in 0..h {
-                    match self.scorer.filter(layer, head) {
-                        Some(f) if f.len() == d => flat.extend_from_slice(f),
-                        _ => {
-                            self.keys_from = KeyReader::Host;
-                            return Ok(false);
-                        }
-                    }
-                }
-            }
-            if !self.ctx.set_key_filters(&self.tracked, &flat, h, d)? {
+        if !filters_loaded && reduce != KeyReduce::SquaredNorm {
+            if !self.upload_scorer_vectors(reduce)? {
                 self.keys_from = KeyReader::Host;
                 return Ok(false);
             }
@@ -539,20 +543,61 @@ impl Engine {
                 filters_loaded: true,
             };
         }
-        if !self
-            .ctx
-            .device_key_stats(&self.tracked, cells, reduce, h, d, &mut self.keys)?
-        {
+        if !self.ctx.device_key_stats(
+            &self.tracked,
+            cells,
+            positions,
+            reduce,
+            h,
+            d,
+            &mut self.keys,
+        )? {
             self.keys_from = KeyReader::Host;
             return Ok(false);
         }
+        let per = n * h * reduce.width();
         for (li, &layer) in self.tracked.iter().enumerate() {
-            let stats = &self.keys[li * n * h..(li + 1) * n * h];
+            let stats = &self.keys[li * per..(li + 1) * per];
             self.scorer
                 .score_reduced(layer, positions, stats, &mut self.layer_scores);
             self.scores[li * n * h..(li + 1) * n * h].copy_from_slice(&self.layer_scores);
         }
         Ok(true)
+    }
+
+    /// Puts the scorer's filters (`Dot`) or projection vectors (`Project`) for every tracked
+    /// layer on the cache's device; false when the scorer lacks some or the device cannot.
+    fn upload_scorer_vectors(&mut self, reduce: KeyReduce) -> Result<bool> {
+        let (h, d) = (self.n_head_kv, self.head_dim);
+        let mut flat = Vec::new();
+        match reduce {
+            KeyReduce::SquaredNorm => Ok(true),
+            KeyReduce::Dot => {
+                for &layer in &self.tracked {
+                    for head in 0..h {
+                        match self.scorer.filter(layer, head) {
+                            Some(f) if f.len() == d => flat.extend_from_slice(f),
+                            _ => return Ok(false),
+                        }
+                    }
+                }
+                self.ctx.set_key_filters(&self.tracked, &flat, h, d)
+            }
+            KeyReduce::Project { per_head, .. } => {
+                let mut ropes = Vec::with_capacity(self.tracked.len());
+                for &layer in &self.tracked {
+                    match self.scorer.projections(layer) {
+                        Some((v, rope)) if v.len() == h * per_head * d => {
+                            flat.extend_from_slice(v);
+                            ropes.push(rope);
+                        }
+                        _ => return Ok(false),
+                    }
+                }
+                self.ctx
+                    .set_key_projections(&self.tracked, &flat, &ropes, h, per_head, d)
+            }
+        }
     }
 
     /// Brings the cache back within its budget.

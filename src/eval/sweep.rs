@@ -406,6 +406,8 @@ mod tests {
                 "streaming b512",
                 "keydiff b256",
                 "keydiff b512",
+                "expected-attention b256",
+                "expected-attention b512",
                 "random b256",
                 "random b512",
                 "none (full cache)"
@@ -418,8 +420,9 @@ mod tests {
         assert_eq!(streaming.recency, 0.0);
         assert_eq!(points[0].eviction.granularity, Granularity::Head);
         assert_eq!(points[0].eviction.recency, 128.0);
-        assert_eq!(points[10].budget, None);
-        assert_eq!(points[10].at(1000).budget, 1000);
+        let full = points.last().expect("the full cache");
+        assert_eq!(full.budget, None);
+        assert_eq!(full.at(1000).budget, 1000);
         assert_eq!(points[1].at(1000).budget, 512);
     }
 

@@ -31,6 +31,11 @@ const ALLOCATES: &str = "allocates and fills a struct: only std::bad_alloc";
 /// Direct calls, each with the reason it needs no barrier.
 const DIRECT: &[(&str, &str)] = &[
     ("ggml_blck_size", GGML_C),
+    ("ggml_cont", GGML_C),
+    ("ggml_mul_mat", GGML_C),
+    ("ggml_new_tensor_3d", GGML_C),
+    ("ggml_permute", GGML_C),
+    ("ggml_rope_ext", GGML_C),
     ("ggml_build_forward_expand", GGML_C),
     ("ggml_free", GGML_C),
     ("ggml_get_rows", GGML_C),
@@ -146,6 +151,11 @@ const DIRECT: &[(&str, &str)] = &[
     ("llama_model_n_head_kv", ACCESSOR),
     ("llama_model_n_layer", ACCESSOR),
     ("llama_model_n_swa", ACCESSOR),
+    ("llama_model_rope_freq_scale_train", ACCESSOR),
+    (
+        "llama_model_rope_type",
+        "a switch over the architecture: no throw (an unknown one is a GGML_ABORT, which the abort callback reports)",
+    ),
     ("llama_n_ctx", ACCESSOR),
     ("llama_sampler_chain_add", ALLOCATES),
     ("llama_sampler_chain_default_params", ACCESSOR),

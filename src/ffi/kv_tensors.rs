@@ -161,10 +161,68 @@ impl Context {
     /// cache undone (the rotation is its own inverse), so scores need not know about it.
     pub fn read_k_rows(&mut self, layer: usize, cells: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let l = self.layer_kv(layer)?;
+        self.read_rows(l.k, l.k_rot, cells, out)
+    }
+
+    /// The L2 norm of each KV head's value of `cells` for `layer`, `[cell][head]` (what the
+    /// `expected-attention` policy weighs a key by). Needs V stored one row per cell (flash
+    /// attention on). A quantized cache's rotation (Hadamard blocks of 64, see
+    /// llama-cpp-facts) is left in place: it is orthonormal within blocks, so when a head is
+    /// whole blocks (checked) it keeps each head's norm.
+    pub fn read_v_norms(
+        &mut self,
+        layer: usize,
+        cells: &[usize],
+        n_head_kv: usize,
+        value_dim: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let l = self.layer_kv(layer)?;
+        if l.v.is_null() {
+            return Err(Error::KvCache(format!(
+                "no V cache tensor seen for layer {layer}"
+            )));
+        }
+        // SAFETY: a non-null cache tensor lives as long as the context; only its fields are read.
+        let (row, ty) = unsafe { ((*l.v).ne[0], (*l.v).type_) };
+        // Transposed V (flash attention off) has rows of one dim across all cells.
+        if value_dim == 0 || row != (n_head_kv * value_dim) as i64 {
+            return Err(Error::KvCache(
+                "values are not stored one row per cell (flash attention is off): turn flash attention on".into(),
+            ));
+        }
+        let plain = [sys::GGML_TYPE_F16, sys::GGML_TYPE_BF16, sys::GGML_TYPE_F32].contains(&ty);
+        if !plain && !crate::math::whole_blocks(value_dim, 64) {
+            return Err(Error::KvCache(format!(
+                "value heads of {value_dim} values are not whole rotation blocks of 64"
+            )));
+        }
+        let mut rows = Vec::new();
+        self.read_rows(l.v, 0, cells, &mut rows)?;
+        out.clear();
+        out.extend(
+            rows.chunks_exact(value_dim)
+                .map(|v| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt() as f32),
+        );
+        Ok(())
+    }
+
+    /// Rows `cells` of cache tensor `t` as f32, its Hadamard rotation of `rot` undone.
+    fn read_rows(
+        &mut self,
+        t: *mut sys::ggml_tensor,
+        rot: usize,
+        cells: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        if t.is_null() {
+            return Err(Error::KvCache("no such cache tensor".into()));
+        }
         self.synchronize();
-        // SAFETY: `l.k` is a persistent cache tensor owned by the context.
+        // SAFETY: `t` is a non-null persistent cache tensor owned by the context (callers
+        // pass tensors from `layer_kv`).
         let (ty, row_elems, row_bytes, n_rows) =
-            unsafe { ((*l.k).type_, (*l.k).ne[0], (*l.k).nb[1], (*l.k).ne[1]) };
+            unsafe { ((*t).type_, (*t).ne[0], (*t).nb[1], (*t).ne[1]) };
         let row_elems = row_elems.max(0) as usize;
         out.resize(cells.len() * row_elems, 0.0);
         let scratch = &mut self.hook.scratch;
@@ -184,7 +242,7 @@ impl Context {
             // SAFETY: rows [start, start+run) lie inside the tensor (checked above).
             unsafe {
                 sys::ggml_backend_tensor_get(
-                    l.k,
+                    t,
                     scratch.as_mut_ptr() as *mut c_void,
                     start * row_bytes,
                     bytes,
@@ -194,14 +252,13 @@ impl Context {
                 let dst = &mut out[(i + r) * row_elems..(i + r + 1) * row_elems];
                 if !convert_to_f32(ty, &scratch[r * row_bytes..(r + 1) * row_bytes], dst) {
                     return Err(Error::KvCache(
-                        "the K cache type cannot be read as floats".into(),
+                        "the cache type cannot be read as floats".into(),
                     ));
                 }
-                if l.k_rot > 1 && !crate::math::hadamard_in_place(dst, l.k_rot) {
+                if rot > 1 && !crate::math::hadamard_in_place(dst, rot) {
                     return Err(Error::KvCache(format!(
-                        "K rows of {} values are not whole rotation blocks of {}",
+                        "cache rows of {} values are not whole rotation blocks of {rot}",
                         dst.len(),
-                        l.k_rot
                     )));
                 }
             }

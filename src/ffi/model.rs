@@ -87,6 +87,25 @@ impl Model {
         unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()).max(0) as usize }
     }
 
+    /// The pairing of llama.cpp's rotary embedding for this model: `Some(true)` NeoX (dim i
+    /// with i + n/2), `Some(false)` adjacent pairs (2i, 2i+1), `None` any other kind (none,
+    /// multi-section, vision), which qfilters does not reproduce.
+    pub fn rope_neox(&self) -> Option<bool> {
+        // SAFETY: valid model pointer.
+        let kind = unsafe { sys::llama_model_rope_type(self.ptr.as_ptr()) };
+        match kind {
+            sys::LLAMA_ROPE_TYPE_NEOX => Some(true),
+            sys::LLAMA_ROPE_TYPE_NORM => Some(false),
+            _ => None,
+        }
+    }
+
+    /// The RoPE frequency scale the model was trained with (1 without linear scaling).
+    pub fn rope_freq_scale(&self) -> f32 {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_rope_freq_scale_train(self.ptr.as_ptr()) }
+    }
+
     pub fn n_ctx_train(&self) -> usize {
         // SAFETY: valid model pointer.
         unsafe { sys::llama_model_n_ctx_train(self.ptr.as_ptr()).max(0) as usize }
@@ -134,6 +153,14 @@ impl Model {
         self.meta(&format!("{arch}.attention.key_length"))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| self.n_embd() / self.n_head().max(1))
+    }
+
+    /// Per-head dimension of values (`<arch>.attention.value_length`), else the key's.
+    pub fn value_dim(&self) -> usize {
+        let arch = self.architecture();
+        self.meta(&format!("{arch}.attention.value_length"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| self.head_dim())
     }
 
     pub fn chat_template(&self) -> Option<String> {

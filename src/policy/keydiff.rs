@@ -82,6 +82,7 @@ mod tests {
                 layer: 0,
                 keys: &keys[start * 2..end * 2],
                 positions: &positions[start..end],
+                value_norms: &[],
                 n_head_kv: 1,
                 head_dim: 2,
             };

@@ -58,6 +58,10 @@ impl Scorer for Mix {
         self.first.needs_keys() || self.second.needs_keys()
     }
 
+    fn needs_value_norms(&self) -> bool {
+        self.first.needs_value_norms() || self.second.needs_value_norms()
+    }
+
     /// Both scorers forget; the standardising statistics carry over, as the recency prior's.
     fn reset(&mut self) {
         self.first.reset();

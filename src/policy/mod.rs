@@ -10,6 +10,7 @@
 //! the second weighted by `--mix-weight`. A combination is parsed from its name, never
 //! registered.
 
+mod expected_attention;
 mod keydiff;
 pub(crate) mod knorm;
 mod mix;
@@ -25,6 +26,10 @@ use gguf_tools::filters::QFilters;
 
 use crate::error::{Error, Result};
 pub use crate::ffi::KeyReduce;
+pub use expected_attention::{
+    available as query_stats_available, QueryStats, FUTURE_POSITIONS as EXPECTED_ATTENTION_FUTURE,
+    RANK as EXPECTED_ATTENTION_RANK,
+};
 
 /// What a scorer sees of the new keys of one layer after a decode.
 pub struct NewKeys<'a> {
@@ -33,6 +38,9 @@ pub struct NewKeys<'a> {
     pub keys: &'a [f32],
     /// Position of each token.
     pub positions: &'a [i32],
+    /// The L2 norm of each new token's value per KV head, `[n_tokens][n_head_kv]`, when the
+    /// scorer [needs them](Scorer::needs_value_norms); empty otherwise.
+    pub value_norms: &'a [f32],
     pub n_head_kv: usize,
     pub head_dim: usize,
 }
@@ -53,9 +61,16 @@ pub trait Scorer: Send {
         None
     }
 
-    /// Scores from `stats` (`[n_tokens][n_head_kv]`, the reduction `key_reduce` names, of the
-    /// new keys of `layer`), into `out` (same shape). Must equal `score` on the same keys,
-    /// within the rounding of a different summation order.
+    /// The vectors `KeyReduce::Project` needs for `layer`: `[n_head_kv][per_head][head_dim]`,
+    /// and the RoPE the keys are rotated back with before they meet them.
+    fn projections(&self, _layer: usize) -> Option<(&[f32], crate::rope::RopeSpec)> {
+        None
+    }
+
+    /// Scores from `stats` (`[n_tokens][n_head_kv][key_reduce().width()]`, the reduction
+    /// `key_reduce` names, of the new keys of `layer`), into `out` (`[n_tokens][n_head_kv]`).
+    /// Must equal `score` on the same keys, within the rounding of a different summation
+    /// order.
     fn score_reduced(&mut self, _layer: usize, _positions: &[i32], stats: &[f32], out: &mut [f32]) {
         out.copy_from_slice(stats);
     }
@@ -63,6 +78,12 @@ pub trait Scorer: Send {
     /// Whether the score depends on the key values (false: the hook need not read keys).
     fn needs_keys(&self) -> bool {
         true
+    }
+
+    /// Whether the score weighs keys by their values' norms (the engine then reads them into
+    /// [`NewKeys::value_norms`]).
+    fn needs_value_norms(&self) -> bool {
+        false
     }
 
     /// Forgets what the scorer learnt from the tokens so far: the engine starts a new
@@ -105,6 +126,7 @@ pub const REGISTRY: &[PolicyInfo] = &[
     knorm::INFO,
     streaming::INFO,
     keydiff::INFO,
+    expected_attention::INFO,
     random::INFO,
     none::INFO,
 ];
@@ -331,7 +353,9 @@ mod tests {
         let mut s = 7u64;
         let mut rnd = || (crate::math::splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
         let filters: Vec<f32> = (0..layers * n_head_kv * head_dim).map(|_| rnd()).collect();
-        let filters = QFilters::new(layers, n_head_kv, head_dim, filters).unwrap();
+        let mut filters = QFilters::new(layers, n_head_kv, head_dim, filters).unwrap();
+        expected_attention::add_test_stats(&mut filters, 2 * n_head_kv, 9);
+        let value_norms: Vec<f32> = (0..n_tokens * n_head_kv).map(|_| rnd() + 1.0).collect();
         let keys: Vec<f32> = (0..n_tokens * n_head_kv * head_dim)
             .map(|_| rnd())
             .collect();
@@ -353,6 +377,7 @@ mod tests {
                         layer,
                         keys: &keys,
                         positions: &positions,
+                        value_norms: &value_norms,
                         n_head_kv,
                         head_dim,
                     };
@@ -370,19 +395,40 @@ mod tests {
                         info.scores_vary_by_head
                     );
                     if let Some(reduce) = scorer.key_reduce() {
-                        let stats: Vec<f32> = (0..n_tokens)
-                            .flat_map(|t| (0..n_head_kv).map(move |h| (t, h)))
-                            .map(|(t, h)| {
+                        // What the device computes (ffi `device_key_stats`), on the host.
+                        let mut stats: Vec<f32> = Vec::new();
+                        for t in 0..n_tokens {
+                            for h in 0..n_head_kv {
                                 let k = head_slice(&new, t, h);
                                 match reduce {
-                                    KeyReduce::Dot => crate::math::dot(
+                                    KeyReduce::Dot => stats.push(crate::math::dot(
                                         k,
                                         scorer.filter(layer, h).expect("Dot needs a filter"),
-                                    ),
-                                    KeyReduce::SquaredNorm => crate::math::dot(k, k),
+                                    )),
+                                    KeyReduce::SquaredNorm => stats.push(crate::math::dot(k, k)),
+                                    KeyReduce::Project {
+                                        per_head,
+                                        value_norm,
+                                    } => {
+                                        let (vectors, rope) = scorer
+                                            .projections(layer)
+                                            .expect("Project needs vectors");
+                                        let mut back = k.to_vec();
+                                        rope.rotate(&mut back, head_dim, -i64::from(positions[t]));
+                                        let mine = &vectors[h * per_head * head_dim..]
+                                            [..per_head * head_dim];
+                                        stats.extend(
+                                            mine.chunks_exact(head_dim)
+                                                .map(|u| crate::math::dot(u, &back)),
+                                        );
+                                        if value_norm {
+                                            stats.push(value_norms[t * n_head_kv + h].powi(2));
+                                        }
+                                    }
                                 }
-                            })
-                            .collect();
+                            }
+                        }
+                        assert_eq!(stats.len(), n_tokens * n_head_kv * reduce.width());
                         // A fresh scorer of the same policy, fed the same layers in the same
                         // order, so that state (the recency prior's running statistics) is
                         // the same on both paths.
@@ -469,6 +515,7 @@ mod tests {
             layer: 0,
             keys: &keys,
             positions: &positions,
+            value_norms: &[],
             n_head_kv: 1,
             head_dim: 1,
         };

@@ -76,10 +76,15 @@ impl Scorer for Recency {
         self.inner.filter(layer, head)
     }
 
+    fn projections(&self, layer: usize) -> Option<(&[f32], crate::rope::RopeSpec)> {
+        self.inner.projections(layer)
+    }
+
     fn score_reduced(&mut self, layer: usize, positions: &[i32], stats: &[f32], out: &mut [f32]) {
         self.raw.resize(out.len(), 0.0);
         self.inner
             .score_reduced(layer, positions, stats, &mut self.raw);
+        // `out` is one score per (token, head), whatever the width of `stats`.
         let h = if positions.is_empty() {
             1
         } else {
@@ -90,6 +95,10 @@ impl Scorer for Recency {
 
     fn needs_keys(&self) -> bool {
         self.inner.needs_keys()
+    }
+
+    fn needs_value_norms(&self) -> bool {
+        self.inner.needs_value_norms()
     }
 
     /// The inner scorer forgets; the prior's own statistics carry over (a score's scale is a
@@ -125,6 +134,7 @@ mod tests {
             layer: 0,
             keys: &keys,
             positions: &[0, 10, 20],
+            value_norms: &[],
             n_head_kv: 1,
             head_dim: 1,
         };
@@ -150,6 +160,7 @@ mod tests {
                 layer: 0,
                 keys: &keys[start..end],
                 positions: &positions[start..end],
+                value_norms: &[],
                 n_head_kv: 1,
                 head_dim: 1,
             };

@@ -210,3 +210,62 @@ fn calibrate_on_a_missing_text_is_one_line_and_exit_1() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.starts_with("qfilters: ") && err.contains("/nonexistent/text.txt"));
 }
+
+/// The `expected-attention` statistics come from the same pass, with each layer's RoPE checked
+/// against the model's own graph: on the three architectures of the suite (adjacent pairs;
+/// NeoX with QKV bias; NeoX with QK-norm and sliding-window layers of another base) every
+/// layer's RoPE is reproduced, and the statistics travel in the filters file.
+#[test]
+fn query_statistics_are_gathered_with_a_verified_rope_on_every_architecture() {
+    use qfilters::calibrate::{calibrate, CalibrationConfig};
+    use qfilters::policy::QueryStats;
+
+    let f = QFilters::load(filters_file()).unwrap();
+    let stats = QueryStats::from_filters(&f)
+        .unwrap()
+        .expect("calibrate stores the statistics");
+    assert_eq!((stats.n_layer, stats.n_head, stats.head_dim), (30, 9, 64));
+    assert!(stats.rope.iter().all(|r| !r.neox), "llama: adjacent pairs");
+
+    for (path, neox, want_bases) in [
+        (crate::common::qwen_path(), true, vec![1_000_000]),
+        (crate::common::gemma_path(), true, vec![10_000, 1_000_000]),
+    ] {
+        let model = qfilters::ffi::Model::load(&path, &Default::default()).unwrap();
+        let text = std::fs::read_to_string(data("tinyshakespeare.txt")).unwrap();
+        let tokens = model.tokenize(&text[..20_000], false, false).unwrap();
+        let cfg = CalibrationConfig {
+            tokens: 600,
+            seq_len: 600,
+            samples: 100,
+            threads: 1,
+            ..CalibrationConfig::default()
+        };
+        let cal = calibrate(&model, &tokens, &cfg, &mut |_, _| {}).unwrap();
+        let outcome = cal.query_stats;
+        let stats = outcome
+            .stats
+            .unwrap_or_else(|| panic!("{}: {:?}", path.display(), outcome.skipped));
+        assert_eq!(stats.n_layer, model.n_layer());
+        assert!(
+            stats.rope.iter().all(|r| r.neox == neox),
+            "{:?}",
+            stats.rope
+        );
+        assert!(stats
+            .mean
+            .iter()
+            .chain(&stats.factor)
+            .all(|x| x.is_finite()));
+        assert!(outcome.variance_kept > 0.3 && outcome.variance_kept <= 1.0 + 1e-9);
+        // Gemma-3's sliding-window layers rotate with base 10000, its global ones with 1e6.
+        let bases: std::collections::BTreeSet<u32> =
+            stats.rope.iter().map(|r| r.base as u32).collect();
+        assert_eq!(
+            bases.into_iter().collect::<Vec<_>>(),
+            want_bases,
+            "{}",
+            path.display()
+        );
+    }
+}

@@ -86,7 +86,7 @@ fn check(policy: &str, recency: f64) {
     // Scores that are a per-head reduction of the key (Q-Filters' dot product, KNorm's norm, and
     // the recency prior over either) must have taken the device path on the cache side, or this
     // compares the host path with itself.
-    let reduces = ["qfilters", "knorm"].contains(&policy);
+    let reduces = ["qfilters", "knorm", "expected-attention"].contains(&policy);
     assert_eq!(
         cache.scores_on_device(),
         reduces,
@@ -248,6 +248,18 @@ fn device_matches_host(policy: &str) {
         r.max_rel_diff,
         r.max_abs_diff
     );
+}
+
+#[test]
+fn expected_attention_scores_match_between_key_paths() {
+    check("expected-attention", 0.0);
+}
+
+/// Expected Attention on the device: keys rotated back by ggml's own RoPE, projected by a
+/// matrix product, value norms from the V rows; on the host, the same in Rust.
+#[test]
+fn expected_attention_device_scores_match_host_scores() {
+    device_matches_host("expected-attention");
 }
 
 #[test]

@@ -17,6 +17,24 @@ pub enum KeyReduce {
     Dot,
     /// `<k, k>`.
     SquaredNorm,
+    /// The key rotated back from its position by its layer's RoPE, projected on `per_head`
+    /// vectors of its KV head (uploaded with `Context::set_key_projections`), then, with
+    /// `value_norm`, the squared norm of its value: `per_head + value_norm` numbers per key
+    /// and head instead of one.
+    Project { per_head: usize, value_norm: bool },
+}
+
+impl KeyReduce {
+    /// Numbers per (cell, KV head) this reduction gives.
+    pub fn width(&self) -> usize {
+        match *self {
+            KeyReduce::Dot | KeyReduce::SquaredNorm => 1,
+            KeyReduce::Project {
+                per_head,
+                value_norm,
+            } => per_head + usize::from(value_norm),
+        }
+    }
 }
 
 /// A backend of the device that holds the K cache, with its own allocator, for the small
@@ -24,8 +42,11 @@ pub enum KeyReduce {
 pub(in crate::ffi) struct DeviceGraphs {
     backend: sys::ggml_backend_t,
     galloc: sys::ggml_gallocr_t,
-    /// Per model layer, its filters `[head_dim, n_head_kv]` (f32), when set.
+    /// Per model layer, its filters `[head_dim, n_head_kv]` (f32, `Dot`) or projection vectors
+    /// `[head_dim, per_head, n_head_kv]` (`Project`), when set.
     filters: Vec<*mut sys::ggml_tensor>,
+    /// Per model layer, the RoPE `Project` rotates keys back with.
+    ropes: Vec<Option<crate::rope::RopeSpec>>,
     filter_ctx: *mut sys::ggml_context,
     filter_buf: sys::ggml_backend_buffer_t,
     /// Memory for the tensor and graph metadata of one graph (no data: `no_alloc`).
@@ -96,6 +117,7 @@ impl DeviceGraphs {
                 backend,
                 galloc,
                 filters: Vec::new(),
+                ropes: Vec::new(),
                 filter_ctx: std::ptr::null_mut(),
                 filter_buf: std::ptr::null_mut(),
                 meta: Vec::new(),
@@ -246,12 +268,64 @@ impl Context {
                 )));
             }
         }
+        self.upload_vectors(layers, &filters, [head_dim, n_head_kv, 1], Vec::new())
+    }
+
+    /// Uploads, for `KeyReduce::Project`, `per_head` vectors per KV head for each of `layers`
+    /// (`vectors` is `[layers][n_head_kv][per_head][head_dim]`) and each layer's RoPE. False:
+    /// no device path here, which includes a Hadamard-rotated (quantized) K cache: the
+    /// rotation would have to be undone before the RoPE, which these graphs do not do.
+    pub fn set_key_projections(
+        &mut self,
+        layers: &[usize],
+        vectors: &[f32],
+        ropes: &[crate::rope::RopeSpec],
+        n_head_kv: usize,
+        per_head: usize,
+        head_dim: usize,
+    ) -> Result<bool> {
+        let per = n_head_kv * per_head * head_dim;
+        if vectors.len() != layers.len() * per || per == 0 || ropes.len() != layers.len() {
+            return Err(Error::KvCache(
+                "projection vectors do not match the layers and heads".into(),
+            ));
+        }
+        if let Some(bad) = ropes.iter().find(|r| !r.fits(head_dim)) {
+            return Err(Error::KvCache(format!(
+                "RoPE {bad:?} does not fit heads of {head_dim}"
+            )));
+        }
+        if layers.iter().any(|&l| self.k_rotation(l) > 1) {
+            return Ok(false);
+        }
+        let max_layer = layers.iter().copied().max().unwrap_or(0);
+        let mut by_layer = vec![None; max_layer + 1];
+        for (&l, r) in layers.iter().zip(ropes) {
+            by_layer[l] = Some(*r);
+        }
+        self.upload_vectors(layers, vectors, [head_dim, per_head, n_head_kv], by_layer)
+    }
+
+    /// One f32 tensor of shape `shape` (2-D when `shape[2]` is 1) per layer on the device of
+    /// the K cache, replacing what was there; `values` is the layers' tensors back to back.
+    fn upload_vectors(
+        &mut self,
+        layers: &[usize],
+        values: &[f32],
+        shape: [usize; 3],
+        ropes: Vec<Option<crate::rope::RopeSpec>>,
+    ) -> Result<bool> {
+        let per = shape.iter().product::<usize>();
+        if values.len() != layers.len() * per {
+            return Err(Error::KvCache("vectors do not match the layers".into()));
+        }
         let Some(dev) = self.device_for(layers, false)? else {
             return Ok(false);
         };
         // SAFETY: a fresh metadata context sized for `layers.len()` tensors; its tensors are
         // allocated in one backend buffer owned by `dev` (freed in its Drop, with the context);
-        // each upload writes exactly the tensor's `per` floats.
+        // each upload writes exactly the tensor's `per` floats (`values` holds that many per
+        // layer, checked above).
         unsafe {
             if !dev.filter_buf.is_null() {
                 sys::ggml_backend_buffer_free(dev.filter_buf);
@@ -262,6 +336,7 @@ impl Context {
                 dev.filter_ctx = std::ptr::null_mut();
             }
             dev.filters.clear();
+            dev.ropes = ropes;
             let ctx = sys::ggml_init(sys::ggml_init_params {
                 mem_size: (layers.len() + 1) * sys::ggml_tensor_overhead(),
                 mem_buffer: std::ptr::null_mut(),
@@ -274,12 +349,22 @@ impl Context {
             let max_layer = layers.iter().copied().max().unwrap_or(0);
             dev.filters = vec![std::ptr::null_mut(); max_layer + 1];
             for &l in layers {
-                dev.filters[l] = sys::ggml_new_tensor_2d(
-                    ctx,
-                    sys::GGML_TYPE_F32,
-                    head_dim as i64,
-                    n_head_kv as i64,
-                );
+                dev.filters[l] = if shape[2] == 1 {
+                    sys::ggml_new_tensor_2d(
+                        ctx,
+                        sys::GGML_TYPE_F32,
+                        shape[0] as i64,
+                        shape[1] as i64,
+                    )
+                } else {
+                    sys::ggml_new_tensor_3d(
+                        ctx,
+                        sys::GGML_TYPE_F32,
+                        shape[0] as i64,
+                        shape[1] as i64,
+                        shape[2] as i64,
+                    )
+                };
             }
             dev.filter_buf = sys::ggml_backend_alloc_ctx_tensors(ctx, dev.backend);
             if dev.filter_buf.is_null() {
@@ -288,7 +373,7 @@ impl Context {
                 ));
             }
             for (i, &l) in layers.iter().enumerate() {
-                let f = &filters[i * per..(i + 1) * per];
+                let f = &values[i * per..(i + 1) * per];
                 sys::ggml_backend_tensor_set(
                     dev.filters[l],
                     f.as_ptr() as *const c_void,
@@ -300,14 +385,18 @@ impl Context {
         Ok(true)
     }
 
-    /// Reduces the keys of `cells` on the device that holds the K cache, with one small graph
-    /// for all `layers`: `get_rows` of the cells, then per KV head a dot product with its filter
-    /// (`Dot`) or with itself (`SquaredNorm`). `out` becomes `[layers][cells][n_head_kv]`.
-    /// Only those floats cross to the host. False: no device path here (host reads instead).
+    /// Reduces the keys of `cells` (at `positions`) on the device that holds the K cache,
+    /// with one small graph for all `layers`: `get_rows` of the cells, then per KV head a dot
+    /// product with its filter (`Dot`), with itself (`SquaredNorm`), or the RoPE undone and a
+    /// product with its projection vectors (`Project`, plus the value's squared norm). `out`
+    /// becomes `[layers][cells][n_head_kv][reduce.width()]`. Only those floats cross to the
+    /// host. False: no device path here (host reads instead).
+    #[allow(clippy::too_many_arguments)]
     pub fn device_key_stats(
         &mut self,
         layers: &[usize],
         cells: &[usize],
+        positions: &[i32],
         reduce: KeyReduce,
         n_head_kv: usize,
         head_dim: usize,
@@ -317,6 +406,12 @@ impl Context {
         if n == 0 || layers.is_empty() {
             out.clear();
             return Ok(true);
+        }
+        if positions.len() != n {
+            return Err(Error::KvCache(format!(
+                "{n} cells but {} positions",
+                positions.len()
+            )));
         }
         let kvs: Vec<LayerKv> = layers
             .iter()
@@ -329,61 +424,167 @@ impl Context {
             shapes.push(unsafe { [(*kv.k).ne[0], (*kv.k).ne[1]] });
         }
         let idx32 = gather_indices(&shapes, n_head_kv, head_dim, cells)?;
+        let (width, with_v) = match reduce {
+            KeyReduce::Project {
+                per_head,
+                value_norm,
+            } => (per_head, value_norm),
+            _ => (1, false),
+        };
+        if with_v {
+            for kv in &kvs {
+                // SAFETY: as above; only the shape of a non-null V tensor is read.
+                let row = (!kv.v.is_null()).then(|| unsafe { (*kv.v).ne[0] });
+                // V must be one row per cell, heads of `head_dim` values (flash attention on).
+                if row != Some((n_head_kv * head_dim) as i64) {
+                    return Ok(false);
+                }
+            }
+        }
+        // ggml's rope wants the positions as I32; negated, it rotates back.
+        let back: Vec<i32> = positions.iter().map(|&p| p.saturating_neg()).collect();
         self.synchronize();
-        let Some(dev) = self.device_for(layers, false)? else {
+        let Some(dev) = self.device_for(layers, with_v)? else {
             return Ok(false);
         };
-        if reduce == KeyReduce::Dot
-            && layers
-                .iter()
-                .any(|&l| dev.filters.get(l).is_none_or(|f| f.is_null()))
-        {
+        let uploaded = |l: usize| dev.filters.get(l).is_some_and(|f| !f.is_null());
+        let ready = match reduce {
+            KeyReduce::SquaredNorm => true,
+            KeyReduce::Dot => layers.iter().all(|&l| uploaded(l)),
+            KeyReduce::Project { .. } => layers.iter().all(|&l| {
+                uploaded(l)
+                    && dev.ropes.get(l).copied().flatten().is_some()
+                    // SAFETY: a non-null uploaded tensor of `dev`'s own context.
+                    && unsafe { (*dev.filters[l]).ne[1] } == width as i64
+            }),
+        };
+        if !ready {
             return Err(Error::KvCache(
-                "no filters on the device for a tracked layer".into(),
+                "no filters or projections on the device for a tracked layer".into(),
             ));
         }
-        let graph_size = 8 * layers.len() + 16;
-        let Some(gctx) = dev.graph_ctx(6 * layers.len() + 8, graph_size) else {
+        let graph_size = 12 * layers.len() + 16;
+        let Some(gctx) = dev.graph_ctx(12 * layers.len() + 8, graph_size) else {
             return Err(Error::KvCache("ggml_init failed".into()));
         };
         let (h, d) = (n_head_kv as i64, head_dim as i64);
         let mut outs = Vec::with_capacity(layers.len());
         // SAFETY: all tensors are created in `gctx` (alive until the end of this block) from
         // the live cache and filter tensors; `compute` allocates the graph's own tensors
-        // before `set_inputs` writes `n` i32 into `idx`; each output holds n*h f32, read once
-        // into its slice of `out` after the (synchronous) compute.
+        // before `set_inputs` writes `n` i32 into `idx` and into `pos`; each output holds the
+        // n*h*width (keys) or n*h (values) f32 read back into `out` after the (synchronous)
+        // compute.
         unsafe {
             let ctx = gctx.0;
             let gf = sys::ggml_new_graph_custom(ctx, graph_size, false);
             let idx = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n as i64);
             sys::ggml_set_input(idx);
+            // Only `Project` reads positions: an input no node uses is never allocated.
+            let project = matches!(reduce, KeyReduce::Project { .. });
+            let pos = if project {
+                let pos = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n as i64);
+                sys::ggml_set_input(pos);
+                pos
+            } else {
+                std::ptr::null_mut()
+            };
             for (kv, &l) in kvs.iter().zip(layers) {
                 let rows = sys::ggml_get_rows(ctx, kv.k, idx);
                 let heads = sys::ggml_reshape_3d(ctx, rows, d, h, n as i64);
-                let prod = match reduce {
-                    KeyReduce::Dot => sys::ggml_mul(ctx, heads, dev.filters[l]),
-                    KeyReduce::SquaredNorm => sys::ggml_sqr(ctx, heads),
+                let (keys, values) = match reduce {
+                    KeyReduce::Dot => (
+                        sys::ggml_sum_rows(ctx, sys::ggml_mul(ctx, heads, dev.filters[l])),
+                        None,
+                    ),
+                    KeyReduce::SquaredNorm => {
+                        (sys::ggml_sum_rows(ctx, sys::ggml_sqr(ctx, heads)), None)
+                    }
+                    KeyReduce::Project { .. } => {
+                        let Some(rope) = dev.ropes.get(l).copied().flatten() else {
+                            return Err(Error::KvCache("no RoPE for a tracked layer".into()));
+                        };
+                        let mode = if rope.neox {
+                            sys::GGML_ROPE_TYPE_NEOX as i32
+                        } else {
+                            0
+                        };
+                        let pre = sys::ggml_rope_ext(
+                            ctx,
+                            heads,
+                            pos,
+                            std::ptr::null_mut(),
+                            rope.n_dims as i32,
+                            mode,
+                            0,
+                            rope.base,
+                            rope.scale,
+                            0.0,
+                            1.0,
+                            0.0,
+                            0.0,
+                        );
+                        // [d, h, n] → [d, n, h]: one matrix product per KV head.
+                        let by_head = sys::ggml_cont(ctx, sys::ggml_permute(ctx, pre, 0, 2, 1, 3));
+                        let proj = sys::ggml_mul_mat(ctx, dev.filters[l], by_head);
+                        let values = with_v.then(|| {
+                            let v = sys::ggml_get_rows(ctx, kv.v, idx);
+                            let v = sys::ggml_reshape_3d(ctx, v, d, h, n as i64);
+                            sys::ggml_sum_rows(ctx, sys::ggml_sqr(ctx, v))
+                        });
+                        (proj, values)
+                    }
                 };
-                let s = sys::ggml_sum_rows(ctx, prod);
-                sys::ggml_set_output(s);
-                sys::ggml_build_forward_expand(gf, s);
-                outs.push(s);
+                for t in std::iter::once(keys).chain(values) {
+                    sys::ggml_set_output(t);
+                    sys::ggml_build_forward_expand(gf, t);
+                }
+                outs.push((keys, values));
             }
             let ok = dev.compute(gf, &mut || {
-                sys::ggml_backend_tensor_set(idx, idx32.as_ptr() as *const c_void, 0, n * 4)
+                sys::ggml_backend_tensor_set(idx, idx32.as_ptr() as *const c_void, 0, n * 4);
+                if project {
+                    sys::ggml_backend_tensor_set(pos, back.as_ptr() as *const c_void, 0, n * 4);
+                }
             })?;
             if !ok {
                 return Ok(false);
             }
-            let per = n * n_head_kv;
+            let per_key = reduce.width();
+            let per = n * n_head_kv * per_key;
             out.resize(layers.len() * per, 0.0);
-            for (i, &s) in outs.iter().enumerate() {
+            let mut keys_buf = vec![0f32; n * n_head_kv * width];
+            let mut values_buf = vec![0f32; n * n_head_kv];
+            for (i, &(keys, values)) in outs.iter().enumerate() {
                 sys::ggml_backend_tensor_get(
-                    s,
-                    out[i * per..].as_mut_ptr() as *mut c_void,
+                    keys,
+                    keys_buf.as_mut_ptr() as *mut c_void,
                     0,
-                    per * 4,
+                    keys_buf.len() * 4,
                 );
+                if let Some(v) = values {
+                    sys::ggml_backend_tensor_get(
+                        v,
+                        values_buf.as_mut_ptr() as *mut c_void,
+                        0,
+                        values_buf.len() * 4,
+                    );
+                }
+                let dst = &mut out[i * per..(i + 1) * per];
+                if let KeyReduce::Project { .. } = reduce {
+                    // [width, n, h] (and values [h, n]) → [n][h][width (+ value)].
+                    for t in 0..n {
+                        for head in 0..n_head_kv {
+                            let o = (t * n_head_kv + head) * per_key;
+                            let src = (head * n + t) * width;
+                            dst[o..o + width].copy_from_slice(&keys_buf[src..src + width]);
+                            if with_v {
+                                dst[o + width] = values_buf[t * n_head_kv + head];
+                            }
+                        }
+                    }
+                } else {
+                    dst.copy_from_slice(&keys_buf);
+                }
             }
         }
         Ok(true)
