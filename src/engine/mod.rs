@@ -283,7 +283,17 @@ impl Engine {
         }
         self.pending_cells.clear();
         self.pending_pos.clear();
+        self.note_traffic();
         Ok(())
+    }
+
+    /// The context's eviction copies so far, into the stats (the context counts them: the
+    /// copies happen in ffi, some inside a decode).
+    fn note_traffic(&mut self) {
+        let t = self.ctx.kv_traffic();
+        self.stats.eviction_bytes_to_host = t.to_host;
+        self.stats.eviction_bytes_to_device = t.to_device;
+        self.stats.eviction_transfers = t.transfers;
     }
 
     fn evicting(&self) -> bool {
@@ -408,6 +418,7 @@ impl Engine {
         }
         if self.evicting() {
             self.record_new_keys(first)?;
+            self.note_traffic();
         }
         self.stats.peak_cells = self.stats.peak_cells.max(self.live_cells());
         Ok(())
@@ -627,6 +638,7 @@ impl Engine {
                 moves: hm.moves.clone(),
             })
             .collect();
+        self.stats.eviction_rounds += 1;
         if self.ctx.move_head_slices_batch(&groups, self.n_head_kv)? {
             self.stats.device_move_rounds += 1;
         }
@@ -640,6 +652,7 @@ impl Engine {
             }
         }
         self.stats.evicted += freed.len() as u64;
+        self.note_traffic();
         Ok(())
     }
 }
@@ -715,6 +728,8 @@ mod tests {
             prompt_tokens: 100,
             generated_tokens: 4,
             evicted: 10,
+            eviction_rounds: 2,
+            eviction_bytes_to_host: 1000,
             prefill_seconds: 1.0,
             decode_seconds: 0.5,
             ..Stats::default()
@@ -724,6 +739,9 @@ mod tests {
             generated_tokens: 24,
             peak_cells: 300,
             evicted: 40,
+            eviction_rounds: 6,
+            eviction_bytes_to_host: 5000,
+            eviction_bytes_to_device: 1000,
             kv_bytes: 1 << 20,
             n_ctx: 336,
             prefill_seconds: 1.5,
@@ -742,6 +760,10 @@ mod tests {
         assert_eq!(v["prompt_tokens"], 50);
         assert_eq!(v["decode_tok_s"], 10.0);
         assert_eq!(v["prefill_tok_s"], 100.0);
-        assert_eq!(v.as_object().unwrap().len(), 13, "{v}");
+        // 4 rounds moved 4000 + 1000 bytes.
+        assert_eq!(v["eviction_rounds"], 4);
+        assert_eq!(v["eviction_bytes_per_round"], 1250.0);
+        assert_eq!(Stats::default().eviction_bytes_per_round(), 0.0);
+        assert_eq!(v.as_object().unwrap().len(), 18, "{v}");
     }
 }

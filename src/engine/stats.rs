@@ -17,6 +17,16 @@ pub struct Stats {
     pub device_score_batches: u64,
     /// Eviction rounds whose head-slice moves ran as one graph on the cache's device.
     pub device_move_rounds: u64,
+    /// Eviction rounds that removed cells.
+    pub eviction_rounds: u64,
+    /// Bytes qfilters itself copied from the KV cache's backend to the host for eviction, and
+    /// the other way ([`crate::ffi::KvTraffic`]: its own tensor reads and writes and its
+    /// graphs' inputs and outputs, for scoring and head moves; not the RPC protocol's own
+    /// bytes, and counted even where the cache is in host memory and the copy is a memcpy).
+    pub eviction_bytes_to_host: u64,
+    pub eviction_bytes_to_device: u64,
+    /// The copies behind those bytes, each one call to the backend (over RPC, one message).
+    pub eviction_transfers: u64,
     pub kv_bytes: usize,
     pub n_ctx: usize,
     pub prefill_seconds: f64,
@@ -29,6 +39,15 @@ impl Stats {
     }
     pub fn decode_tok_s(&self) -> f64 {
         rate(self.generated_tokens, self.decode_seconds)
+    }
+    /// Eviction bytes, both ways, per eviction round (0 without rounds).
+    pub fn eviction_bytes_per_round(&self) -> f64 {
+        let bytes = self.eviction_bytes_to_host + self.eviction_bytes_to_device;
+        if self.eviction_rounds == 0 {
+            0.0
+        } else {
+            bytes as f64 / self.eviction_rounds as f64
+        }
     }
 
     /// What happened since `before` (an earlier snapshot of the same engine): the counters
@@ -51,6 +70,16 @@ impl Stats {
             device_move_rounds: self
                 .device_move_rounds
                 .saturating_sub(before.device_move_rounds),
+            eviction_rounds: self.eviction_rounds.saturating_sub(before.eviction_rounds),
+            eviction_bytes_to_host: self
+                .eviction_bytes_to_host
+                .saturating_sub(before.eviction_bytes_to_host),
+            eviction_bytes_to_device: self
+                .eviction_bytes_to_device
+                .saturating_sub(before.eviction_bytes_to_device),
+            eviction_transfers: self
+                .eviction_transfers
+                .saturating_sub(before.eviction_transfers),
             kv_bytes: self.kv_bytes,
             n_ctx: self.n_ctx,
             prefill_seconds: self.prefill_seconds - before.prefill_seconds,
@@ -59,7 +88,7 @@ impl Stats {
     }
 }
 
-/// The counters, then the two rates derived from them, so every report (`run --json-stats`,
+/// The counters, then the three rates derived from them, so every report (`run --json-stats`,
 /// chat's turn log, `bench --json`) carries them under the same names.
 impl serde::Serialize for Stats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -73,12 +102,16 @@ impl serde::Serialize for Stats {
             head_slices_moved,
             device_score_batches,
             device_move_rounds,
+            eviction_rounds,
+            eviction_bytes_to_host,
+            eviction_bytes_to_device,
+            eviction_transfers,
             kv_bytes,
             n_ctx,
             prefill_seconds,
             decode_seconds,
         } = self;
-        let mut m = s.serialize_struct("Stats", 13)?;
+        let mut m = s.serialize_struct("Stats", 18)?;
         m.serialize_field("prompt_tokens", prompt_tokens)?;
         m.serialize_field("generated_tokens", generated_tokens)?;
         m.serialize_field("peak_cells", peak_cells)?;
@@ -86,12 +119,17 @@ impl serde::Serialize for Stats {
         m.serialize_field("head_slices_moved", head_slices_moved)?;
         m.serialize_field("device_score_batches", device_score_batches)?;
         m.serialize_field("device_move_rounds", device_move_rounds)?;
+        m.serialize_field("eviction_rounds", eviction_rounds)?;
+        m.serialize_field("eviction_bytes_to_host", eviction_bytes_to_host)?;
+        m.serialize_field("eviction_bytes_to_device", eviction_bytes_to_device)?;
+        m.serialize_field("eviction_transfers", eviction_transfers)?;
         m.serialize_field("kv_bytes", kv_bytes)?;
         m.serialize_field("n_ctx", n_ctx)?;
         m.serialize_field("prefill_seconds", prefill_seconds)?;
         m.serialize_field("decode_seconds", decode_seconds)?;
         m.serialize_field("prefill_tok_s", &self.prefill_tok_s())?;
         m.serialize_field("decode_tok_s", &self.decode_tok_s())?;
+        m.serialize_field("eviction_bytes_per_round", &self.eviction_bytes_per_round())?;
         m.end()
     }
 }

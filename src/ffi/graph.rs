@@ -58,6 +58,8 @@ pub(super) struct HookState {
     /// Cell indices of the current decode's K writes, one entry per index tensor (a model with
     /// sliding-window layers has two caches, each with its own cells), copied in the ask phase.
     pub(super) batch_cells: Vec<(*mut sys::ggml_tensor, Vec<i64>)>,
+    /// What the hook and the cache functions copied for eviction (kv_tensors.rs).
+    pub(super) traffic: super::kv_tensors::KvTraffic,
 }
 
 fn split_layer(name: &str) -> (&str, Option<usize>) {
@@ -119,6 +121,7 @@ pub(super) extern "C" fn eval_callback(
         // SAFETY: with ask=false the scheduler has computed `t` and synchronised its backend.
         let ok = unsafe { read_tensor_f32(t, &mut state.scratch, &mut state.floats) };
         if ok {
+            state.traffic.got(state.scratch.len());
             observer.observe(&info, &state.floats);
         } else if state.failed.is_none() {
             state.failed = Some(format!("could not read graph node {name}"));
@@ -180,6 +183,7 @@ unsafe fn note_cache_write(state: &mut HookState, t: *mut sys::ggml_tensor) {
         // Reads n*8 bytes of a computed input through its backend (a memcpy on the CPU, one small
         // device-to-host copy on a GPU).
         sys::ggml_backend_tensor_get(idx, cells.as_mut_ptr() as *mut c_void, 0, n * 8);
+        state.traffic.got(n * 8);
         state.batch_cells.push((idx, cells));
     }
 }

@@ -42,6 +42,32 @@ impl Default for LayerKv {
     }
 }
 
+/// What qfilters itself copied between the host and the KV cache's backend, for eviction:
+/// its own reads and writes of cache tensors ([`Context::read_k_rows`],
+/// [`Context::move_head_slices`]), its device graphs' inputs and outputs (filters, cell
+/// indices, key reductions), the cell indices the graph hook copies at each decode, and
+/// the graph nodes an observer reads (the `graph` key source's keys). Not counted: the
+/// tests' row reads, the backend's own traffic (llama.cpp's graphs, ggml-rpc's protocol).
+/// Counted the same whether the cache lives in host memory (a memcpy) or on another device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvTraffic {
+    pub to_host: u64,
+    pub to_device: u64,
+    /// Calls to the backend behind those bytes (over RPC, one message each).
+    pub transfers: u64,
+}
+
+impl KvTraffic {
+    pub(super) fn got(&mut self, bytes: usize) {
+        self.to_host += bytes as u64;
+        self.transfers += 1;
+    }
+    pub(super) fn set(&mut self, bytes: usize) {
+        self.to_device += bytes as u64;
+        self.transfers += 1;
+    }
+}
+
 /// Head-slice moves of one (layer, KV head): copy the head's K and V slices from cell `from`
 /// to cell `to` for each `(from, to)` of `moves`. The eviction plan names the layer as the
 /// cache book counts it (`L` = `engine::cache::TrackedLayer`); the ffi calls take the model's
@@ -54,6 +80,11 @@ pub struct HeadMoves<L = usize> {
 }
 
 impl Context {
+    /// What this context copied for eviction so far ([`KvTraffic`]).
+    pub fn kv_traffic(&self) -> KvTraffic {
+        self.hook.traffic
+    }
+
     /// Number of layers whose KV tensors the hook has seen.
     pub fn kv_layers(&self) -> usize {
         self.hook.layers.len()
@@ -248,6 +279,7 @@ impl Context {
                     bytes,
                 )
             };
+            self.hook.traffic.got(bytes);
             for r in 0..run {
                 let dst = &mut out[(i + r) * row_elems..(i + r + 1) * row_elems];
                 if !convert_to_f32(ty, &scratch[r * row_bytes..(r + 1) * row_bytes], dst) {
@@ -327,8 +359,8 @@ impl Context {
             }
             // SAFETY: plain size computation for a valid type and a whole number of blocks.
             let slice = unsafe { sys::ggml_row_size(ty, head_values) };
-            let scratch = &mut self.hook.scratch;
-            scratch.resize(slice, 0);
+            let hook = &mut *self.hook;
+            hook.scratch.resize(slice, 0);
             for &(src, dst) in moves {
                 if src as i64 >= ne1 || dst as i64 >= ne1 {
                     return Err(Error::KvCache(format!("cell {src} or {dst} out of range")));
@@ -339,17 +371,19 @@ impl Context {
                 unsafe {
                     sys::ggml_backend_tensor_get(
                         t,
-                        scratch.as_mut_ptr() as *mut c_void,
+                        hook.scratch.as_mut_ptr() as *mut c_void,
                         src * nb1 + head * slice,
                         slice,
                     );
                     sys::ggml_backend_tensor_set(
                         t,
-                        scratch.as_ptr() as *const c_void,
+                        hook.scratch.as_ptr() as *const c_void,
                         dst * nb1 + head * slice,
                         slice,
                     );
                 }
+                hook.traffic.got(slice);
+                hook.traffic.set(slice);
             }
         }
         Ok(())

@@ -9,9 +9,15 @@
 //! answering (`GGML_ABORT` in `rpc_dispatcher::start` and `RPC_STATUS_ASSERT`). So a host is
 //! checked here with a plain TCP connection, with a timeout, before ggml is given it, and the
 //! abort callback `init_backend` installs turns an abort later on into one line and exit 1.
+//!
+//! Once a model is loaded, [`lost_hosts`] tells whether ggml's own connection to each host is
+//! still open, from the kernel's TCP state of that socket (Linux procfs): no traffic, and no
+//! probe connection. A probe would be wrong: ggml's `rpc-server` serves one client at a time
+//! from a listen backlog of 1, so while it serves this process, a third probe connection is
+//! never accepted and would time out against a live host.
 
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,8 +33,15 @@ type StartServer = unsafe extern "C" fn(
     devices: *mut sys::ggml_backend_dev_t,
 );
 
-/// The hosts whose devices this process registered (ggml keeps them for the process's life).
-static ADDED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// A host whose devices this process registered (ggml keeps them for the process's life).
+struct Added {
+    endpoint: String,
+    /// Its IPv4 addresses at registration: ggml-rpc connects over IPv4 only
+    /// (`gethostbyname`), to one of these.
+    addrs: Vec<SocketAddrV4>,
+}
+
+static ADDED: Mutex<Vec<Added>> = Mutex::new(Vec::new());
 
 /// How long a host may take to accept a connection at start.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -101,14 +114,29 @@ pub fn add_servers(endpoints: &[String]) -> Result<()> {
         std::mem::transmute::<*mut c_void, AddServer>(proc_address(c"ggml_backend_rpc_add_server")?)
     };
     let mut added = ADDED.lock().unwrap_or_else(|p| p.into_inner());
-    let new: Vec<&String> = endpoints.iter().filter(|e| !added.contains(*e)).collect();
+    let new: Vec<&String> = endpoints
+        .iter()
+        .filter(|e| !added.iter().any(|a| a.endpoint == **e))
+        .collect();
+    let mut addrs = Vec::with_capacity(new.len());
     for (i, e) in new.iter().enumerate() {
         if new[..i].contains(e) {
             return Err(Error::invalid(format!("RPC host {e} is given twice")));
         }
         check_endpoint(e)?;
+        let v4: Vec<SocketAddrV4> = e
+            .to_socket_addrs()
+            .map(|it| {
+                it.filter_map(|a| match a {
+                    SocketAddr::V4(a) => Some(a),
+                    SocketAddr::V6(_) => None,
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        addrs.push(v4);
     }
-    for e in new {
+    for (e, addrs) in new.into_iter().zip(addrs) {
         let c = CString::new(e.as_str())
             .map_err(|_| Error::invalid("an RPC endpoint contains a NUL byte"))?;
         // SAFETY: `c` is NUL-terminated and outlives the call. The host accepted a connection
@@ -123,9 +151,85 @@ pub fn add_servers(endpoints: &[String]) -> Result<()> {
         // SAFETY: a registry entry ggml just made for a new endpoint (ggml returns the same
         // entry for an endpoint it knows, which `ADDED` keeps from being registered twice).
         unsafe { sys::ggml_backend_register(reg) };
-        added.push(e.clone());
+        added.push(Added {
+            endpoint: e.clone(),
+            addrs,
+        });
     }
     Ok(())
+}
+
+/// The registered hosts whose connection from ggml is gone: closed by the host (its
+/// `rpc-server` stopped or restarted: either way the weights and KV cache it held are lost,
+/// so the host stays lost for this process), or never opened. Empty when no host was added,
+/// and where the kernel's TCP table cannot be read (not Linux): that cannot be told there.
+pub fn lost_hosts() -> Vec<String> {
+    let added = ADDED.lock().unwrap_or_else(|p| p.into_inner());
+    if added.is_empty() {
+        return Vec::new();
+    }
+    let Some(conns) = own_tcp_connections() else {
+        return Vec::new();
+    };
+    added
+        .iter()
+        .filter(|a| {
+            let mine: Vec<u8> = conns
+                .iter()
+                .filter(|(peer, _)| a.addrs.contains(peer))
+                .map(|&(_, state)| state)
+                .collect();
+            mine.is_empty() || mine.iter().any(|&s| s != TCP_ESTABLISHED)
+        })
+        .map(|a| a.endpoint.clone())
+        .collect()
+}
+
+/// The kernel's `TCP_ESTABLISHED` (include/net/tcp_states.h), as /proc/net/tcp prints it.
+const TCP_ESTABLISHED: u8 = 1;
+
+/// This process's IPv4 TCP sockets: their peers and states. `None` without procfs.
+fn own_tcp_connections() -> Option<Vec<(SocketAddrV4, u8)>> {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let t = target.to_string_lossy();
+            if let Some(n) = t
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                inodes.insert(n);
+            }
+        }
+    }
+    let table = std::fs::read_to_string("/proc/self/net/tcp").ok()?;
+    Some(parse_tcp_table(&table, &inodes))
+}
+
+/// The peers and states of the sockets of `/proc/net/tcp` whose inode is in `inodes`. Lines
+/// that do not parse are skipped (the header among them).
+fn parse_tcp_table(
+    table: &str,
+    inodes: &std::collections::HashSet<u64>,
+) -> Vec<(SocketAddrV4, u8)> {
+    table
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let inode = f.get(9)?.parse::<u64>().ok()?;
+            if !inodes.contains(&inode) {
+                return None;
+            }
+            let (ip, port) = f.get(2)?.split_once(':')?;
+            // The address is the kernel's big-endian word printed as a native integer, so its
+            // native bytes are the address's bytes; the port is printed as a number.
+            let ip = u32::from_str_radix(ip, 16).ok()?.to_ne_bytes();
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+            Some((SocketAddrV4::new(ip.into(), port), state))
+        })
+        .collect()
 }
 
 /// Serves this machine's CPU to RPC clients on `endpoint` (`host:port`) with `threads`
@@ -179,5 +283,48 @@ mod tests {
         let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = live.local_addr().unwrap();
         assert_eq!(check_endpoint(&addr.to_string()).unwrap(), addr);
+    }
+
+    #[test]
+    fn the_tcp_table_gives_the_peers_and_states_of_our_sockets_only() {
+        let ours: std::collections::HashSet<u64> = [4242, 77].into_iter().collect();
+        let lo = u32::from_ne_bytes([127, 0, 0, 1]);
+        let table = format!(
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+               0: {lo:08X}:D2A4 {lo:08X}:C350 01 00000000:00000000 00:00000000 00000000  1000        0 4242 1 0 20 4 30 10 -1\n\
+               1: {lo:08X}:D2A5 {lo:08X}:C351 08 00000000:00000000 00:00000000 00000000  1000        0 77 1 0 20 4 30 10 -1\n\
+               2: {lo:08X}:D2A6 {lo:08X}:C352 01 00000000:00000000 00:00000000 00000000  1000        0 999 1 0 20 4 30 10 -1\n\
+               garbage line\n"
+        );
+        let got = parse_tcp_table(&table, &ours);
+        let at = |port| SocketAddrV4::new([127, 0, 0, 1].into(), port);
+        assert_eq!(got, vec![(at(0xC350), 1), (at(0xC351), 8)]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn our_own_connections_are_seen_open_then_closed_by_the_peer() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = server.local_addr().unwrap() else {
+            panic!("bound to IPv4");
+        };
+        let client = TcpStream::connect(addr).unwrap();
+        let (accepted, _) = server.accept().unwrap();
+        let state = || {
+            own_tcp_connections()
+                .expect("procfs")
+                .into_iter()
+                .find(|(peer, _)| *peer == addr)
+                .map(|(_, s)| s)
+        };
+        assert_eq!(state(), Some(TCP_ESTABLISHED));
+        drop(accepted);
+        let t0 = std::time::Instant::now();
+        while state() == Some(TCP_ESTABLISHED) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never saw the close");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(state(), Some(8), "CLOSE_WAIT");
+        drop(client);
     }
 }

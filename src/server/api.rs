@@ -84,6 +84,22 @@ impl ApiError {
         }
     }
 
+    /// An RPC host holding some of the model's layers has gone (`--rpc`): nothing can be
+    /// decoded until it and then this server are restarted, since its weights and KV cache
+    /// went with it.
+    pub fn rpc_host_down(hosts: &[String]) -> ApiError {
+        ApiError {
+            status: 503,
+            message: format!(
+                "RPC host {} is down: the layers it held are lost; restart `qfilters rpc-server` there, then this server",
+                hosts.join(", ")
+            ),
+            kind: "server_error",
+            code: Some("rpc_host_down"),
+            param: None,
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {
             status: 500,

@@ -5,9 +5,8 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
@@ -44,6 +43,31 @@ pub struct App {
     pub max_prompt_tokens: usize,
     pub created: u64,
     pub ids: AtomicU64,
+    pub hosts: HostWatch,
+}
+
+/// How long a look at the RPC hosts stands for: a flood of requests looks once a second.
+const HOST_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The `--rpc` hosts found down ([`crate::ffi::rpc::lost_hosts`]), looked at most once per
+/// [`HOST_CHECK_EVERY`].
+#[derive(Default)]
+pub struct HostWatch {
+    last: Mutex<Option<(Instant, Vec<String>)>>,
+}
+
+impl HostWatch {
+    pub fn down(&self) -> Vec<String> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, down)) = &*last {
+            if at.elapsed() < HOST_CHECK_EVERY {
+                return down.clone();
+            }
+        }
+        let down = crate::ffi::rpc::lost_hosts();
+        *last = Some((Instant::now(), down.clone()));
+        down
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -133,8 +157,15 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
 
 async fn health(State(app): State<Arc<App>>) -> Response {
     let mut v = serde_json::to_value(app.pool.load()).unwrap_or_else(|_| json!({}));
-    v["status"] = json!("ok");
-    Json(v).into_response()
+    let down = app.hosts.down();
+    if down.is_empty() {
+        v["status"] = json!("ok");
+        return Json(v).into_response();
+    }
+    v["status"] = json!("rpc_host_down");
+    v["message"] = json!(ApiError::rpc_host_down(&down).message);
+    v["rpc_hosts_down"] = json!(down);
+    (StatusCode::SERVICE_UNAVAILABLE, Json(v)).into_response()
 }
 
 async fn models(State(app): State<Arc<App>>) -> Response {
@@ -227,6 +258,13 @@ async fn start(app: Arc<App>, e: Endpoint, req: Request) -> Result<Response, Api
         ));
     }
     let lease = app.pool.acquire(&prompt).await?;
+    // Looked at once the slot is ours, the last moment before the decode: a decode that needs
+    // a lost host would end the process (ggml-rpc aborts).
+    let down = app.hosts.down();
+    if !down.is_empty() {
+        app.pool.give_back(lease);
+        return Err(ApiError::rpc_host_down(&down));
+    }
     let (tx, rx) = mpsc::channel(256);
     let stream = req.params.stream;
     let include_usage = req.params.include_usage;

@@ -101,6 +101,7 @@ pub fn serve(
         max_prompt_tokens: cfg.max_prompt_tokens,
         created: http::now(),
         ids: AtomicU64::new(0),
+        hosts: http::HostWatch::default(),
     });
     let result = runtime.block_on(async {
         let where_ = format!("{}:{}", cfg.host, cfg.port);
@@ -132,6 +133,15 @@ pub fn serve(
     drop(runtime);
     for t in threads {
         let _ = t.join();
+    }
+    let lost = crate::ffi::rpc::lost_hosts();
+    if !lost.is_empty() {
+        // The slots left their engines unfreed (see `slots::slot_loop`), so the model's
+        // weights stay allocated too: nothing is sent to the lost host on the way out.
+        eprintln!(
+            "qfilters: RPC host {} was lost: its buffers were not freed",
+            lost.join(", ")
+        );
     }
     result
 }

@@ -279,6 +279,15 @@ impl Pool {
         }
     }
 
+    /// Returns a leased slot unused (its history kept), then its permit.
+    pub fn give_back(&self, lease: Lease) {
+        let Lease { slot, permit, .. } = lease;
+        if let Some(s) = lock(&self.slots).get_mut(slot) {
+            s.busy = false;
+        }
+        drop(permit);
+    }
+
     fn release(&self, slot: usize, history: History) {
         let mut slots = lock(&self.slots);
         let s = &mut slots[slot];
@@ -356,6 +365,11 @@ fn slot_loop(slot: usize, mut engine: Engine, jobs: &std::sync::mpsc::Receiver<J
         if let Some(ev) = last {
             let _ = events.blocking_send(ev);
         }
+    }
+    // Freeing a context whose cache is on a lost RPC host would send ggml-rpc a command for
+    // it, and ggml-rpc aborts on a lost connection: the process is ending, leave it be.
+    if !crate::ffi::rpc::lost_hosts().is_empty() {
+        std::mem::forget(engine);
     }
 }
 

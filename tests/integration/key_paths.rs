@@ -368,3 +368,52 @@ fn quantized_key_cache_scores_match_the_graph_keys() {
         );
     }
 }
+
+/// The bytes an eviction round copies between the host and the cache's backend are counted,
+/// exactly: with whole-position eviction (no head moves), the host path reads every token's
+/// K row of every tracked layer once (f16) and the device path only its per-head scores (f32),
+/// both after the cell indices the hook copies at each decode. The device path moves far less.
+#[test]
+fn eviction_bytes_are_counted_and_the_device_path_moves_fewer() {
+    let model = model();
+    let prompt = synthetic_prompt(&model, 160, 6).expect("prompt");
+    let run = |source: KeySource| {
+        let mut e = engine_with_slack(&model, "qfilters", source, 64, 8);
+        qfilters::bench::run_workload(&mut e, &prompt, 16, 4).expect("runs");
+        e.flush_scores().expect("flush");
+        let s = e.stats().clone();
+        (s, e.tracked_layers())
+    };
+    let (host, layers) = run(KeySource::Host);
+    let (device, _) = run(KeySource::Cache);
+    let (h, d) = (model.n_head_kv() as u64, model.head_dim() as u64);
+    let l = layers as u64;
+    for s in [&host, &device] {
+        assert!(s.eviction_rounds > 0 && s.evicted > 0, "{s:?}");
+        assert_eq!(s.head_slices_moved, 0, "whole positions: no head moves");
+    }
+    let tokens = host.prompt_tokens + host.generated_tokens;
+    assert_eq!(tokens, device.prompt_tokens + device.generated_tokens);
+    let indices = tokens * 8;
+    assert_eq!(
+        host.eviction_bytes_to_host,
+        tokens * l * h * d * 2 + indices
+    );
+    assert_eq!(host.eviction_bytes_to_device, 0);
+    assert_eq!(device.eviction_bytes_to_host, tokens * l * h * 4 + indices);
+    // The cells to score (i32), and the filters uploaded once.
+    assert_eq!(device.eviction_bytes_to_device, tokens * 4 + l * h * d * 4);
+    assert!(device.device_score_batches > 0);
+    let total = |s: &qfilters::engine::Stats| s.eviction_bytes_to_host + s.eviction_bytes_to_device;
+    assert!(
+        total(&device) * 4 < total(&host),
+        "device {} bytes against host {}",
+        total(&device),
+        total(&host)
+    );
+    let v = serde_json::to_value(&device).expect("json");
+    assert!(
+        v["eviction_bytes_per_round"].as_f64().expect("a number") > 0.0,
+        "{v}"
+    );
+}

@@ -1,9 +1,11 @@
 //! A model split across hosts with ggml's RPC backend, on one machine over loopback: two
 //! `qfilters rpc-server` processes take layers, eviction runs as it does locally, and a host
-//! that is missing or dies is one error line and exit 1.
+//! that is missing or dies is one error line and exit 1 (for `serve`: 503 and /health).
 
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -23,6 +25,10 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
+        Server::on(port)
+    }
+
+    fn on(port: u16) -> Server {
         let child = qfilters()
             .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
             .stdout(Stdio::null())
@@ -168,4 +174,116 @@ fn a_host_that_dies_mid_run_ends_it_with_one_line_and_exit_1() {
         !stats.exists(),
         "no stats file from a run that did not finish"
     );
+}
+
+/// One HTTP/1.1 exchange with `Connection: close`: the status and the JSON body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).expect("connect to serve");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("a whole reply");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+#[cfg_attr(
+    any(not(feature = "rpc"), not(target_os = "linux")),
+    ignore = "needs a build with --features rpc, and Linux (the hosts are watched through procfs)"
+)]
+fn serve_answers_503_naming_a_lost_host_and_health_says_so() {
+    let (a, mut b) = (Server::start(), Server::start());
+    let hosts = format!("{},{}", a.endpoint, b.endpoint);
+    let mut child = Command::new(bin())
+        .args(["serve", "-m"])
+        .arg(model_path())
+        .args([
+            "--port", "0", "-t", "1", "--policy", "knorm", "--budget", "64",
+        ])
+        .args(["--rpc", &hosts, "-ngl", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    // Its log, read to the end on a thread (a full pipe would block the server).
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (ready_tx, ready_rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().expect("stderr");
+    let lines = Arc::clone(&log);
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(at) = line.split("http://").nth(1) {
+                let _ = ready_tx.send(at.split_whitespace().next().unwrap_or("").to_string());
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let addr = ready_rx
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("serve never listened: {:?}", log.lock().unwrap()));
+    let complete = r#"{"prompt": "Once upon a time", "max_tokens": 4}"#;
+
+    let (status, health) = http(&addr, "GET", "/health", "");
+    assert_eq!(
+        (status, &health["status"]),
+        (200, &Value::from("ok")),
+        "{health}"
+    );
+    let (status, reply) = http(&addr, "POST", "/v1/completions", complete);
+    assert_eq!(status, 200, "{reply}");
+
+    // One host dies between requests: the server stays up and says which host.
+    let port: u16 = b.endpoint.rsplit_once(':').unwrap().1.parse().unwrap();
+    b.child.kill().unwrap();
+    let _ = b.child.wait();
+    // The kernel sees the connection closed at once; the server looks at most once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let down = |what: &str| {
+        let (status, health) = http(&addr, "GET", "/health", "");
+        assert_eq!(status, 503, "{what}: {health}");
+        assert_eq!(
+            health["rpc_hosts_down"],
+            serde_json::json!([b.endpoint]),
+            "{what}: {health}"
+        );
+        let (status, reply) = http(&addr, "POST", "/v1/completions", complete);
+        assert_eq!(status, 503, "{what}: {reply}");
+        assert_eq!(reply["error"]["code"], "rpc_host_down", "{what}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains(&b.endpoint) && !message.contains(&a.endpoint),
+            "{message}"
+        );
+    };
+    down("after the kill");
+    // Back on the same port, the host holds none of the model's layers (they died with its
+    // process): still down for this server, which says to restart both; nothing is retried.
+    let b = Server::on(port);
+    std::thread::sleep(Duration::from_millis(1500));
+    down("after the restart");
+
+    // SIGTERM: a clean exit that frees nothing on the lost host (ggml-rpc would abort there).
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").arg(&pid).status().unwrap().success());
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let log = log.lock().unwrap().join("\n");
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        log.contains(&format!("RPC host {} was lost", b.endpoint)),
+        "{log}"
+    );
+    assert!(!log.contains("llama.cpp stopped"), "{log}");
 }

@@ -382,6 +382,9 @@ impl Context {
                 );
             }
         }
+        for _ in layers {
+            self.hook.traffic.set(per * 4);
+        }
         Ok(true)
     }
 
@@ -587,6 +590,11 @@ impl Context {
                 }
             }
         }
+        let traffic = &mut self.hook.traffic;
+        traffic.set(n * 4);
+        for _ in layers {
+            traffic.got(n * n_head_kv * 4);
+        }
         Ok(true)
     }
 
@@ -694,10 +702,15 @@ impl Context {
                     sys::ggml_build_forward_expand(gf, w);
                 }
             }
-            dev.compute(gf, &mut || {
+            let done = dev.compute(gf, &mut || {
                 sys::ggml_backend_tensor_set(src, src_idx.as_ptr() as *const c_void, 0, total * 4);
                 sys::ggml_backend_tensor_set(dst, dst_idx.as_ptr() as *const c_void, 0, total * 8);
-            })
+            })?;
+            if done {
+                self.hook.traffic.set(total * 4);
+                self.hook.traffic.set(total * 8);
+            }
+            Ok(done)
         }
     }
 }
