@@ -48,6 +48,17 @@ fn apply_tuned(
     given: &Given,
 ) -> Result<()> {
     if let Some((t, origin)) = super::find_tuned(found)? {
+        // eval's default is every registered policy: the tuned one is among them, or joins
+        // them when it is a combination.
+        if let Some(p) = t.policy_default(|id| given.has(id)) {
+            let how = if args.sweep.policies.contains(&p) {
+                ", swept with every registered policy"
+            } else {
+                args.sweep.policies.push(p);
+                ", added to the sweep of every registered policy"
+            };
+            super::announce_policy(p, &origin, how);
+        }
         let (mut r, mut w, mut g) = (None, None, None);
         let smallest = budgets.iter().copied().min();
         let sweep = &mut args.sweep;
