@@ -266,6 +266,40 @@ fn a_tuned_policy_is_announced_and_used_unless_policy_is_given() {
     let (stderr, s) = run(Some(&plain), &[]);
     assert!(!stderr.contains("tuned default"), "{stderr}");
     assert_eq!(s["policy"], "qfilters");
+    // eval sweeps every registered policy by default; a tuned combination joins them.
+    let mix = with_policy("mix", "qfilters+keydiff");
+    let records = dir.path().join("ppl.json");
+    let out = run_ok(qfilters().args([
+        "eval",
+        "ppl",
+        "-m",
+        model_path().to_str().unwrap(),
+        "--filters",
+        mix.to_str().unwrap(),
+        "--text",
+        data_file("wikitext2-valid.txt").to_str().unwrap(),
+        "--tokens",
+        "64",
+        "--batch",
+        "16",
+        "--budget",
+        "48",
+        "--json",
+        records.to_str().unwrap(),
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("policy qfilters+keydiff (tuned default from") && stderr.contains("added"),
+        "{stderr}"
+    );
+    let swept: Vec<String> = json(&records)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["policy"].as_str().unwrap().to_string())
+        .collect();
+    assert!(swept.iter().any(|p| p == "qfilters+keydiff"), "{swept:?}");
+    assert!(swept.iter().any(|p| p == "streaming"), "{swept:?}");
     // A stored name this build does not know: one line naming the file.
     let unknown = with_policy("unknown", "h2o");
     let out = run_prompt(&model_path(), &prompt, 4)
