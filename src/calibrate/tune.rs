@@ -336,8 +336,8 @@ pub fn tune(
 }
 
 impl Tuning {
-    /// How the choice compares with each reference: `(reference's best, its objective, the
-    /// choice's objective minus it)`; a negative difference means the choice beats it.
+    /// How the choice compares with each reference: its best, and the choice's objective minus
+    /// the reference's; a negative difference means the choice beats it.
     pub fn against_references(&self) -> Vec<(&PolicyBest, f64)> {
         self.per_policy
             .iter()
