@@ -58,9 +58,11 @@ prepare() { # model: filters (calibrated once) and tuned defaults
   step "$(filters "$m")" "$BIN" calibrate -m "$g" -t "$THREADS" --text "$DEV" --tokens "${CAL_TOKENS[$m]}" -o "$(filters "$m")"
   # The tuned copy must be redone if the sweep's JSON is missing, and vice versa.
   [ "${LIST:-0}" = 1 ] || [ -s "$(tuned "$m")" ] || rm -f "$OUT/${m}_tune.json"
-  # calibrate's default grid (recency 0/32/128/512 x window 32/64/128, then granularity: 13
-  # settings) on 4096 tokens, so the sweep sees eviction's steady state (~75 s a setting for a
-  # 0.5B model on one core).
+  # calibrate's default grid for Q-Filters (recency 0/32/128/512 x window 32/64/128, then
+  # granularity: 13 settings), then KeyDiff, qfilters+keydiff and the references StreamingLLM
+  # and K-norm at recency 0 and the prior found (up to 7 more), on 4096 tokens, so the sweep
+  # sees eviction's steady state (~75 s a setting for a 0.5B model on one core). The filters
+  # then carry the chosen policy as well (defaults.policy).
   step "$OUT/${m}_tune.json" "$BIN" calibrate -m "$g" -t "$THREADS" --filters "$(filters "$m")" --tune "$DEV" \
     --tune-tokens 4096 --tune-budget 256 --tune-chunk 32 \
     --tune-json "$OUT/${m}_tune.json" -o "$(tuned "$m")"

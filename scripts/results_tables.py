@@ -61,6 +61,76 @@ def pct(x):
     return "–" if x is None or x != x else f"{100 * x:.0f}%"
 
 
+TUNE_TIE = 0.01  # src/calibrate/tune.rs
+
+
+def pick(rows):
+    """The tie rule of `calibrate --tune`: the first row, replaced by a later one only when that
+    one's objective is lower by more than TUNE_TIE."""
+    best = rows[0]
+    for r in rows[1:]:
+        if r["objective"] < best["objective"] - TUNE_TIE:
+            best = r
+    return best
+
+
+def tune_section(tune):
+    """The sweep of `calibrate --tune`, one row per setting and budget. Sweeps from before it
+    chose the policy carry neither policy nor role: they were qfilters only."""
+    t = tune[0]
+    o = ["### Tuned defaults (`calibrate --tune`)\n"]
+    policies = list(dict.fromkeys(r.get("policy", "qfilters") for r in tune))
+    head = (f'first {t["tokens"]} tokens of `{t["text"]}` (development text), chunks of {t["chunk"]}; objective = '
+            f'mean of ln PPL all and ln PPL 2nd half; ')
+    if policies == ["qfilters"]:
+        o.append('Policy qfilters, ' + head + 'every recency with every window, then granularity at the best pair; '
+                 'a later setting wins only when its objective is lower by more than 0.01.\n')
+        o.append("| recency | window | granularity | budget | PPL | PPL 2nd half | objective | chosen |")
+        o.append("|---:|---:|---|---:|---:|---:|---:|---|")
+        for r in tune:
+            o.append(f'| {r["recency"]:g} | {r["window"]} | {r["granularity"]} | {r["budget"]} | {r["ppl"]:.2f} | '
+                     f'{r["ppl_second_half"]:.2f} | {r["objective"]:.4f} | {"**yes**" if r["chosen"] else ""} |')
+        o.append("")
+        return "\n".join(o)
+    first = policies[0]
+    o.append(head[0].upper() + head[1:] + f'{first}: every recency with every window, then granularity at the best pair; every other '
+             'candidate (the policies whose inputs exist, and qfilters+keydiff) and the references (measured, never '
+             f'chosen) at recency 0 and the best recency of {first}, at its window and granularity (by position where a '
+             "policy's heads all score alike); each policy's best, then the policy, chosen by one rule: a later "
+             'one wins only when its objective is lower by more than 0.01.\n')
+    o.append("| policy | role | recency | window | granularity | budget | PPL | PPL 2nd half | objective | chosen |")
+    o.append("|---|---|---:|---:|---|---:|---:|---:|---:|---|")
+    for r in tune:
+        o.append(f'| {r["policy"]} | {r["role"]} | {r["recency"]:g} | {r["window"]} | {r["granularity"]} | '
+                 f'{r["budget"]} | {r["ppl"]:.2f} | {r["ppl_second_half"]:.2f} | {r["objective"]:.4f} | '
+                 f'{"**yes**" if r["chosen"] else ""} |')
+    # One objective per setting (rows repeat it per budget), each policy's best by the tie rule.
+    settings = {}
+    for r in tune:
+        settings.setdefault((r["policy"], r["recency"], r["window"], r["granularity"]), r)
+    best = {p: pick([r for k, r in settings.items() if k[0] == p]) for p in policies}
+    chosen = next((r for r in tune if r["chosen"]), None)
+    if chosen:
+        cands = [best[p] for p in policies if best[p]["role"] == "candidate"]
+        i = next(j for j, r in enumerate(cands) if r["policy"] == chosen["policy"])
+        obj = lambda r: f'{r["policy"]} {r["objective"]:.4f}'
+        if i == 0:
+            why = "it is listed first"
+        else:
+            replaced = pick(cands[:i])
+            why = f'it is lower by more than 0.01 than {obj(replaced)}, the best before it,'
+        if cands[i + 1:]:
+            why += f' and no later candidate ({", ".join(map(obj, cands[i + 1:]))}) is lower by more than 0.01'
+        refs = [best[p] for p in policies if best[p]["role"] == "reference"]
+        vs = " and ".join(f'{"beats" if chosen["objective"] < r["objective"] else "does not beat"} {r["policy"]} '
+                          f'({r["objective"]:.4f}, difference {chosen["objective"] - r["objective"]:+.4f})'
+                          for r in refs)
+        o.append(f'\n**Chosen: {chosen["policy"]}** at recency {chosen["recency"]:g}, window {chosen["window"]}, '
+                 f'{chosen["granularity"]} (objective {chosen["objective"]:.4f}), because {why}; it {vs}.')
+    o.append("")
+    return "\n".join(o)
+
+
 def frontier_section(prefix, rows):
     """Perplexity against the KV bytes llama.cpp allocated; the Pareto front is eval's (`pareto`)."""
     t = rows[0]
@@ -155,18 +225,7 @@ for prefix, title in MODELS:
         continue
     out.append(f"## {title}\n")
     if tune:
-        t = tune[0]
-        out.append(f"### Tuned defaults (`calibrate --tune`)\n")
-        out.append(f'Policy qfilters, first {t["tokens"]} tokens of `{t["text"]}` (development text), chunks of '
-                   f'{t["chunk"]}; objective = mean of ln PPL all and ln PPL 2nd half; every recency with every '
-                   f'window, then granularity at the best pair; a later setting wins only when its objective is '
-                   f'lower by more than 0.01.\n')
-        out.append("| recency | window | granularity | budget | PPL | PPL 2nd half | objective | chosen |")
-        out.append("|---:|---:|---|---:|---:|---:|---:|---|")
-        for r in tune:
-            out.append(f'| {r["recency"]:g} | {r["window"]} | {r["granularity"]} | {r["budget"]} | {r["ppl"]:.2f} | '
-                       f'{r["ppl_second_half"]:.2f} | {r["objective"]:.4f} | {"**yes**" if r["chosen"] else ""} |')
-        out.append("")
+        out.append(tune_section(tune))
     if ppl:
         t = ppl[0]
         out.append("### Streaming perplexity\n")

@@ -46,6 +46,9 @@ pub const KEY_DEFAULTS_PREFIX: &str = "qfilters.defaults.";
 pub const META_DEFAULT_RECENCY: &str = "defaults.recency";
 pub const META_DEFAULT_WINDOW: &str = "defaults.window";
 pub const META_DEFAULT_GRANULARITY: &str = "defaults.granularity";
+/// The policy chosen for the model (a `--policy` value, e.g. `keydiff`, `qfilters+keydiff`):
+/// a string, like the granularity. Files without it keep the built-in default policy.
+pub const META_DEFAULT_POLICY: &str = "defaults.policy";
 pub const META_DEFAULT_EVIDENCE: &str = "defaults.evidence";
 
 /// GGUF types of the numeric defaults.

@@ -360,6 +360,7 @@ fn tuned_defaults_round_trip_through_safetensors_and_gguf_as_typed_keys() {
         ("defaults.recency", "32"),
         ("defaults.window", "16"),
         ("defaults.granularity", "position"),
+        ("defaults.policy", "qfilters+keydiff"),
         ("defaults.evidence", "r0 w32 head: 20.1/22.3; chosen r32"),
     ] {
         f.metadata.insert(k.to_string(), v.to_string());
@@ -376,11 +377,16 @@ fn tuned_defaults_round_trip_through_safetensors_and_gguf_as_typed_keys() {
         key("qfilters.defaults.granularity").and_then(Value::as_str),
         Some("position")
     );
+    assert_eq!(
+        key("qfilters.defaults.policy").and_then(Value::as_str),
+        Some("qfilters+keydiff")
+    );
     let back = QFilters::from_gguf(&embedded).unwrap().unwrap();
     for k in [
         "defaults.recency",
         "defaults.window",
         "defaults.granularity",
+        "defaults.policy",
         "defaults.evidence",
     ] {
         assert_eq!(back.metadata.get(k), f.metadata.get(k), "{k}");

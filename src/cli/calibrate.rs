@@ -30,10 +30,12 @@ pub struct CalibrateArgs {
     /// Keep these filters instead of calibrating new ones (to tune them with --tune).
     #[arg(long, conflicts_with = "text")]
     pub filters: Option<PathBuf>,
-    /// Development text for choosing this model's eviction defaults: a short streaming-
-    /// perplexity sweep of policy qfilters (every recency prior with every recent window, then
-    /// granularity at the best pair; a setting listed later must beat the earlier ones by more
-    /// than 1% of PPL to be chosen); the choice and its evidence go into the filters' metadata.
+    /// Development text for choosing this model's eviction policy and defaults: a short
+    /// streaming-perplexity sweep (policy qfilters: every recency prior with every recent
+    /// window, then granularity at the best pair; every other policy whose inputs exist, and
+    /// qfilters+keydiff, at no prior and at that prior; StreamingLLM and K-norm as references,
+    /// never chosen; a setting or policy listed later must beat the earlier ones by more than
+    /// 1% of PPL to be chosen); the choice and its evidence go into the filters' metadata.
     /// Use text you will not evaluate on.
     #[arg(long)]
     pub tune: Option<PathBuf>,
@@ -310,7 +312,7 @@ fn tune(
             .map(|(b, p, p2)| format!("b{b} {p:.3}/{p2:.3}"))
             .collect();
         eprintln!(
-            "qfilters: tune {:<34} PPL all/2nd half {}",
+            "qfilters: tune {:<50} PPL all/2nd half {}",
             m.setting.label(),
             shown.join(", ")
         );
@@ -320,11 +322,10 @@ fn tune(
     tuning.record(filters, &cfg, &name, text);
     let best = tuning.best;
     eprintln!(
-        "qfilters: tuned on {} tokens of {name} in {secs:.0} s ({} settings): {} (objective {:.4})",
+        "qfilters: tuned on {} tokens of {name} in {secs:.0} s ({} settings): {}",
         tuning.tokens,
         tuning.measured.len(),
-        best.label(),
-        tuning.best_objective
+        tuning.verdict()
     );
     if let Some(out) = &args.tune_json {
         let (n_tokens, name) = (tuning.tokens, name.as_str());
@@ -334,6 +335,8 @@ fn tune(
             .flat_map(|p| {
                 p.per_budget.iter().map(move |&(b, ppl, ppl2)| {
                     json!({
+                        "policy": p.setting.policy,
+                        "role": p.role.to_string(),
                         "recency": p.setting.recency,
                         "window": p.setting.window,
                         "granularity": p.setting.granularity.to_string(),
@@ -406,7 +409,12 @@ mod tests {
         .args;
         assert_eq!(args.tune_recency, [0.0, 512.0, 128.0, 32.0]);
         assert_eq!(args.tune_window, [32, 64, 128]);
-        let g = grid(&args.tune_recency, &args.tune_window, Granularity::Head);
+        let g = grid(
+            qfilters::policy::QFILTERS,
+            &args.tune_recency,
+            &args.tune_window,
+            Granularity::Head,
+        );
         // Objectives measured on 4096 tokens of tinyshakespeare, budget 256, in this grid's
         // order (docs/results/*_tune.json): the priors' best settings lie close together, and
         // the weakest prior that no later setting beats by more than TUNE_TIE is kept.

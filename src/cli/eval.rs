@@ -14,6 +14,7 @@ use qfilters::eval::sweep::{
 };
 use qfilters::eval::windowed_mean;
 use qfilters::math::mean;
+use qfilters::policy::PolicyInfo;
 use qfilters::{Error, Result};
 
 use super::plot::{frontier_chart, heatmaps, line_chart, Heatmap, Series};
@@ -47,7 +48,37 @@ fn apply_tuned(
     budgets: &[usize],
     given: &Given,
 ) -> Result<()> {
+    // The default sweep (every registered policy) runs those whose inputs are at hand and
+    // says which it leaves out; a --policy the user typed is kept, and fails saying what it
+    // needs.
+    if !given.has("policy") {
+        let available = qfilters::policy::Available::of(found.map(|f| f.filters.as_ref()));
+        let (run, skipped): (Vec<PolicyInfo>, Vec<PolicyInfo>) = args
+            .sweep
+            .policies
+            .iter()
+            .partition(|p| p.inputs_available(&available));
+        if !skipped.is_empty() {
+            let names: Vec<&str> = skipped.iter().map(|p| p.name).collect();
+            eprintln!(
+                "qfilters: leaving out {} (their inputs are missing: Q-Filters, or the query statistics this version's `qfilters calibrate` stores with them)",
+                names.join(", ")
+            );
+        }
+        args.sweep.policies = run;
+    }
     if let Some((t, origin)) = super::find_tuned(found)? {
+        // eval's default is every registered policy: the tuned one is among them, or joins
+        // them when it is a combination.
+        if let Some(p) = t.policy_default(|id| given.has(id)) {
+            let how = if args.sweep.policies.contains(&p) {
+                ", swept with every registered policy"
+            } else {
+                args.sweep.policies.push(p);
+                ", added to the sweep of every registered policy"
+            };
+            super::announce_policy(p, &origin, how);
+        }
         let (mut r, mut w, mut g) = (None, None, None);
         let smallest = budgets.iter().copied().min();
         let sweep = &mut args.sweep;

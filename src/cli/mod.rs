@@ -58,8 +58,9 @@ fn find_tuned(found: Option<&FoundFilters>) -> Result<Option<(Tuned, String)>> {
     let Some(found) = found else {
         return Ok(None);
     };
-    let t = Tuned::from_filters(&found.filters)?;
-    Ok((t != Tuned::default()).then(|| (t, found.source())))
+    let origin = found.source();
+    let t = Tuned::from_filters(&found.filters, &origin)?;
+    Ok((t != Tuned::default()).then_some((t, origin)))
 }
 
 /// The Q-Filters a run can use, read once before the model loads: from --filters, else the
@@ -105,6 +106,11 @@ impl FoundFilters {
             None => format!("the Q-Filters embedded in {}", self.model.display()),
         }
     }
+}
+
+/// Says on stderr, in one line, that the policy is the tuned default of `origin`.
+fn announce_policy(policy: qfilters::policy::PolicyInfo, origin: &str, how: &str) {
+    eprintln!("qfilters: policy {policy} (tuned default from {origin}{how})");
 }
 
 /// Applies the tuned defaults found for `filters`/`model` where no flag was given, and says so
@@ -165,6 +171,11 @@ pub trait EvictionCli {
 impl EvictionCli for EvictionArgs {
     fn apply_tuned(&mut self, found: Option<&FoundFilters>, given: &Given) -> Result<()> {
         if let Some((t, origin)) = find_tuned(found)? {
+            // The policy first: whether it evicts decides how the window is fitted.
+            if let Some(p) = t.policy_default(|id| given.has(id)) {
+                self.policy = p;
+                announce_policy(p, &origin, "");
+            }
             let (mut r, mut w, mut g) = (self.recency, self.window, self.granularity);
             let budget = self.policy.evicts.then_some((self.budget, self.sinks));
             let used = t.apply(|id| given.has(id), budget, |x| r = x, |x| w = x, |x| g = x);
@@ -181,8 +192,13 @@ impl EvictionCli for EvictionArgs {
         quiet: bool,
     ) -> Result<Option<Arc<QFilters>>> {
         if !self.policy.needs_filters {
-            // Using them would only announce filters that change nothing.
-            if self.filters.is_some() && !quiet {
+            // Using them would only announce filters that change nothing; filters that chose
+            // this policy are not ignored: their defaults apply (announced then).
+            let chose_it = found
+                .and_then(|f| Tuned::from_filters(&f.filters, "").ok())
+                .and_then(|t| t.policy)
+                == Some(self.policy);
+            if self.filters.is_some() && !quiet && !chose_it {
                 eprintln!(
                     "qfilters: --filters ignored: policy {} does not use filters",
                     self.policy

@@ -34,6 +34,7 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "expected-attention",
     help: "keep keys with the highest expected attention from future queries, times the value norm (needs calibrated query statistics)",
     needs_filters: true,
+    needs_query_stats: true,
     evicts: true,
     scores_vary_by_head: true,
     build: |inputs| {

@@ -16,6 +16,7 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "keydiff",
     help: "keep keys least similar to the mean direction of their head's keys (KeyDiff)",
     needs_filters: false,
+    needs_query_stats: false,
     evicts: true,
     scores_vary_by_head: true,
     build: |_| Ok(Box::new(KeyDiff::default())),

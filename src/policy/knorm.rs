@@ -6,6 +6,7 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "knorm",
     help: "keep keys with the smallest L2 norm",
     needs_filters: false,
+    needs_query_stats: false,
     evicts: true,
     scores_vary_by_head: true,
     build: |_| Ok(Box::new(KNorm)),

@@ -110,6 +110,8 @@ pub struct PolicyInfo {
     /// One line for `--help`.
     pub help: &'static str,
     pub needs_filters: bool,
+    /// Needs the query statistics `calibrate` stores with the filters (`expected-attention`).
+    pub needs_query_stats: bool,
     /// False for the full-cache reference: nothing is ever evicted, the context holds the
     /// whole input (the engine gets a full cache, not a budget).
     pub evicts: bool,
@@ -144,6 +146,54 @@ pub const WITHOUT_FILTERS: PolicyInfo = keydiff::INFO;
 /// The full-cache reference, e.g. a benchmark's hook-off arm.
 pub const FULL_CACHE: PolicyInfo = none::INFO;
 
+/// What `calibrate --tune` always measures beside its candidates and never chooses: the
+/// baselines a choice has to beat (StreamingLLM: the most recent tokens; K-norm: the plainest
+/// key score), so its evidence shows whether it does.
+pub const TUNE_REFERENCES: &[PolicyInfo] = &[streaming::INFO, knorm::INFO];
+
+/// Registered policies that evict but are no one's default, so the tuning sweep skips them:
+/// `random` is a control.
+const NOT_TUNED: &[PolicyInfo] = &[random::INFO];
+
+/// Combinations the tuning sweep adds to the registered policies (weight 1, the default
+/// `--mix-weight`): Q-Filters with KeyDiff, the two calibrated/uncalibrated key scorers.
+pub const TUNE_COMBINATIONS: &[&str] = &["qfilters+keydiff"];
+
+/// The inputs a run has for building policies, beyond the model: what
+/// [`PolicyInfo::inputs_available`] checks a policy's needs against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Available {
+    /// Q-Filters (a --filters file or the ones embedded in the GGUF).
+    pub filters: bool,
+    /// The query statistics of `expected-attention`, stored with those filters.
+    pub query_stats: bool,
+}
+
+impl Available {
+    /// What `filters` (the ones a run found, if any) provide.
+    pub fn of(filters: Option<&QFilters>) -> Available {
+        Available {
+            filters: filters.is_some(),
+            query_stats: filters.is_some_and(expected_attention::available),
+        }
+    }
+}
+
+/// The policies `calibrate --tune` may choose from, in the order its tie rule prefers them
+/// (registry order, then [`TUNE_COMBINATIONS`]): every registered policy that evicts and whose
+/// inputs `available` provides, except the references and `random`, so a policy added to
+/// [`REGISTRY`] joins by its fields alone.
+pub fn tune_candidates(available: &Available) -> Vec<PolicyInfo> {
+    let combinations = TUNE_COMBINATIONS.iter().filter_map(|n| lookup(n).ok());
+    REGISTRY
+        .iter()
+        .filter(|p| !TUNE_REFERENCES.contains(p) && !NOT_TUNED.contains(p))
+        .chain(combinations)
+        .filter(|p| p.evicts && p.inputs_available(available))
+        .copied()
+        .collect()
+}
+
 // What the command lines rely on, checked when the crate compiles.
 const _: () = assert!(!WITHOUT_FILTERS.needs_filters && WITHOUT_FILTERS.evicts);
 const _: () = assert!(!FULL_CACHE.evicts && FULL_CACHE.evicts != DEFAULT.evicts);
@@ -152,6 +202,13 @@ impl PolicyInfo {
     /// Whether the recency prior applies: scores computed from keys, per head.
     pub fn uses_recency(&self) -> bool {
         self.evicts && self.scores_vary_by_head
+    }
+
+    /// Whether `available` holds everything this policy needs to be built (a combination
+    /// needs what either part needs).
+    pub fn inputs_available(&self, available: &Available) -> bool {
+        (!self.needs_filters || available.filters)
+            && (!self.needs_query_stats || available.query_stats)
     }
 
     /// The two policies of a combination `A+B`; `None` for a registered policy.
@@ -250,6 +307,7 @@ fn mix_info(a: &'static PolicyInfo, b: &'static PolicyInfo) -> Result<&'static P
         name: Box::leak(name.into_boxed_str()),
         help: "standardised scores of two policies, the second weighted by --mix-weight",
         needs_filters: a.needs_filters || b.needs_filters,
+        needs_query_stats: a.needs_query_stats || b.needs_query_stats,
         evicts: true,
         scores_vary_by_head: a.scores_vary_by_head || b.scores_vary_by_head,
         build: |_| Err(Error::invalid("a combination is built from its parts")),
@@ -447,6 +505,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn tuning_chooses_among_the_policies_whose_inputs_exist_never_a_reference() {
+        let with = tune_candidates(&Available {
+            filters: true,
+            query_stats: false,
+        });
+        let names: Vec<&str> = with.iter().map(|p| p.name).collect();
+        assert_eq!(names, ["qfilters", "keydiff", "qfilters+keydiff"]);
+        // Filters with the query statistics add expected-attention, by its registry line.
+        let stats = tune_candidates(&Available {
+            filters: true,
+            query_stats: true,
+        });
+        let names: Vec<&str> = stats.iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            [
+                "qfilters",
+                "keydiff",
+                "expected-attention",
+                "qfilters+keydiff"
+            ]
+        );
+        let without = tune_candidates(&Available::default());
+        assert!(without.iter().all(|p| !p.needs_filters), "{without:?}");
+        assert!(without.contains(&WITHOUT_FILTERS), "{without:?}");
+        for avail in [
+            Available::default(),
+            Available {
+                filters: true,
+                query_stats: false,
+            },
+            Available {
+                filters: true,
+                query_stats: true,
+            },
+        ] {
+            let c = tune_candidates(&avail);
+            assert!(c.iter().all(|p| p.evicts && p.inputs_available(&avail)));
+            assert!(c.iter().all(|p| !TUNE_REFERENCES.contains(p)), "{c:?}");
+            assert!(!c.iter().any(|p| p.name == "random" || p.name == "none"));
+        }
+        // Every registered policy that evicts is a candidate, a reference or the control: one
+        // added later is tuned without being listed anywhere.
+        for p in REGISTRY.iter().filter(|p| p.evicts) {
+            assert!(
+                with.contains(p) || TUNE_REFERENCES.contains(p) || NOT_TUNED.contains(p),
+                "{p}"
+            );
+        }
+        let mix = lookup("qfilters+keydiff").unwrap();
+        assert!(!mix.inputs_available(&Available::default()));
+        assert!(TUNE_REFERENCES.iter().all(|r| r.evicts && !r.needs_filters));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "none",
     help: "no eviction: full cache sized to the input (the quality reference)",
     needs_filters: false,
+    needs_query_stats: false,
     evicts: false,
     scores_vary_by_head: false,
     build: |_| Ok(Box::new(FullCache)),

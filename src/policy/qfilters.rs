@@ -11,6 +11,7 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "qfilters",
     help: "keep keys with the highest projection on the Q-Filter of their head (needs filters)",
     needs_filters: true,
+    needs_query_stats: false,
     evicts: true,
     scores_vary_by_head: true,
     build: |inputs| {

@@ -6,6 +6,7 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "random",
     help: "evict uniformly at random (seeded by --seed)",
     needs_filters: false,
+    needs_query_stats: false,
     evicts: true,
     scores_vary_by_head: false,
     build: |inputs| {

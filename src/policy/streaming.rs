@@ -7,6 +7,7 @@ pub const INFO: PolicyInfo = PolicyInfo {
     name: "streaming",
     help: "keep the first --sinks tokens and the most recent ones",
     needs_filters: false,
+    needs_query_stats: false,
     evicts: true,
     scores_vary_by_head: false,
     build: |_| Ok(Box::new(Streaming)),
