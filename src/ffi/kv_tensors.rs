@@ -423,28 +423,12 @@ impl Context {
         }
     }
 
-    /// Reads one K or V cache row of `layer` (tests use this to check moves).
+    /// Reads one K or V cache row of `layer` as stored, dequantized (tests use this to check
+    /// moves).
     pub fn read_cache_row(&mut self, layer: usize, value: bool, cell: usize) -> Result<Vec<f32>> {
         let l = self.layer_kv(layer)?;
-        let t = if value { l.v } else { l.k };
-        if t.is_null() {
-            return Err(Error::KvCache("no such cache tensor".into()));
-        }
-        self.synchronize();
-        // SAFETY: persistent cache tensor; the row range is checked against ne[1].
-        unsafe {
-            if cell as i64 >= (*t).ne[1] {
-                return Err(Error::KvCache(format!("cell {cell} out of range")));
-            }
-            let nb1 = (*t).nb[1];
-            let n = (*t).ne[0].max(0) as usize;
-            let mut raw = vec![0u8; nb1];
-            sys::ggml_backend_tensor_get(t, raw.as_mut_ptr() as *mut c_void, cell * nb1, nb1);
-            let mut out = vec![0f32; n];
-            if !convert_to_f32((*t).type_, &raw, &mut out) {
-                return Err(Error::KvCache("cache type cannot be read as floats".into()));
-            }
-            Ok(out)
-        }
+        let mut out = Vec::new();
+        self.read_rows(if value { l.v } else { l.k }, 0, &[cell], &mut out)?;
+        Ok(out)
     }
 }
