@@ -46,7 +46,7 @@ fn main() {
             }
             // A user's checkout is theirs: never patched. Say what that costs.
             println!(
-                "cargo::warning=LLAMA_CPP_DIR is used as is, without qfilters' patches (vendor/patches): with a GPU, the graph hook will be slower, because llama.cpp then computes every graph split as a view (uid 0: no CUDA graph reuse) and synchronises after each one; and on x86-64 Linux the CPU backend is the static AVX2 baseline, not runtime dispatch (ggml's own variant list has an AMX variant)"
+                "cargo::warning=LLAMA_CPP_DIR is used as is, without qfilters' patches (vendor/patches): with a GPU, the graph hook will be slower, because llama.cpp then computes every graph split as a view (uid 0: no CUDA graph reuse) and synchronises after each one; and on x86-64 Linux the CPU backend is the static AVX2 baseline, not runtime dispatch (ggml's own variant list has an AMX variant); and --rpc-timeout has no effect (ggml-rpc's sockets have no timeout: a host that vanishes is waited for until TCP gives up)"
             );
             (dir, PatchSet::none())
         }
@@ -54,6 +54,12 @@ fn main() {
     };
     // Which patches the linked llama.cpp carries: `qfilters --version` reports it.
     println!("cargo::rustc-env=QFILTERS_LLAMA_PATCHES={}", patches.id);
+    // Set when ggml-rpc's sockets honour GGML_RPC_TIMEOUT (vendor/patches): without the patch
+    // (LLAMA_CPP_DIR), `--rpc-timeout` has no effect, the CLI says so, and its test is ignored.
+    println!("cargo::rustc-check-cfg=cfg(qf_rpc_timeout)");
+    if patches.id.contains("rpc-socket-timeout@") {
+        println!("cargo::rustc-cfg=qf_rpc_timeout");
+    }
     let origin = if env::var_os("LLAMA_CPP_DIR").is_some() {
         "LLAMA_CPP_DIR"
     } else {

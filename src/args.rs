@@ -562,7 +562,22 @@ pub struct ModelArgs {
     /// tunnel.
     #[arg(long = "rpc", value_name = "HOSTS", value_delimiter = ',')]
     pub rpc: Vec<String>,
+    /// Seconds an --rpc host may take to answer before the run ends with an error (one line,
+    /// exit 1); 0 waits forever. Without it, a host that vanishes without closing the
+    /// connection (power loss, a cut link) is waited for until TCP gives up, about 15 minutes.
+    /// A remote step slower than this (a huge batch on a slow host) also ends the run: raise
+    /// it then.
+    #[arg(
+        long = "rpc-timeout",
+        value_name = "SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(0..=RPC_TIMEOUT_MAX)
+    )]
+    pub rpc_timeout: u64,
 }
+
+/// The largest `--rpc-timeout` (about 68 years): whatever the C side's integer types, it fits.
+pub const RPC_TIMEOUT_MAX: u64 = i32::MAX as u64;
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Arc<Model>> {
@@ -571,6 +586,11 @@ impl ModelArgs {
         crate::ffi::threads::set_poll(self.poll);
         // Remote devices first: llama.cpp places layers on the devices registered at load.
         crate::ffi::rpc::add_servers(&self.rpc)?;
+        if !self.rpc.is_empty() && self.rpc_timeout > 0 && !cfg!(qf_rpc_timeout) {
+            eprintln!(
+                "qfilters: --rpc-timeout has no effect: this llama.cpp (LLAMA_CPP_DIR) lacks vendor/patches/rpc-socket-timeout.patch, so a host that vanishes is waited for until TCP gives up"
+            );
+        }
         if self.gpu_layers > 0 && !cfg!(feature = "cuda") && self.rpc.is_empty() {
             eprintln!(
                 "qfilters: --gpu-layers {} ignored: this build has no GPU backend (build with --features cuda, or give --rpc hosts)",

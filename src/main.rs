@@ -67,6 +67,12 @@ fn main() {
     // Tuned defaults carried with the filters apply only where the user gave no flag.
     let given = cli::Given::from_matches(&matches);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // ggml-rpc reads its socket timeout from the environment when it connects to a host. Set
+    // here, before any command runs, while this process still has a single thread: setting
+    // the environment while another thread may call C's getenv is a data race.
+    if let Some(secs) = rpc_timeout(&matches) {
+        qfilters::ffi::rpc::set_timeout(secs);
+    }
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args, &given),
         Command::Chat(args) => cli::chat::run(args, &given),
@@ -85,6 +91,15 @@ fn main() {
         eprintln!("qfilters: {e}");
         std::process::exit(1);
     }
+}
+
+/// `--rpc-timeout` (with its default) of the command run, if that command loads a model.
+fn rpc_timeout(matches: &clap::ArgMatches) -> Option<u64> {
+    let mut m = matches;
+    while let Some((_, sub)) = m.subcommand() {
+        m = sub;
+    }
+    m.try_get_one::<u64>("rpc_timeout").ok().flatten().copied()
 }
 
 /// llama.cpp's one-dash long flags (`-ngl 99`, `-ctk q8_0`, `-fa on`), which clap would read

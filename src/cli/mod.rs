@@ -388,6 +388,7 @@ mod tests {
             poll: 0,
             verbose: false,
             rpc: Vec::new(),
+            rpc_timeout: 60,
         }
     }
 

@@ -197,7 +197,14 @@ extern "C" fn on_ggml_abort(message: *const c_char) {
         Some((place, rest)) => format!("{}: {rest}", place.rsplit('/').next().unwrap_or(place)),
         None => first.to_string(),
     };
-    let line = format!("qfilters: llama.cpp stopped ({short}); nothing more was written\n");
+    // ggml-rpc's one message for a lost host (RPC_STATUS_ASSERT) blames a crash; with
+    // vendor/patches/rpc-socket-timeout.patch it also means the host did not answer in time.
+    let hint = if first.contains("Remote RPC server") {
+        ": an --rpc host closed the connection, or gave no answer within --rpc-timeout"
+    } else {
+        ""
+    };
+    let line = format!("qfilters: llama.cpp stopped ({short}{hint}); nothing more was written\n");
     let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     // SAFETY: `_exit` takes any status and does not return.
     unsafe { _exit(1) }

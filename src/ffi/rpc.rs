@@ -9,6 +9,9 @@
 //! answering (`GGML_ABORT` in `rpc_dispatcher::start` and `RPC_STATUS_ASSERT`). So a host is
 //! checked here with a plain TCP connection, with a timeout, before ggml is given it, and the
 //! abort callback `init_backend` installs turns an abort later on into one line and exit 1.
+//! A host that stops answering without closing the connection (power loss) reaches that
+//! failure path only because of [`set_timeout`] (`--rpc-timeout`): upstream ggml-rpc's sockets
+//! have no timeout of their own.
 //!
 //! Once a model is loaded, [`lost_hosts`] tells whether ggml's own connection to each host is
 //! still open, from the kernel's TCP state of that socket (Linux procfs): no traffic, and no
@@ -45,6 +48,24 @@ static ADDED: Mutex<Vec<Added>> = Mutex::new(Vec::new());
 
 /// How long a host may take to accept a connection at start.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The environment variable vendor/patches/rpc-socket-timeout.patch adds to ggml-rpc: the
+/// seconds a send or receive on a connection to a host may block (unset or 0: no limit).
+pub const TIMEOUT_ENV: &str = "GGML_RPC_TIMEOUT";
+
+/// Bounds every send and receive on ggml-rpc's connections to `secs` seconds (0: no bound),
+/// so that a host that vanishes without closing the connection (power loss, a cut link) ends
+/// the run through ggml's failure path (an abort: one line and exit 1, see the module doc)
+/// instead of a wait of about 15 minutes for TCP to give up. ggml reads the variable at each
+/// connection, so this must run before the first one.
+///
+/// It sets the process environment: call it only while the process has a single thread
+/// (`main`, before any command starts). Setting the environment while another thread may
+/// call C's `getenv` is a data race, which `std::env::set_var` cannot rule out (a safe
+/// function in edition 2021 all the same).
+pub fn set_timeout(secs: u64) {
+    std::env::set_var(TIMEOUT_ENV, secs.to_string());
+}
 
 /// Whether this build has ggml's RPC backend.
 pub fn built_in() -> bool {

@@ -176,6 +176,87 @@ fn a_host_that_dies_mid_run_ends_it_with_one_line_and_exit_1() {
     );
 }
 
+/// A host that stops answering without closing the connection (power loss, a cut link:
+/// SIGSTOP here, so the kernel keeps the connection open) ends the run after --rpc-timeout
+/// with one line and exit 1, instead of a wait of about 15 minutes for TCP to give up.
+#[test]
+#[cfg_attr(
+    any(not(feature = "rpc"), not(unix), not(qf_rpc_timeout)),
+    ignore = "needs a build with --features rpc of the patched llama.cpp (not LLAMA_CPP_DIR), and Unix (SIGSTOP; the timeout is not set on Windows)"
+)]
+fn a_host_that_stops_answering_ends_the_run_after_the_rpc_timeout() {
+    // The timeout is a patch to ggml-rpc (vendor/patches): the binary must say it carries it.
+    let out = run_ok(qfilters().arg("--version"));
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(version.contains("rpc-socket-timeout@"), "{version}");
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = dir.path().join("prompt.txt");
+    std::fs::write(&prompt, data_text("tinyshakespeare.txt", 40000)).unwrap();
+    let (a, b) = (Server::start(), Server::start());
+    let hosts = format!("{},{}", a.endpoint, b.endpoint);
+    let timeout = 5;
+    let mut run = Command::new(bin())
+        .args(["run", "-m"])
+        .arg(model_path())
+        .arg("-f")
+        .arg(&prompt)
+        .args([
+            "-n", "64", "--policy", "knorm", "--budget", "256", "-t", "1",
+        ])
+        .args(["--rpc", &hosts, "-ngl", "30"])
+        .args(["--rpc-timeout", &timeout.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    // Read stderr on a thread, so a full pipe cannot stall the run.
+    let mut stderr = run.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    // Mid-prefill (10K tokens over two hosts take far longer than this on one thread each).
+    std::thread::sleep(Duration::from_secs(3));
+    let signal = |sig: &str, child: &Child| {
+        Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(signal("-STOP", &b.child), "SIGSTOP the host");
+    let stopped = Instant::now();
+    // Poll, so that a run that hangs fails the test instead of hanging it.
+    let limit = Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break Some(status);
+        }
+        if stopped.elapsed() > limit {
+            let _ = run.kill();
+            let _ = run.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let waited = stopped.elapsed();
+    // Let the host go before anything can fail: `Server`'s drop then kills it as usual.
+    assert!(signal("-CONT", &b.child), "SIGCONT the host");
+    let stderr = reader.join().unwrap();
+    let Some(status) = status else {
+        panic!("the run still waited {limit:?} after its host stopped: {stderr}");
+    };
+    eprintln!("the run ended {waited:?} after its host stopped (--rpc-timeout {timeout})");
+    assert_eq!(status.code(), Some(1), "exit 1, not a signal: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line: {stderr}");
+    assert!(
+        lines[0].starts_with("qfilters: ") && lines[0].contains("--rpc-timeout"),
+        "{stderr}"
+    );
+    drop((a, b));
+}
+
 /// One HTTP/1.1 exchange with `Connection: close`: the status and the JSON body.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).expect("connect to serve");
