@@ -90,7 +90,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         return Ok(());
     }
     println!("a: {}\nb: {}", args.a.display(), args.b.display());
-    println!("{:>5}  {}", "layer", "cosine per KV head");
+    println!("{:>5}  cosine per KV head", "layer");
     for (l, row) in g.cosines.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|c| format!("{c:.4}")).collect();
         println!("{l:>5}  {}", cells.join("  "));
