@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Calibrates Q-Filters for SmolLM2-135M-Instruct (16K tokens of tinyshakespeare) into
+# Calibrates Q-Filters for SmolLM2-135M-Instruct (calibrate's defaults: one 2048-token window of
+# tinyshakespeare, 1000 samples per layer; within cosine 0.99 of 16K tokens, docs/RESULTS.md) into
 # models/smollm2-qfilters.safetensors (+ models/config.json), unless they already exist.
 # Needs the release binary: cargo build --release.
 set -euo pipefail
@@ -15,4 +16,4 @@ fi
 [[ -x "$BIN" ]] || { echo "calibrate-smollm2: $BIN missing; run cargo build --release" >&2; exit 1; }
 [[ -f "$MODEL" ]] || { echo "calibrate-smollm2: $MODEL missing; run scripts/fetch-model.sh" >&2; exit 1; }
 "$BIN" calibrate -m "$MODEL" --text "$DATA_DIR/tinyshakespeare.txt" \
-    --tokens 16384 --seq-len 2048 --samples 3000 --seed 0 -o "$OUT"
+    --seed 0 -o "$OUT"

@@ -19,7 +19,7 @@ else
 fi
 filters=models/smollm2-qfilters.safetensors
 [ -f "$filters" ] || target/release/qfilters calibrate -m models/SmolLM2-135M-Instruct.Q4_1.gguf \
-  --text "$calib_text" --tokens 16384 --seed 0 -o "$filters"
+  --text "$calib_text" --seed 0 -o "$filters"
 prompt=${1:-}
 if [ -z "$prompt" ]; then
   prompt=out/demo-prompt.txt

@@ -301,6 +301,12 @@ for prefix, title in MODELS:
                        f'{100 * lo:.0f}–{100 * hi:.0f}% | {nll / n:.2f} | {kept_cell(p, kept)} | {n} |')
         out.append("")
 
+    # How much text calibration needs (scripts/calibration-curve.sh, written up by hand).
+    cal = os.path.join(d, f"{prefix}_calibration.md")
+    if os.path.exists(cal):
+        out.append("### Calibration: samples against cosine\n")
+        out.append(open(cal).read())
+
 notes = os.path.join(d, "notes.md")
 if os.path.exists(notes):
     out.append(open(notes).read())

@@ -263,6 +263,79 @@ pub fn kept_share(scores: &[f32], attn: &[f64], keep: usize, total: f64) -> f64 
     idx.iter().take(keep).map(|&j| attn[j]).sum::<f64>() / total
 }
 
+/// How close two sets of filters of one model are: the cosine of each (layer, KV head) pair.
+/// The sign counts (a flipped filter ranks keys backwards), the norm does not (scores are
+/// compared within a head, so a scale changes no ranking).
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    /// `[layer][kv_head]`; a pair with a zero filter on either side has cosine 0.
+    pub cosines: Vec<Vec<f64>>,
+}
+
+impl Agreement {
+    pub fn min(&self) -> f64 {
+        self.cosines
+            .iter()
+            .flatten()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    pub fn mean(&self) -> f64 {
+        mean(self.cosines.iter().flatten().copied()).unwrap_or(0.0)
+    }
+
+    /// (layer, KV head) of the lowest cosine (the first one on a tie).
+    pub fn worst(&self) -> (usize, usize) {
+        let mut best = (0, 0, f64::INFINITY);
+        for (l, heads) in self.cosines.iter().enumerate() {
+            for (h, &c) in heads.iter().enumerate() {
+                if c < best.2 {
+                    best = (l, h, c);
+                }
+            }
+        }
+        (best.0, best.1)
+    }
+
+    /// Pairs whose cosine is below `threshold`.
+    pub fn below(&self, threshold: f64) -> usize {
+        self.cosines
+            .iter()
+            .flatten()
+            .filter(|&&c| c < threshold)
+            .count()
+    }
+}
+
+/// Cosine of every (layer, KV head) filter of `a` with the same one of `b`, in f64.
+pub fn compare_filters(a: &QFilters, b: &QFilters) -> Result<Agreement> {
+    let [layers, heads, dim] = a.shape();
+    b.check_shape(layers, heads, dim)?;
+    let cosines = (0..layers)
+        .map(|l| {
+            (0..heads)
+                .map(|h| {
+                    let (x, y) = (a.filter(l, h), b.filter(l, h));
+                    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
+                    for (&p, &q) in x.iter().zip(y) {
+                        let (p, q) = (f64::from(p), f64::from(q));
+                        xy += p * q;
+                        xx += p * p;
+                        yy += q * q;
+                    }
+                    if xx > 0.0 && yy > 0.0 {
+                        xy / (xx * yy).sqrt()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    Ok(Agreement { cosines })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +346,38 @@ mod tests {
         assert!((kept_share(&[0.0, 1.0, 0.5], &attn, 1, 1.0) - 0.6).abs() < 1e-12);
         assert!((kept_share(&[3.0, 1.0, 2.0], &attn, 2, 1.0) - 0.4).abs() < 1e-12);
         assert_eq!(kept_share(&[1.0], &[0.0], 1, 0.0), 0.0);
+    }
+
+    #[test]
+    fn agreement_is_the_cosine_per_head_sign_included_scale_ignored() {
+        // Two layers, two heads, dim 2.
+        let a = QFilters::new(2, 2, 2, vec![1.0, 0.0, 0.0, 1.0, 3.0, 4.0, 1.0, 1.0]).unwrap();
+        // Same directions except: layer 0 head 1 scaled by 5 (cosine 1), layer 1 head 0
+        // flipped (cosine -1), layer 1 head 1 rotated by 45° (cosine 1/√2).
+        let b = QFilters::new(2, 2, 2, vec![1.0, 0.0, 0.0, 5.0, -3.0, -4.0, 0.0, 1.0]).unwrap();
+        let g = compare_filters(&a, &b).unwrap();
+        let r = std::f64::consts::FRAC_1_SQRT_2;
+        let want = [[1.0, 1.0], [-1.0, r]];
+        for (l, heads) in want.iter().enumerate() {
+            for (h, &c) in heads.iter().enumerate() {
+                assert!(
+                    (g.cosines[l][h] - c).abs() < 1e-12,
+                    "{l} {h}: {:?}",
+                    g.cosines
+                );
+            }
+        }
+        assert!((g.min() + 1.0).abs() < 1e-12);
+        assert!((g.mean() - (1.0 + 1.0 - 1.0 + r) / 4.0).abs() < 1e-12);
+        assert_eq!(g.worst(), (1, 0));
+        assert_eq!(g.below(0.99), 2);
+        // Against itself: every cosine is 1.
+        let same = compare_filters(&a, &a).unwrap();
+        assert!((same.min() - 1.0).abs() < 1e-12 && same.below(0.999_999) == 0);
+        // A zero filter agrees with nothing; a different shape is an error, not a panic.
+        let z = QFilters::new(2, 2, 2, vec![0.0; 8]).unwrap();
+        assert_eq!(compare_filters(&a, &z).unwrap().min(), 0.0);
+        let other = QFilters::new(1, 2, 2, vec![1.0; 4]).unwrap();
+        assert!(compare_filters(&a, &other).is_err());
     }
 }

@@ -77,14 +77,16 @@ pub struct CalibrateArgs {
     /// Write every point of the sweep as JSON.
     #[arg(long = "tune-json")]
     pub tune_json: Option<PathBuf>,
-    /// Text tokens to run through the model.
-    #[arg(long, default_value_t = 16384)]
+    /// Text tokens to run through the model. The default (one window) gives filters within
+    /// cosine 0.99 of a 16K-token calibration (docs/RESULTS.md); more costs time, not quality.
+    #[arg(long, default_value_t = 2048)]
     pub tokens: usize,
-    /// Tokens per independent window (the KV cache is cleared between windows).
+    /// Tokens per independent window (the KV cache is cleared between windows); queries are
+    /// sampled at positions up to this, so it should cover the contexts the filters will see.
     #[arg(long = "seq-len", default_value_t = 2048)]
     pub seq_len: usize,
     /// Query positions sampled per layer.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 1000)]
     pub samples: usize,
     /// Seed of the position sampling.
     #[arg(long, default_value_t = 0)]
@@ -390,6 +392,23 @@ fn peak_memory() -> Option<String> {
 mod tests {
     use super::*;
     use qfilters::calibrate::tune::{grid, pick};
+
+    #[test]
+    fn command_line_defaults_are_the_library_defaults() {
+        #[derive(clap::Parser)]
+        struct One {
+            #[command(flatten)]
+            args: CalibrateArgs,
+        }
+        let args = <One as clap::Parser>::try_parse_from(["calibrate", "--text", "t", "-o", "o"])
+            .expect("calibrate args parse")
+            .args;
+        let lib = CalibrationConfig::default();
+        assert_eq!(
+            (args.tokens, args.seq_len, args.samples, args.seed),
+            (lib.tokens, lib.seq_len, lib.samples, lib.seed)
+        );
+    }
 
     #[test]
     fn on_a_tie_the_default_order_keeps_the_weakest_prior() {

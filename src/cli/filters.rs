@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use gguf_tools::filters::QFilters;
 
-use qfilters::calibrate::check::{check_filters, FRACTIONS, SELECTORS};
+use qfilters::calibrate::check::{check_filters, compare_filters, FRACTIONS, SELECTORS};
 use qfilters::{Error, Result};
 
 use super::{read_text, ModelArgs};
@@ -20,6 +20,23 @@ pub struct FiltersArgs {
 pub enum FiltersCommand {
     /// Compare filter scores and −‖k‖ with the attention keys actually receive.
     Check(CheckArgs),
+    /// Cosine of each (layer, KV head) filter of one file with the same filter of another,
+    /// e.g. a short calibration against a long one.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Filters file (published layout, or its folder), e.g. the reference.
+    pub a: PathBuf,
+    /// Filters file of the same model to compare with it.
+    pub b: PathBuf,
+    /// Count the pairs whose cosine is below this.
+    #[arg(long, default_value_t = 0.99)]
+    pub threshold: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -44,7 +61,48 @@ pub struct CheckArgs {
 pub fn run(args: FiltersArgs) -> Result<()> {
     match args.command {
         FiltersCommand::Check(a) => check(a),
+        FiltersCommand::Compare(a) => compare(a),
     }
+}
+
+fn compare(args: CompareArgs) -> Result<()> {
+    let a = QFilters::load(&args.a)?;
+    let b = QFilters::load(&args.b)?;
+    let g = compare_filters(&a, &b)?;
+    let [layers, heads, _] = a.shape();
+    let (wl, wh) = g.worst();
+    let below = g.below(args.threshold);
+    if args.json {
+        let v = serde_json::json!({
+            "a": args.a.display().to_string(),
+            "b": args.b.display().to_string(),
+            "cosines": g.cosines,
+            "min": g.min(),
+            "mean": g.mean(),
+            "worst": {"layer": wl, "kv_head": wh},
+            "threshold": args.threshold,
+            "below": below,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!("a: {}\nb: {}", args.a.display(), args.b.display());
+    println!("{:>5}  cosine per KV head", "layer");
+    for (l, row) in g.cosines.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(|c| format!("{c:.4}")).collect();
+        println!("{l:>5}  {}", cells.join("  "));
+    }
+    println!(
+        "min {:.4} (layer {wl}, KV head {wh}) | mean {:.4} | {below} of {} below {}",
+        g.min(),
+        g.mean(),
+        layers * heads,
+        args.threshold
+    );
+    Ok(())
 }
 
 fn check(args: CheckArgs) -> Result<()> {

@@ -131,6 +131,51 @@ fn filters_are_averages_of_unit_vectors() {
 }
 
 #[test]
+fn compare_reports_the_cosine_per_head() {
+    let shared = filters_file();
+    // One filter flipped: the comparison must find it, and only it.
+    let mut f = QFilters::load(shared).unwrap();
+    let (layer, head) = (17, 2);
+    let start = (layer * 3 + head) * 64;
+    f.data[start..start + 64].iter_mut().for_each(|x| *x = -*x);
+    let flipped = tmp_dir("compare").join("flipped.safetensors");
+    f.save(&flipped).unwrap();
+    // No model, so no `-t`: not the `qfilters` helper.
+    let compare = |args: &[&str]| {
+        Command::new(bin())
+            .args(["filters", "compare"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let run = |b: &Path| {
+        let o = compare(&[shared.to_str().unwrap(), b.to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let same = run(shared);
+    assert!((same["min"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{same}");
+    assert_eq!(same["below"], 0);
+    let v = run(&flipped);
+    assert!((v["min"].as_f64().unwrap() + 1.0).abs() < 1e-9, "{v}");
+    assert_eq!(
+        v["worst"],
+        serde_json::json!({"layer": layer, "kv_head": head})
+    );
+    assert_eq!(v["below"], 1);
+    assert_eq!(v["cosines"].as_array().unwrap().len(), 30);
+    // Filters of another shape are one line and a non-zero exit, not a panic.
+    let small = tmp_dir("compare").join("small.safetensors");
+    QFilters::new(1, 3, 64, vec![1.0; 192])
+        .unwrap()
+        .save(&small)
+        .unwrap();
+    let o = compare(&[shared.to_str().unwrap(), small.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stderr).trim().lines().count(), 1);
+}
+
+#[test]
 fn check_shows_filters_predict_attention_better_than_key_norm() {
     let wikitext = data("wikitext2-valid.txt");
     let o = qfilters(&[
