@@ -553,7 +553,7 @@ mod tests {
         // added later is tuned without being listed anywhere.
         for p in REGISTRY.iter().filter(|p| p.evicts) {
             assert!(
-                with.contains(p) || TUNE_REFERENCES.contains(p) || NOT_TUNED.contains(p),
+                stats.contains(p) || TUNE_REFERENCES.contains(p) || NOT_TUNED.contains(p),
                 "{p}"
             );
         }
