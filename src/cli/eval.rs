@@ -42,31 +42,43 @@ pub enum EvalCommand {
 /// Takes the tuned defaults of the filters in use where no flag was given, for every policy of
 /// the sweep (so baselines get the same tuning as Q-Filters). `budgets`: every budget in cells
 /// the sweep will evict to.
+/// The default sweep (every registered policy) runs those whose inputs are at hand: the others
+/// are taken out of `args` and their names returned, for [`say_left_out`] to report once the
+/// arguments are known to be valid (an invalid one is then still a one-line error). A
+/// `--policy` the user typed is kept, and fails saying what it needs.
+fn leave_out_missing(
+    args: &mut SweepArgs,
+    found: Option<&FoundFilters>,
+    given: &Given,
+) -> Vec<&'static str> {
+    if given.has("policy") {
+        return Vec::new();
+    }
+    let available = qfilters::policy::Available::of(found.map(|f| f.filters.as_ref()));
+    let (run, skipped): (Vec<PolicyInfo>, Vec<PolicyInfo>) = args
+        .sweep
+        .policies
+        .iter()
+        .partition(|p| p.inputs_available(&available));
+    args.sweep.policies = run;
+    skipped.iter().map(|p| p.name).collect()
+}
+
+fn say_left_out(names: &[&str]) {
+    if !names.is_empty() {
+        eprintln!(
+            "qfilters: leaving out {} (their inputs are missing: Q-Filters, or the query statistics this version's `qfilters calibrate` stores with them)",
+            names.join(", ")
+        );
+    }
+}
+
 fn apply_tuned(
     args: &mut SweepArgs,
     found: Option<&FoundFilters>,
     budgets: &[usize],
     given: &Given,
 ) -> Result<()> {
-    // The default sweep (every registered policy) runs those whose inputs are at hand and
-    // says which it leaves out; a --policy the user typed is kept, and fails saying what it
-    // needs.
-    if !given.has("policy") {
-        let available = qfilters::policy::Available::of(found.map(|f| f.filters.as_ref()));
-        let (run, skipped): (Vec<PolicyInfo>, Vec<PolicyInfo>) = args
-            .sweep
-            .policies
-            .iter()
-            .partition(|p| p.inputs_available(&available));
-        if !skipped.is_empty() {
-            let names: Vec<&str> = skipped.iter().map(|p| p.name).collect();
-            eprintln!(
-                "qfilters: leaving out {} (their inputs are missing: Q-Filters, or the query statistics this version's `qfilters calibrate` stores with them)",
-                names.join(", ")
-            );
-        }
-        args.sweep.policies = run;
-    }
     if let Some((t, origin)) = super::find_tuned(found)? {
         // eval's default is every registered policy: the tuned one is among them, or joins
         // them when it is a combination.
@@ -266,6 +278,7 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
     )?;
     let budget_cells = args.sweep.budgets.clone();
     let found = FoundFilters::load(args.sweep.base.filters.as_deref(), &args.model.model)?;
+    let left_out = leave_out_missing(&mut args.sweep, found.as_ref(), given);
     apply_tuned(&mut args.sweep, found.as_ref(), &budget_cells, given)?;
     let chunk = args.sweep.base.n_batch;
     let model = args.model.load()?;
@@ -286,6 +299,7 @@ fn run_ppl(mut args: PplArgs, given: &Given) -> Result<()> {
     let sweep = &args.sweep.sweep;
     let mut records = Vec::new();
     let mut series = Vec::new();
+    say_left_out(&left_out);
     println!(
         "{:<44} {:>9} {:>11} {:>9} {:>6} {:>8}",
         "policy", "ppl", "ppl 2nd half", "tok/s", "peak", "KV MiB"
@@ -462,6 +476,7 @@ fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
         .filter(|&b| b > 0)
         .collect();
     let found = FoundFilters::load(args.sweep.base.filters.as_deref(), &args.model.model)?;
+    let left_out = leave_out_missing(&mut args.sweep, found.as_ref(), given);
     apply_tuned(&mut args.sweep, found.as_ref(), &budgets, given)?;
     let chunk = args.sweep.base.n_batch;
     if args.lengths.is_empty() || args.depths.is_empty() || args.trials == 0 {
@@ -510,6 +525,7 @@ fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
     // Accuracy over the depths against KV MiB, per point and length (with the indices of its
     // rows), for the Pareto front.
     let mut front_points: Vec<(FrontPoint, std::ops::Range<usize>)> = Vec::new();
+    say_left_out(&left_out);
     println!(
         "{:<40} {:>7} {:>6} {:>6} {:>8} {:>10} {:>8} {:>8}",
         "policy", "budget", "length", "depth", "accuracy", "answer NLL", "key kept", "KV MiB"

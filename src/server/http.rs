@@ -49,8 +49,8 @@ pub struct App {
 /// How long a look at the RPC hosts stands for: a flood of requests looks once a second.
 const HOST_CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// The `--rpc` hosts found down ([`crate::ffi::rpc::lost_hosts`]), looked at most once per
-/// [`HOST_CHECK_EVERY`].
+/// The `--rpc` hosts found down ([`crate::ffi::rpc::lost_hosts`]), looked at most once a
+/// second (`HOST_CHECK_EVERY`).
 #[derive(Default)]
 pub struct HostWatch {
     last: Mutex<Option<(Instant, Vec<String>)>>,
