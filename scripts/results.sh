@@ -125,6 +125,23 @@ keydiff_passkey() { # model depth
   step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format chat \
     --lengths 1024 --depths "$depth" --trials 10 --ratio 2,4 --policy keydiff ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
 }
+# Expected Attention (issue 22) scores keys with the query statistics calibrate stores in the
+# filters, so it runs with the tuned filters (their window and granularity), with the tuned
+# recency prior and without one like KeyDiff; passkey and needle without one, like KeyDiff.
+expected_attention() { # model: perplexity at 256 and 512, passkey and needle at 2x/4x, depth 0.2
+  local m=$1 g=${GGUF[$1]} b
+  for b in 256 512; do
+    step "$OUT/${m}_ppl_expected-attention_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 \
+      --chunk 16 --budget "$b" --policy expected-attention --filters "$(tuned "$m")" --recency "0,${TUNED_RECENCY[$m]}" \
+      --json "$OUT/${m}_ppl_expected-attention_b$b.json"
+  done
+  local json="$OUT/${m}_passkey_L1024_d0.2_r2-4_expected-attention.json"
+  step "$json" "$BIN" eval passkey -m "$g" -t "$THREADS" --filler "$DEV" --format chat --lengths 1024 --depths 0.2 \
+    --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" --recency 0 --json "$json"
+  json="$OUT/${m}_needle_L1024_d0.2_r2-4_expected-attention.json"
+  step "$json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat --lengths 1024 --depths 0.2 \
+    --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" --recency 0 --json "$json"
+}
 needle() { # model: 1K documents, needle at depth 0.2, 2x and 4x, 10 documents per cell
   local m=$1 g=${GGUF[$1]}
   local pre="$OUT/${m}_needle_L1024_d0.2_r2-4"
@@ -158,6 +175,7 @@ needle smollm2
 needle qwen05
 keydiff_passkey qwen05 0.1
 keydiff_passkey qwen05 0.3
+expected_attention qwen05
 # Gemma only where it was fetched (scripts/fetch-model.sh gemma3); always listed.
 has_gemma() { [ "${LIST:-0}" = 1 ] || [ -f "${GGUF[gemma3]}" ]; }
 if has_gemma; then prepare gemma3 && ppl gemma3; fi

@@ -24,7 +24,7 @@ def load(name):
 def cfg(r):
     if r["policy"] == "none":
         return "full cache"
-    if r["policy"] in ("qfilters", "knorm", "keydiff") or "+" in r["policy"]:
+    if r["policy"] in ("qfilters", "knorm", "keydiff", "expected-attention") or "+" in r["policy"]:
         g = r["granularity"] + ("" if r["granularity"] == "head" else " " + r["combiner"])
         rec = f' recency{r["recency"]:g}' if r.get("recency") else " recency0"
         mix = f' mix{r["mix_weight"]:g}' if "mix_weight" in r else ""
@@ -203,7 +203,9 @@ out.append("Per model: Q-Filters calibrated on tinyshakespeare; eviction default
            "perplexity measured on held-out wikitext2-valid; passkey filler from tinyshakespeare. K-norm runs "
            "with the same tuned settings as Q-Filters (the defaults `eval` takes from the filters when no flag "
            "is given); KeyDiff (no filters) runs with the tuned window and granularity, with the tuned recency prior "
-           "(the prior's value in its setting) and without it (recency0); StreamingLLM keeps the sinks and the most "
+           "(the prior's value in its setting) and without it (recency0); Expected Attention (query statistics "
+           "from the same calibration pass, stored in the filters) runs with the tuned filters, with and without "
+           "the prior; StreamingLLM keeps the sinks and the most "
            "recent tokens.\n")
 out.append("**Recovered** is the Q-Filters paper's metric: the share of StreamingLLM's perplexity increase over "
            "the full cache that a policy wins back, (PPL_stream − PPL_policy) / (PPL_stream − PPL_full); 0% is "
@@ -293,7 +295,7 @@ for prefix, title in MODELS:
             a[0] += round(r["accuracy"] * r["trials"]); a[1] += r["answer_nll"] * r["trials"]; a[2] += r["trials"]
             if r.get("key_kept") is not None:
                 a[3].append((r["key_kept"], r["trials"]))
-        order = {"none": 0, "streaming": 1, "knorm": 2, "qfilters": 3, "keydiff": 4}
+        order = {"none": 0, "streaming": 1, "knorm": 2, "qfilters": 3, "keydiff": 4, "expected-attention": 5}
         for (task, p, c, ratio, length, depth), (hits, nll, n, kept) in sorted(
                 agg.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][5], kv[0][3], order.get(kv[0][1], 9), kv[0][2])):
             lo, hi = wilson(hits, n)
