@@ -57,7 +57,10 @@ prepare() { # model: filters (calibrated once) and tuned defaults
   [ "${LIST:-0}" = 1 ] || mkdir -p "models/$m-qfilters"
   step "$(filters "$m")" "$BIN" calibrate -m "$g" -t "$THREADS" --text "$DEV" --tokens "${CAL_TOKENS[$m]}" -o "$(filters "$m")"
   # The tuned copy must be redone if the sweep's JSON is missing, and vice versa.
-  [ "${LIST:-0}" = 1 ] || [ -s "$(tuned "$m")" ] || rm -f "$OUT/${m}_tune.json"
+  # Not when STEPS leaves the tune step out (it is step n+1): its JSON is then kept as it is.
+  if [ "${LIST:-0}" != 1 ] && [ ! -s "$(tuned "$m")" ] && { [ -z "${STEPS:-}" ] || [ $((n + 1)) -le "$STEPS" ]; }; then
+    rm -f "$OUT/${m}_tune.json"
+  fi
   # calibrate's default grid for Q-Filters (recency 0/32/128/512 x window 32/64/128, then
   # granularity: 13 settings), then KeyDiff, qfilters+keydiff and the references StreamingLLM
   # and K-norm at recency 0 and the prior found (up to 7 more), on 4096 tokens, so the sweep
