@@ -67,13 +67,24 @@ fn long_prompt_stays_within_budget_and_accounts_for_every_position_keydiff() {
 }
 
 #[test]
+fn long_prompt_stays_within_budget_and_accounts_for_every_position_expected_attention() {
+    long_prompt_stays_within_budget("expected-attention");
+}
+
+#[test]
 fn long_prompt_stays_within_budget_and_accounts_for_every_position_combined() {
     long_prompt_stays_within_budget("qfilters+keydiff");
 }
 
 fn long_prompt_stays_within_budget(policy: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let filters = random_filters(dir.path(), 2, 30, 3, 64);
+    // Random filters of the model's shape, with random expected-attention statistics (the
+    // model's RoPE) for the policy that needs them.
+    let filters = dir.path().join("filters.safetensors");
+    qfilters::bench::random_filters(&crate::common::smollm2(), 2)
+        .expect("valid filters")
+        .save(&filters)
+        .expect("save filters");
     let prompt_file = dir.path().join("prompt.txt");
     std::fs::write(&prompt_file, data_text("wikitext2-valid.txt", 14000)).unwrap();
     for granularity in ["head", "position"] {

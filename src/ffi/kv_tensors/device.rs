@@ -592,8 +592,14 @@ impl Context {
         }
         let traffic = &mut self.hook.traffic;
         traffic.set(n * 4);
+        if matches!(reduce, KeyReduce::Project { .. }) {
+            traffic.set(n * 4);
+        }
         for _ in layers {
-            traffic.got(n * n_head_kv * 4);
+            traffic.got(n * n_head_kv * width * 4);
+            if with_v {
+                traffic.got(n * n_head_kv * 4);
+            }
         }
         Ok(true)
     }
