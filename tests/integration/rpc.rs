@@ -57,6 +57,20 @@ impl Drop for Server {
 
 /// The stats of `run` on a prompt past 2K tokens, greedy, Q-Filters at budget 256, with
 /// `extra` flags.
+/// A `run` long enough to lose a host in the middle of: `prompt`, 64 tokens, K-norm at budget
+/// 256, one thread; the caller adds the hosts.
+fn long_run(prompt: &std::path::Path) -> Command {
+    let mut c = Command::new(bin());
+    c.args(["run", "-m"])
+        .arg(model_path())
+        .arg("-f")
+        .arg(prompt)
+        .args([
+            "-n", "64", "--policy", "knorm", "--budget", "256", "-t", "1",
+        ]);
+    c
+}
+
 fn run_stats(prompt: &std::path::Path, filters: &std::path::Path, extra: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let stats = dir.path().join("stats.json");
@@ -134,14 +148,7 @@ fn a_host_that_dies_mid_run_ends_it_with_one_line_and_exit_1() {
     std::fs::write(&prompt, data_text("tinyshakespeare.txt", 40000)).unwrap();
     let stats = dir.path().join("stats.json");
     let mut server = Server::start();
-    let run = Command::new(bin())
-        .args(["run", "-m"])
-        .arg(model_path())
-        .arg("-f")
-        .arg(&prompt)
-        .args([
-            "-n", "64", "--policy", "knorm", "--budget", "256", "-t", "1",
-        ])
+    let run = long_run(&prompt)
         .args(["--rpc", &server.endpoint, "-ngl", "30", "--json-stats"])
         .arg(&stats)
         .stdout(Stdio::null())
@@ -195,14 +202,7 @@ fn a_host_that_stops_answering_ends_the_run_after_the_rpc_timeout() {
     let (a, b) = (Server::start(), Server::start());
     let hosts = format!("{},{}", a.endpoint, b.endpoint);
     let timeout = 5;
-    let mut run = Command::new(bin())
-        .args(["run", "-m"])
-        .arg(model_path())
-        .arg("-f")
-        .arg(&prompt)
-        .args([
-            "-n", "64", "--policy", "knorm", "--budget", "256", "-t", "1",
-        ])
+    let mut run = long_run(&prompt)
         .args(["--rpc", &hosts, "-ngl", "30"])
         .args(["--rpc-timeout", &timeout.to_string()])
         .stdout(Stdio::null())
