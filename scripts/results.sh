@@ -62,7 +62,7 @@ prepare() { # model: filters (calibrated once) and tuned defaults
     rm -f "$OUT/${m}_tune.json"
   fi
   # calibrate's default grid for Q-Filters (recency 0/32/128/512 x window 32/64/128, then
-  # granularity: 13 settings), then KeyDiff, qfilters+keydiff and the references StreamingLLM
+  # granularity: 13 settings), then KeyDiff, the combinations with KeyDiff and the references StreamingLLM
   # and K-norm at recency 0 and the prior found (up to 7 more), on 4096 tokens, so the sweep
   # sees eviction's steady state (~75 s a setting for a 0.5B model on one core). The filters
   # then carry the chosen policy as well (defaults.policy).

@@ -94,7 +94,7 @@ def tune_section(tune):
         return "\n".join(o)
     first = policies[0]
     o.append(head[0].upper() + head[1:] + f'{first}: every recency with every window, then granularity at the best pair; every other '
-             'candidate (the policies whose inputs exist, and qfilters+keydiff) and the references (measured, never '
+             'candidate (the policies whose inputs exist, and the combinations `policy::TUNE_COMBINATIONS` lists; the rows show which were measured) and the references (measured, never '
              f'chosen) at recency 0 and the best recency of {first}, at its window and granularity (by position where a '
              "policy's heads all score alike); each policy's best, then the policy, chosen by one rule: a later "
              'one wins only when its objective is lower by more than 0.01.\n')

@@ -6,7 +6,7 @@
 //! - the first candidate (qfilters: registry order) gets the full knob search: every recency
 //!   with every window, then granularity at the best pair;
 //! - every other candidate ([`policy::tune_candidates`]: the policies whose inputs exist, and
-//!   `qfilters+keydiff`) and each reference ([`policy::TUNE_REFERENCES`]: StreamingLLM and
+//!   the [`policy::TUNE_COMBINATIONS`]) and each reference ([`policy::TUNE_REFERENCES`]: StreamingLLM and
 //!   K-norm) at no prior and at the prior found there, at the window and granularity found
 //!   there ([`policy_grid`]). A prior is what each key scorer needs most (KeyDiff without one
 //!   lost 40% of StreamingLLM's drop on SmolLM2 where it won 11% with one, docs/RESULTS.md),

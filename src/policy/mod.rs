@@ -156,8 +156,10 @@ pub const TUNE_REFERENCES: &[PolicyInfo] = &[streaming::INFO, knorm::INFO];
 const NOT_TUNED: &[PolicyInfo] = &[random::INFO];
 
 /// Combinations the tuning sweep adds to the registered policies (weight 1, the default
-/// `--mix-weight`): Q-Filters with KeyDiff, the two calibrated/uncalibrated key scorers.
-pub const TUNE_COMBINATIONS: &[&str] = &["qfilters+keydiff"];
+/// `--mix-weight`): each calibrated scorer with KeyDiff, the uncalibrated one. Expected
+/// Attention with KeyDiff was the best perplexity of the 2,048-token probes on Qwen and SmolLM2
+/// (docs/RESULTS.md notes), so the tune measures it where the statistics exist.
+pub const TUNE_COMBINATIONS: &[&str] = &["qfilters+keydiff", "expected-attention+keydiff"];
 
 /// The inputs a run has for building policies, beyond the model: what
 /// [`PolicyInfo::inputs_available`] checks a policy's needs against.
@@ -515,7 +517,8 @@ mod tests {
         });
         let names: Vec<&str> = with.iter().map(|p| p.name).collect();
         assert_eq!(names, ["qfilters", "keydiff", "qfilters+keydiff"]);
-        // Filters with the query statistics add expected-attention, by its registry line.
+        // Filters with the query statistics add expected-attention, by its registry line, and
+        // its combination with KeyDiff.
         let stats = tune_candidates(&Available {
             filters: true,
             query_stats: true,
@@ -527,7 +530,8 @@ mod tests {
                 "qfilters",
                 "keydiff",
                 "expected-attention",
-                "qfilters+keydiff"
+                "qfilters+keydiff",
+                "expected-attention+keydiff"
             ]
         );
         let without = tune_candidates(&Available::default());
