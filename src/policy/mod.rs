@@ -27,8 +27,7 @@ use gguf_tools::filters::QFilters;
 use crate::error::{Error, Result};
 pub use crate::ffi::KeyReduce;
 pub use expected_attention::{
-    available as query_stats_available, QueryStats, FUTURE_POSITIONS as EXPECTED_ATTENTION_FUTURE,
-    RANK as EXPECTED_ATTENTION_RANK,
+    QueryStats, FUTURE_POSITIONS as EXPECTED_ATTENTION_FUTURE, RANK as EXPECTED_ATTENTION_RANK,
 };
 
 /// What a scorer sees of the new keys of one layer after a decode.
