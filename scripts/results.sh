@@ -10,6 +10,8 @@
 # so an interrupted run (or one cut short with STEPS) continues where it stopped. Steps run one
 # at a time, most important first. STEPS=N runs only the first N steps of the list (then the
 # tables are composed from whatever JSON exists); the closing notes say which steps are missing.
+# ONLY=REGEX runs only the steps whose JSON path matches it (e.g. ONLY=gemma3), the rest are
+# listed and left as they are.
 # Env: QFILTERS_DATA_DIR (default ../shared/data), THREADS (default 1: on a shared CPU ggml's
 # spinning threads collapse when oversubscribed), QFILTERS_BIN.
 set -euo pipefail
@@ -38,6 +40,8 @@ tuned() { echo "models/$1-qfilters/tuned.safetensors"; }
 # say what is still missing; commands.txt lists the steps this invocation reached.
 if [ "${LIST:-0}" = 1 ]; then : > "$OUT/steps.txt"; else LIST=1 scripts/results.sh; : > "$OUT/commands.txt"; fi
 n=0
+# selected PATH: whether ONLY (a regex, default everything) lets a step that writes PATH run.
+selected() { [ -z "${ONLY:-}" ] || [[ $1 =~ $ONLY ]]; }
 # step JSON cmd...: runs cmd unless RESUME=1 and JSON exists; always listed in commands.txt.
 step() {
   local json=$1; shift
@@ -45,6 +49,7 @@ step() {
   if [ "${LIST:-0}" = 1 ]; then echo "$shown" >> "$OUT/steps.txt"; return 0; fi
   n=$((n + 1))
   if [ -n "${STEPS:-}" ] && [ "$n" -gt "$STEPS" ]; then echo "- skipped (STEPS): $json" >&2; return 0; fi
+  if ! selected "$json"; then return 0; fi
   echo "$shown" >> "$OUT/commands.txt"
   if [ "${RESUME:-0}" = 1 ] && [ -s "$json" ]; then echo "= kept $json" >&2; return 0; fi
   echo "+ $(date -u +%T) $*" >&2
@@ -58,7 +63,8 @@ prepare() { # model: filters (calibrated once) and tuned defaults
   step "$(filters "$m")" "$BIN" calibrate -m "$g" -t "$THREADS" --text "$DEV" --tokens "${CAL_TOKENS[$m]}" -o "$(filters "$m")"
   # The tuned copy must be redone if the sweep's JSON is missing, and vice versa.
   # Not when STEPS leaves the tune step out (it is step n+1): its JSON is then kept as it is.
-  if [ "${LIST:-0}" != 1 ] && [ ! -s "$(tuned "$m")" ] && { [ -z "${STEPS:-}" ] || [ $((n + 1)) -le "$STEPS" ]; }; then
+  if [ "${LIST:-0}" != 1 ] && [ ! -s "$(tuned "$m")" ] && selected "$OUT/${m}_tune.json" \
+    && { [ -z "${STEPS:-}" ] || [ $((n + 1)) -le "$STEPS" ]; }; then
     rm -f "$OUT/${m}_tune.json"
   fi
   # calibrate's default grid for Q-Filters (recency 0/32/128/512 x window 32/64/128, then
@@ -145,6 +151,32 @@ expected_attention() { # model: perplexity at 256 and 512, passkey and needle at
   step "$json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat --lengths 1024 --depths 0.2 \
     --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" --recency 0 --json "$json"
 }
+# KeyDiff re-scored over the live cells at each round (kvpress's variant; issue 22 asks for both
+# to be measured), at the same settings as KeyDiff: perplexity with and without the prior,
+# passkey and needle without one.
+keydiff_live() { # model
+  local m=$1 g=${GGUF[$1]} b json
+  for b in 256 512; do
+    # shellcheck disable=SC2086
+    step "$OUT/${m}_ppl_keydiff-live_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
+      --budget "$b" --policy keydiff-live ${TUNED_FLAGS[$m]} --recency "0,${TUNED_RECENCY[$m]}" --json "$OUT/${m}_ppl_keydiff-live_b$b.json"
+  done
+  for task in passkey needle; do
+    json="$OUT/${m}_${task}_L1024_d0.2_r2-4_keydiff-live.json"
+    local filler=$DEV
+    [ "$task" = needle ] && filler=$EVAL
+    # shellcheck disable=SC2086
+    step "$json" "$BIN" eval "$task" -m "$g" -t "$THREADS" --filler "$filler" --format chat --lengths 1024 --depths 0.2 \
+      --trials 10 --ratio 2,4 --policy keydiff-live ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
+  done
+}
+# Expected Attention with KeyDiff (weight 1), the best perplexity of the 2,048-token probes, with
+# the tuned filters' settings.
+ea_keydiff() { # model
+  local m=$1 json="$OUT/$1_ppl_expected-attention+keydiff_b256-512.json"
+  step "$json" "$BIN" eval ppl -m "${GGUF[$m]}" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 --budget 256,512 \
+    --policy expected-attention+keydiff --filters "$(tuned "$m")" --json "$json"
+}
 needle() { # model: 1K documents, needle at depth 0.2, 2x and 4x, 10 documents per cell
   local m=$1 g=${GGUF[$1]}
   local pre="$OUT/${m}_needle_L1024_d0.2_r2-4"
@@ -179,9 +211,21 @@ needle qwen05
 keydiff_passkey qwen05 0.1
 keydiff_passkey qwen05 0.3
 expected_attention qwen05
+expected_attention smollm2
+ea_keydiff smollm2
+for m in smollm2 qwen05; do keydiff_live "$m"; done
 # Gemma only where it was fetched (scripts/fetch-model.sh gemma3); always listed.
 has_gemma() { [ "${LIST:-0}" = 1 ] || [ -f "${GGUF[gemma3]}" ]; }
-if has_gemma; then prepare gemma3 && ppl gemma3; fi
+if has_gemma; then
+  prepare gemma3 && ppl gemma3
+  keydiff gemma3
+  expected_attention gemma3
+  ea_keydiff gemma3
+  passkey gemma3 1024 0.2 2,4 none,streaming,knorm,qfilters
+  keydiff_passkey gemma3 0.2
+  needle gemma3
+  keydiff_live gemma3
+fi
 frontier smollm2 2047 224,480,992
 frontier qwen05 1023 224,480
 if has_gemma; then frontier gemma3 2047 224,480,992; fi

@@ -33,7 +33,8 @@ pub struct CalibrateArgs {
     /// Development text for choosing this model's eviction policy and defaults: a short
     /// streaming-perplexity sweep (policy qfilters: every recency prior with every recent
     /// window, then granularity at the best pair; every other policy whose inputs exist, and
-    /// qfilters+keydiff, at no prior and at that prior; StreamingLLM and K-norm as references,
+    /// qfilters+keydiff and expected-attention+keydiff where theirs do, at no prior and at
+    /// that prior; StreamingLLM and K-norm as references,
     /// never chosen; a setting or policy listed later must beat the earlier ones by more than
     /// 1% of PPL to be chosen); the choice and its evidence go into the filters' metadata.
     /// Use text you will not evaluate on.

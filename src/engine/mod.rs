@@ -611,6 +611,62 @@ impl Engine {
         }
     }
 
+    /// Gives every live slot the score the scorer computes from the keys cached now (a scorer
+    /// that [re-scores](Scorer::rescores_live)): the keys of all live cells, read back from
+    /// the cache one tracked layer at a time, with each slot's own position. [`Engine::evict`]
+    /// calls it before each round; nothing for a scorer that does not re-score.
+    pub fn rescore_live(&mut self) -> Result<()> {
+        if !self.scorer.rescores_live() {
+            return Ok(());
+        }
+        let Some(book) = self.book.as_ref() else {
+            return Ok(());
+        };
+        let (h, d) = (self.n_head_kv, self.head_dim);
+        let cells: Vec<usize> = (0..book.n_cells())
+            .filter(|&c| book.cell_position(c).is_some())
+            .collect();
+        let n = cells.len();
+        let mut slot_pos = vec![0i32; n * h];
+        self.scores.clear();
+        self.scores.resize(self.tracked.len() * n * h, 0.0);
+        self.layer_scores.resize(n * h, 0.0);
+        for li in 0..self.tracked.len() {
+            for (i, &cell) in cells.iter().enumerate() {
+                for head in 0..h {
+                    slot_pos[i * h + head] = book
+                        .slot_position(TrackedLayer(li), head, cell)
+                        .unwrap_or_default();
+                }
+            }
+            self.ctx
+                .read_k_rows(self.tracked[li], &cells, &mut self.keys)?;
+            if self.keys.len() != n * h * d {
+                return Err(Error::KvCache(format!(
+                    "layer {}: {} key values, expected {n} x {h} x {d}",
+                    self.tracked[li],
+                    self.keys.len()
+                )));
+            }
+            let live = NewKeys {
+                layer: self.tracked[li],
+                keys: &self.keys,
+                positions: &slot_pos,
+                value_norms: &[],
+                n_head_kv: h,
+                head_dim: d,
+            };
+            self.scorer.rescore(&live, &mut self.layer_scores);
+            self.scores[li * n * h..(li + 1) * n * h].copy_from_slice(&self.layer_scores);
+        }
+        self.stats.rescore_rounds += 1;
+        let book = self
+            .book
+            .as_mut()
+            .ok_or_else(|| Error::KvCache("no cache book".into()))?;
+        book.set_scores(&cells, &self.scores)
+    }
+
     /// Brings the cache back within its budget.
     pub fn evict(&mut self) -> Result<()> {
         let Some(ev) = self.cfg.eviction().cloned() else {
@@ -620,6 +676,7 @@ impl Engine {
             return Ok(());
         }
         self.flush_scores()?;
+        self.rescore_live()?;
         let Some(book) = self.book.as_mut() else {
             return Ok(());
         };
@@ -764,6 +821,6 @@ mod tests {
         assert_eq!(v["eviction_rounds"], 4);
         assert_eq!(v["eviction_bytes_per_round"], 1250.0);
         assert_eq!(Stats::default().eviction_bytes_per_round(), 0.0);
-        assert_eq!(v.as_object().unwrap().len(), 18, "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 19, "{v}");
     }
 }

@@ -19,6 +19,9 @@ pub struct Stats {
     pub device_move_rounds: u64,
     /// Eviction rounds that removed cells.
     pub eviction_rounds: u64,
+    /// Eviction rounds that re-scored every live cell first (a scorer that
+    /// [re-scores](crate::policy::Scorer::rescores_live)).
+    pub rescore_rounds: u64,
     /// Bytes qfilters itself copied from the KV cache's backend to the host for eviction, and
     /// the other way ([`crate::ffi::KvTraffic`]: its own tensor reads and writes and its
     /// graphs' inputs and outputs, for scoring and head moves; not the RPC protocol's own
@@ -71,6 +74,7 @@ impl Stats {
                 .device_move_rounds
                 .saturating_sub(before.device_move_rounds),
             eviction_rounds: self.eviction_rounds.saturating_sub(before.eviction_rounds),
+            rescore_rounds: self.rescore_rounds.saturating_sub(before.rescore_rounds),
             eviction_bytes_to_host: self
                 .eviction_bytes_to_host
                 .saturating_sub(before.eviction_bytes_to_host),
@@ -103,6 +107,7 @@ impl serde::Serialize for Stats {
             device_score_batches,
             device_move_rounds,
             eviction_rounds,
+            rescore_rounds,
             eviction_bytes_to_host,
             eviction_bytes_to_device,
             eviction_transfers,
@@ -111,7 +116,7 @@ impl serde::Serialize for Stats {
             prefill_seconds,
             decode_seconds,
         } = self;
-        let mut m = s.serialize_struct("Stats", 18)?;
+        let mut m = s.serialize_struct("Stats", 19)?;
         m.serialize_field("prompt_tokens", prompt_tokens)?;
         m.serialize_field("generated_tokens", generated_tokens)?;
         m.serialize_field("peak_cells", peak_cells)?;
@@ -120,6 +125,7 @@ impl serde::Serialize for Stats {
         m.serialize_field("device_score_batches", device_score_batches)?;
         m.serialize_field("device_move_rounds", device_move_rounds)?;
         m.serialize_field("eviction_rounds", eviction_rounds)?;
+        m.serialize_field("rescore_rounds", rescore_rounds)?;
         m.serialize_field("eviction_bytes_to_host", eviction_bytes_to_host)?;
         m.serialize_field("eviction_bytes_to_device", eviction_bytes_to_device)?;
         m.serialize_field("eviction_transfers", eviction_transfers)?;

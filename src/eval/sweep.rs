@@ -406,6 +406,8 @@ mod tests {
                 "streaming b512",
                 "keydiff b256",
                 "keydiff b512",
+                "keydiff-live b256",
+                "keydiff-live b512",
                 "expected-attention b256",
                 "expected-attention b512",
                 "random b256",

@@ -12,6 +12,7 @@
 
 mod expected_attention;
 mod keydiff;
+mod keydiff_live;
 pub(crate) mod knorm;
 mod mix;
 mod none;
@@ -88,6 +89,20 @@ pub trait Scorer: Send {
     /// Forgets what the scorer learnt from the tokens so far: the engine starts a new
     /// conversation or document ([`crate::engine::Engine::reset`]).
     fn reset(&mut self) {}
+
+    /// Whether the scores of cached keys change with what else is cached (KeyDiff against the
+    /// mean direction of the live keys): the engine then calls [`Scorer::rescore`] on every
+    /// live cell at each eviction round, before planning it, and the entry scores only stand
+    /// until the first round.
+    fn rescores_live(&self) -> bool {
+        false
+    }
+
+    /// Scores of the keys cached now for one tracked layer, into `out` (`[cells][n_head_kv]`).
+    /// `live.keys` is `[cells][n_head_kv][head_dim]` and `live.positions` is
+    /// `[cells][n_head_kv]`: under head granularity each head's slot of a cell may hold its own
+    /// token. Called only when [`Scorer::rescores_live`] says so.
+    fn rescore(&mut self, _live: &NewKeys<'_>, _out: &mut [f32]) {}
 }
 
 /// What a policy may need to be built.
@@ -127,6 +142,7 @@ pub const REGISTRY: &[PolicyInfo] = &[
     knorm::INFO,
     streaming::INFO,
     keydiff::INFO,
+    keydiff_live::INFO,
     expected_attention::INFO,
     random::INFO,
     none::INFO,
@@ -366,6 +382,14 @@ impl PolicyInfo {
                     return Err(Error::invalid("--mix-weight must be a finite number"));
                 }
                 let (a, b) = ((a.build)(inputs)?, (b.build)(inputs)?);
+                // A combination standardises a stream of entry scores: a re-scored part
+                // would silently be scored on entry only.
+                if a.rescores_live() || b.rescores_live() {
+                    return Err(Error::invalid(format!(
+                        "policy '{}': a policy that re-scores the cache at each round cannot be combined",
+                        self.name
+                    )));
+                }
                 Box::new(mix::Mix::new(a, b, inputs.mix_weight))
             }
             None => (self.build)(inputs)?,
@@ -446,6 +470,24 @@ mod tests {
                         out.iter().all(|v| v.is_finite()),
                         "{info} (recency {recency}) layer {layer}: {out:?}"
                     );
+                    if scorer.rescores_live() {
+                        // The engine's re-score: the same keys as one live set, with one
+                        // position per slot.
+                        let slots: Vec<i32> = positions
+                            .iter()
+                            .flat_map(|&p| std::iter::repeat(p).take(n_head_kv))
+                            .collect();
+                        let live = NewKeys {
+                            positions: &slots,
+                            ..new
+                        };
+                        let mut again = vec![f32::NAN; n_tokens * n_head_kv];
+                        scorer.rescore(&live, &mut again);
+                        assert!(
+                            again.iter().all(|v| v.is_finite()),
+                            "{info} (recency {recency}) re-scored: {again:?}"
+                        );
+                    }
                     // What the sweep and the granularity flags rely on.
                     let heads_differ = out.chunks(n_head_kv).any(|c| c.iter().any(|&v| v != c[0]));
                     assert_eq!(
@@ -515,7 +557,10 @@ mod tests {
             query_stats: false,
         });
         let names: Vec<&str> = with.iter().map(|p| p.name).collect();
-        assert_eq!(names, ["qfilters", "keydiff", "qfilters+keydiff"]);
+        assert_eq!(
+            names,
+            ["qfilters", "keydiff", "keydiff-live", "qfilters+keydiff"]
+        );
         // Filters with the query statistics add expected-attention, by its registry line, and
         // its combination with KeyDiff.
         let stats = tune_candidates(&Available {
@@ -528,6 +573,7 @@ mod tests {
             [
                 "qfilters",
                 "keydiff",
+                "keydiff-live",
                 "expected-attention",
                 "qfilters+keydiff",
                 "expected-attention+keydiff"
@@ -576,6 +622,23 @@ mod tests {
         }
         let e = "nope".parse::<PolicyInfo>().unwrap_err().to_string();
         assert!(e.contains("qfilters") && e.contains("none"), "{e}");
+    }
+
+    #[test]
+    fn a_policy_that_re_scores_the_cache_is_not_combined() {
+        let inputs = PolicyInputs {
+            filters: None,
+            seed: 1,
+            recency: 0.0,
+            mix_weight: 1.0,
+        };
+        for name in ["keydiff-live+knorm", "knorm+keydiff-live"] {
+            match build(name, &inputs) {
+                Ok(_) => panic!("{name} was built"),
+                Err(e) => assert!(e.to_string().contains("re-scores"), "{e}"),
+            }
+        }
+        assert!(build("keydiff-live", &inputs).is_ok_and(|s| s.rescores_live()));
     }
 
     #[test]

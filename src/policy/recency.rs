@@ -106,6 +106,31 @@ impl Scorer for Recency {
     fn reset(&mut self) {
         self.inner.reset();
     }
+
+    fn rescores_live(&self) -> bool {
+        self.inner.rescores_live()
+    }
+
+    /// The inner scores of the live keys, standardised over those keys per head (they are one
+    /// set, not a stream), plus each slot's `position / tau`.
+    fn rescore(&mut self, live: &NewKeys<'_>, out: &mut [f32]) {
+        self.raw.resize(out.len(), 0.0);
+        self.inner.rescore(live, &mut self.raw);
+        let h = live.n_head_kv.max(1);
+        let n = out.len() / h;
+        for head in 0..h {
+            let column = || (0..n).map(|t| f64::from(self.raw[t * h + head]));
+            let mean = column().sum::<f64>() / n.max(1) as f64;
+            let var = column().map(|x| (x - mean).powi(2)).sum::<f64>()
+                / n.max(2).saturating_sub(1) as f64;
+            let sd = var.sqrt().max(1e-9);
+            for t in 0..n {
+                let i = t * h + head;
+                let pos = live.positions.get(i).copied().unwrap_or(0);
+                out[i] = ((f64::from(self.raw[i]) - mean) / sd + f64::from(pos) / self.tau) as f32;
+            }
+        }
+    }
 }
 
 impl Recency {

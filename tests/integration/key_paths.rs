@@ -417,3 +417,104 @@ fn eviction_bytes_are_counted_and_the_device_path_moves_fewer() {
         "{v}"
     );
 }
+
+/// The shared re-scoring of live cells (`Scorer::rescores_live`, `keydiff-live`): every round
+/// re-scores, and the scores land on the slots whose keys they were computed from: each live
+/// (layer, head, cell) slot holds −cos(its key, the sum of that head's live unit keys), from
+/// the keys read back from the cache, after head moves have scattered the tokens.
+#[test]
+fn live_rescoring_scores_each_slot_from_the_cached_keys() {
+    let model = model();
+    let prompt = synthetic_prompt(&model, 160, 9).expect("prompt");
+    let scorer = policy::build(
+        "keydiff-live",
+        &PolicyInputs {
+            filters: None,
+            seed: 1,
+            recency: 0.0,
+            mix_weight: 1.0,
+        },
+    )
+    .expect("scorer");
+    let budget = 64;
+    let mut e = Engine::new(
+        &model,
+        scorer,
+        EngineConfig {
+            job_tokens: Some(budget),
+            n_batch: 32,
+            threads: 1,
+            key_source: KeySource::Cache,
+            ..EngineConfig::bounded(EvictionConfig {
+                budget,
+                window: 8,
+                sinks: 4,
+                granularity: Granularity::Head,
+                combiner: Combiner::MeanZ,
+                slack: 8,
+            })
+        },
+    )
+    .expect("engine");
+    let m = qfilters::bench::run_workload(&mut e, &prompt, 24, 8).expect("runs");
+    let s = e.stats().clone();
+    assert!(s.eviction_rounds > 0 && s.head_slices_moved > 0, "{s:?}");
+    assert_eq!(s.rescore_rounds, s.eviction_rounds, "{s:?}");
+    assert!(m.live_cells <= budget + 8);
+    e.flush_scores().expect("flush");
+    let slots = |e: &Engine| -> Vec<f32> {
+        let book = e.book().expect("book");
+        let mut v = Vec::new();
+        for layer in book.layers() {
+            for head in 0..book.n_head() {
+                for cell in 0..book.n_cells() {
+                    if book.slot_position(layer, head, cell).is_some() {
+                        v.push(book.slot_score(layer, head, cell));
+                    }
+                }
+            }
+        }
+        v
+    };
+    let before = slots(&e);
+    e.rescore_live().expect("re-scores");
+    assert_ne!(
+        slots(&e),
+        before,
+        "the tokens since the last round had entry scores"
+    );
+    let book = e.book().expect("book").clone();
+    let cells: Vec<usize> = (0..book.n_cells())
+        .filter(|&c| book.cell_position(c).is_some())
+        .collect();
+    let (h, d) = (model.n_head_kv(), model.head_dim());
+    let mut worst = 0f64;
+    for li in 0..e.tracked_layers() {
+        let mut keys = Vec::new();
+        let layer = e.model_layer(TrackedLayer(li)).expect("layer");
+        e.read_k_rows(layer, &cells, &mut keys).expect("keys");
+        for head in 0..h {
+            let unit = |i: usize| {
+                let k = &keys[(i * h + head) * d..][..d];
+                let n = k.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+                k.iter().map(|&x| f64::from(x) / n).collect::<Vec<f64>>()
+            };
+            let mut anchor = vec![0f64; d];
+            for i in 0..cells.len() {
+                for (a, x) in anchor.iter_mut().zip(unit(i)) {
+                    *a += x;
+                }
+            }
+            let an = anchor.iter().map(|a| a * a).sum::<f64>().sqrt();
+            for (i, &cell) in cells.iter().enumerate() {
+                let want = -unit(i).iter().zip(&anchor).map(|(x, a)| x * a).sum::<f64>() / an;
+                let got = f64::from(book.slot_score(TrackedLayer(li), head, cell));
+                worst = worst.max((want - got).abs());
+            }
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "slot scores differ from the re-score by {worst}"
+    );
+}
