@@ -114,8 +114,8 @@ passkey() { # model length depth ratios policies: 10 documents per cell, one JSO
 # get from the tuned filters), with its tuned recency prior and without one; needle retrieval in
 # prose (wikitext2-valid) for every policy. Flags rather than the tuned file for KeyDiff: it reads
 # no filters, so nothing would apply the file's defaults to it.
-declare -A TUNED_FLAGS=([qwen05]="--window 128 --granularity head" [smollm2]="--window 32 --granularity head")
-declare -A TUNED_RECENCY=([qwen05]=512 [smollm2]=32)
+declare -A TUNED_FLAGS=([qwen05]="--window 128 --granularity head" [smollm2]="--window 32 --granularity head" [gemma3]="--window 32 --granularity head")
+declare -A TUNED_RECENCY=([qwen05]=512 [smollm2]=32 [gemma3]=128)
 keydiff() { # model: perplexity at 256 and 512, passkey at 2x/4x with the key at depth 0.2
   local m=$1 g=${GGUF[$1]} b
   for b in 256 512; do
@@ -135,21 +135,25 @@ keydiff_passkey() { # model depth
     --lengths 1024 --depths "$depth" --trials 10 --ratio 2,4 --policy keydiff ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
 }
 # Expected Attention (issue 22) scores keys with the query statistics calibrate stores in the
-# filters, so it runs with the tuned filters (their window and granularity), with the tuned
-# recency prior and without one like KeyDiff; passkey and needle without one, like KeyDiff.
+# filters, so it runs with the tuned filters, at KeyDiff's window and granularity (the other
+# rows'), with the tuned recency prior and without one like KeyDiff; passkey and needle without
+# one, like KeyDiff.
 expected_attention() { # model: perplexity at 256 and 512, passkey and needle at 2x/4x, depth 0.2
   local m=$1 g=${GGUF[$1]} b
+  # shellcheck disable=SC2086
   for b in 256 512; do
     step "$OUT/${m}_ppl_expected-attention_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 \
-      --chunk 16 --budget "$b" --policy expected-attention --filters "$(tuned "$m")" --recency "0,${TUNED_RECENCY[$m]}" \
+      --chunk 16 --budget "$b" --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency "0,${TUNED_RECENCY[$m]}" \
       --json "$OUT/${m}_ppl_expected-attention_b$b.json"
   done
   local json="$OUT/${m}_passkey_L1024_d0.2_r2-4_expected-attention.json"
+  # shellcheck disable=SC2086
   step "$json" "$BIN" eval passkey -m "$g" -t "$THREADS" --filler "$DEV" --format chat --lengths 1024 --depths 0.2 \
-    --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" --recency 0 --json "$json"
+    --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
   json="$OUT/${m}_needle_L1024_d0.2_r2-4_expected-attention.json"
+  # shellcheck disable=SC2086
   step "$json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat --lengths 1024 --depths 0.2 \
-    --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" --recency 0 --json "$json"
+    --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
 }
 # KeyDiff re-scored over the live cells at each round (kvpress's variant; issue 22 asks for both
 # to be measured), at the same settings as KeyDiff: perplexity with and without the prior,
@@ -174,8 +178,9 @@ keydiff_live() { # model
 # the tuned filters' settings.
 ea_keydiff() { # model
   local m=$1 json="$OUT/$1_ppl_expected-attention+keydiff_b256-512.json"
+  # shellcheck disable=SC2086
   step "$json" "$BIN" eval ppl -m "${GGUF[$m]}" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 --budget 256,512 \
-    --policy expected-attention+keydiff --filters "$(tuned "$m")" --json "$json"
+    --policy expected-attention+keydiff --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --json "$json"
 }
 needle() { # model: 1K documents, needle at depth 0.2, 2x and 4x, 10 documents per cell
   local m=$1 g=${GGUF[$1]}

@@ -125,6 +125,8 @@ pub struct Engine {
     /// batch per layer instead of one small copy per layer after every decode.
     pending_cells: Vec<usize>,
     pending_pos: Vec<i32>,
+    /// Tokens placed since the last re-score of the live cells ([`Engine::rescore_live`]).
+    since_rescore: usize,
     /// Batch row of the last decoded token when it has logits (what the next token is sampled
     /// from); `None` before any decode, after a reset, or when the last token had none.
     logits_row: Option<usize>,
@@ -132,6 +134,15 @@ pub struct Engine {
 
 /// Most tokens scored in one go when pending keys are flushed (bounds the key buffer).
 const FLUSH_CHUNK: usize = 2048;
+
+/// New tokens between two re-scores of the live cells: a sixteenth of the budget, so that what
+/// a re-score depends on (KeyDiff's anchor: the mean of the live keys) has changed by at most
+/// that share between two. Re-scoring at every round of `--slack 0` decoding (one per token)
+/// read every live key back per token and cost SmolLM2 +72% decode time against knorm
+/// (docs/BENCHMARKS.md, "Scorer cost").
+pub fn rescore_interval(budget: usize) -> usize {
+    (budget / 16).max(1)
+}
 
 impl Engine {
     pub fn new(model: &Arc<Model>, scorer: Box<dyn Scorer>, cfg: EngineConfig) -> Result<Engine> {
@@ -203,6 +214,7 @@ impl Engine {
             value_dim: model.value_dim(),
             pending_cells: Vec::new(),
             pending_pos: Vec::new(),
+            since_rescore: 0,
             logits_row: None,
         })
     }
@@ -314,6 +326,7 @@ impl Engine {
         }
         self.pending_cells.clear();
         self.pending_pos.clear();
+        self.since_rescore = 0;
         self.next_pos = 0;
         self.logits_row = None;
     }
@@ -465,6 +478,7 @@ impl Engine {
             )));
         }
         self.book_mut()?.place(&cells, &positions)?;
+        self.since_rescore += n;
         if matches!(self.keys_from, KeyReader::Graph(_)) {
             return self.score(&cells, &positions);
         }
@@ -614,11 +628,14 @@ impl Engine {
     /// Gives every live slot the score the scorer computes from the keys cached now (a scorer
     /// that [re-scores](Scorer::rescores_live)): the keys of all live cells, read back from
     /// the cache one tracked layer at a time, with each slot's own position. [`Engine::evict`]
-    /// calls it before each round; nothing for a scorer that does not re-score.
+    /// calls it before a round once [`rescore_interval`] tokens have entered since the last
+    /// re-score (the tokens in between keep their entry scores); nothing for a scorer that does
+    /// not re-score.
     pub fn rescore_live(&mut self) -> Result<()> {
         if !self.scorer.rescores_live() {
             return Ok(());
         }
+        self.since_rescore = 0;
         let Some(book) = self.book.as_ref() else {
             return Ok(());
         };
@@ -676,7 +693,9 @@ impl Engine {
             return Ok(());
         }
         self.flush_scores()?;
-        self.rescore_live()?;
+        if self.since_rescore >= rescore_interval(ev.budget) {
+            self.rescore_live()?;
+        }
         let Some(book) = self.book.as_mut() else {
             return Ok(());
         };

@@ -29,6 +29,19 @@ pub struct KeyDiff {
     sums: Vec<f64>,
 }
 
+impl KeyDiff {
+    /// Replaces the anchor of (`layer`, every head) with `sums` (`[n_head][head_dim]`, sums of
+    /// unit keys): `keydiff-live` hands it the anchor of the live keys at each re-score, so the
+    /// keys that enter before the next one are scored against what is cached.
+    pub(super) fn set_anchor(&mut self, layer: usize, sums: &[f64]) {
+        let need = (layer + 1) * sums.len();
+        if self.sums.len() < need {
+            self.sums.resize(need, 0.0);
+        }
+        self.sums[layer * sums.len()..need].copy_from_slice(sums);
+    }
+}
+
 impl Scorer for KeyDiff {
     fn score(&mut self, new: &NewKeys<'_>, out: &mut [f32]) {
         let (h, d) = (new.n_head_kv, new.head_dim);

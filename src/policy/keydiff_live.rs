@@ -4,8 +4,10 @@
 //! this variant to be measured against `keydiff` (scored once on entry against a running
 //! anchor); docs/RESULTS.md has both.
 //!
-//! The re-scoring is the shared mechanism's ([`super::Scorer::rescores_live`]); the keys are
-//! read back from the cache once per round and tracked layer.
+//! The re-scoring is the shared mechanism's ([`super::Scorer::rescores_live`]): the keys are
+//! read back from the cache once per re-score and tracked layer, at most once per
+//! [`crate::engine::rescore_interval`] new tokens; the keys that enter in between are scored
+//! on entry against the live anchor of the last re-score plus themselves.
 
 use super::keydiff::KeyDiff;
 use super::{head_slice, NewKeys, PolicyInfo, Scorer};
@@ -22,16 +24,13 @@ pub const INFO: PolicyInfo = PolicyInfo {
 
 #[derive(Default)]
 pub struct KeyDiffLive {
-    /// Entry scores until the first round: KeyDiff's running anchor.
+    /// Entry scores of the keys that arrive between two re-scores: KeyDiff's running anchor,
+    /// reset to the live keys' anchor at each re-score.
     entry: KeyDiff,
     /// `[head][dim]`: the sum of the live unit keys of the layer being re-scored.
     anchor: Vec<f64>,
-}
-
-/// `k / |k|`, or `None` for a key with no direction (zero or not finite).
-fn unit(k: &[f32]) -> Option<impl Iterator<Item = f64> + '_> {
-    let norm = k.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
-    (norm > 0.0 && norm.is_finite()).then(|| k.iter().map(move |&x| f64::from(x) / norm))
+    /// `1 / |k|` of each live key of that layer (0 for a key with no direction).
+    inv_norm: Vec<f32>,
 }
 
 impl Scorer for KeyDiffLive {
@@ -49,25 +48,35 @@ impl Scorer for KeyDiffLive {
         let n = out.len() / h.max(1);
         self.anchor.clear();
         self.anchor.resize(h * d, 0.0);
+        self.inv_norm.clear();
         for t in 0..n {
             for head in 0..h {
-                if let Some(u) = unit(head_slice(live, t, head)) {
-                    for (a, x) in self.anchor[head * d..][..d].iter_mut().zip(u) {
-                        *a += x;
-                    }
+                let k = head_slice(live, t, head);
+                let norm = k.iter().map(|&x| x * x).sum::<f32>().sqrt();
+                // A zero key has no direction: it leaves the anchor alone and scores 0.
+                let inv = if norm > 0.0 && norm.is_finite() {
+                    1.0 / norm
+                } else {
+                    0.0
+                };
+                self.inv_norm.push(inv);
+                for (a, &x) in self.anchor[head * d..][..d].iter_mut().zip(k) {
+                    *a += f64::from(x * inv);
                 }
             }
         }
+        self.entry.set_anchor(live.layer, &self.anchor);
         for head in 0..h {
             let anchor = &self.anchor[head * d..][..d];
             let norm = anchor.iter().map(|a| a * a).sum::<f64>().sqrt();
+            let unit_anchor: Vec<f32> = anchor
+                .iter()
+                .map(|&a| if norm > 0.0 { (a / norm) as f32 } else { 0.0 })
+                .collect();
             for t in 0..n {
-                out[t * h + head] = match unit(head_slice(live, t, head)) {
-                    Some(u) if norm > 0.0 => {
-                        -(u.zip(anchor).map(|(x, a)| x * a).sum::<f64>() / norm) as f32
-                    }
-                    _ => 0.0,
-                };
+                let k = head_slice(live, t, head);
+                out[t * h + head] =
+                    -crate::math::dot(k, &unit_anchor) * self.inv_norm[t * h + head];
             }
         }
     }
@@ -109,6 +118,35 @@ mod tests {
         // Once the x keys are gone, a y key is typical again.
         let out = live(&[0.0, 3.0, 0.0, 1.0], &[3, 4]);
         assert!(out.iter().all(|&s| (s + 1.0).abs() < 1e-6), "{out:?}");
+    }
+
+    #[test]
+    fn keys_entering_after_a_re_score_meet_the_live_anchor() {
+        let one = |s: &mut KeyDiffLive, keys: &[f32], positions: &[i32], live: bool| {
+            let new = NewKeys {
+                layer: 0,
+                keys,
+                positions,
+                value_norms: &[],
+                n_head_kv: 1,
+                head_dim: 2,
+            };
+            let mut out = vec![f32::NAN; keys.len() / 2];
+            if live {
+                s.rescore(&new, &mut out);
+            } else {
+                s.score(&new, &mut out);
+            }
+            out
+        };
+        let mut s = KeyDiffLive::default();
+        // Five y keys entered and left; three x keys are cached now.
+        one(&mut s, &[0.0, 1.0].repeat(5), &[0, 1, 2, 3, 4], false);
+        one(&mut s, &[1.0, 0.0].repeat(3), &[5, 6, 7], true);
+        // A new y key: anchor (3, 1) with itself, cos 1/√10; the running anchor of every key
+        // seen would have made it typical (cos ≈ 0.9).
+        let out = one(&mut s, &[0.0, 2.0], &[8], false);
+        assert!((out[0] + 1.0 / 10f32.sqrt()).abs() < 1e-6, "{out:?}");
     }
 
     #[test]

@@ -154,9 +154,10 @@ pub const QFILTERS: PolicyInfo = qfilters::INFO;
 /// The default policy of `run`, `chat`, `bench` and `serve`.
 pub const DEFAULT: PolicyInfo = QFILTERS;
 
-/// What `chat` uses when the default policy needs filters and none are at hand: the best
-/// policy that needs none.
-pub const WITHOUT_FILTERS: PolicyInfo = keydiff::INFO;
+/// What `run`, `chat` and `serve` use when the default policy needs filters and none are at
+/// hand: the best policy that needs none. KeyDiff re-scored at each round beat KeyDiff scored on
+/// entry in perplexity on SmolLM2 and Qwen and in passkey retrieval on Qwen (docs/RESULTS.md).
+pub const WITHOUT_FILTERS: PolicyInfo = keydiff_live::INFO;
 
 /// The full-cache reference, e.g. a benchmark's hook-off arm.
 pub const FULL_CACHE: PolicyInfo = none::INFO;

@@ -426,39 +426,52 @@ fn eviction_bytes_are_counted_and_the_device_path_moves_fewer() {
 fn live_rescoring_scores_each_slot_from_the_cached_keys() {
     let model = model();
     let prompt = synthetic_prompt(&model, 160, 9).expect("prompt");
-    let scorer = policy::build(
-        "keydiff-live",
-        &PolicyInputs {
-            filters: None,
-            seed: 1,
-            recency: 0.0,
-            mix_weight: 1.0,
-        },
-    )
-    .expect("scorer");
     let budget = 64;
-    let mut e = Engine::new(
-        &model,
-        scorer,
-        EngineConfig {
-            job_tokens: Some(budget),
-            n_batch: 32,
-            threads: 1,
-            key_source: KeySource::Cache,
-            ..EngineConfig::bounded(EvictionConfig {
-                budget,
-                window: 8,
-                sinks: 4,
-                granularity: Granularity::Head,
-                combiner: Combiner::MeanZ,
-                slack: 8,
-            })
-        },
-    )
-    .expect("engine");
+    let engine = |slack: usize| {
+        let scorer = policy::build(
+            "keydiff-live",
+            &PolicyInputs {
+                filters: None,
+                seed: 1,
+                recency: 0.0,
+                mix_weight: 1.0,
+            },
+        )
+        .expect("scorer");
+        Engine::new(
+            &model,
+            scorer,
+            EngineConfig {
+                job_tokens: Some(budget),
+                n_batch: 32,
+                threads: 1,
+                key_source: KeySource::Cache,
+                ..EngineConfig::bounded(EvictionConfig {
+                    budget,
+                    window: 8,
+                    sinks: 4,
+                    granularity: Granularity::Head,
+                    combiner: Combiner::MeanZ,
+                    slack,
+                })
+            },
+        )
+        .expect("engine")
+    };
+    // A round per generated token (slack 0): a re-score only every 4 new tokens.
+    let mut e = engine(0);
+    qfilters::bench::run_workload(&mut e, &prompt, 24, 8).expect("runs");
+    let s = e.stats().clone();
+    assert!(
+        s.rescore_rounds > 0 && s.rescore_rounds + 12 <= s.eviction_rounds,
+        "{s:?}"
+    );
+    let mut e = engine(8);
     let m = qfilters::bench::run_workload(&mut e, &prompt, 24, 8).expect("runs");
     let s = e.stats().clone();
     assert!(s.eviction_rounds > 0 && s.head_slices_moved > 0, "{s:?}");
+    // Rounds every 9 tokens (slack 8) and a re-score every 4 (budget / 16): each round re-scores.
+    assert_eq!(qfilters::engine::rescore_interval(budget), 4);
     assert_eq!(s.rescore_rounds, s.eviction_rounds, "{s:?}");
     assert!(m.live_cells <= budget + 8);
     e.flush_scores().expect("flush");
