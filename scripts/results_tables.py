@@ -24,7 +24,7 @@ def load(name):
 def cfg(r):
     if r["policy"] == "none":
         return "full cache"
-    if r["policy"] in ("qfilters", "knorm", "keydiff", "expected-attention") or "+" in r["policy"]:
+    if r["policy"] not in ("streaming", "random"):
         g = r["granularity"] + ("" if r["granularity"] == "head" else " " + r["combiner"])
         rec = f' recency{r["recency"]:g}' if r.get("recency") else " recency0"
         mix = f' mix{r["mix_weight"]:g}' if "mix_weight" in r else ""
@@ -364,7 +364,8 @@ for prefix, title in MODELS:
             a[0] += round(r["accuracy"] * r["trials"]); a[1] += r["answer_nll"] * r["trials"]; a[2] += r["trials"]
             if r.get("key_kept") is not None:
                 a[3].append((r["key_kept"], r["trials"]))
-        order = {"none": 0, "streaming": 1, "knorm": 2, "qfilters": 3, "keydiff": 4, "expected-attention": 5}
+        order = {"none": 0, "streaming": 1, "knorm": 2, "qfilters": 3, "keydiff": 4, "keydiff-live": 5,
+                 "expected-attention": 6}
         for (task, p, c, ratio, length, depth), (hits, nll, n, kept) in sorted(
                 agg.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][5], kv[0][3], order.get(kv[0][1], 9), kv[0][2])):
             lo, hi = wilson(hits, n)
