@@ -476,7 +476,7 @@ mod tests {
                         // position per slot.
                         let slots: Vec<i32> = positions
                             .iter()
-                            .flat_map(|&p| std::iter::repeat(p).take(n_head_kv))
+                            .flat_map(|&p| std::iter::repeat_n(p, n_head_kv))
                             .collect();
                         let live = NewKeys {
                             positions: &slots,
