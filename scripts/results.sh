@@ -105,7 +105,7 @@ frontier() { # model tokens budgets
 passkey() { # model length depth ratios policies: 10 documents per cell, one JSON per piece
   local m=$1 len=$2 depth=$3 ratios=$4 policies=$5
   local json="$OUT/${m}_passkey_L${len}_d${depth}_r${ratios//,/-}_${policies//,/-}.json"
-  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format chat \
+  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format "${FORMAT[$m]:-chat}" \
     --lengths "$len" --depths "$depth" --trials 10 --ratio "$ratios" --policy "$policies" \
     --filters "$(tuned "$m")" --json "$json"
 }
@@ -115,6 +115,9 @@ passkey() { # model length depth ratios policies: 10 documents per cell, one JSO
 # prose (wikitext2-valid) for every policy. Flags rather than the tuned file for KeyDiff: it reads
 # no filters, so nothing would apply the file's defaults to it.
 declare -A TUNED_FLAGS=([qwen05]="--window 128 --granularity head" [smollm2]="--window 32 --granularity head" [gemma3]="--window 32 --granularity head")
+# The prompt format of the retrieval tasks: chat, except where the GGUF has no chat template
+# (Gemma-3-270M is the base model).
+declare -A FORMAT=([gemma3]=plain)
 declare -A TUNED_RECENCY=([qwen05]=512 [smollm2]=32 [gemma3]=128)
 keydiff() { # model: perplexity at 256 and 512, passkey at 2x/4x with the key at depth 0.2
   local m=$1 g=${GGUF[$1]} b
@@ -131,7 +134,7 @@ keydiff_passkey() { # model depth
   local m=$1 depth=$2
   local json="$OUT/${m}_passkey_L1024_d${depth}_r2-4_keydiff.json"
   # shellcheck disable=SC2086
-  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format chat \
+  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format "${FORMAT[$m]:-chat}" \
     --lengths 1024 --depths "$depth" --trials 10 --ratio 2,4 --policy keydiff ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
 }
 # Expected Attention (issue 22) scores keys with the query statistics calibrate stores in the
@@ -148,11 +151,11 @@ expected_attention() { # model: perplexity at 256 and 512, passkey and needle at
   done
   local json="$OUT/${m}_passkey_L1024_d0.2_r2-4_expected-attention.json"
   # shellcheck disable=SC2086
-  step "$json" "$BIN" eval passkey -m "$g" -t "$THREADS" --filler "$DEV" --format chat --lengths 1024 --depths 0.2 \
+  step "$json" "$BIN" eval passkey -m "$g" -t "$THREADS" --filler "$DEV" --format "${FORMAT[$m]:-chat}" --lengths 1024 --depths 0.2 \
     --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
   json="$OUT/${m}_needle_L1024_d0.2_r2-4_expected-attention.json"
   # shellcheck disable=SC2086
-  step "$json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat --lengths 1024 --depths 0.2 \
+  step "$json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format "${FORMAT[$m]:-chat}" --lengths 1024 --depths 0.2 \
     --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
 }
 # KeyDiff re-scored over the live cells at each round (kvpress's variant; issue 22 asks for both
@@ -170,7 +173,7 @@ keydiff_live() { # model
     local filler=$DEV
     [ "$task" = needle ] && filler=$EVAL
     # shellcheck disable=SC2086
-    step "$json" "$BIN" eval "$task" -m "$g" -t "$THREADS" --filler "$filler" --format chat --lengths 1024 --depths 0.2 \
+    step "$json" "$BIN" eval "$task" -m "$g" -t "$THREADS" --filler "$filler" --format "${FORMAT[$m]:-chat}" --lengths 1024 --depths 0.2 \
       --trials 10 --ratio 2,4 --policy keydiff-live ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
   done
 }
@@ -186,12 +189,12 @@ needle() { # model: 1K documents, needle at depth 0.2, 2x and 4x, 10 documents p
   local m=$1 g=${GGUF[$1]}
   local pre="$OUT/${m}_needle_L1024_d0.2_r2-4"
   # shellcheck disable=SC2086
-  step "${pre}_none-streaming.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat \
+  step "${pre}_none-streaming.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format "${FORMAT[$m]:-chat}" \
     --lengths 1024 --depths 0.2 --trials 10 --ratio 2,4 --policy none,streaming ${TUNED_FLAGS[$m]} --json "${pre}_none-streaming.json"
   # shellcheck disable=SC2086
-  step "${pre}_keydiff.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat \
+  step "${pre}_keydiff.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format "${FORMAT[$m]:-chat}" \
     --lengths 1024 --depths 0.2 --trials 10 --ratio 2,4 --policy keydiff ${TUNED_FLAGS[$m]} --recency 0 --json "${pre}_keydiff.json"
-  step "${pre}_knorm-qfilters.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format chat \
+  step "${pre}_knorm-qfilters.json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format "${FORMAT[$m]:-chat}" \
     --lengths 1024 --depths 0.2 --trials 10 --ratio 2,4 --policy knorm,qfilters --filters "$(tuned "$m")" --json "${pre}_knorm-qfilters.json"
 }
 
@@ -240,7 +243,7 @@ if has_gemma; then frontier gemma3 2047 224,480,992; fi
 passkey_frontier() { # model
   local m=$1 json="$OUT/$1_frontier_passkey.json"
   # shellcheck disable=SC2086
-  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format chat \
+  step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format "${FORMAT[$m]:-chat}" \
     --lengths 1024 --depths 0.2 --trials 10 --ratio 2 --policy none,streaming,keydiff ${TUNED_FLAGS[$m]} --recency 0 \
     -ctk f16,q8_0,q4_0 -ctv f16,q8_0,q4_0 --json "$json" --frontier "$OUT/$1_frontier_passkey.svg"
 }
