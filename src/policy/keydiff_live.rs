@@ -90,7 +90,8 @@ impl Scorer for KeyDiffLive {
 mod tests {
     use super::*;
 
-    fn live(keys: &[f32], positions: &[i32]) -> Vec<f32> {
+    /// Scores of `keys` (one head, 2 dims) from `s`: re-scored as the live set, or on entry.
+    fn run(s: &mut KeyDiffLive, keys: &[f32], positions: &[i32], live: bool) -> Vec<f32> {
         let new = NewKeys {
             layer: 0,
             keys,
@@ -100,8 +101,16 @@ mod tests {
             head_dim: 2,
         };
         let mut out = vec![f32::NAN; keys.len() / 2];
-        KeyDiffLive::default().rescore(&new, &mut out);
+        if live {
+            s.rescore(&new, &mut out);
+        } else {
+            s.score(&new, &mut out);
+        }
         out
+    }
+
+    fn live(keys: &[f32], positions: &[i32]) -> Vec<f32> {
+        run(&mut KeyDiffLive::default(), keys, positions, true)
     }
 
     #[test]
@@ -122,30 +131,13 @@ mod tests {
 
     #[test]
     fn keys_entering_after_a_re_score_meet_the_live_anchor() {
-        let one = |s: &mut KeyDiffLive, keys: &[f32], positions: &[i32], live: bool| {
-            let new = NewKeys {
-                layer: 0,
-                keys,
-                positions,
-                value_norms: &[],
-                n_head_kv: 1,
-                head_dim: 2,
-            };
-            let mut out = vec![f32::NAN; keys.len() / 2];
-            if live {
-                s.rescore(&new, &mut out);
-            } else {
-                s.score(&new, &mut out);
-            }
-            out
-        };
         let mut s = KeyDiffLive::default();
         // Five y keys entered and left; three x keys are cached now.
-        one(&mut s, &[0.0, 1.0].repeat(5), &[0, 1, 2, 3, 4], false);
-        one(&mut s, &[1.0, 0.0].repeat(3), &[5, 6, 7], true);
+        run(&mut s, &[0.0, 1.0].repeat(5), &[0, 1, 2, 3, 4], false);
+        run(&mut s, &[1.0, 0.0].repeat(3), &[5, 6, 7], true);
         // A new y key: anchor (3, 1) with itself, cos 1/√10; the running anchor of every key
         // seen would have made it typical (cos ≈ 0.9).
-        let out = one(&mut s, &[0.0, 2.0], &[8], false);
+        let out = run(&mut s, &[0.0, 2.0], &[8], false);
         assert!((out[0] + 1.0 / 10f32.sqrt()).abs() < 1e-6, "{out:?}");
     }
 
