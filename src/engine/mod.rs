@@ -12,7 +12,7 @@ use std::time::Instant;
 use crate::engine::cache::{position_ranges, CacheBook, TrackedLayer};
 use crate::error::{Error, Result};
 use crate::ffi::{Batch, CacheType, Context, ContextParams, HeadMoves, Model, Sampler, Token};
-use crate::policy::{KeyReduce, NewKeys, Scorer};
+use crate::policy::{KeyReduce, LiveStats, NewKeys, Scorer};
 
 pub use config::{context_cells, CacheSize, EngineConfig, KeySource, DEFAULT_BATCH};
 use keys::{KeyReader, KeyTap};
@@ -127,6 +127,11 @@ pub struct Engine {
     pending_pos: Vec<i32>,
     /// Tokens placed since the last re-score of the live cells ([`Engine::rescore_live`]).
     since_rescore: usize,
+    /// Whether re-scores reduce the live keys on the cache's device (`KeySource::Cache`, until
+    /// the device cannot); else the keys are read back.
+    rescore_on_device: bool,
+    /// Per-head sums a device re-score returns, `[tracked][n_head_kv][head_dim]`.
+    live_sums: Vec<f32>,
     /// Batch row of the last decoded token when it has logits (what the next token is sampled
     /// from); `None` before any decode, after a reset, or when the last token had none.
     logits_row: Option<usize>,
@@ -215,6 +220,8 @@ impl Engine {
             pending_cells: Vec::new(),
             pending_pos: Vec::new(),
             since_rescore: 0,
+            rescore_on_device: cfg.key_source == KeySource::Cache,
+            live_sums: Vec::new(),
             logits_row: None,
         })
     }
@@ -626,11 +633,12 @@ impl Engine {
     }
 
     /// Gives every live slot the score the scorer computes from the keys cached now (a scorer
-    /// that [re-scores](Scorer::rescores_live)): the keys of all live cells, read back from
-    /// the cache one tracked layer at a time, with each slot's own position. [`Engine::evict`]
-    /// calls it before a round once [`rescore_interval`] tokens have entered since the last
-    /// re-score (the tokens in between keep their entry scores); nothing for a scorer that does
-    /// not re-score.
+    /// that [re-scores](Scorer::rescores_live)), with each slot's own position: from the
+    /// scorer's [reduction](Scorer::live_reduce) of the live keys, computed by one graph on the
+    /// cache's device for every tracked layer, or, where there is none, from the keys of all
+    /// live cells read back one tracked layer at a time. [`Engine::evict`] calls it before a
+    /// round once [`rescore_interval`] tokens have entered since the last re-score (the tokens
+    /// in between keep their entry scores); nothing for a scorer that does not re-score.
     pub fn rescore_live(&mut self) -> Result<()> {
         if !self.scorer.rescores_live() {
             return Ok(());
@@ -644,6 +652,25 @@ impl Engine {
             .filter(|&c| book.cell_position(c).is_some())
             .collect();
         let n = cells.len();
+        let on_device = match self.scorer.live_reduce() {
+            Some(reduce) if self.rescore_on_device => {
+                let done = self.ctx.device_live_stats(
+                    &self.tracked,
+                    &cells,
+                    reduce,
+                    h,
+                    d,
+                    &mut self.live_sums,
+                    &mut self.keys,
+                )?;
+                self.rescore_on_device = done;
+                done
+            }
+            _ => false,
+        };
+        let Some(book) = self.book.as_ref() else {
+            return Ok(());
+        };
         let mut slot_pos = vec![0i32; n * h];
         self.scores.clear();
         self.scores.resize(self.tracked.len() * n * h, 0.0);
@@ -656,27 +683,42 @@ impl Engine {
                         .unwrap_or_default();
                 }
             }
-            self.ctx
-                .read_k_rows(self.tracked[li], &cells, &mut self.keys)?;
-            if self.keys.len() != n * h * d {
-                return Err(Error::KvCache(format!(
-                    "layer {}: {} key values, expected {n} x {h} x {d}",
-                    self.tracked[li],
-                    self.keys.len()
-                )));
+            if on_device {
+                let live = LiveStats {
+                    layer: self.tracked[li],
+                    positions: &slot_pos,
+                    n_head_kv: h,
+                    head_dim: d,
+                    unit_key_sums: &self.live_sums[li * h * d..(li + 1) * h * d],
+                    cosines: &self.keys[li * n * h..(li + 1) * n * h],
+                };
+                self.scorer.rescore_reduced(&live, &mut self.layer_scores);
+            } else {
+                self.ctx
+                    .read_k_rows(self.tracked[li], &cells, &mut self.keys)?;
+                if self.keys.len() != n * h * d {
+                    return Err(Error::KvCache(format!(
+                        "layer {}: {} key values, expected {n} x {h} x {d}",
+                        self.tracked[li],
+                        self.keys.len()
+                    )));
+                }
+                let live = NewKeys {
+                    layer: self.tracked[li],
+                    keys: &self.keys,
+                    positions: &slot_pos,
+                    value_norms: &[],
+                    n_head_kv: h,
+                    head_dim: d,
+                };
+                self.scorer.rescore(&live, &mut self.layer_scores);
             }
-            let live = NewKeys {
-                layer: self.tracked[li],
-                keys: &self.keys,
-                positions: &slot_pos,
-                value_norms: &[],
-                n_head_kv: h,
-                head_dim: d,
-            };
-            self.scorer.rescore(&live, &mut self.layer_scores);
             self.scores[li * n * h..(li + 1) * n * h].copy_from_slice(&self.layer_scores);
         }
         self.stats.rescore_rounds += 1;
+        if on_device {
+            self.stats.device_score_batches += 1;
+        }
         let book = self
             .book
             .as_mut()

@@ -13,7 +13,8 @@ pub struct Stats {
     pub peak_cells: usize,
     pub evicted: u64,
     pub head_slices_moved: u64,
-    /// Scoring batches whose keys were reduced on the cache's device (no key read-back).
+    /// Scoring batches whose keys were reduced on the cache's device (no key read-back): entry
+    /// scores, and re-scores of the live cells.
     pub device_score_batches: u64,
     /// Eviction rounds whose head-slice moves ran as one graph on the cache's device.
     pub device_move_rounds: u64,

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 mod device;
 
 pub(super) use device::DeviceGraphs;
-pub use device::KeyReduce;
+pub use device::{KeyReduce, LiveReduce};
 
 /// The persistent KV-cache tensors of one layer, found in the graph's K/V writes.
 #[derive(Clone, Copy)]

@@ -54,7 +54,7 @@ pub mod threads;
 pub use batch::Batch;
 pub use context::{CacheType, Context, ContextParams};
 pub use graph::{GraphObserver, NodeInfo, NodeOp};
-pub use kv_tensors::{HeadMoves, KeyReduce, KvTraffic};
+pub use kv_tensors::{HeadMoves, KeyReduce, KvTraffic, LiveReduce};
 pub use model::{Model, ModelParams};
 pub use sampler::{BadSampling, Sampler, SamplingParams, MAX_LOGIT_BIAS, PENALTY_WINDOW};
 pub use template::{apply_chat_template, builtin_chat_templates};

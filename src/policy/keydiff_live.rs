@@ -4,13 +4,15 @@
 //! this variant to be measured against `keydiff` (scored once on entry against a running
 //! anchor); docs/RESULTS.md has both.
 //!
-//! The re-scoring is the shared mechanism's ([`super::Scorer::rescores_live`]): the keys are
-//! read back from the cache once per re-score and tracked layer, at most once per
-//! [`crate::engine::rescore_interval`] new tokens; the keys that enter in between are scored
+//! The re-scoring is the shared mechanism's ([`super::Scorer::rescores_live`]), at most once
+//! per [`crate::engine::rescore_interval`] new tokens: one graph on the cache's device computes
+//! each head's sum of live unit keys and every slot's cosine to it
+//! ([`super::LiveReduce::MeanDirection`]), and only those cross to the host (the keys are read
+//! back only where that device has no such graph). The keys that enter in between are scored
 //! on entry against the live anchor of the last re-score plus themselves.
 
 use super::keydiff::KeyDiff;
-use super::{head_slice, NewKeys, PolicyInfo, Scorer};
+use super::{LiveReduce, LiveStats, NewKeys, PolicyInfo, Scorer};
 
 pub const INFO: PolicyInfo = PolicyInfo {
     name: "keydiff-live",
@@ -29,8 +31,6 @@ pub struct KeyDiffLive {
     entry: KeyDiff,
     /// `[head][dim]`: the sum of the live unit keys of the layer being re-scored.
     anchor: Vec<f64>,
-    /// `1 / |k|` of each live key of that layer (0 for a key with no direction).
-    inv_norm: Vec<f32>,
 }
 
 impl Scorer for KeyDiffLive {
@@ -42,42 +42,19 @@ impl Scorer for KeyDiffLive {
         true
     }
 
-    /// Score = −cos(k, anchor), the anchor the sum of the layer's live unit keys per head.
-    fn rescore(&mut self, live: &NewKeys<'_>, out: &mut [f32]) {
-        let (h, d) = (live.n_head_kv, live.head_dim);
-        let n = out.len() / h.max(1);
+    fn live_reduce(&self) -> Option<LiveReduce> {
+        Some(LiveReduce::MeanDirection)
+    }
+
+    /// Score = −cos(k, anchor), the anchor the sum of the layer's live unit keys per head;
+    /// keys entering before the next re-score meet that anchor.
+    fn rescore_reduced(&mut self, live: &LiveStats<'_>, out: &mut [f32]) {
         self.anchor.clear();
-        self.anchor.resize(h * d, 0.0);
-        self.inv_norm.clear();
-        for t in 0..n {
-            for head in 0..h {
-                let k = head_slice(live, t, head);
-                let norm = k.iter().map(|&x| x * x).sum::<f32>().sqrt();
-                // A zero key has no direction: it leaves the anchor alone and scores 0.
-                let inv = if norm > 0.0 && norm.is_finite() {
-                    1.0 / norm
-                } else {
-                    0.0
-                };
-                self.inv_norm.push(inv);
-                for (a, &x) in self.anchor[head * d..][..d].iter_mut().zip(k) {
-                    *a += f64::from(x * inv);
-                }
-            }
-        }
+        self.anchor
+            .extend(live.unit_key_sums.iter().map(|&x| f64::from(x)));
         self.entry.set_anchor(live.layer, &self.anchor);
-        for head in 0..h {
-            let anchor = &self.anchor[head * d..][..d];
-            let norm = anchor.iter().map(|a| a * a).sum::<f64>().sqrt();
-            let unit_anchor: Vec<f32> = anchor
-                .iter()
-                .map(|&a| if norm > 0.0 { (a / norm) as f32 } else { 0.0 })
-                .collect();
-            for t in 0..n {
-                let k = head_slice(live, t, head);
-                out[t * h + head] =
-                    -crate::math::dot(k, &unit_anchor) * self.inv_norm[t * h + head];
-            }
+        for (o, &c) in out.iter_mut().zip(live.cosines) {
+            *o = -c;
         }
     }
 

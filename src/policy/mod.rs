@@ -26,10 +26,75 @@ use std::sync::Arc;
 use gguf_tools::filters::QFilters;
 
 use crate::error::{Error, Result};
-pub use crate::ffi::KeyReduce;
+pub use crate::ffi::{KeyReduce, LiveReduce};
 pub use expected_attention::{
     QueryStats, FUTURE_POSITIONS as EXPECTED_ATTENTION_FUTURE, RANK as EXPECTED_ATTENTION_RANK,
 };
+
+/// What the cache's device computed from the live keys of one tracked layer for a re-score
+/// ([`Scorer::live_reduce`]); [`LiveStats::on_host`] computes the same from keys.
+pub struct LiveStats<'a> {
+    pub layer: usize,
+    /// Each live slot's position, `[cells][n_head_kv]`.
+    pub positions: &'a [i32],
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// `LiveReduce::MeanDirection`: per KV head, the sum of the live unit keys,
+    /// `[n_head_kv][head_dim]`.
+    pub unit_key_sums: &'a [f32],
+    /// `LiveReduce::MeanDirection`: each slot's cosine to its head's sum, `[cells][n_head_kv]`.
+    pub cosines: &'a [f32],
+}
+
+impl LiveStats<'_> {
+    /// What the device computes for `reduce` from `live`'s keys, on the host: the reference
+    /// of the device graph (ffi `device_live_stats`) and the re-score's path where the cache's
+    /// device has none. `sums` and `cosines` are the buffers a `LiveStats` then borrows.
+    pub fn on_host(
+        reduce: LiveReduce,
+        live: &NewKeys<'_>,
+        sums: &mut Vec<f32>,
+        cosines: &mut Vec<f32>,
+    ) {
+        let LiveReduce::MeanDirection = reduce;
+        let (h, d) = (live.n_head_kv, live.head_dim);
+        let n = live.keys.len() / (h * d).max(1);
+        let mut sum = vec![0f64; h * d];
+        let mut inv_norm = Vec::with_capacity(n * h);
+        for t in 0..n {
+            for head in 0..h {
+                let k = head_slice(live, t, head);
+                let norm = k.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+                // A zero key has no direction: it leaves the sum alone and has cosine 0.
+                let inv = if norm > 0.0 && norm.is_finite() {
+                    1.0 / norm
+                } else {
+                    0.0
+                };
+                inv_norm.push(inv);
+                for (a, &x) in sum[head * d..][..d].iter_mut().zip(k) {
+                    *a += f64::from(x) * inv;
+                }
+            }
+        }
+        sums.clear();
+        sums.extend(sum.iter().map(|&x| x as f32));
+        cosines.clear();
+        cosines.resize(n * h, 0.0);
+        for head in 0..h {
+            let s = &sum[head * d..][..d];
+            let norm = s.iter().map(|a| a * a).sum::<f64>().sqrt();
+            if norm == 0.0 {
+                continue;
+            }
+            for t in 0..n {
+                let k = head_slice(live, t, head);
+                let dot: f64 = k.iter().zip(s).map(|(&x, a)| f64::from(x) * a).sum();
+                cosines[t * h + head] = (dot * inv_norm[t * h + head] / norm) as f32;
+            }
+        }
+    }
+}
 
 /// What a scorer sees of the new keys of one layer after a decode.
 pub struct NewKeys<'a> {
@@ -101,8 +166,35 @@ pub trait Scorer: Send {
     /// Scores of the keys cached now for one tracked layer, into `out` (`[cells][n_head_kv]`).
     /// `live.keys` is `[cells][n_head_kv][head_dim]` and `live.positions` is
     /// `[cells][n_head_kv]`: under head granularity each head's slot of a cell may hold its own
-    /// token. Called only when [`Scorer::rescores_live`] says so.
-    fn rescore(&mut self, _live: &NewKeys<'_>, _out: &mut [f32]) {}
+    /// token. Called only when [`Scorer::rescores_live`] says so. By default: the
+    /// [`Scorer::live_reduce`] of the keys, computed here, through [`Scorer::rescore_reduced`].
+    fn rescore(&mut self, live: &NewKeys<'_>, out: &mut [f32]) {
+        let Some(reduce) = self.live_reduce() else {
+            return;
+        };
+        let (mut sums, mut cosines) = (Vec::new(), Vec::new());
+        LiveStats::on_host(reduce, live, &mut sums, &mut cosines);
+        let stats = LiveStats {
+            layer: live.layer,
+            positions: live.positions,
+            n_head_kv: live.n_head_kv,
+            head_dim: live.head_dim,
+            unit_key_sums: &sums,
+            cosines: &cosines,
+        };
+        self.rescore_reduced(&stats, out);
+    }
+
+    /// The reduction of the live keys a re-score is a function of, when there is one: the
+    /// engine then computes it on the cache's device (one graph for every tracked layer) and
+    /// calls [`Scorer::rescore_reduced`], instead of reading every live key back.
+    fn live_reduce(&self) -> Option<LiveReduce> {
+        None
+    }
+
+    /// The re-score from the reduction [`Scorer::live_reduce`] names, into `out`
+    /// (`[cells][n_head_kv]`).
+    fn rescore_reduced(&mut self, _live: &LiveStats<'_>, _out: &mut [f32]) {}
 }
 
 /// What a policy may need to be built.
@@ -488,6 +580,23 @@ mod tests {
                             again.iter().all(|v| v.is_finite()),
                             "{info} (recency {recency}) re-scored: {again:?}"
                         );
+                        // What the device computes (ffi `device_live_stats`) gives the same
+                        // re-score, through every wrapper.
+                        if let Some(reduce) = scorer.live_reduce() {
+                            let (mut sums, mut cosines) = (Vec::new(), Vec::new());
+                            LiveStats::on_host(reduce, &live, &mut sums, &mut cosines);
+                            let stats = LiveStats {
+                                layer,
+                                positions: &slots,
+                                n_head_kv,
+                                head_dim,
+                                unit_key_sums: &sums,
+                                cosines: &cosines,
+                            };
+                            let mut reduced = vec![f32::NAN; n_tokens * n_head_kv];
+                            reduced_scorer.rescore_reduced(&stats, &mut reduced);
+                            assert_eq!(reduced, again, "{info} (recency {recency})");
+                        }
                     }
                     // What the sweep and the granularity flags rely on.
                     let heads_differ = out.chunks(n_head_kv).any(|c| c.iter().any(|&v| v != c[0]));
@@ -639,7 +748,22 @@ mod tests {
                 Err(e) => assert!(e.to_string().contains("re-scores"), "{e}"),
             }
         }
-        assert!(build("keydiff-live", &inputs).is_ok_and(|s| s.rescores_live()));
+        // The recency prior wraps it and keeps its device reduction.
+        for recency in [0.0, 64.0] {
+            let inputs = PolicyInputs {
+                filters: None,
+                seed: 1,
+                recency,
+                mix_weight: 1.0,
+            };
+            let s = build("keydiff-live", &inputs).unwrap();
+            assert!(s.rescores_live(), "recency {recency}");
+            assert_eq!(
+                s.live_reduce(),
+                Some(LiveReduce::MeanDirection),
+                "recency {recency}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! deviations above a newer one to outlive it, so old tokens survive only if the filter rates
 //! them clearly higher. Standardising makes one `tau` mean the same for every head.
 
-use super::{KeyReduce, NewKeys, Scorer};
+use super::{KeyReduce, LiveReduce, LiveStats, NewKeys, Scorer};
 
 pub struct Recency {
     inner: Box<dyn Scorer>,
@@ -116,7 +116,26 @@ impl Scorer for Recency {
     fn rescore(&mut self, live: &NewKeys<'_>, out: &mut [f32]) {
         self.raw.resize(out.len(), 0.0);
         self.inner.rescore(live, &mut self.raw);
-        let h = live.n_head_kv.max(1);
+        self.standardise_live(live.positions, live.n_head_kv, out);
+    }
+
+    fn live_reduce(&self) -> Option<LiveReduce> {
+        self.inner.live_reduce()
+    }
+
+    /// As [`Recency::rescore`], from the device's reduction of the live keys.
+    fn rescore_reduced(&mut self, live: &LiveStats<'_>, out: &mut [f32]) {
+        self.raw.resize(out.len(), 0.0);
+        self.inner.rescore_reduced(live, &mut self.raw);
+        self.standardise_live(live.positions, live.n_head_kv, out);
+    }
+}
+
+impl Recency {
+    /// `out = z(raw) + position / tau` over one live set (`raw` and `positions` are
+    /// `[cells][h]`), its mean and spread its own: the running statistics are left alone.
+    fn standardise_live(&self, positions: &[i32], h: usize, out: &mut [f32]) {
+        let h = h.max(1);
         let n = out.len() / h;
         for head in 0..h {
             let column = || (0..n).map(|t| f64::from(self.raw[t * h + head]));
@@ -126,14 +145,12 @@ impl Scorer for Recency {
             let sd = var.sqrt().max(1e-9);
             for t in 0..n {
                 let i = t * h + head;
-                let pos = live.positions.get(i).copied().unwrap_or(0);
+                let pos = positions.get(i).copied().unwrap_or(0);
                 out[i] = ((f64::from(self.raw[i]) - mean) / sd + f64::from(pos) / self.tau) as f32;
             }
         }
     }
-}
 
-impl Recency {
     /// `out = z(raw) + position / tau`, updating the running statistics of (layer, head).
     fn standardise(&mut self, layer: usize, positions: &[i32], h: usize, out: &mut [f32]) {
         for head in 0..h {

@@ -420,10 +420,12 @@ fn eviction_bytes_are_counted_and_the_device_path_moves_fewer() {
 
 /// The shared re-scoring of live cells (`Scorer::rescores_live`, `keydiff-live`): every round
 /// re-scores, and the scores land on the slots whose keys they were computed from: each live
-/// (layer, head, cell) slot holds −cos(its key, the sum of that head's live unit keys), from
-/// the keys read back from the cache, after head moves have scattered the tokens.
-#[test]
-fn live_rescoring_scores_each_slot_from_the_cached_keys() {
+/// (layer, head, cell) slot holds −cos(its key, the sum of that head's live unit keys),
+/// computed here from the keys read back from the cache, after head moves have scattered the
+/// tokens. `source` picks the engine's path: the cache's device graph (`Cache`) or keys read
+/// back to the host (`Host`); a quantized `cache` is also rotated by llama.cpp (the cosines do
+/// not change under the rotation).
+fn live_rescoring_scores_each_slot_from_the_cached_keys(source: KeySource, cache: CacheType) {
     let model = model();
     let prompt = synthetic_prompt(&model, 160, 9).expect("prompt");
     let budget = 64;
@@ -445,7 +447,9 @@ fn live_rescoring_scores_each_slot_from_the_cached_keys() {
                 job_tokens: Some(budget),
                 n_batch: 32,
                 threads: 1,
-                key_source: KeySource::Cache,
+                key_source: source,
+                type_k: cache,
+                type_v: cache,
                 ..EngineConfig::bounded(EvictionConfig {
                     budget,
                     window: 8,
@@ -474,6 +478,13 @@ fn live_rescoring_scores_each_slot_from_the_cached_keys() {
     assert_eq!(qfilters::engine::rescore_interval(budget), 4);
     assert_eq!(s.rescore_rounds, s.eviction_rounds, "{s:?}");
     assert!(m.live_cells <= budget + 8);
+    // Entry scores of keydiff-live are computed on the host whatever the source: every device
+    // batch is a re-score.
+    let on_device = s.device_score_batches;
+    match source {
+        KeySource::Cache => assert_eq!(on_device, s.rescore_rounds, "{s:?}"),
+        _ => assert_eq!(on_device, 0, "{s:?}"),
+    }
     e.flush_scores().expect("flush");
     let slots = |e: &Engine| -> Vec<f32> {
         let book = e.book().expect("book");
@@ -530,4 +541,19 @@ fn live_rescoring_scores_each_slot_from_the_cached_keys() {
         worst < 1e-4,
         "slot scores differ from the re-score by {worst}"
     );
+}
+
+#[test]
+fn live_rescoring_on_the_cache_device_scores_each_slot_from_its_key() {
+    live_rescoring_scores_each_slot_from_the_cached_keys(KeySource::Cache, CacheType::F16);
+}
+
+#[test]
+fn live_rescoring_of_a_quantized_cache_on_its_device_scores_each_slot_from_its_key() {
+    live_rescoring_scores_each_slot_from_the_cached_keys(KeySource::Cache, CacheType::Q8_0);
+}
+
+#[test]
+fn live_rescoring_from_keys_read_back_scores_each_slot_from_its_key() {
+    live_rescoring_scores_each_slot_from_the_cached_keys(KeySource::Host, CacheType::F16);
 }

@@ -37,6 +37,16 @@ impl KeyReduce {
     }
 }
 
+/// What the device computes from all live keys of a layer for a re-score
+/// ([`crate::policy::Scorer::rescores_live`]), so that only per-head sums and per-slot numbers
+/// cross to the host, not the keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveReduce {
+    /// Per KV head, the sum of the unit keys of the live cells (`[n_head_kv][head_dim]`), and
+    /// each live slot's cosine to that sum (`[cells][n_head_kv]`; 0 for a zero key).
+    MeanDirection,
+}
+
 /// A backend of the device that holds the K cache, with its own allocator, for the small
 /// graphs qfilters computes there (key reductions, head-slice moves).
 pub(in crate::ffi) struct DeviceGraphs {
@@ -600,6 +610,118 @@ impl Context {
             if with_v {
                 traffic.got(n * n_head_kv * 4);
             }
+        }
+        Ok(true)
+    }
+
+    /// Reduces the keys of the live `cells` of every one of `layers` on the device that holds
+    /// the K cache, in one graph (`LiveReduce::MeanDirection`): `get_rows` of the cells,
+    /// l2-normalised per head, summed over the cells, and each unit key's dot product with its
+    /// head's unit sum. `sums` becomes `[layers][n_head_kv][head_dim]` and `cosines`
+    /// `[layers][cells][n_head_kv]`. A quantized cache's rotation is undone on the sums (the
+    /// cosines do not change under it), so they are those of the keys the model computed.
+    /// False: no device path here (host reads instead).
+    #[allow(clippy::too_many_arguments)]
+    pub fn device_live_stats(
+        &mut self,
+        layers: &[usize],
+        cells: &[usize],
+        reduce: LiveReduce,
+        n_head_kv: usize,
+        head_dim: usize,
+        sums: &mut Vec<f32>,
+        cosines: &mut Vec<f32>,
+    ) -> Result<bool> {
+        let LiveReduce::MeanDirection = reduce;
+        let n = cells.len();
+        let (per_sums, per_cos) = (n_head_kv * head_dim, n * n_head_kv);
+        sums.clear();
+        cosines.clear();
+        if n == 0 || layers.is_empty() {
+            sums.resize(layers.len() * per_sums, 0.0);
+            return Ok(true);
+        }
+        let kvs: Vec<LayerKv> = layers
+            .iter()
+            .map(|&l| self.layer_kv(l))
+            .collect::<Result<_>>()?;
+        let mut shapes = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            // SAFETY: `layer_kv` returned live cache tensors (they live as long as the
+            // context); only their shape is read.
+            shapes.push(unsafe { [(*kv.k).ne[0], (*kv.k).ne[1]] });
+        }
+        let idx32 = gather_indices(&shapes, n_head_kv, head_dim, cells)?;
+        let rotations: Vec<usize> = layers.iter().map(|&l| self.k_rotation(l)).collect();
+        if rotations
+            .iter()
+            .any(|&r| r > 1 && !crate::math::whole_blocks(head_dim, r))
+        {
+            return Ok(false);
+        }
+        self.synchronize();
+        let Some(dev) = self.device_for(layers, false)? else {
+            return Ok(false);
+        };
+        let graph_size = 12 * layers.len() + 16;
+        let Some(gctx) = dev.graph_ctx(12 * layers.len() + 8, graph_size) else {
+            return Err(Error::KvCache("ggml_init failed".into()));
+        };
+        let (h, d) = (n_head_kv as i64, head_dim as i64);
+        // Below ggml's l2_norm clamps the norm at this (CUDA squares it: it must stay a
+        // normal f32 then): a zero key stays zero and leaves the sum alone, as on the host.
+        let eps = 1e-12f32;
+        let mut outs = Vec::with_capacity(layers.len());
+        // SAFETY: all tensors are created in `gctx` (alive until the end of this block) from
+        // the live cache tensors; `compute` allocates the graph's own tensors before
+        // `set_inputs` writes `n` i32 into `idx` (each checked against every layer's cells by
+        // `gather_indices`); each output holds h*d (sums) or n*h (cosines) f32, read back
+        // into buffers of exactly that size after the (synchronous) compute.
+        unsafe {
+            let ctx = gctx.0;
+            let gf = sys::ggml_new_graph_custom(ctx, graph_size, false);
+            let idx = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n as i64);
+            sys::ggml_set_input(idx);
+            for kv in &kvs {
+                let rows = sys::ggml_get_rows(ctx, kv.k, idx);
+                let heads = sys::ggml_reshape_3d(ctx, rows, d, h, n as i64);
+                let unit = sys::ggml_l2_norm(ctx, heads, eps);
+                // [d, h, n] → [n, d, h]: the sum over cells is a sum of rows.
+                let by_cell = sys::ggml_cont(ctx, sys::ggml_permute(ctx, unit, 1, 2, 0, 3));
+                let sum = sys::ggml_reshape_2d(ctx, sys::ggml_sum_rows(ctx, by_cell), d, h);
+                let unit_sum = sys::ggml_l2_norm(ctx, sum, eps);
+                let cos = sys::ggml_sum_rows(ctx, sys::ggml_mul(ctx, unit, unit_sum));
+                for t in [sum, cos] {
+                    sys::ggml_set_output(t);
+                    sys::ggml_build_forward_expand(gf, t);
+                }
+                outs.push((sum, cos));
+            }
+            let ok = dev.compute(gf, &mut || {
+                sys::ggml_backend_tensor_set(idx, idx32.as_ptr() as *const c_void, 0, n * 4);
+            })?;
+            if !ok {
+                return Ok(false);
+            }
+            sums.resize(layers.len() * per_sums, 0.0);
+            cosines.resize(layers.len() * per_cos, 0.0);
+            for (i, &(sum, cos)) in outs.iter().enumerate() {
+                let s = &mut sums[i * per_sums..(i + 1) * per_sums];
+                sys::ggml_backend_tensor_get(sum, s.as_mut_ptr() as *mut c_void, 0, per_sums * 4);
+                let c = &mut cosines[i * per_cos..(i + 1) * per_cos];
+                sys::ggml_backend_tensor_get(cos, c.as_mut_ptr() as *mut c_void, 0, per_cos * 4);
+            }
+        }
+        for (i, &rot) in rotations.iter().enumerate() {
+            // The rotation is orthonormal and its own inverse (checked to fit above).
+            if rot > 1 {
+                crate::math::hadamard_in_place(&mut sums[i * per_sums..(i + 1) * per_sums], rot);
+            }
+        }
+        let traffic = &mut self.hook.traffic;
+        traffic.set(n * 4);
+        for _ in layers {
+            traffic.got((per_sums + per_cos) * 4);
         }
         Ok(true)
     }
