@@ -10,7 +10,7 @@ use qfilters::eval::frontier::pareto_front;
 use qfilters::eval::passkey::{build_task_document, run_trial, PromptFormat, Task};
 use qfilters::eval::ppl::{full_context_nll, perplexities, streaming_nll};
 use qfilters::eval::sweep::{
-    mean_by_layer, passkey_rates, Budget, KvRecord, PasskeyAnswer, PasskeyRecord, PplRecord,
+    mean_key_survival, passkey_rates, Budget, KvRecord, PasskeyAnswer, PasskeyRecord, PplRecord,
 };
 use qfilters::eval::windowed_mean;
 use qfilters::math::mean;
@@ -575,13 +575,19 @@ fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
                             expected: doc.answer_text.clone(),
                             greedy: out.greedy,
                             answer_nll: out.answer_nll,
-                            key_kept: out.key_kept.as_ref().and_then(|k| mean(k.iter().copied())),
+                            key_kept: out
+                                .key_kept
+                                .as_ref()
+                                .and_then(|k| mean(k.iter().flatten().copied())),
                         });
                         kept.extend(out.key_kept);
                     }
                     let n = answers.len();
                     let (acc, nll) = passkey_rates(hits, nll_sum, n);
-                    let key_kept_by_layer = mean_by_layer(&kept);
+                    let (key_kept_by_head, key_kept_by_layer) = match mean_key_survival(&kept) {
+                        Some((h, l)) => (Some(h), Some(l)),
+                        None => (None, None),
+                    };
                     let key_kept = key_kept_by_layer
                         .as_ref()
                         .and_then(|k| mean(k.iter().copied()));
@@ -609,6 +615,7 @@ fn run_passkey(mut args: PasskeyArgs, task: Task, given: &Given) -> Result<()> {
                         model: model_name(&args.model),
                         key_kept,
                         key_kept_by_layer,
+                        key_kept_by_head,
                         answers,
                         pareto: false,
                     });

@@ -421,30 +421,32 @@ pub struct TrialOutcome {
     /// Greedy text: up to and including the first wrong token (passkey), the reply (needle).
     pub greedy: String,
     pub peak_cells: usize,
-    /// When the question has been read: per tracked layer, the share of (KV head, key token)
-    /// slots that still hold the key (see [`key_survival`]); `None` for a cache that never
+    /// When the question has been read: per tracked layer and KV head, the share of the key's
+    /// tokens that head still holds (see [`key_survival`]); `None` for a cache that never
     /// evicts.
-    pub key_kept: Option<Vec<f64>>,
+    pub key_kept: Option<Vec<Vec<f64>>>,
 }
 
-/// Per tracked layer of `engine`'s book, the share of (KV head, position in `span`) slots that
-/// hold their token now: 1 when every head of that layer still has all of the key, 0 when none
-/// has any of it. `None` without a book (the full cache keeps everything). This is what tells
-/// "the policy evicted the key" from "the model could not use it".
-pub fn key_survival(engine: &Engine, span: &Range<usize>) -> Option<Vec<f64>> {
+/// Per tracked layer of `engine`'s book and per KV head, the share of the positions in `span`
+/// that head still holds: 1 when it has all of the key, 0 when it has none of it (`[layer][head]`;
+/// a layer's mean over its heads is its share of (head, key token) slots). `None` without a
+/// book (the full cache keeps everything). This is what tells "the policy evicted the key" from
+/// "the model could not use it", and in which heads.
+pub fn key_survival(engine: &Engine, span: &Range<usize>) -> Option<Vec<Vec<f64>>> {
     let book = engine.book()?;
-    let want = (book.n_head() * span.len()).max(1) as f64;
+    let want = span.len().max(1) as f64;
     Some(
         book.layers()
             .map(|layer| {
-                let held = (0..book.n_head())
-                    .flat_map(|head| {
-                        (0..book.n_cells())
-                            .filter_map(move |cell| book.slot_position(layer, head, cell))
+                (0..book.n_head())
+                    .map(|head| {
+                        let held = (0..book.n_cells())
+                            .filter_map(|cell| book.slot_position(layer, head, cell))
+                            .filter(|&p| usize::try_from(p).is_ok_and(|p| span.contains(&p)))
+                            .count();
+                        held as f64 / want
                     })
-                    .filter(|&p| usize::try_from(p).is_ok_and(|p| span.contains(&p)))
-                    .count();
-                held as f64 / want
+                    .collect()
             })
             .collect(),
     )

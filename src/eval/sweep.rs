@@ -337,27 +337,45 @@ pub struct PasskeyRecord {
     pub key_kept: Option<f64>,
     /// The same per tracked layer (the book's layers, in order).
     pub key_kept_by_layer: Option<Vec<f64>>,
+    /// The same per tracked layer and KV head: which heads kept the key.
+    pub key_kept_by_head: Option<Vec<Vec<f64>>>,
     pub answers: Vec<PasskeyAnswer>,
     /// Whether the point, at this length, is on the run's accuracy-per-byte Pareto front
     /// (accuracy over the depths against KV bytes).
     pub pareto: bool,
 }
 
-/// Mean over trials of per-layer key survival ([`crate::eval::passkey::key_survival`]):
-/// `None` when no trial has it (the full cache).
-pub fn mean_by_layer<'a>(trials: impl IntoIterator<Item = &'a Vec<f64>>) -> Option<Vec<f64>> {
-    let mut sum: Vec<f64> = Vec::new();
+/// Mean over trials of per-(layer, head) key survival ([`crate::eval::passkey::key_survival`]),
+/// as `[layer][head]` and per layer (the mean of its heads): `None` when no trial has it (the
+/// full cache).
+pub fn mean_key_survival<'a>(
+    trials: impl IntoIterator<Item = &'a Vec<Vec<f64>>>,
+) -> Option<(Vec<Vec<f64>>, Vec<f64>)> {
+    let mut sum: Vec<Vec<f64>> = Vec::new();
     let mut n = 0usize;
     for t in trials {
         if sum.is_empty() {
-            sum = vec![0.0; t.len()];
+            sum = t.iter().map(|heads| vec![0.0; heads.len()]).collect();
         }
         for (s, v) in sum.iter_mut().zip(t) {
-            *s += v;
+            for (s, v) in s.iter_mut().zip(v) {
+                *s += v;
+            }
         }
         n += 1;
     }
-    (n > 0).then(|| sum.iter().map(|s| s / n as f64).collect())
+    if n == 0 {
+        return None;
+    }
+    let by_head: Vec<Vec<f64>> = sum
+        .iter()
+        .map(|heads| heads.iter().map(|s| s / n as f64).collect())
+        .collect();
+    let by_layer = by_head
+        .iter()
+        .map(|heads| heads.iter().sum::<f64>() / heads.len().max(1) as f64)
+        .collect();
+    Some((by_head, by_layer))
 }
 
 /// Passkey accuracy and mean answer NLL of some trials: (hits / n, nll sum / n), 0 for none.
@@ -483,6 +501,7 @@ mod tests {
             model: "m".into(),
             key_kept: None,
             key_kept_by_layer: None,
+            key_kept_by_head: None,
             answers: vec![PasskeyAnswer {
                 key: Some(12345),
                 expected: "12345".into(),
@@ -510,10 +529,16 @@ mod tests {
     }
 
     #[test]
-    fn key_survival_is_averaged_layer_by_layer_over_trials() {
-        let trials = [vec![1.0, 0.0, 0.5], vec![0.0, 0.0, 1.0]];
-        assert_eq!(mean_by_layer(&trials), Some(vec![0.5, 0.0, 0.75]));
-        assert_eq!(mean_by_layer(&[] as &[Vec<f64>]), None);
+    fn key_survival_is_averaged_head_by_head_over_trials() {
+        // Two layers of two heads, two trials.
+        let trials = [
+            vec![vec![1.0, 0.0], vec![0.5, 0.5]],
+            vec![vec![0.0, 0.0], vec![1.0, 0.0]],
+        ];
+        let (by_head, by_layer) = mean_key_survival(&trials).expect("trials");
+        assert_eq!(by_head, vec![vec![0.5, 0.0], vec![0.75, 0.25]]);
+        assert_eq!(by_layer, vec![0.25, 0.5]);
+        assert_eq!(mean_key_survival(&[] as &[Vec<Vec<f64>>]), None);
     }
 
     #[test]

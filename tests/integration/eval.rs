@@ -186,8 +186,9 @@ fn key_survival_says_where_streaming_kept_the_key() {
         let kept = out.key_kept.expect("a bounded cache reports survival");
         assert_eq!(kept.len(), engine.book().expect("book").layers().count());
         assert!(
-            kept.iter().all(|&k| k == want),
-            "depth {depth}: key kept {kept:?}, want {want} in every layer"
+            kept.iter()
+                .all(|heads| heads.len() == model.n_head_kv() && heads.iter().all(|&k| k == want)),
+            "depth {depth}: key kept {kept:?}, want {want} in every head of every layer"
         );
     }
 }
