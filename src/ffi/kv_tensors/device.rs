@@ -398,6 +398,29 @@ impl Context {
         Ok(true)
     }
 
+    /// The cache tensors of `layers` and the cell indices a gather graph reads from every one
+    /// of them, checked against each ([`gather_indices`]).
+    fn gather(
+        &self,
+        layers: &[usize],
+        cells: &[usize],
+        n_head_kv: usize,
+        head_dim: usize,
+    ) -> Result<(Vec<LayerKv>, Vec<i32>)> {
+        let kvs: Vec<LayerKv> = layers
+            .iter()
+            .map(|&l| self.layer_kv(l))
+            .collect::<Result<_>>()?;
+        let mut shapes = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            // SAFETY: `layer_kv` returned live cache tensors (they live as long as the
+            // context); only their shape is read.
+            shapes.push(unsafe { [(*kv.k).ne[0], (*kv.k).ne[1]] });
+        }
+        let idx = gather_indices(&shapes, n_head_kv, head_dim, cells)?;
+        Ok((kvs, idx))
+    }
+
     /// Reduces the keys of `cells` (at `positions`) on the device that holds the K cache,
     /// with one small graph for all `layers`: `get_rows` of the cells, then per KV head a dot
     /// product with its filter (`Dot`), with itself (`SquaredNorm`), or the RoPE undone and a
@@ -426,17 +449,7 @@ impl Context {
                 positions.len()
             )));
         }
-        let kvs: Vec<LayerKv> = layers
-            .iter()
-            .map(|&l| self.layer_kv(l))
-            .collect::<Result<_>>()?;
-        let mut shapes = Vec::with_capacity(kvs.len());
-        for kv in &kvs {
-            // SAFETY: `layer_kv` returned live cache tensors (they live as long as the
-            // context); only their shape is read.
-            shapes.push(unsafe { [(*kv.k).ne[0], (*kv.k).ne[1]] });
-        }
-        let idx32 = gather_indices(&shapes, n_head_kv, head_dim, cells)?;
+        let (kvs, idx32) = self.gather(layers, cells, n_head_kv, head_dim)?;
         let (width, with_v) = match reduce {
             KeyReduce::Project {
                 per_head,
@@ -641,17 +654,7 @@ impl Context {
             sums.resize(layers.len() * per_sums, 0.0);
             return Ok(true);
         }
-        let kvs: Vec<LayerKv> = layers
-            .iter()
-            .map(|&l| self.layer_kv(l))
-            .collect::<Result<_>>()?;
-        let mut shapes = Vec::with_capacity(kvs.len());
-        for kv in &kvs {
-            // SAFETY: `layer_kv` returned live cache tensors (they live as long as the
-            // context); only their shape is read.
-            shapes.push(unsafe { [(*kv.k).ne[0], (*kv.k).ne[1]] });
-        }
-        let idx32 = gather_indices(&shapes, n_head_kv, head_dim, cells)?;
+        let (kvs, idx32) = self.gather(layers, cells, n_head_kv, head_dim)?;
         let rotations: Vec<usize> = layers.iter().map(|&l| self.k_rotation(l)).collect();
         if rotations
             .iter()
