@@ -12,6 +12,73 @@ use qfilters::policy::{self, PolicyInputs};
 
 use crate::common::smollm2 as model;
 
+/// One engine of these tests: every knob a test turns, with the values most of them use.
+#[derive(Clone, Copy)]
+struct Setup<'a> {
+    policy: &'a str,
+    source: KeySource,
+    budget: usize,
+    slack: usize,
+    recency: f64,
+    n_batch: usize,
+    window: usize,
+    granularity: Granularity,
+    cache: CacheType,
+}
+
+impl Setup<'_> {
+    fn new(policy: &str, source: KeySource, budget: usize) -> Setup<'_> {
+        Setup {
+            policy,
+            source,
+            budget,
+            slack: 0,
+            recency: 0.0,
+            // Several prompt chunks, so batches of many tokens and of one are both covered.
+            n_batch: 32,
+            window: 16,
+            granularity: Granularity::Position,
+            cache: CacheType::F16,
+        }
+    }
+
+    /// The engine, with random filters for the policies that need them.
+    fn build(&self, model: &Arc<Model>) -> Engine {
+        let filters = Some(Arc::new(random_filters(model, 7).expect("filters")));
+        let scorer = policy::build(
+            self.policy,
+            &PolicyInputs {
+                filters,
+                seed: 1,
+                recency: self.recency,
+                mix_weight: 1.0,
+            },
+        )
+        .expect("scorer");
+        Engine::new(
+            model,
+            scorer,
+            EngineConfig {
+                job_tokens: Some(self.budget),
+                n_batch: self.n_batch,
+                threads: 1,
+                key_source: self.source,
+                type_k: self.cache,
+                type_v: self.cache,
+                ..EngineConfig::bounded(EvictionConfig {
+                    budget: self.budget,
+                    window: self.window,
+                    sinks: 4,
+                    granularity: self.granularity,
+                    combiner: Combiner::MeanZ,
+                    slack: self.slack,
+                })
+            },
+        )
+        .expect("engine")
+    }
+}
+
 fn engine(
     model: &Arc<Model>,
     policy: &str,
@@ -19,7 +86,11 @@ fn engine(
     budget: usize,
     recency: f64,
 ) -> Engine {
-    engine_with(model, policy, source, budget, 0, recency, 32)
+    Setup {
+        recency,
+        ..Setup::new(policy, source, budget)
+    }
+    .build(model)
 }
 
 fn engine_with_slack(
@@ -29,49 +100,11 @@ fn engine_with_slack(
     budget: usize,
     slack: usize,
 ) -> Engine {
-    engine_with(model, policy, source, budget, slack, 0.0, 32)
-}
-
-fn engine_with(
-    model: &Arc<Model>,
-    policy: &str,
-    source: KeySource,
-    budget: usize,
-    slack: usize,
-    recency: f64,
-    n_batch: usize,
-) -> Engine {
-    let filters = Some(Arc::new(random_filters(model, 7).expect("filters")));
-    let scorer = policy::build(
-        policy,
-        &PolicyInputs {
-            filters,
-            seed: 1,
-            recency,
-            mix_weight: 1.0,
-        },
-    )
-    .expect("scorer");
-    Engine::new(
-        model,
-        scorer,
-        EngineConfig {
-            job_tokens: Some(budget),
-            // Several prompt chunks, so batches of many tokens and of one are both covered.
-            n_batch,
-            threads: 1,
-            key_source: source,
-            ..EngineConfig::bounded(EvictionConfig {
-                budget,
-                window: 16,
-                sinks: 4,
-                granularity: Granularity::Position,
-                combiner: Combiner::MeanZ,
-                slack,
-            })
-        },
-    )
-    .expect("engine")
+    Setup {
+        slack,
+        ..Setup::new(policy, source, budget)
+    }
+    .build(model)
 }
 
 fn check(policy: &str, recency: f64) {
@@ -148,15 +181,12 @@ fn scores_by_position(
     n_batch: usize,
 ) -> Vec<f32> {
     let budget = prompt.len() + 8;
-    let mut e = engine_with(
-        model,
-        "qfilters",
-        KeySource::Cache,
-        budget,
-        0,
+    let mut e = Setup {
         recency,
         n_batch,
-    );
+        ..Setup::new("qfilters", KeySource::Cache, budget)
+    }
+    .build(model);
     e.reset();
     e.ingest(prompt, Logits::Last, &mut |_| Ok(()))
         .expect("ingest");
@@ -299,38 +329,11 @@ fn quantized_key_cache_scores_match_the_graph_keys() {
     let gen = 4;
     let budget = prompt.len() + gen + 8;
     let engine = |source: KeySource| {
-        let filters = Some(Arc::new(random_filters(&model, 7).expect("filters")));
-        let scorer = policy::build(
-            "qfilters",
-            &PolicyInputs {
-                filters,
-                seed: 1,
-                recency: 0.0,
-                mix_weight: 1.0,
-            },
-        )
-        .expect("scorer");
-        Engine::new(
-            &model,
-            scorer,
-            EngineConfig {
-                job_tokens: Some(budget),
-                n_batch: 32,
-                threads: 1,
-                key_source: source,
-                type_k: CacheType::Q8_0,
-                type_v: CacheType::Q8_0,
-                ..EngineConfig::bounded(EvictionConfig {
-                    budget,
-                    window: 16,
-                    sinks: 4,
-                    granularity: Granularity::Position,
-                    combiner: Combiner::MeanZ,
-                    slack: 0,
-                })
-            },
-        )
-        .expect("engine")
+        Setup {
+            cache: CacheType::Q8_0,
+            ..Setup::new("qfilters", source, budget)
+        }
+        .build(&model)
     };
     for source in [KeySource::Cache, KeySource::Host] {
         let mut graph = engine(KeySource::Graph);
@@ -430,37 +433,14 @@ fn live_rescoring_scores_each_slot_from_the_cached_keys(source: KeySource, cache
     let prompt = synthetic_prompt(&model, 160, 9).expect("prompt");
     let budget = 64;
     let engine = |slack: usize| {
-        let scorer = policy::build(
-            "keydiff-live",
-            &PolicyInputs {
-                filters: None,
-                seed: 1,
-                recency: 0.0,
-                mix_weight: 1.0,
-            },
-        )
-        .expect("scorer");
-        Engine::new(
-            &model,
-            scorer,
-            EngineConfig {
-                job_tokens: Some(budget),
-                n_batch: 32,
-                threads: 1,
-                key_source: source,
-                type_k: cache,
-                type_v: cache,
-                ..EngineConfig::bounded(EvictionConfig {
-                    budget,
-                    window: 8,
-                    sinks: 4,
-                    granularity: Granularity::Head,
-                    combiner: Combiner::MeanZ,
-                    slack,
-                })
-            },
-        )
-        .expect("engine")
+        Setup {
+            slack,
+            window: 8,
+            granularity: Granularity::Head,
+            cache,
+            ..Setup::new("keydiff-live", source, budget)
+        }
+        .build(&model)
     };
     // A round per generated token (slack 0): a re-score only every 4 new tokens.
     let mut e = engine(0);
