@@ -386,7 +386,8 @@ cmds_path = os.path.join(d, "steps.txt")
 if not os.path.exists(cmds_path):
     cmds_path = os.path.join(d, "commands.txt")
 if os.path.exists(cmds_path):
-    cmds = open(cmds_path).read().splitlines()
+    # A step listed twice (two runs listing at once) is shown once, in its first place.
+    cmds = list(dict.fromkeys(open(cmds_path).read().splitlines()))
     done, todo = [], []
     for c in cmds:
         m = re.search(r"--(?:tune-)?json (\S+)", c) or re.search(r" -o (\S+)$", c)
