@@ -16,6 +16,8 @@
 #      split uids, so about one "CUDA Graph id … reused" per decode is expected);
 #   3. hook overhead: `qfilters bench --compare --reps 5`, hook off vs on, budget = input
 #      (nothing evicted, same live cells), 1B shape and full 32-layer 8B shape;
+#   3b. keydiff-live's re-score of the live cells as one graph on the GPU, against knorm at
+#      equal cells (1B shape, budget prompt/4, eviction every token);
 #   4. long-context win: 8B shape, a 32K-token stream, budget 4096 vs the full cache, with the
 #      bandwidth bound (weights + live KV bytes per decode step).
 # Logs and JSON go to $OUT (default /tmp/qf-out); one table is printed last.
@@ -116,6 +118,11 @@ say "CUDA graphs reused: $(cat "$OUT/graph-reuse.txt") in 64 decodes (+1 prompt 
 # 3. Hook overhead at equal live cells (budget = input, nothing evicted).
 run overhead-1b -m "$M1" --compare --prompt $P --gen $G --reps "$REPS"
 run overhead-8b -m "$M8" --compare --prompt $P --gen $G --reps "$REPS"
+# 3b. keydiff-live's re-score of the live cells, one graph on the GPU (LiveReduce::MeanDirection),
+# against knorm at equal cells: eviction every token (--slack 0), a re-score per budget/16 tokens.
+RB=$((P / 4 > 128 ? P / 4 : 128))   # above the default window (64) + sinks
+run rescore-knorm-1b -m "$M1" --compare --prompt $P --gen $G --budget $RB --slack 0 --reps 2 --policy knorm
+run rescore-live-1b -m "$M1" --compare --prompt $P --gen $G --budget $RB --slack 0 --reps 2 --policy keydiff-live
 # 4. The long-context win: a 32K-token stream, budget 4096 vs the full cache.
 run long-8b -m "$M8" --compare --prompt $LP --gen $LG --budget $LB --slack 32 --reps $LR --batch 256
 # 5. The same on a q8_0 K and V cache (both arms; llama.cpp's -ctk/-ctv): does the win survive
@@ -182,4 +189,11 @@ for r in rows:
     print("| " + " | ".join(str(x) for x in r) + " |")
 print("ratio = on/off (median of reps); tail = last 64 decode steps; bound = (weights + live KV bytes per step) full / budgeted; "
       "share = tail ratio / bound; overhead runs: budget = input, nothing evicted")
+k, l = load("rescore-knorm-1b"), load("rescore-live-1b")
+if k and l:
+    print(f"keydiff-live (re-score on the device) against knorm, budget {l['budget']}, slack 0: decode on/off "
+          f"{l['decode_ratio']:.3f} vs {k['decode_ratio']:.3f}, cost {100 * (k['decode_ratio'] / l['decode_ratio'] - 1):+.1f} % "
+          f"(on-arm {l['decode_tok_s_on']:.1f} vs {k['decode_tok_s_on']:.1f} tok/s)")
+else:
+    print(f"keydiff-live re-score: no result (exit {rc('rescore-knorm-1b')}, {rc('rescore-live-1b')})")
 EOF
