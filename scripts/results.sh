@@ -185,6 +185,21 @@ ea_keydiff() { # model
   step "$json" "$BIN" eval ppl -m "${GGUF[$m]}" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 --budget 256,512 \
     --policy expected-attention+keydiff --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --json "$json"
 }
+# The two combinations' retrieval (standardised scores, weight 1), at the settings of the other
+# retrieval rows: the tuned filters, KeyDiff's window and granularity, no recency prior. Gemma's
+# tune chose qfilters+keydiff, so its summary row needs these cells.
+mix_retrieval() { # model
+  local m=$1 g=${GGUF[$1]} task json filler
+  for task in passkey needle; do
+    json="$OUT/${m}_${task}_L1024_d0.2_r2-4_qfilters+keydiff-expected-attention+keydiff.json"
+    filler=$DEV
+    [ "$task" = needle ] && filler=$EVAL
+    # shellcheck disable=SC2086
+    step "$json" "$BIN" eval "$task" -m "$g" -t "$THREADS" --filler "$filler" --format "${FORMAT[$m]:-chat}" --lengths 1024 \
+      --depths 0.2 --trials 10 --ratio 2,4 --policy qfilters+keydiff,expected-attention+keydiff --filters "$(tuned "$m")" \
+      ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
+  done
+}
 needle() { # model: 1K documents, needle at depth 0.2, 2x and 4x, 10 documents per cell
   local m=$1 g=${GGUF[$1]}
   local pre="$OUT/${m}_needle_L1024_d0.2_r2-4"
@@ -233,7 +248,9 @@ if has_gemma; then
   keydiff_passkey gemma3 0.2
   needle gemma3
   keydiff_live gemma3
+  mix_retrieval gemma3
 fi
+for m in smollm2 qwen05; do mix_retrieval "$m"; done
 frontier smollm2 2047 224,480,992
 frontier qwen05 1023 224,480
 if has_gemma; then frontier gemma3 2047 224,480,992; fi
