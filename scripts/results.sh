@@ -235,7 +235,7 @@ keydiff_passkey qwen05 0.1
 keydiff_passkey qwen05 0.3
 expected_attention qwen05
 expected_attention smollm2
-ea_keydiff smollm2
+for m in smollm2 qwen05; do ea_keydiff "$m"; done
 for m in smollm2 qwen05; do keydiff_live "$m"; done
 # Gemma only where it was fetched (scripts/fetch-model.sh gemma3); always listed.
 has_gemma() { [ "${LIST:-0}" = 1 ] || [ -f "${GGUF[gemma3]}" ]; }
