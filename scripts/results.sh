@@ -137,6 +137,19 @@ keydiff_passkey() { # model depth
   step "$json" "$BIN" eval passkey -m "${GGUF[$m]}" -t "$THREADS" --filler "$DEV" --format "${FORMAT[$m]:-chat}" \
     --lengths 1024 --depths "$depth" --trials 10 --ratio 2,4 --policy keydiff ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
 }
+# retrieval MODEL NAME FLAGS...: passkey (filler $DEV) and needle (prose filler $EVAL) in 1K
+# documents, key at depth 0.2, 2x and 4x, 10 documents per cell; one JSON per task, named NAME.
+retrieval() {
+  local m=$1 name=$2 task filler json
+  shift 2
+  for task in passkey needle; do
+    json="$OUT/${m}_${task}_L1024_d0.2_r2-4_${name}.json"
+    filler=$DEV
+    [ "$task" = needle ] && filler=$EVAL
+    step "$json" "$BIN" eval "$task" -m "${GGUF[$m]}" -t "$THREADS" --filler "$filler" --format "${FORMAT[$m]:-chat}" \
+      --lengths 1024 --depths 0.2 --trials 10 --ratio 2,4 "$@" --json "$json"
+  done
+}
 # Expected Attention (issue 22) scores keys with the query statistics calibrate stores in the
 # filters, so it runs with the tuned filters, at KeyDiff's window and granularity (the other
 # rows'), with the tuned recency prior and without one like KeyDiff; passkey and needle without
@@ -149,33 +162,21 @@ expected_attention() { # model: perplexity at 256 and 512, passkey and needle at
       --chunk 16 --budget "$b" --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency "0,${TUNED_RECENCY[$m]}" \
       --json "$OUT/${m}_ppl_expected-attention_b$b.json"
   done
-  local json="$OUT/${m}_passkey_L1024_d0.2_r2-4_expected-attention.json"
   # shellcheck disable=SC2086
-  step "$json" "$BIN" eval passkey -m "$g" -t "$THREADS" --filler "$DEV" --format "${FORMAT[$m]:-chat}" --lengths 1024 --depths 0.2 \
-    --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
-  json="$OUT/${m}_needle_L1024_d0.2_r2-4_expected-attention.json"
-  # shellcheck disable=SC2086
-  step "$json" "$BIN" eval needle -m "$g" -t "$THREADS" --filler "$EVAL" --format "${FORMAT[$m]:-chat}" --lengths 1024 --depths 0.2 \
-    --trials 10 --ratio 2,4 --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
+  retrieval "$m" expected-attention --policy expected-attention --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency 0
 }
 # KeyDiff re-scored over the live cells at each round (kvpress's variant; issue 22 asks for both
 # to be measured), at the same settings as KeyDiff: perplexity with and without the prior,
 # passkey and needle without one.
 keydiff_live() { # model
-  local m=$1 g=${GGUF[$1]} b json
+  local m=$1 g=${GGUF[$1]} b
   for b in 256 512; do
     # shellcheck disable=SC2086
     step "$OUT/${m}_ppl_keydiff-live_b$b.json" "$BIN" eval ppl -m "$g" -t "$THREADS" --text "$EVAL" --tokens 4096 --chunk 16 \
       --budget "$b" --policy keydiff-live ${TUNED_FLAGS[$m]} --recency "0,${TUNED_RECENCY[$m]}" --json "$OUT/${m}_ppl_keydiff-live_b$b.json"
   done
-  for task in passkey needle; do
-    json="$OUT/${m}_${task}_L1024_d0.2_r2-4_keydiff-live.json"
-    local filler=$DEV
-    [ "$task" = needle ] && filler=$EVAL
-    # shellcheck disable=SC2086
-    step "$json" "$BIN" eval "$task" -m "$g" -t "$THREADS" --filler "$filler" --format "${FORMAT[$m]:-chat}" --lengths 1024 --depths 0.2 \
-      --trials 10 --ratio 2,4 --policy keydiff-live ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
-  done
+  # shellcheck disable=SC2086
+  retrieval "$m" keydiff-live --policy keydiff-live ${TUNED_FLAGS[$m]} --recency 0
 }
 # Expected Attention with KeyDiff (weight 1), the best perplexity of the 2,048-token probes, with
 # the tuned filters' settings.
@@ -189,16 +190,10 @@ ea_keydiff() { # model
 # retrieval rows: the tuned filters, KeyDiff's window and granularity, no recency prior. Gemma's
 # tune chose qfilters+keydiff, so its summary row needs these cells.
 mix_retrieval() { # model
-  local m=$1 g=${GGUF[$1]} task json filler
-  for task in passkey needle; do
-    json="$OUT/${m}_${task}_L1024_d0.2_r2-4_qfilters+keydiff-expected-attention+keydiff.json"
-    filler=$DEV
-    [ "$task" = needle ] && filler=$EVAL
-    # shellcheck disable=SC2086
-    step "$json" "$BIN" eval "$task" -m "$g" -t "$THREADS" --filler "$filler" --format "${FORMAT[$m]:-chat}" --lengths 1024 \
-      --depths 0.2 --trials 10 --ratio 2,4 --policy qfilters+keydiff,expected-attention+keydiff --filters "$(tuned "$m")" \
-      ${TUNED_FLAGS[$m]} --recency 0 --json "$json"
-  done
+  local m=$1
+  # shellcheck disable=SC2086
+  retrieval "$m" qfilters+keydiff-expected-attention+keydiff --policy qfilters+keydiff,expected-attention+keydiff \
+    --filters "$(tuned "$m")" ${TUNED_FLAGS[$m]} --recency 0
 }
 needle() { # model: 1K documents, needle at depth 0.2, 2x and 4x, 10 documents per cell
   local m=$1 g=${GGUF[$1]}
